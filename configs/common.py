@@ -1,0 +1,90 @@
+r"""Every field a GAL experiment reads, with the paper's values (GAL_SPEC.md) as defaults.
+
+Other configs start from `get_config()` and override a few fields. Launch:
+
+    gal-jax run --config=configs/sd15_object.py --workdir=/tmp/gal \
+          --config.model.sd_path=/models/stable-diffusion-v1-5
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """Returns the default experiment config (SD 1.5 object concept, uncertainty + balance)."""
+    config = ml_collections.ConfigDict()
+
+    # Models: '' means the embedded tiny default (built by `gal-jax make-tiny` into tiny_dir).
+    config.model = ml_collections.ConfigDict()
+    config.model.sd_path = ""
+    config.model.clip_path = ""
+    config.model.tiny_dir = ""  # '' -> $GAL_JAX_CACHE/tiny-v1 (~/.cache/gal_jax/tiny-v1)
+    config.model.param_dtype = "float32"
+    config.model.compute_dtype = "float32"  # 'bfloat16' for mixed precision on GPU/TPU
+
+    # The concept: the authors' layout (reference_images/<kind>/<concept>/init.json, reg_data/<concept>).
+    config.data = ml_collections.ConfigDict()
+    config.data.concept_dir = ""  # '' -> the tiny object concept
+    config.data.kind = "object"  # 'object' | 'style'
+    config.data.class_dir = ""  # class images for prior preservation ('' -> none)
+    config.data.class_prompt = ""  # e.g. 'a cat'; required with class images
+    config.data.placeholder = ""  # e.g. '<cute-cat>'; objects only
+    config.data.class_word = ""  # e.g. 'cat'; objects only
+    config.data.resolution = 512
+    config.data.random_crop = False
+    config.data.flip = False
+
+    # Device mesh: -1 fills the remaining devices.
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = -1
+    config.mesh.fsdp = 1
+
+    # DreamBooth training, from the base weights every round.
+    config.train = ml_collections.ConfigDict()
+    config.train.steps = 800
+    config.train.batch_size = 1  # global, in instance examples
+    config.train.learning_rate = 5e-6
+    config.train.lr_schedule = "constant"  # 'constant' | 'cosine'
+    config.train.warmup_steps = 0
+    config.train.adam_b1 = 0.9
+    config.train.adam_b2 = 0.999
+    config.train.adam_eps = 1e-8
+    config.train.weight_decay = 1e-2
+    config.train.max_grad_norm = 1.0
+    config.train.with_prior = True
+    config.train.prior_loss_weight = 1.0
+    config.train.grad_accum_steps = 1
+    config.train.remat = False
+    config.train.cache_latents = True  # only used without random augmentation
+    config.train.checkpoint_every = 200
+    config.train.keep_checkpoints = 2
+    config.train.log_every = 50
+    config.train.seed = 0
+
+    # Generation over anchor prompts x seeds.
+    config.sample = ml_collections.ConfigDict()
+    config.sample.sampler = "ddpm"  # 'ddpm' (paper) | 'dpmsolver++' (authors' code) | 'ddim' | 'pndm'
+    config.sample.steps = 50
+    config.sample.guidance_scale = 7.5
+    config.sample.num_per_prompt = 10
+    config.sample.max_images_per_device = 8
+    config.sample.seed = 0
+
+    # The GAL loop.
+    config.gal = ml_collections.ConfigDict()
+    config.gal.rounds = 4
+    config.gal.k = 3
+    config.gal.openness_lambda = 0.005
+    config.gal.balance = True
+    config.gal.feedback = "uncertainty"  # 'uncertainty' | 'random' | 'human' | 'none'
+    config.gal.anchors = "paper"  # 'paper' | 'official' | path to a file of templates with {}
+    config.gal.seed = 0
+    config.gal.score_batch = 64
+
+    # Evaluation after each round (TXT-ALN / IMG-ALN / OVF) on a test prompt set.
+    config.eval = ml_collections.ConfigDict()
+    config.eval.enabled = False
+    config.eval.concepts_json = ""
+    config.eval.num_per_prompt = 1
+    config.eval.txt_scale = 1.0
+
+    return config

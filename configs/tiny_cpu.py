@@ -1,0 +1,31 @@
+r"""The embedded tiny default: tiny random-init SD and CLIP, the tiny teapot concept, on CPU.
+
+Runs the whole GAL loop (3 rounds, uncertainty + balance) in a few minutes on 2 CPU cores:
+
+    gal-jax run --config=configs/tiny_cpu.py --workdir=workdirs/tiny
+
+Any field can be overridden, e.g. `--config.gal.feedback=random --config.train.steps=10`.
+"""
+
+from configs import common
+
+
+def get_config():
+    """Returns the tiny CPU config."""
+    config = common.get_config()
+    config.data.resolution = 64
+    config.data.class_prompt = "a teapot"
+    config.data.placeholder = "<tiny-teapot>"
+    config.data.class_word = "teapot"
+    config.train.steps = 30
+    config.train.batch_size = 2
+    config.train.learning_rate = 1e-4
+    config.train.checkpoint_every = 10
+    config.train.log_every = 10
+    config.sample.sampler = "ddim"
+    config.sample.steps = 10
+    config.sample.num_per_prompt = 4
+    config.sample.max_images_per_device = 16
+    config.gal.rounds = 3
+    config.gal.openness_lambda = 0.005
+    return config

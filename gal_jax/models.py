@@ -1,0 +1,391 @@
+"""Loading Stable Diffusion and CLIP from their on-disk layouts into Flax modules + param trees.
+
+This is the only module that touches the Flax model classes of diffusers and transformers (their
+last releases with Flax are pinned; see STACK.md). Everything else sees `StableDiffusion` and
+`ClipModel`: static objects with pure `apply`-style methods taking param trees.
+
+Weights are read as PyTorch safetensors (fast path: numpy, no torch), PyTorch `.bin` (needs torch) or
+Flax msgpack, and renamed to Flax names against an abstract (`jax.eval_shape`) param tree, so no random
+weights are ever materialised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import serialization, traverse_util
+
+import diffusers
+import transformers
+
+diffusers.utils.logging.set_verbosity_error()
+transformers.utils.logging.set_verbosity_error()
+
+from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel  # noqa: E402
+from diffusers.models import modeling_flax_pytorch_utils as diffusers_convert  # noqa: E402
+from transformers import CLIPConfig, CLIPTextConfig, CLIPTokenizer, FlaxCLIPModel, FlaxCLIPTextModel  # noqa: E402
+from transformers import modeling_flax_pytorch_utils as transformers_convert  # noqa: E402
+
+Params = Any
+SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+DIFFUSERS_WEIGHTS = (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.bin",
+    "diffusion_flax_model.msgpack",
+)
+TRANSFORMERS_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "flax_model.msgpack")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ModelLoadError(ValueError):
+    """A model folder is missing, incomplete or in the wrong layout."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Static model objects
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StableDiffusion:
+    """The static parts of a Stable Diffusion model: modules, tokenizer and configs (no weights)."""
+
+    path: Path
+    unet: FlaxUNet2DConditionModel
+    vae: FlaxAutoencoderKL
+    text_encoder: FlaxCLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler_config: dict
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_scale(self) -> float:
+        return float(getattr(self.vae.config, "scaling_factor", 0.18215))
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    @property
+    def resolution(self) -> int:
+        """Native image resolution: the UNet's sample size times the VAE's downsampling."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler_config.get("prediction_type", "epsilon")
+
+    @property
+    def max_length(self) -> int:
+        return int(self.tokenizer.model_max_length)
+
+    def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+        """Returns int32 token ids (len(prompts), max_length), padded and truncated."""
+        return tokenize(self.tokenizer, prompts)
+
+    def encode_text(self, text_params: Params, input_ids: jax.Array) -> jax.Array:
+        """Returns the text encoder's last hidden states (B, L, D): the UNet's cross-attention context."""
+        return self.text_encoder(input_ids, params=text_params, train=False)[0]
+
+    def apply_unet(self, unet_params: Params, latents, timesteps, context, train: bool = False):
+        """Returns the UNet's prediction (epsilon, v or x0) for NCHW latents."""
+        return self.unet.apply(
+            {"params": unet_params}, latents, timesteps, context, train=train
+        ).sample
+
+    def encode_images(self, vae_params: Params, pixels: jax.Array, key: jax.Array) -> jax.Array:
+        """Returns scaled NCHW latents sampled from the VAE posterior of NHWC pixels in [-1, 1]."""
+        posterior = self.vae.apply(
+            {"params": vae_params}, jnp.transpose(pixels, (0, 3, 1, 2)), method=self.vae.encode
+        ).latent_dist
+        latents = posterior.sample(key)  # NHWC
+        return jnp.transpose(latents, (0, 3, 1, 2)) * self.latent_scale
+
+    def decode_latents(self, vae_params: Params, latents: jax.Array) -> jax.Array:
+        """Returns NHWC images in [-1, 1] (unclipped) decoded from scaled NCHW latents."""
+        images = self.vae.apply(
+            {"params": vae_params}, latents / self.latent_scale, method=self.vae.decode
+        ).sample
+        return jnp.transpose(images, (0, 2, 3, 1))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ClipModel:
+    """A CLIP model for scoring: module, tokenizer and image preprocessing constants (no weights)."""
+
+    path: Path
+    model: FlaxCLIPModel
+    tokenizer: CLIPTokenizer
+    image_size: int
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+
+    def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+        """Returns int32 token ids (len(prompts), max_length), padded and truncated."""
+        return tokenize(self.tokenizer, prompts)
+
+    def image_features(self, params: Params, pixel_values: jax.Array) -> jax.Array:
+        """Returns projected (unnormalised) image embeddings of NCHW preprocessed pixels."""
+        return self.model.get_image_features(pixel_values, params=params, train=False)
+
+    def text_features(self, params: Params, input_ids: jax.Array) -> jax.Array:
+        """Returns projected (unnormalised) text embeddings of token ids."""
+        return self.model.get_text_features(input_ids, params=params, train=False)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class StableDiffusionParams:
+    """The weights of a Stable Diffusion model, one tree per component."""
+
+    unet: Params
+    vae: Params
+    text_encoder: Params
+
+
+def tokenize(tokenizer: CLIPTokenizer, prompts: Sequence[str]) -> np.ndarray:
+    """Returns int32 ids (n, model_max_length) of `prompts`, padded to and truncated at the limit."""
+    if isinstance(prompts, str):
+        raise TypeError("tokenize takes a sequence of prompts, not a single string")
+    ids = tokenizer(
+        list(prompts),
+        padding="max_length",
+        truncation=True,
+        max_length=tokenizer.model_max_length,
+        return_tensors="np",
+    ).input_ids
+    return ids.astype(np.int32)
+
+
+def cast_params(params: Params, dtype) -> Params:
+    """Returns `params` with floating leaves cast to `dtype`."""
+    dtype = jnp.dtype(dtype)
+
+    def cast(x):
+        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    return jax.tree_util.tree_map(cast, params)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def load_stable_diffusion(
+    path: str | Path, *, param_dtype="float32", compute_dtype="float32"
+) -> tuple[StableDiffusion, StableDiffusionParams]:
+    """Returns the static model and its weights from a diffusers-layout Stable Diffusion folder."""
+    path = _existing_dir(path)
+    _check_sd_layout(path)
+    compute_dtype = jnp.dtype(compute_dtype)
+    unet, unet_params = _load_diffusers_model(FlaxUNet2DConditionModel, path / "unet", compute_dtype)
+    vae, vae_params = _load_diffusers_model(FlaxAutoencoderKL, path / "vae", compute_dtype)
+    text_encoder, text_params = _load_transformers_model(
+        FlaxCLIPTextModel, CLIPTextConfig, path / "text_encoder", compute_dtype
+    )
+    sd = StableDiffusion(
+        path=path,
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=_load_tokenizer(path / "tokenizer"),
+        scheduler_config=_read_json(_require_file(path / "scheduler", "scheduler_config.json")),
+    )
+    params = StableDiffusionParams(unet=unet_params, vae=vae_params, text_encoder=text_params)
+    return sd, cast_params(params, param_dtype)
+
+
+def load_clip(path: str | Path, *, param_dtype="float32") -> tuple[ClipModel, Params]:
+    """Returns the static CLIP model and its weights from a transformers-layout CLIPModel folder."""
+    path = _existing_dir(path)
+    if (path / "model_index.json").exists() or (path / "unet").is_dir():
+        raise ModelLoadError(
+            f"{path}: this is a Stable Diffusion pipeline folder (it has model_index.json/unet/); "
+            "a CLIP scoring model must be a transformers CLIPModel folder (config.json with "
+            "model_type 'clip', weights, tokenizer and preprocessor_config.json)."
+        )
+    config = _read_json(_require_file(path, "config.json"))
+    if config.get("model_type") != "clip":
+        raise ModelLoadError(
+            f"{path / 'config.json'}: model_type is {config.get('model_type')!r}, expected 'clip' "
+            "(a transformers CLIPModel with both text and vision towers)."
+        )
+    model, params = _load_transformers_model(FlaxCLIPModel, CLIPConfig, path, jnp.float32)
+    image_size, mean, std = _read_clip_preprocessing(path, model.config.vision_config.image_size)
+    clip = ClipModel(
+        path=path,
+        model=model,
+        tokenizer=_load_tokenizer(path),
+        image_size=image_size,
+        image_mean=mean,
+        image_std=std,
+    )
+    return clip, cast_params(params, param_dtype)
+
+
+def _existing_dir(path: str | Path) -> Path:
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise ModelLoadError(f"{path}: model folder does not exist or is not a directory.")
+    return path
+
+
+def _require_file(folder: Path, name: str) -> Path:
+    file = folder / name
+    if not file.is_file():
+        raise ModelLoadError(f"{folder}: missing {name}.")
+    return file
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        return json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelLoadError(f"{file}: not readable JSON ({err}).") from err
+
+
+def _check_sd_layout(path: Path) -> None:
+    missing = [name for name in SD_COMPONENTS if not (path / name).is_dir()]
+    if not missing:
+        return
+    config = path / "config.json"
+    if config.is_file() and "clip" in config.read_text(errors="replace").lower():
+        raise ModelLoadError(
+            f"{path}: this looks like a CLIP model folder (transformers layout), not a Stable "
+            f"Diffusion folder; expected the diffusers layout with {', '.join(SD_COMPONENTS)}/."
+        )
+    raise ModelLoadError(
+        f"{path}: not a Stable Diffusion folder in the diffusers layout: missing "
+        f"{', '.join(m + '/' for m in missing)} (expected {', '.join(SD_COMPONENTS)}/ and model_index.json)."
+    )
+
+
+def _find_weights(folder: Path, names: Sequence[str]) -> Path:
+    for name in names:
+        for candidate in (folder / name, _variant(folder / name, "fp16")):
+            if candidate.is_file():
+                return candidate
+    raise ModelLoadError(f"{folder}: no weights found (looked for {', '.join(names)}).")
+
+
+def _variant(file: Path, variant: str) -> Path:
+    return file.with_name(f"{file.stem}.{variant}{file.suffix}")
+
+
+def _load_diffusers_model(cls, folder: Path, dtype):
+    config = _read_json(_require_file(folder, "config.json"))
+    if "_class_name" in config and not cls.__name__.endswith(config["_class_name"]):
+        raise ModelLoadError(
+            f"{folder / 'config.json'}: holds a {config['_class_name']}, expected {cls.__name__[4:]}."
+        )
+    module = cls.from_config(config, dtype=dtype)
+    abstract = jax.eval_shape(module.init_weights, jax.random.key(0))
+    weights_file = _find_weights(folder, DIFFUSERS_WEIGHTS)
+    if weights_file.suffix == ".msgpack":
+        return module, _load_msgpack(weights_file, abstract)
+    flat_abstract = traverse_util.flatten_dict(abstract)
+    converted = {}
+    for name, tensor in _read_torch_weights(weights_file).items():
+        key = tuple(diffusers_convert.rename_key(name).split("."))
+        key, tensor = diffusers_convert.rename_key_and_reshape_tensor(key, tensor, flat_abstract)
+        converted[key] = tensor
+    return module, _match_abstract(converted, flat_abstract, weights_file)
+
+
+def _load_transformers_model(cls, config_cls, folder: Path, dtype):
+    _require_file(folder, "config.json")
+    try:
+        config = config_cls.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelLoadError(f"{folder / 'config.json'}: not a valid {config_cls.__name__} ({err}).") from err
+    model = cls(config, dtype=dtype, _do_init=False)
+    abstract = model.params_shape_tree
+    weights_file = _find_weights(folder, TRANSFORMERS_WEIGHTS)
+    if weights_file.suffix == ".msgpack":
+        return model, _load_msgpack(weights_file, abstract)
+    weights = {k: v for k, v in _read_torch_weights(weights_file).items() if not k.endswith("position_ids")}
+    shape_only = types.SimpleNamespace(base_model_prefix=model.base_model_prefix, params=abstract)
+    try:
+        converted = transformers_convert.convert_pytorch_state_dict_to_flax(weights, shape_only)
+    except ValueError as err:
+        raise ModelLoadError(f"{weights_file}: {err}") from err
+    flat = traverse_util.flatten_dict(converted)
+    return model, _match_abstract(flat, traverse_util.flatten_dict(abstract), weights_file)
+
+
+def _read_torch_weights(file: Path) -> dict[str, np.ndarray]:
+    """Returns a PyTorch state dict as numpy arrays (safetensors without torch; .bin with torch)."""
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.numpy import load_file
+
+            return load_file(str(file))
+        import torch
+
+        state = torch.load(str(file), map_location="cpu", weights_only=True)
+        return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in state.items()}
+    except ModuleNotFoundError as err:
+        raise ModelLoadError(f"{file}: reading .bin weights needs PyTorch ({err}).") from err
+    except Exception as err:  # safetensors/torch raise several unrelated types for bad files
+        raise ModelLoadError(f"{file}: unreadable or truncated weights file ({type(err).__name__}: {err}).") from err
+
+
+def _load_msgpack(file: Path, abstract: Params) -> Params:
+    try:
+        state = serialization.msgpack_restore(file.read_bytes())
+    except Exception as err:  # msgpack raises several types for bad bytes
+        raise ModelLoadError(f"{file}: unreadable or truncated msgpack ({err}).") from err
+    flat_abstract = traverse_util.flatten_dict(abstract)
+    return _match_abstract(traverse_util.flatten_dict(state), flat_abstract, file)
+
+
+def _match_abstract(flat: dict, flat_abstract: dict, source: Path) -> Params:
+    """Returns the nested param tree, checking every expected key is present with its shape."""
+    missing = [k for k in flat_abstract if k not in flat]
+    if missing:
+        shown = ", ".join("/".join(k) for k in missing[:5])
+        raise ModelLoadError(
+            f"{source}: {len(missing)} weights missing for this config (e.g. {shown}); the weights do "
+            "not belong to the config.json beside them."
+        )
+    params = {}
+    for key, spec in flat_abstract.items():
+        value = np.asarray(flat[key])
+        if value.shape != spec.shape:
+            raise ModelLoadError(
+                f"{source}: weight {'/'.join(key)} has shape {value.shape}, config expects {spec.shape}."
+            )
+        params[key] = jnp.asarray(value, dtype=spec.dtype)
+    return traverse_util.unflatten_dict(params)
+
+
+def _load_tokenizer(folder: Path) -> CLIPTokenizer:
+    for name in ("vocab.json", "merges.txt"):
+        _require_file(folder, name)
+    try:
+        return CLIPTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"{folder}: not a loadable CLIP tokenizer ({err}).") from err
+
+
+def _read_clip_preprocessing(path: Path, default_size: int):
+    """Returns (crop size, mean, std) from preprocessor_config.json, CLIP defaults when absent."""
+    file = path / "preprocessor_config.json"
+    config = _read_json(file) if file.is_file() else {}
+    crop = config.get("crop_size", default_size)
+    size = crop.get("height", default_size) if isinstance(crop, dict) else int(crop)
+    mean = tuple(config.get("image_mean", CLIP_MEAN))
+    std = tuple(config.get("image_std", CLIP_STD))
+    return int(size), mean, std

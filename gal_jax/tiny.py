@@ -1,0 +1,225 @@
+"""Builds the embedded tiny default: a random-init Stable Diffusion and CLIP in their real layouts.
+
+The models are created with PyTorch diffusers/transformers from fixed seeds and saved exactly as
+users' downloaded models are (diffusers pipeline folder; transformers CLIPModel folder; safetensors),
+so the default run and the tests go through the same loading code as real weights. The tokenizer
+uses the real CLIP BPE vocabulary shipped in `gal_jax/assets/`, so token ids are the real ones.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+ASSETS = Path(__file__).parent / "assets"
+BPE_FILE = ASSETS / "bpe_simple_vocab_16e6.txt.gz"
+TINY_VERSION = "tiny-v1"
+DEFAULT_TINY_DIR = Path(os.environ.get("GAL_JAX_CACHE", "~/.cache/gal_jax")).expanduser() / TINY_VERSION
+
+# SD 1.x noise schedule and sampler (the PNDM config SD 1.5 ships with).
+SD1_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "timestep_spacing": "leading",
+}
+
+TINY_UNET = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=32,
+)
+# A second layout so tests do not tune the loader to one shape: three levels, SD2-style linear
+# projections and per-level head dims.
+TINY_UNET_SD2 = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 32, 64),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=(2, 4, 8),
+    use_linear_projection=True,
+    norm_num_groups=32,
+)
+TINY_VAE = dict(
+    sample_size=64,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    block_out_channels=(16, 32, 32),
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    layers_per_block=1,
+    norm_num_groups=8,
+)
+TINY_TEXT = dict(
+    vocab_size=49408,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    projection_dim=32,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+)
+TINY_VISION = dict(
+    image_size=224,
+    patch_size=32,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    projection_dim=32,
+)
+
+
+@lru_cache(maxsize=1)
+def clip_bpe_vocabulary() -> tuple[dict[str, int], list[str]]:
+    """Returns (vocab, merges) of the real CLIP BPE, built as OpenAI CLIP / open_clip build them."""
+    lines = gzip.open(BPE_FILE, "rt", encoding="utf-8").read().split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]
+    byte_chars = list(_bytes_to_unicode().values())
+    tokens = byte_chars + [c + "</w>" for c in byte_chars]
+    tokens += ["".join(merge.split()) for merge in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {token: i for i, token in enumerate(tokens)}, merges
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, codes)))
+
+
+def write_tokenizer(folder: Path) -> None:
+    """Writes a transformers CLIPTokenizer (vocab.json, merges.txt, configs) with the real vocabulary."""
+    vocab, merges = clip_bpe_vocabulary()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "CLIPTokenizer",
+                "model_max_length": 77,
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+                "do_lower_case": True,
+            },
+            indent=2,
+        )
+    )
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+                    "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"})
+    )
+
+
+def write_tiny_stable_diffusion(folder: Path, *, seed: int = 0, unet_config: dict = TINY_UNET) -> Path:
+    """Writes a random-init tiny SD 1.x pipeline folder in the diffusers layout; returns it."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    UNet2DConditionModel(**unet_config).save_pretrained(folder / "unet", safe_serialization=True)
+    torch.manual_seed(seed + 1)
+    AutoencoderKL(**TINY_VAE).save_pretrained(folder / "vae", safe_serialization=True)
+    torch.manual_seed(seed + 2)
+    text_config = CLIPTextConfig(**TINY_TEXT)
+    CLIPTextModel(text_config).save_pretrained(folder / "text_encoder", safe_serialization=True)
+    write_tokenizer(folder / "tokenizer")
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD1_SCHEDULER, indent=2))
+    (folder / "model_index.json").write_text(json.dumps(_model_index(), indent=2))
+    return folder
+
+
+def _model_index() -> dict:
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.39.0",
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "PNDMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+def write_tiny_clip(folder: Path, *, seed: int = 3) -> Path:
+    """Writes a random-init tiny CLIPModel folder (weights, tokenizer, processor); returns it."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    config = CLIPConfig(text_config=TINY_TEXT, vision_config=TINY_VISION, projection_dim=32)
+    CLIPModel(config).save_pretrained(folder, safe_serialization=True)
+    write_tokenizer(folder)
+    CLIPImageProcessor(
+        size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}
+    ).save_pretrained(folder)
+    return folder
+
+
+def make_tiny(root: Path | str = DEFAULT_TINY_DIR, *, force: bool = False) -> dict[str, Path]:
+    """Builds (once) the tiny SD, tiny CLIP and tiny concept data under `root`; returns their paths.
+
+    Each part is written to a temporary folder and renamed into place, so a killed build never
+    leaves a half-written model behind.
+    """
+    root = Path(root).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    paths = {"root": root, "sd": root / "sd", "clip": root / "clip"}
+    for name, writer in (("sd", write_tiny_stable_diffusion), ("clip", write_tiny_clip)):
+        if force and paths[name].exists():
+            shutil.rmtree(paths[name])
+        if not paths[name].exists():
+            with tempfile.TemporaryDirectory(dir=root, prefix=f".{name}-") as tmp:
+                writer(Path(tmp) / name)
+                os.replace(Path(tmp) / name, paths[name])
+    from gal_jax import tiny_data
+
+    paths.update(tiny_data.make_tiny_concepts(root / "data"))
+    return paths
