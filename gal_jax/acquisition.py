@@ -1,0 +1,188 @@
+"""Direction-based uncertainty sampling: overfit flags, entropy, top-k queries, openness, stopping.
+
+Pure host-side functions of small arrays (GAL_SPEC.md, steps 3-7). Shapes: D anchor directions
+(the prompts still in the pool, in pool order), N generated images per direction, P distinct plain
+prompts of the original references.
+
+An image is *overfit* when `sim_anchor <= max_j sim_plain_j` (non-strict, as the authors' training
+scripts: `sim > sim_src` counts as not overfit). The evaluation metric OVF in `metrics.py` uses a
+strict `<`, as the authors' evaluation notebook does; the two differ only on exact ties.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+
+@dataclasses.dataclass(frozen=True)
+class DirectionScores:
+    """Per-direction results of scoring one round's generated images."""
+
+    flags: np.ndarray  # bool (D, N): image n of direction d is overfit
+    rates: np.ndarray  # float (D,): fraction of overfit images per direction
+    entropies: np.ndarray  # float (D,): binary entropy of the rate, natural log
+    best_images: np.ndarray  # int (D,): per direction, the image with the highest sim_anchor
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """What one round of uncertainty sampling queries; empty when the stop rule fired."""
+
+    directions: tuple[int, ...]  # positions in the scored pool, most uncertain first
+    images: tuple[int, ...]  # for each chosen direction, the image that becomes a reference
+    weight: float  # loss weight of the new references
+    openness: float  # lambda * mean entropy over the directions scored this round
+    stopped: bool  # fewer than k directions had H > 0: this round's model is the final one
+
+
+def overfit_flags(sim_anchor: ArrayLike, sim_plain: ArrayLike) -> np.ndarray:
+    """Returns bool flags, True where sim_anchor <= max_j sim_plain[..., j].
+
+    Args:
+      sim_anchor: (...,) cosine of each image with its anchor prompt, e.g. (N,) or (D, N).
+      sim_plain: (..., P) cosine of each image with each plain reference prompt, P >= 1.
+    """
+    sim_anchor = _finite("sim_anchor", sim_anchor)
+    sim_plain = _finite("sim_plain", sim_plain)
+    if sim_plain.ndim != sim_anchor.ndim + 1 or sim_plain.shape[:-1] != sim_anchor.shape:
+        raise ValueError(
+            f"sim_plain shape {sim_plain.shape} must be sim_anchor shape {sim_anchor.shape} "
+            "plus one trailing axis of plain prompts"
+        )
+    if sim_plain.shape[-1] == 0:
+        raise ValueError("sim_plain has no plain prompts (trailing axis of size 0)")
+    return sim_anchor <= sim_plain.max(axis=-1)
+
+
+def overfit_rate(flags: ArrayLike) -> float:
+    """Returns the fraction of overfit images among one direction's (N,) flags."""
+    flags = np.asarray(flags, dtype=bool)
+    if flags.ndim != 1 or flags.size == 0:
+        raise ValueError(f"overfit flags must be a non-empty 1-D array, got shape {flags.shape}")
+    return float(flags.mean())
+
+
+def direction_entropies(rates: ArrayLike) -> np.ndarray:
+    """Returns H(p) = -p ln p - (1-p) ln(1-p) elementwise, exactly 0 where p is 0 or 1."""
+    p = np.asarray(rates, dtype=np.float64)
+    if np.isnan(p).any() or (p < 0).any() or (p > 1).any():
+        raise ValueError(f"overfit rates must lie in [0, 1], got {p}")
+    inside = (p > 0) & (p < 1)
+    # Evaluate the logs only strictly inside (0, 1): 0 * log(0) would give NaN, not the limit 0.
+    q = np.where(inside, p, 0.5)
+    return np.where(inside, -q * np.log(q) - (1 - q) * np.log1p(-q), 0.0)
+
+
+def direction_entropy(rate: float) -> float:
+    """Returns the binary entropy (natural log) of one direction's overfit rate."""
+    return float(direction_entropies(np.float64(rate)))
+
+
+def openness(entropies: ArrayLike, lam: float) -> float:
+    """Returns lam * mean(H) over the directions scored this round (0.0 when none were scored)."""
+    if not lam >= 0:
+        raise ValueError(f"openness lambda must be >= 0, got {lam}")
+    entropies = _entropy_vector(entropies)
+    return float(lam * entropies.mean()) if entropies.size else 0.0
+
+
+def top_k_uncertain(entropies: ArrayLike, k: int) -> list[int]:
+    """Returns the positions of the min(k, D) highest entropies, ties broken by pool order.
+
+    Directions with H == 0 rank last, so one is returned only when fewer than k directions have
+    H > 0; that is exactly when `should_stop` fires, so `select_queries` never queries them.
+    """
+    _check_k(k)
+    entropies = _entropy_vector(entropies)
+    # A stable sort of -H keeps pool order among equal entropies (np.argsort(H)[::-1], as in the
+    # authors' code, would reverse it).
+    return np.argsort(-entropies, kind="stable")[:k].tolist()
+
+
+def should_stop(entropies: ArrayLike, k: int) -> bool:
+    """Returns True when fewer than k directions have H > 0 (nothing left worth querying)."""
+    _check_k(k)
+    return int((_entropy_vector(entropies) > 0).sum()) < k
+
+
+def best_image(sim_anchor: ArrayLike) -> int:
+    """Returns the index of the image with the highest sim_anchor (the first one on ties)."""
+    sim_anchor = _finite("sim_anchor", sim_anchor)
+    if sim_anchor.ndim != 1 or sim_anchor.size == 0:
+        raise ValueError(f"sim_anchor must be a non-empty 1-D array, got shape {sim_anchor.shape}")
+    return int(np.argmax(sim_anchor))
+
+
+def new_reference_weight(openness_value: float, balance: bool) -> float:
+    """Returns the loss weight of a new reference: the round's openness with balance, else 1.0."""
+    if not openness_value >= 0:
+        raise ValueError(f"openness must be >= 0, got {openness_value}")
+    return float(openness_value) if balance else 1.0
+
+
+def random_directions(num_pool: int, k: int, seed: int, round_index: int) -> list[int]:
+    """Returns min(k, num_pool) distinct pool positions, in pool order, fixed by (seed, round)."""
+    _check_k(k)
+    if num_pool < 0 or seed < 0 or round_index < 0:
+        raise ValueError(
+            f"num_pool, seed and round must be >= 0, got {num_pool}, {seed}, {round_index}"
+        )
+    rng = np.random.default_rng([seed, round_index])
+    return sorted(rng.choice(num_pool, size=min(k, num_pool), replace=False).tolist())
+
+
+def score_directions(sim_anchor: ArrayLike, sim_plain: ArrayLike) -> DirectionScores:
+    """Returns flags, rates, entropies and best images for (D, N) and (D, N, P) similarities."""
+    sim_anchor = np.asarray(sim_anchor, dtype=np.float64)
+    if sim_anchor.ndim != 2 or sim_anchor.shape[1] == 0:
+        raise ValueError(
+            f"sim_anchor must be (directions, images) with images >= 1, got {sim_anchor.shape}"
+        )
+    flags = overfit_flags(sim_anchor, sim_plain)
+    rates = flags.mean(axis=1)
+    return DirectionScores(
+        flags=flags,
+        rates=rates,
+        entropies=direction_entropies(rates),
+        best_images=np.argmax(sim_anchor, axis=1),
+    )
+
+
+def select_queries(scores: DirectionScores, k: int, lam: float, balance: bool) -> Selection:
+    """Returns the round's queries: top-k uncertain directions and their best images, or a stop."""
+    round_openness = openness(scores.entropies, lam)
+    weight = new_reference_weight(round_openness, balance)
+    if should_stop(scores.entropies, k):
+        return Selection((), (), weight, round_openness, stopped=True)
+    directions = top_k_uncertain(scores.entropies, k)
+    images = tuple(int(scores.best_images[d]) for d in directions)
+    return Selection(tuple(directions), images, weight, round_openness, stopped=False)
+
+
+def _check_k(k: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k (directions queried per round) must be an integer >= 1, got {k!r}")
+
+
+def _finite(name: str, values: ArrayLike) -> np.ndarray:
+    """Returns values as a float64 array, raising if any entry is NaN or infinite."""
+    array = np.asarray(values, dtype=np.float64)
+    bad = np.argwhere(~np.isfinite(array))
+    if bad.size:
+        where = tuple(int(i) for i in bad[0])
+        raise ValueError(f"{name} has a non-finite value {array[where]} at index {where}")
+    return array
+
+
+def _entropy_vector(entropies: ArrayLike | Sequence[float]) -> np.ndarray:
+    """Returns entropies as a 1-D float64 array, raising on NaN or negative values."""
+    array = _finite("entropies", entropies)
+    if array.ndim != 1:
+        raise ValueError(f"entropies must be a 1-D array over directions, got shape {array.shape}")
+    if (array < 0).any():
+        raise ValueError(f"entropies must be >= 0, got {array}")
+    return array

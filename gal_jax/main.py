@@ -1,0 +1,135 @@
+r"""The `gal-jax` command line.
+
+  gal-jax run --config=configs/tiny_cpu.py --workdir=workdirs/tiny     # the GAL loop, resumable
+  gal-jax make-tiny [--out=DIR]                                        # build the tiny default models/data
+  gal-jax sample --config=... --prompts=FILE --num_per_prompt=N --out=DIR
+  gal-jax evaluate --workdir=DIR [--config=...]                        # TXT-ALN / IMG-ALN / OVF per round
+  gal-jax review --workdir=DIR --round=R                               # serve the human-feedback page
+  gal-jax bench train|sample|score --config=...                        # compile time, throughput, MFU
+
+Config fields are overridden with `--config.section.field=value` (ml_collections config_flags).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+COMMANDS = ("run", "make-tiny", "sample", "evaluate", "review", "bench")
+BENCH_TARGETS = ("train", "sample", "score")
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (a Python file with get_config()).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where rounds, records, checkpoints and the report go.")
+_OUT = flags.DEFINE_string("out", None, "Output folder (make-tiny, sample).")
+_PROMPTS = flags.DEFINE_string("prompts", None, "Text file with one prompt a line (sample).")
+_NUM_PER_PROMPT = flags.DEFINE_integer("num_per_prompt", None, "Images per prompt (sample).")
+_ROUND = flags.DEFINE_integer("round", None, "Round to review (review).")
+_PORT = flags.DEFINE_integer("port", 0, "Port for `review` (0 picks a free one).")
+_FORCE = flags.DEFINE_bool("force", False, "make-tiny: rebuild even if present.")
+
+
+class UsageError(app.UsageError):
+    """Wrong command or missing flag."""
+
+
+def _require(flag, name: str, command: str):
+    if flag.value is None:
+        raise UsageError(f"`gal-jax {command}` needs --{name}")
+    return flag.value
+
+
+def _config(command: str):
+    if _CONFIG.value is None:
+        raise UsageError(f"`gal-jax {command}` needs --config=configs/<experiment>.py")
+    return _CONFIG.value
+
+
+def _cmd_run(args):
+    from gal_jax import driver
+
+    report = driver.run(_config("run"), Path(_require(_WORKDIR, "workdir", "run")))
+    print(f"Report: {report}")
+
+
+def _cmd_make_tiny(args):
+    from gal_jax import tiny
+
+    paths = tiny.make_tiny(_OUT.value or tiny.DEFAULT_TINY_DIR, force=_FORCE.value)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+
+
+def _cmd_sample(args):
+    from gal_jax import driver
+
+    out = driver.sample_command(
+        _config("sample"),
+        Path(_require(_PROMPTS, "prompts", "sample")),
+        _require(_NUM_PER_PROMPT, "num_per_prompt", "sample"),
+        Path(_require(_OUT, "out", "sample")),
+    )
+    print(f"Images and index.json: {out}")
+
+
+def _cmd_evaluate(args):
+    from gal_jax import evaluate
+
+    result = evaluate.evaluate_command(Path(_require(_WORKDIR, "workdir", "evaluate")), _CONFIG.value)
+    print(f"Evaluation: {result}")
+
+
+def _cmd_review(args):
+    from gal_jax import review
+
+    workdir = Path(_require(_WORKDIR, "workdir", "review"))
+    server, url = review.serve_review(workdir, _require(_ROUND, "round", "review"), port=_PORT.value)
+    print(f"Review page: {url}  (Ctrl-C when saved)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.shutdown()
+
+
+def _cmd_bench(args):
+    from gal_jax import bench
+
+    if len(args) < 3 or args[2] not in BENCH_TARGETS:
+        raise UsageError(f"`gal-jax bench` takes one of {', '.join(BENCH_TARGETS)}")
+    bench.run(args[2], _config("bench"))
+
+
+HANDLERS = {
+    "run": _cmd_run,
+    "make-tiny": _cmd_make_tiny,
+    "sample": _cmd_sample,
+    "evaluate": _cmd_evaluate,
+    "review": _cmd_review,
+    "bench": _cmd_bench,
+}
+
+
+def main(argv):
+    if len(argv) < 2 or argv[1] not in HANDLERS:
+        raise UsageError(f"usage: gal-jax {{{'|'.join(COMMANDS)}}} [flags]; see `gal-jax --help`")
+    logging.set_verbosity(logging.INFO)
+    HANDLERS[argv[1]](argv)
+
+
+def run():
+    """Console-script entry point."""
+    app.run(main, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv):
+    # Accept --num-per-prompt as well as --num_per_prompt: diffusers-style spelling.
+    argv = [a.replace("--num-per-prompt", "--num_per_prompt") for a in argv]
+    return flags.FLAGS(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -1,0 +1,161 @@
+"""CLIP scoring on device: image and text embeddings and the cosine similarities GAL queries with.
+
+Images come straight from the generator (uint8 NHWC device arrays, sharded over the mesh's batch
+axes): no PNG round trip. Preprocessing follows transformers' CLIPImageProcessor (resize the
+shortest side to the crop size with bicubic filtering, round to uint8 as its PIL path does, center
+crop, scale to [0, 1], CLIP mean/std), done with `jax.image.resize` on device; the resize filter
+differs slightly from PIL's, so similarities agree with transformers to about 1e-3, not bit for bit.
+
+Embeddings are L2-normalised, so similarities are cosines. Text embeddings are cached per prompt;
+images are embedded in a fixed batch (padded), so one compilation serves every call of one image size.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from gal_jax import sharding
+from gal_jax.models import ClipModel
+from gal_jax.sample import check_prompts
+
+TEXT_BATCH = 8
+
+
+def resized_shape(height: int, width: int, shortest_edge: int) -> tuple[int, int]:
+    """Returns (height, width) after resizing the shortest side to `shortest_edge` (transformers' rule)."""
+    short, long = sorted((height, width))
+    new_long = int(shortest_edge * long / short)
+    return (new_long, shortest_edge) if width <= height else (shortest_edge, new_long)
+
+
+def preprocess(images: jax.Array, size: int, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
+    """Returns NCHW float32 CLIP pixel values of uint8 NHWC images: resize, center crop, normalise."""
+    n, height, width, channels = images.shape
+    new_height, new_width = resized_shape(height, width, size)
+    pixels = images.astype(jnp.float32)
+    if (new_height, new_width) != (height, width):
+        pixels = jax.image.resize(pixels, (n, new_height, new_width, channels), "bicubic", antialias=True)
+        # CLIPImageProcessor resizes uint8 images through PIL, which rounds and clips the result.
+        pixels = jnp.clip(jnp.round(pixels), 0.0, 255.0)
+    if new_height < size or new_width < size:
+        raise ValueError(f"image of {height}x{width} cannot be center-cropped to {size}x{size}")
+    top, left = (new_height - size) // 2, (new_width - size) // 2
+    pixels = pixels[:, top : top + size, left : left + size]
+    pixels = (pixels / 255.0 - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+    return jnp.transpose(pixels, (0, 3, 1, 2))
+
+
+def l2_normalize(x: jax.Array) -> jax.Array:
+    """Returns `x` scaled to unit L2 norm along its last axis (in float32)."""
+    x = x.astype(jnp.float32)
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def embed_images(clip: ClipModel, params: Any, images: jax.Array) -> jax.Array:
+    """Returns L2-normalised CLIP embeddings (n, d) of uint8 NHWC images."""
+    pixels = preprocess(images, clip.image_size, clip.image_mean, clip.image_std)
+    return l2_normalize(clip.image_features(params, pixels))
+
+
+def embed_texts(clip: ClipModel, params: Any, input_ids: jax.Array) -> jax.Array:
+    """Returns L2-normalised CLIP embeddings (n, d) of token ids."""
+    return l2_normalize(clip.text_features(params, input_ids))
+
+
+class Scorer:
+    """CLIP embeddings and similarities on a mesh; text embeddings cached per prompt.
+
+    Images are embedded `batch_size` at a time (rounded up to a multiple of the mesh's batch shards,
+    the last batch padded), so every call with the same image size reuses one compiled function.
+    """
+
+    def __init__(self, clip: ClipModel, clip_params: Any, mesh: Mesh, *, batch_size: int = 64):
+        if batch_size < 1:
+            raise ValueError(f"score batch_size must be >= 1, got {batch_size}")
+        shards = sharding.batch_size_per_device_multiple(mesh)
+        self.clip = clip
+        self.mesh = mesh
+        self.batch_size = -(-batch_size // shards) * shards
+        self.params = jax.device_put(clip_params, sharding.replicated(mesh))
+        self._text_cache: dict[str, np.ndarray] = {}
+        replicated, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+        self._embed_images = jax.jit(
+            lambda params, images: embed_images(clip, params, images),
+            in_shardings=(replicated, batch),
+            out_shardings=batch,
+        )
+        self._embed_texts = jax.jit(
+            lambda params, ids: embed_texts(clip, params, ids), out_shardings=replicated
+        )
+        self._pad = jax.jit(_pad_rows, static_argnums=1, out_shardings=batch)
+
+    def image_embeddings(self, images: jax.Array) -> jax.Array:
+        """Returns L2-normalised embeddings (n, d) of uint8 NHWC images (device arrays or numpy)."""
+        images = _check_images(images)
+        n = images.shape[0]
+        batches = max(1, -(-n // self.batch_size))
+        padded = self._pad(images, batches * self.batch_size)
+        embeddings = [
+            self._embed_images(self.params, padded[i * self.batch_size : (i + 1) * self.batch_size])
+            for i in range(batches)
+        ]
+        return jnp.concatenate(embeddings)[:n]
+
+    def text_embeddings(self, prompts: Sequence[str]) -> jax.Array:
+        """Returns L2-normalised embeddings (m, d) of prompts, computing only the uncached ones."""
+        prompts = list(prompts)
+        check_prompts(self.clip.tokenizer, prompts, "scoring", allow_empty=True)
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
+        for start in range(0, len(missing), TEXT_BATCH):
+            batch = missing[start : start + TEXT_BATCH]
+            ids = self.clip.tokenize(batch + [""] * (TEXT_BATCH - len(batch)))
+            embeddings = np.asarray(self._embed_texts(self.params, ids))
+            self._text_cache.update(zip(batch, embeddings))
+        if not prompts:
+            return jnp.zeros((0, self.clip.model.config.projection_dim), jnp.float32)
+        return jax.device_put(np.stack([self._text_cache[p] for p in prompts]), sharding.replicated(self.mesh))
+
+    def similarities(
+        self,
+        images: jax.Array,
+        anchor_index_per_image: Sequence[int],
+        anchor_prompts: Sequence[str],
+        plain_prompts: Sequence[str],
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Returns (sim_anchor (n,), sim_plain (n, len(plain_prompts))): cosines of each image to its
+        anchor prompt (`anchor_prompts[anchor_index_per_image[i]]`) and to every plain prompt."""
+        anchor_index = np.asarray(anchor_index_per_image, dtype=np.int64).reshape(-1)
+        if anchor_index.shape[0] != images.shape[0]:
+            raise ValueError(
+                f"anchor_index_per_image has {anchor_index.shape[0]} entries for {images.shape[0]} images"
+            )
+        if anchor_index.size and (anchor_index.min() < 0 or anchor_index.max() >= len(anchor_prompts)):
+            raise ValueError(
+                f"anchor_index_per_image must lie in [0, {len(anchor_prompts)}); got "
+                f"{anchor_index.min()}..{anchor_index.max()}"
+            )
+        if images.shape[0] == 0:
+            return np.zeros((0,), np.float32), np.zeros((0, len(plain_prompts)), np.float32)
+        image_embeddings = self.image_embeddings(images)
+        texts = self.text_embeddings(list(anchor_prompts) + list(plain_prompts))
+        sims = np.asarray(image_embeddings @ texts.T)
+        sim_anchor = sims[np.arange(len(anchor_index)), anchor_index]
+        return sim_anchor, sims[:, len(anchor_prompts) :]
+
+
+def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
+    """Returns `x` padded with zeros along its leading axis to `rows` rows."""
+    return jnp.pad(x, [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+
+
+def _check_images(images) -> jax.Array:
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be (n, height, width, 3) uint8, got shape {tuple(images.shape)}")
+    if images.dtype != jnp.uint8:
+        raise ValueError(f"images must be uint8 (as the generator returns them), got {images.dtype}")
+    return images
