@@ -122,7 +122,7 @@ def concept_phrase_object(placeholder: str, class_word: str) -> str:
 
 
 def style_descriptor(caption: str) -> str:
-    """Returns the caption from its last ' in ' on: 'A cat in watercolor style' -> 'in watercolor style'."""
+    """Returns the caption from its last ' in ' on: 'A cat in oil style' -> 'in oil style'."""
     head, found, tail = caption.strip().rpartition(" in ")
     if not found or not head.strip() or not tail.strip():
         raise ValueError(

@@ -31,6 +31,12 @@ _NUM_PER_PROMPT = flags.DEFINE_integer("num_per_prompt", None, "Images per promp
 _ROUND = flags.DEFINE_integer("round", None, "Round to review (review).")
 _PORT = flags.DEFINE_integer("port", 0, "Port for `review` (0 picks a free one).")
 _FORCE = flags.DEFINE_bool("force", False, "make-tiny: rebuild even if present.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Multi-host: call jax.distributed.initialize (auto-detects TPU pods and SLURM)."
+)
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host coordinator host:port.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 
 
 class UsageError(app.UsageError):
@@ -117,6 +123,10 @@ def main(argv):
     if len(argv) < 2 or argv[1] not in HANDLERS:
         raise UsageError(f"usage: gal-jax {{{'|'.join(COMMANDS)}}} [flags]; see `gal-jax --help`")
     logging.set_verbosity(logging.INFO)
+    if _DISTRIBUTED.value:
+        import jax
+
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     HANDLERS[argv[1]](argv)
 
 

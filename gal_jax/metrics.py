@@ -28,7 +28,7 @@ def cosine_matrix(a: ArrayLike, b: ArrayLike) -> np.ndarray:
 
 
 def txt_alignment(img_emb: ArrayLike, prompt_emb: ArrayLike, scale: float = 1.0) -> float:
-    """Returns scale * mean_i cos(image_i, prompt_i) (TXT-ALN; the notebook's CLIPScore uses 2.5)."""
+    """Returns scale * mean_i cos(image_i, prompt_i) (TXT-ALN; the notebook's scale is 2.5)."""
     if not scale > 0:
         raise ValueError(f"TXT-ALN scale must be > 0, got {scale}")
     return float(scale * _paired_cosines(img_emb, prompt_emb).mean())

@@ -389,3 +389,100 @@ def _read_clip_preprocessing(path: Path, default_size: int):
     mean = tuple(config.get("image_mean", CLIP_MEAN))
     std = tuple(config.get("image_std", CLIP_STD))
     return int(size), mean, std
+
+
+# ---------------------------------------------------------------------------------------------
+# Random-weight models of real sizes (benchmarks: no download needed)
+# ---------------------------------------------------------------------------------------------
+
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+SD15_VAE = dict(
+    sample_size=512,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=2,
+    norm_num_groups=32,
+)
+SD15_TEXT = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    projection_dim=768,
+    hidden_act="quick_gelu",
+)
+CLIP_B32_TEXT = dict(SD15_TEXT, hidden_size=512, intermediate_size=2048, num_attention_heads=8, projection_dim=512)
+CLIP_B32_VISION = dict(
+    image_size=224,
+    patch_size=32,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    projection_dim=512,
+)
+
+
+def random_stable_diffusion(
+    tokenizer_dir: Path,
+    scheduler_config: dict,
+    *,
+    unet_config: dict = SD15_UNET,
+    vae_config: dict = SD15_VAE,
+    text_config: dict = SD15_TEXT,
+    seed: int = 0,
+    param_dtype="float32",
+    compute_dtype="float32",
+) -> tuple[StableDiffusion, StableDiffusionParams]:
+    """Returns an SD model of the given architecture (SD 1.5 by default) with random weights."""
+    compute_dtype = jnp.dtype(compute_dtype)
+    unet = FlaxUNet2DConditionModel.from_config(dict(unet_config), dtype=compute_dtype)
+    vae = FlaxAutoencoderKL.from_config(dict(vae_config), dtype=compute_dtype)
+    text_encoder = FlaxCLIPTextModel(CLIPTextConfig(**text_config), dtype=compute_dtype, _do_init=False)
+    keys = jax.random.split(jax.random.key(seed), 3)
+    params = StableDiffusionParams(
+        unet=jax.jit(unet.init_weights)(keys[0]),
+        vae=jax.jit(vae.init_weights)(keys[1]),
+        text_encoder=jax.jit(text_encoder.init_weights, static_argnums=1)(keys[2], (1, 77)),
+    )
+    sd = StableDiffusion(
+        path=Path(f"random:{unet_config['block_out_channels']}"),
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=_load_tokenizer(Path(tokenizer_dir)),
+        scheduler_config=dict(scheduler_config),
+    )
+    return sd, cast_params(params, param_dtype)
+
+
+def random_clip(tokenizer_dir: Path, *, seed: int = 0) -> tuple[ClipModel, Params]:
+    """Returns a CLIP ViT-B/32-sized model with random weights."""
+    config = CLIPConfig(text_config=CLIP_B32_TEXT, vision_config=CLIP_B32_VISION, projection_dim=512)
+    model = FlaxCLIPModel(config, _do_init=False)
+    params = jax.jit(model.init_weights, static_argnums=1)(jax.random.key(seed), model.input_shape)
+    clip = ClipModel(
+        path=Path("random:clip-b32"),
+        model=model,
+        tokenizer=_load_tokenizer(Path(tokenizer_dir)),
+        image_size=224,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    )
+    return clip, params

@@ -1,4 +1,4 @@
-"""Device mesh, parameter partition rules and multi-host set-up.
+"""Device mesh, parameter partition rules and global batches.
 
 The mesh has two axes: 'data' (batch parallelism, params replicated) and 'fsdp' (batch parallelism
 with parameters and optimizer state sharded, ZeRO-3 style). Batches are sharded over both axes.
@@ -26,14 +26,6 @@ DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
     (r".*", "fsdp"),
 )
 MIN_SHARDED_SIZE = 2**14
-
-
-def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
-    """Starts jax.distributed for multi-host runs (no-op for a single process without arguments)."""
-    if coordinator_address is None and num_processes in (None, 1):
-        return
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:

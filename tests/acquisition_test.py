@@ -215,7 +215,7 @@ def test_random_directions_reject_bad_arguments():
 
 
 def make_round():
-    """Four directions, ten images each; direction d has 10 - overfit_counts[d] images not overfit."""
+    """Returns (sim_anchor, sim_plain) of 4 directions x 10 images; overfit_counts[d] overfit."""
     overfit_counts = [5, 0, 3, 10]
     sim_anchor = np.full((4, 10), 0.3)
     for d, count in enumerate(overfit_counts):

@@ -72,7 +72,8 @@ def test_overfit_fraction_counts_images_closer_to_a_reference_caption_than_to_th
 
 def test_overfit_fraction_is_invariant_to_embedding_scale():
     rng = np.random.default_rng(0)
-    images, prompts, captions = rng.normal(size=(8, 5)), rng.normal(size=(8, 5)), rng.normal(size=(3, 5))
+    images, prompts = rng.normal(size=(8, 5)), rng.normal(size=(8, 5))
+    captions = rng.normal(size=(3, 5))
     assert metrics.overfit_fraction(images, prompts, captions) == metrics.overfit_fraction(
         3.0 * images, 0.5 * prompts, 7.0 * captions
     )

@@ -1,0 +1,571 @@
+"""Reference sets (init.json), class images, the TFDS/array_record training set and its grain pipeline.
+
+The authors' layout, which users already have:
+
+    reg_data/<concept>/images/*.jpg                      class images for prior preservation
+    reference_images/<object|style>/<concept>/*.jpg       the concept's reference images
+    reference_images/<object|style>/<concept>/init.json   [{"instance_prompt", "plain_prompt",
+                                                            "instance_data_path", "weight"}, ...]
+
+A training round writes its references and class images once, with `write_training_set`, as a
+TFDS data set in array_record format (no TensorFlow involved), and reads it back with
+`make_train_iterator`: a grain DataLoader whose state can be checkpointed, so a killed round resumes
+with the same next batch.
+
+Record i pairs instance i mod n with class image i mod m; there are max(n, m) records (diffusers
+DreamBooth). Images are stored already resized (shorter side = resolution, as losslessly encoded
+PNG), so reading only crops, flips and rescales.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image, ImageOps
+
+INIT_JSON = "init.json"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# diffusers' DreamBooth scripts (PyTorch and Flax) and the authors' code resize with torchvision's
+# Resize(..., BILINEAR), which on PIL images is PIL's antialiased bilinear filter.
+RESAMPLE = Image.Resampling.BILINEAR
+_REQUIRED_KEYS = ("instance_prompt", "instance_data_path", "weight")
+_BUILDER_NAME = "gal_training_set"
+_WITH_PRIOR, _INSTANCES_ONLY = "with_prior", "instances_only"
+
+
+class DataError(ValueError):
+    """Malformed reference data; the message names the file and the problem."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """One reference image with its caption and its weight in the training loss."""
+
+    image: Path
+    prompt: str
+    plain_prompt: str | None
+    weight: float
+    source: str = "user"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference sets and class images.
+
+
+def load_concept(concept_dir: Path | str) -> list[Reference]:
+    """Returns the references listed in `<concept_dir>/init.json`, image paths resolved."""
+    concept_dir = Path(concept_dir).expanduser().absolute()
+    init_path = concept_dir / INIT_JSON
+    if not init_path.is_file():
+        raise FileNotFoundError(f"{init_path}: no {INIT_JSON} in concept folder {concept_dir}")
+    try:
+        entries = json.loads(init_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{init_path}: not valid JSON: {e}") from e
+    if not isinstance(entries, list) or not entries:
+        raise DataError(f"{init_path}: expected a non-empty list of reference entries")
+    return [_parse_entry(entry, i, init_path) for i, entry in enumerate(entries)]
+
+
+def _parse_entry(entry: Any, index: int, init_path: Path) -> Reference:
+    """Returns the Reference described by entry `index` of `init_path`, validated."""
+    where = f"{init_path}: entry {index}"
+    if not isinstance(entry, dict):
+        raise DataError(f"{where}: expected an object, got {type(entry).__name__}")
+    for key in _REQUIRED_KEYS:
+        if key not in entry:
+            raise DataError(f"{where}: missing key '{key}' (required: {', '.join(_REQUIRED_KEYS)})")
+    prompt = _non_empty_string(entry["instance_prompt"], f"{where}: key 'instance_prompt'")
+    plain_prompt = entry.get("plain_prompt")
+    if plain_prompt is not None:
+        plain_prompt = _non_empty_string(plain_prompt, f"{where}: key 'plain_prompt'")
+    weight = entry["weight"]
+    # bool is an int subclass: `true` as a weight is a typo, not 1.0.
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise DataError(f"{where}: key 'weight' must be a number, got {weight!r}")
+    if not math.isfinite(weight) or weight < 0:
+        raise DataError(f"{where}: key 'weight' must be a finite number >= 0, got {weight!r}")
+    raw_path = _non_empty_string(entry["instance_data_path"], f"{where}: key 'instance_data_path'")
+    tried = candidate_image_paths(raw_path, init_path.parent)
+    found = next((p for p in tried if p.is_file()), None)
+    if found is None:
+        listing = "\n  ".join(str(p) for p in tried)
+        raise FileNotFoundError(
+            f"{where}: image {raw_path!r} not found; tried:\n  {listing}"
+        )
+    return Reference(image=found, prompt=prompt, plain_prompt=plain_prompt, weight=float(weight))
+
+
+def _non_empty_string(value: Any, what: str) -> str:
+    """Returns `value` if it is a non-blank string, else raises naming `what`."""
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{what} must be a non-empty string, got {value!r}")
+    return value
+
+
+def candidate_image_paths(raw_path: str, concept_dir: Path) -> list[Path]:
+    """Returns, in the order tried, where an init.json image path may point.
+
+    Authors' files name images relative to their repo root (`./data/object/cat/imgs/0.jpg`);
+    users' relative to the data root (`./reference_images/object/cat/0.jpg`), to the concept folder,
+    or absolutely. Tried: the path as is if absolute; relative to the concept folder; relative to
+    the data root; then ever shorter tails of it inside the concept folder, down to the bare file
+    name (`imgs/0.jpg`, then `0.jpg`).
+    """
+    path = Path(raw_path).expanduser()
+    candidates = [path] if path.is_absolute() else [concept_dir / path]
+    data_root = _data_root(concept_dir)
+    if not path.is_absolute() and data_root is not None:
+        candidates.append(data_root / path)
+    parts = path.parts[1:] if path.is_absolute() else path.parts
+    candidates += [concept_dir.joinpath(*parts[k:]) for k in range(1, len(parts))]
+    return list(dict.fromkeys(candidates))
+
+
+def _data_root(concept_dir: Path) -> Path | None:
+    """Returns the folder holding `reference_images/` (or the authors' `data/`), if any."""
+    for ancestor in concept_dir.parents:
+        if ancestor.name == "reference_images":
+            return ancestor.parent
+    # <root>/<data folder>/<object|style>/<concept>: the root is two levels above the kind folder.
+    return concept_dir.parents[2] if len(concept_dir.parents) > 2 else None
+
+
+def list_images(folder: Path | str) -> list[Path]:
+    """Returns the image files directly inside `folder`, sorted by name."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: image folder does not exist")
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def load_reference_folder(folder: Path | str, prompt: str) -> list[Reference]:
+    """Returns one Reference (weight 1.0, caption `prompt`) for every image in `folder`."""
+    prompt = _non_empty_string(prompt, f"caption for {folder}")
+    images = list_images(folder)
+    if not images:
+        raise FileNotFoundError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    return [Reference(image=p.absolute(), prompt=prompt, plain_prompt=None, weight=1.0) for p in images]
+
+
+def list_class_images(reg_dir: Path | str) -> list[Path]:
+    """Returns the class images of `reg_data/<concept>` or `reg_data/<concept>/images`, sorted."""
+    reg_dir = Path(reg_dir).expanduser()
+    folder = reg_dir / "images" if (reg_dir / "images").is_dir() else reg_dir
+    images = list_images(folder)
+    if not images:
+        raise FileNotFoundError(f"{folder}: no class images ({', '.join(IMAGE_SUFFIXES)})")
+    return [p.absolute() for p in images]
+
+
+# ---------------------------------------------------------------------------------------------
+# Image preprocessing (diffusers DreamBooth: resize the shorter side, crop, scale to [-1, 1]).
+
+
+def _open_rgb(path: Path) -> Image.Image:
+    """Returns the fully decoded, EXIF-upright RGB image at `path`."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: image file does not exist") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: cannot read image ({e})") from e
+
+
+def _resize_shorter_side(image: Image.Image, resolution: int) -> Image.Image:
+    """Returns `image` scaled so its shorter side is `resolution` (torchvision's size rounding)."""
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    if short == resolution:
+        return image
+    new_long = int(resolution * long / short)
+    size = (resolution, new_long) if width <= height else (new_long, resolution)
+    return image.resize(size, resample=RESAMPLE)
+
+
+def _crop_and_flip(
+    pixels: np.ndarray,
+    resolution: int,
+    random_crop: bool,
+    flip: bool,
+    rng: np.random.Generator | None,
+) -> np.ndarray:
+    """Returns a resolution x resolution crop of `pixels` (H, W, C), centred unless random_crop."""
+    if (random_crop or flip) and rng is None:
+        raise ValueError("random_crop and flip need an rng")
+    height, width = pixels.shape[:2]
+    if min(height, width) < resolution:
+        raise ValueError(f"image of {height}x{width} is smaller than the {resolution} crop")
+    if random_crop:
+        top = int(rng.integers(0, height - resolution + 1))
+        left = int(rng.integers(0, width - resolution + 1))
+    else:  # torchvision CenterCrop's rounding
+        top = int(round((height - resolution) / 2.0))
+        left = int(round((width - resolution) / 2.0))
+    pixels = pixels[top : top + resolution, left : left + resolution]
+    if flip and rng.random() < 0.5:
+        pixels = pixels[:, ::-1]
+    return pixels
+
+
+def _to_unit_range(pixels: np.ndarray) -> np.ndarray:
+    """Returns uint8 pixels as float32 in [-1, 1]."""
+    return pixels.astype(np.float32) / 127.5 - 1.0
+
+
+def load_image(
+    path: Path | str,
+    resolution: int,
+    *,
+    random_crop: bool = False,
+    flip: bool = False,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """Returns the image at `path` as float32 (resolution, resolution, 3) in [-1, 1].
+
+    The shorter side is resized to `resolution` (bilinear, as diffusers DreamBooth), then the image
+    is cropped (centre, or uniformly at random) and optionally flipped left-right with p = 0.5.
+    """
+    image = _resize_shorter_side(_open_rgb(Path(path)), resolution)
+    pixels = _crop_and_flip(np.asarray(image), resolution, random_crop, flip, rng)
+    return _to_unit_range(pixels)
+
+
+def _encoded_resized(path: Path, resolution: int) -> bytes:
+    """Returns the image at `path`, shorter side resized to `resolution`, as PNG bytes."""
+    buffer = io.BytesIO()
+    # PNG is lossless, so a stored image reads back exactly as load_image would compute it;
+    # level 1 keeps writing fast at a modest size cost.
+    _resize_shorter_side(_open_rgb(path), resolution).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# The training set: TFDS GeneratorBasedBuilder, array_record files.
+
+
+class GalTrainingSet(tfds.core.GeneratorBasedBuilder):
+    """TFDS builder of one round's DreamBooth records (instance, and its paired class image).
+
+    Built with the record dicts; read back (without them) by `tfds.data_source`. The config says
+    whether records carry a class half (prior preservation) or are instances only.
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Instance/class pairs, token ids and per-record weights."}
+    BUILDER_CONFIGS = [
+        tfds.core.BuilderConfig(name=_WITH_PRIOR, description="instance + class image pairs"),
+        tfds.core.BuilderConfig(name=_INSTANCES_ONLY, description="instance images only"),
+    ]
+
+    def __init__(
+        self,
+        *,
+        records: Iterable[dict[str, Any]] | None = None,
+        metadata: dict[str, Any] | None = None,
+        token_length: int = 77,
+        **kwargs,
+    ):
+        self._records = records
+        self._metadata = metadata or {}
+        self._token_length = token_length
+        super().__init__(**kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        image = tfds.features.Image(shape=(None, None, 3), encoding_format="png")
+        ids = tfds.features.Tensor(shape=(self._token_length,), dtype=np.int32)
+        features = {
+            "instance_image": image,
+            "instance_ids": ids,
+            "instance_index": tfds.features.Scalar(dtype=np.int32),
+            "weight": tfds.features.Scalar(dtype=np.float32),
+        }
+        if self.builder_config.name == _WITH_PRIOR:
+            features.update(
+                class_image=image, class_ids=ids, class_index=tfds.features.Scalar(dtype=np.int32)
+            )
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict(features),
+            # Record i must stay record i: the pairing and resumption depend on it.
+            disable_shuffling=True,
+            metadata=tfds.core.MetadataDict(self._metadata),
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # nothing to download
+        if self._records is None:
+            raise ValueError("GalTrainingSet is built by write_training_set, which passes records")
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        yield from enumerate(self._records)
+
+
+def _tokenize_checked(
+    tokenize: Callable[[Sequence[str]], np.ndarray], captions: Sequence[str]
+) -> np.ndarray:
+    """Returns tokenize(captions) as int32 (len(captions), L), checking the shape."""
+    ids = np.asarray(tokenize(list(captions)))
+    if ids.ndim != 2 or ids.shape[0] != len(captions) or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(
+            f"tokenize must return integer ids of shape ({len(captions)}, L), "
+            f"got {ids.dtype} {ids.shape}"
+        )
+    return ids.astype(np.int32)
+
+
+def _fingerprint(
+    references: Sequence[Reference], class_images: Sequence[Path], ids: np.ndarray, resolution: int
+) -> str:
+    """Returns a short hash of everything that decides the records' contents."""
+    digest = hashlib.sha256(f"{resolution}".encode())
+    digest.update(ids.tobytes())
+    for ref in references:
+        digest.update(f"{ref.weight!r}".encode())
+    for path in [ref.image for ref in references] + list(class_images):
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _records(
+    references: Sequence[Reference],
+    class_images: Sequence[Path],
+    ids: np.ndarray,
+    resolution: int,
+) -> Iterator[dict[str, Any]]:
+    """Yields the record dicts: record i pairs instance i mod n with class image i mod m."""
+    n, m = len(references), len(class_images)
+    # The few instance images recur in every record; the many class images are encoded as they
+    # come, so the whole set never sits in memory.
+    instance_png = [_encoded_resized(Path(ref.image), resolution) for ref in references]
+    for i in range(max(n, m)):
+        record = {
+            "instance_image": instance_png[i % n],
+            "instance_ids": ids[i % n],
+            "instance_index": np.int32(i % n),
+            "weight": np.float32(references[i % n].weight),
+        }
+        if m:
+            record.update(
+                class_image=_encoded_resized(Path(class_images[i % m]), resolution),
+                class_ids=ids[n],
+                class_index=np.int32(i % m),
+            )
+        yield record
+
+
+def write_training_set(
+    references: Sequence[Reference],
+    class_images: Sequence[Path],
+    class_prompt: str | None,
+    out_dir: Path | str,
+    tokenize: Callable[[Sequence[str]], np.ndarray],
+    resolution: int,
+) -> Path:
+    """Writes the round's training records as TFDS array_record under `out_dir`; returns out_dir.
+
+    Captions are tokenized once and stored as ids. With no class images (style runs) the records
+    are the instances alone. Built in a temporary folder and renamed into place, so a killed write
+    never leaves a half-written set; an existing set at `out_dir` is replaced.
+    """
+    if not references:
+        raise ValueError("write_training_set needs at least one reference")
+    if class_images and not (class_prompt and class_prompt.strip()):
+        raise ValueError("class images need a non-empty class_prompt")
+    out_dir = Path(out_dir).expanduser().absolute()
+    captions = [ref.prompt for ref in references] + ([class_prompt] if class_images else [])
+    ids = _tokenize_checked(tokenize, captions)
+    metadata = {
+        "resolution": resolution,
+        "num_instances": len(references),
+        "num_class_images": len(class_images),
+        "class_prompt": class_prompt if class_images else None,
+        "fingerprint": _fingerprint(references, class_images, ids, resolution),
+    }
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    tmp_dir.chmod(0o755)  # mkdtemp's 0o700 would otherwise become the set's permissions
+    try:
+        GalTrainingSet(
+            records=_records(references, class_images, ids, resolution),
+            metadata=metadata,
+            token_length=ids.shape[1],
+            config=_WITH_PRIOR if class_images else _INSTANCES_ONLY,
+            data_dir=str(tmp_dir),
+        ).download_and_prepare(file_format="array_record")
+        _replace_dir(tmp_dir, out_dir)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return out_dir
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Moves folder `new` to `target`, replacing whatever folder is there."""
+    if target.exists():
+        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+        os.replace(target, old / target.name)
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)
+
+
+def _config_name(data_dir: Path) -> str:
+    """Returns which GalTrainingSet config was written under `data_dir`."""
+    written = [c for c in (_WITH_PRIOR, _INSTANCES_ONLY) if (data_dir / _BUILDER_NAME / c).is_dir()]
+    if len(written) != 1:
+        raise FileNotFoundError(f"{data_dir}: not a training set written by write_training_set")
+    return written[0]
+
+
+def open_training_set(data_dir: Path | str) -> tuple[Sequence[dict[str, Any]], dict[str, Any]]:
+    """Returns (random-access records, metadata) of the training set written under `data_dir`."""
+    data_dir = Path(data_dir).expanduser().absolute()
+    name = f"{_BUILDER_NAME}/{_config_name(data_dir)}"
+    source = tfds.data_source(name, split="train", data_dir=str(data_dir), download=False)
+    metadata = dict(tfds.builder(name, data_dir=str(data_dir)).info.metadata)
+    return source, metadata
+
+
+def num_records(data_dir: Path | str) -> int:
+    """Returns the number of records (instance examples) in the training set at `data_dir`."""
+    return len(open_training_set(data_dir)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# The grain pipeline.
+
+
+class _CyclicSource(grain.sources.RandomAccessDataSource):
+    """The records, cycled to `length` so every process gets an equal, non-empty shard.
+
+    Without it grain's sharding drops the remainder records: with 7 references on 2 processes one
+    reference would never be trained on.
+    """
+
+    def __init__(self, source: Sequence[dict[str, Any]], length: int, fingerprint: str):
+        self._source = source
+        self._length = length
+        self._fingerprint = fingerprint
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self._source[index % len(self._source)]
+
+    def __repr__(self) -> str:
+        # grain checks this on restore: same contents, wherever the folder now lives.
+        return (
+            f"GalTrainingSet(fingerprint={self._fingerprint}, records={len(self._source)}, "
+            f"length={self._length})"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Preprocess(grain.transforms.RandomMap):
+    """Turns one record into its 1 (instance) or 2 (instance, class) training examples."""
+
+    resolution: int
+    random_crop: bool
+    flip: bool
+
+    def random_map(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        halves = ["instance"] + (["class"] if "class_image" in record else [])
+        pixels = [
+            _crop_and_flip(record[f"{h}_image"], self.resolution, self.random_crop, self.flip, rng)
+            for h in halves
+        ]
+        return {
+            "pixel_values": _to_unit_range(np.stack(pixels)),
+            "input_ids": np.stack([record[f"{h}_ids"] for h in halves]).astype(np.int32),
+            "weight": np.full(len(halves), record["weight"], np.float32),
+            "is_prior": np.array([h == "class" for h in halves]),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class _FlattenPairs(grain.transforms.Map):
+    """Merges the (records, halves) leading axes: instance 0, its class image, instance 1, ..."""
+
+    def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
+
+
+def make_train_iterator(
+    data_dir: Path | str,
+    *,
+    global_batch_size: int,
+    seed: int,
+    resolution: int,
+    random_crop: bool = False,
+    flip: bool = False,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_epochs: int | None = None,
+    worker_count: int = 0,
+) -> grain.DataLoaderIterator:
+    """Returns a checkpointable grain iterator over this process's batches of the training set.
+
+    Shuffled with `seed` and repeated (`num_epochs=None`: forever); each process reads only its
+    shard and yields global_batch_size // process_count records a batch. Batches are dicts of
+    numpy arrays, b examples each:
+      pixel_values (b, H, W, 3) float32 in [-1, 1], input_ids (b, L) int32,
+      weight (b,) float32, is_prior (b,) bool,
+    where with class images each record gives two examples, the instance and then its paired class
+    image (which inherits the instance's weight), so b = 2 * records. The iterator's
+    `get_state()` / `set_state(state)` (or `grain.checkpoint.CheckpointSave/Restore` with orbax)
+    resume it exactly; restoring needs the same data, seed, batch size and process layout.
+    """
+    if global_batch_size < 1 or global_batch_size % process_count:
+        raise ValueError(
+            f"global_batch_size {global_batch_size} must be a positive multiple of "
+            f"process_count {process_count}"
+        )
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    records, metadata = open_training_set(data_dir)
+    if metadata["resolution"] != resolution:
+        raise ValueError(
+            f"{data_dir}: training set was written at resolution {metadata['resolution']}, "
+            f"asked for {resolution}"
+        )
+    length = math.ceil(len(records) / process_count) * process_count
+    source = _CyclicSource(records, length, metadata["fingerprint"])
+    records_per_process = global_batch_size // process_count
+    loader = grain.DataLoader(
+        data_source=source,
+        sampler=grain.samplers.IndexSampler(
+            num_records=length,
+            shard_options=grain.sharding.ShardOptions(process_index, process_count, True),
+            shuffle=True,
+            num_epochs=num_epochs,
+            seed=seed,
+        ),
+        operations=[
+            _Preprocess(resolution, random_crop, flip),
+            grain.transforms.Batch(records_per_process, drop_remainder=True),
+            _FlattenPairs(),
+        ],
+        worker_count=worker_count,
+        # grain's default read-ahead (500 decoded records) is large at 512 px; a few batches do.
+        read_options=grain.ReadOptions(num_threads=4, prefetch_buffer_size=4 * records_per_process + 8),
+    )
+    return iter(loader)

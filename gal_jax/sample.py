@@ -1,0 +1,327 @@
+"""Generation over a grid of (prompt, seed) pairs: one compiled function, vmapped and sharded.
+
+Per call, a `Generator` encodes every prompt once (and the empty prompt for classifier-free
+guidance), then generates the grid in fixed-size chunks: each chunk is one compiled function that
+draws the initial noise, runs the whole denoising loop (`schedulers.sample_loop`, a `lax.scan`)
+vmapped over images, decodes with the VAE and returns uint8 images, sharded over the mesh's batch
+axes. The last chunk is padded and the padding dropped, so every round with the same chunk size
+reuses one compilation.
+
+Every image has its own key, `image_key(base_seed, round, prompt_id, seed)`, with prompt_id the
+prompt's index in the *original* anchor pool: an image depends only on (round, prompt_id, seed),
+never on the batch, padding, pool order or device count.
+
+Guidance: `guidance_scale == 1` means no classifier-free guidance (one UNet pass per step, the
+conditional prediction); scales below 1 are refused.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from gal_jax import io_utils, schedulers, sharding
+from gal_jax.models import StableDiffusion, StableDiffusionParams
+
+TEXT_BATCH = 8
+MAX_ID = 2**31  # fold_in takes 32-bit data: seeds, rounds and prompt ids must stay below this
+
+
+class PromptTruncatedWarning(UserWarning):
+    """A prompt is longer than the tokenizer limit and was truncated."""
+
+
+def check_prompts(tokenizer, prompts: Sequence[str], what: str, *, allow_empty: bool = False) -> None:
+    """Raises ValueError for a bad prompt list; warns (PromptTruncatedWarning) for over-long prompts."""
+    if isinstance(prompts, str):
+        raise ValueError(f"{what}: expected a sequence of prompts, got the single string {prompts!r}")
+    if not prompts and not allow_empty:
+        raise ValueError(f"{what}: the prompt list is empty")
+    bad = [p for p in prompts if not isinstance(p, str)]
+    if bad:
+        raise ValueError(f"{what}: prompts must be strings, got {bad[0]!r}")
+    limit = tokenizer.model_max_length
+    for prompt in dict.fromkeys(prompts):
+        length = len(tokenizer(prompt, truncation=False).input_ids)
+        if length > limit:
+            warnings.warn(
+                f"{what}: prompt of {length} tokens is truncated to the tokenizer limit of {limit}: "
+                f"{prompt[:60]!r}...",
+                PromptTruncatedWarning,
+                stacklevel=3,
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions
+# ---------------------------------------------------------------------------------------------
+
+
+def image_key(base_seed, round_index, prompt_id, seed_index) -> jax.Array:
+    """Returns the PRNG key of one image: fold_in(fold_in(fold_in(key(base_seed), round), prompt), seed)."""
+    key = jax.random.key(base_seed)
+    for data in (round_index, prompt_id, seed_index):
+        key = jax.random.fold_in(key, data)
+    return key
+
+
+def guided_prediction(sd: StableDiffusion, unet_params, latents, t, context, uncond, guidance_scale: float):
+    """Returns the classifier-free-guided UNet prediction (float32) for one image's CHW latents."""
+    x = latents[None].astype(jnp.float32)
+    if guidance_scale == 1.0:
+        return sd.apply_unet(unet_params, x, jnp.full((1,), t), context[None])[0].astype(jnp.float32)
+    out = sd.apply_unet(
+        unet_params, jnp.concatenate([x, x]), jnp.full((2,), t), jnp.stack([uncond, context])
+    ).astype(jnp.float32)
+    return out[0] + guidance_scale * (out[1] - out[0])
+
+
+def denoise(sd, sampler, guidance_scale, unet_params, latents, context, uncond, key) -> jax.Array:
+    """Returns the final CHW latents of one image denoised from initial noise `latents`."""
+    model_fn = functools.partial(
+        guided_prediction, sd, unet_params, context=context, uncond=uncond, guidance_scale=guidance_scale
+    )
+    return schedulers.sample_loop(sampler, model_fn, latents, key)
+
+
+def to_uint8(images: jax.Array) -> jax.Array:
+    """Returns uint8 images from [-1, 1] floats, rounded as diffusers' numpy_to_pil does."""
+    return jnp.round(jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0) * 255).astype(jnp.uint8)
+
+
+def generate_images(sd, sampler, guidance_scale, unet_params, vae_params, context, uncond, keys):
+    """Returns uint8 NHWC images, one per (context, key) row: noise, denoising loop, VAE decode."""
+    size = sd.resolution // sd.vae_scale_factor
+    latent_shape = (sd.latent_channels, size, size)
+
+    def one(context, key):
+        noise_key, loop_key = jax.random.split(key)
+        latents = jax.random.normal(noise_key, latent_shape, jnp.float32)
+        return denoise(sd, sampler, guidance_scale, unet_params, latents, context, uncond, loop_key)
+
+    latents = jax.vmap(one)(context, keys)
+    return to_uint8(sd.decode_latents(vae_params, latents))
+
+
+# ---------------------------------------------------------------------------------------------
+# The generator
+# ---------------------------------------------------------------------------------------------
+
+
+class Generator:
+    """Generates grids of (prompt, seed) images on a mesh; compiled functions are built once per run.
+
+    A grid of G images runs in chunks of `chunk_size(G)` images (at most `max_images_per_device`
+    per device); chunks of the same size reuse one compilation across calls and rounds.
+    `traces` counts how often the chunk function was traced.
+    """
+
+    def __init__(self, sd: StableDiffusion, mesh: Mesh, *, sampler: str = "ddpm", steps: int = 50,
+                 guidance_scale: float = 7.5, max_images_per_device: int = 8):
+        if guidance_scale < 1.0:
+            raise ValueError(
+                f"guidance_scale={guidance_scale} must be >= 1 (1 means no classifier-free guidance)"
+            )
+        if max_images_per_device < 1:
+            raise ValueError(f"max_images_per_device={max_images_per_device} must be >= 1")
+        self.sd = sd
+        self.mesh = mesh
+        self.sampler = schedulers.make_sampler(sampler, sd.scheduler_config, steps)
+        self.guidance_scale = float(guidance_scale)
+        self.max_images_per_device = int(max_images_per_device)
+        self.traces = 0
+        self._chunk_fn = jax.jit(self._chunk, out_shardings=sharding.batch_sharding(mesh))
+        self._encode = jax.jit(sd.encode_text, out_shardings=sharding.replicated(mesh))
+        # Uneven shardings are not allowed: a grid that does not divide over the shards is replicated.
+        self._concat = {
+            divisible: jax.jit(_concat_rows, static_argnums=1, out_shardings=out)
+            for divisible, out in ((True, sharding.batch_sharding(mesh)), (False, sharding.replicated(mesh)))
+        }
+
+    @classmethod
+    def from_config(cls, config, sd: StableDiffusion, mesh: Mesh) -> "Generator":
+        """Returns a Generator with the sampler, steps, guidance and chunk bound of config.sample."""
+        return cls(
+            sd,
+            mesh,
+            sampler=config.sample.sampler,
+            steps=config.sample.steps,
+            guidance_scale=config.sample.guidance_scale,
+            max_images_per_device=config.sample.max_images_per_device,
+        )
+
+    @property
+    def num_shards(self) -> int:
+        return sharding.batch_size_per_device_multiple(self.mesh)
+
+    def chunk_size(self, num_images: int) -> int:
+        """Returns the images per compiled call for a grid of `num_images` (a multiple of the shards)."""
+        per_device = min(self.max_images_per_device, -(-num_images // self.num_shards))
+        return max(per_device, 1) * self.num_shards
+
+    def _chunk(self, unet_params, vae_params, context, uncond, base_seed, round_index, prompt_ids, seeds):
+        self.traces += 1
+        keys = jax.vmap(image_key, in_axes=(None, None, 0, 0))(base_seed, round_index, prompt_ids, seeds)
+        return generate_images(
+            self.sd, self.sampler, self.guidance_scale, unet_params, vae_params, context, uncond, keys
+        )
+
+    def generate(self, params: StableDiffusionParams, prompts: Sequence[str], prompt_ids: Sequence[int],
+                 round_index: int, num_per_prompt: int, base_seed: int, progress: bool = True) -> jax.Array:
+        """Returns uint8 images (len(prompts) * num_per_prompt, H, W, 3), image j of prompt i at row
+        i * num_per_prompt + j, sharded over the mesh's batch axes (replicated when the count does
+        not divide evenly over the shards)."""
+        prompt_ids = _check_grid(prompts, prompt_ids, round_index, num_per_prompt, base_seed)
+        check_prompts(self.sd.tokenizer, prompts, "generation")
+        unet_params, vae_params = _on_mesh((params.unet, params.vae), self.mesh)
+        embeddings = self.text_embeddings(params.text_encoder, [""] + list(prompts))
+        uncond, context = embeddings[0], embeddings[1:]
+        grid_prompt = np.repeat(np.arange(len(prompts)), num_per_prompt)
+        grid_seed = np.tile(np.arange(num_per_prompt), len(prompts))
+        total, chunk = len(grid_prompt), self.chunk_size(len(grid_prompt))
+        chunks = []
+        with tqdm(total=total, unit="img", desc="generate", disable=not progress) as bar:
+            start = time.perf_counter()
+            for begin in range(0, total, chunk):
+                rows = _padded_rows(begin, chunk, total)
+                args = self._chunk_args(context[grid_prompt[rows]], uncond, base_seed, round_index,
+                                        prompt_ids[grid_prompt[rows]], grid_seed[rows])
+                chunks.append(self._chunk_fn(unet_params, vae_params, *args))
+                if progress:
+                    chunks[-1].block_until_ready()
+                    bar.update(min(chunk, total - begin))
+                    bar.set_postfix(images_per_s=f"{bar.n / (time.perf_counter() - start):.2f}")
+        return self._concat[total % self.num_shards == 0](chunks, total)
+
+    def text_embeddings(self, text_params: Any, prompts: Sequence[str]) -> np.ndarray:
+        """Returns the text encoder's hidden states (len(prompts), L, D) as numpy, TEXT_BATCH at a time."""
+        outputs = []
+        for begin in range(0, len(prompts), TEXT_BATCH):
+            batch = list(prompts[begin : begin + TEXT_BATCH])
+            ids = self.sd.tokenize(batch + [""] * (TEXT_BATCH - len(batch)))
+            outputs.append(np.asarray(self._encode(text_params, ids))[: len(batch)])
+        return np.concatenate(outputs)
+
+    def _chunk_args(self, context, uncond, base_seed, round_index, prompt_ids, seeds) -> tuple:
+        """Returns the chunk function's data arguments placed on the mesh (global arrays)."""
+        batch, replicated = sharding.batch_sharding(self.mesh), sharding.replicated(self.mesh)
+
+        def put(value, where):
+            value = np.asarray(value)
+            return jax.make_array_from_callback(value.shape, where, lambda index: value[index])
+
+        scalars = (np.int32(base_seed), np.int32(round_index))
+        return (put(context, batch), put(uncond, replicated), *(put(s, replicated) for s in scalars),
+                put(prompt_ids.astype(np.int32), batch), put(seeds.astype(np.int32), batch))
+
+    def compiled_chunk(self, params: StableDiffusionParams, num_images: int) -> tuple[jax.stages.Compiled, tuple]:
+        """Returns (the compiled chunk function for a grid of `num_images`, arguments to call it with).
+
+        `compiled(*args)` generates one chunk of `chunk_size(num_images)` images of the empty
+        prompt; `compiled.cost_analysis()` gives its FLOPs.
+        """
+        chunk = self.chunk_size(num_images)
+        uncond = self.text_embeddings(params.text_encoder, [""])[0]
+        ids = np.arange(chunk)
+        args = (*_on_mesh((params.unet, params.vae), self.mesh),
+                *self._chunk_args(np.broadcast_to(uncond, (chunk, *uncond.shape)), uncond, 0, 0, ids, ids))
+        return self._chunk_fn.lower(*args).compile(), args
+
+
+def _check_grid(prompts, prompt_ids, round_index, num_per_prompt, base_seed) -> np.ndarray:
+    """Returns prompt_ids as int64 numpy; raises ValueError for an invalid grid request."""
+    if isinstance(prompts, str) or not len(prompts):
+        raise ValueError("generation: the prompt list is empty (need at least one prompt)")
+    ids = np.asarray(list(prompt_ids), dtype=np.int64).reshape(-1)
+    if ids.shape[0] != len(prompts):
+        raise ValueError(f"generation: {len(prompts)} prompts but {ids.shape[0]} prompt_ids")
+    if len(set(ids.tolist())) != len(ids):
+        raise ValueError(f"generation: prompt_ids must be distinct, got {ids.tolist()}")
+    if int(num_per_prompt) < 1:
+        raise ValueError(f"generation: num_per_prompt={num_per_prompt} must be >= 1")
+    for name, value in (("prompt_ids", ids.min()), ("prompt_ids", ids.max()), ("round_index", round_index),
+                        ("base_seed", base_seed), ("num_per_prompt", num_per_prompt)):
+        if not 0 <= int(value) < MAX_ID:
+            raise ValueError(f"generation: {name} value {int(value)} must be in [0, 2**31)")
+    return ids
+
+
+def _concat_rows(chunks: list[jax.Array], total: int) -> jax.Array:
+    """Returns the chunks concatenated along the batch axis, cut to `total` rows (padding dropped)."""
+    return jnp.concatenate(chunks)[:total]
+
+
+def _padded_rows(begin: int, chunk: int, total: int) -> np.ndarray:
+    """Returns the grid rows of one chunk; rows past the grid repeat row 0 (padding, dropped later)."""
+    rows = np.arange(begin, begin + chunk)
+    return np.where(rows < total, rows, 0)
+
+
+def _on_mesh(tree: Any, mesh: Mesh) -> Any:
+    """Returns `tree` with every leaf not already laid out on `mesh` replicated over it."""
+    replicated = sharding.replicated(mesh)
+
+    def place(x):
+        placed = isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding) and x.sharding.mesh == mesh
+        return x if placed else jax.device_put(x, replicated)
+
+    return jax.tree_util.tree_map(place, tree)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side: numpy, PNG files
+# ---------------------------------------------------------------------------------------------
+
+
+def to_host(images: jax.Array, num_per_prompt: int) -> np.ndarray:
+    """Returns the generated images as numpy (P, N, H, W, 3), gathered from every process."""
+    if jax.process_count() > 1 and not images.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        host = np.asarray(multihost_utils.process_allgather(images, tiled=True))
+    else:
+        host = np.asarray(jax.device_get(images))
+    if host.shape[0] % num_per_prompt:
+        raise ValueError(f"{host.shape[0]} images do not split into groups of num_per_prompt={num_per_prompt}")
+    return host.reshape(-1, num_per_prompt, *host.shape[1:])
+
+
+def write_images(images, prompts: Sequence[str], seeds: Sequence[int], out_dir: str | Path) -> list[dict]:
+    """Returns the index [{prompt, seed, path}] after writing each image as PNG and index.json, atomically.
+
+    `images` is (n, H, W, 3) uint8 (numpy or jax); prompts and seeds give each image's prompt and
+    seed index; paths in the index are relative to `out_dir`.
+    """
+    images = np.asarray(jax.device_get(images))
+    if not len(images) == len(prompts) == len(seeds):
+        raise ValueError(f"write_images: {len(images)} images, {len(prompts)} prompts, {len(seeds)} seeds")
+    out_dir = Path(out_dir)
+    index = []
+    for i, (image, prompt, seed) in enumerate(zip(images, prompts, seeds)):
+        path = Path("images") / f"{i:05d}.png"
+        io_utils.write_png(out_dir / path, image)
+        index.append({"prompt": prompt, "seed": int(seed), "path": str(path)})
+    io_utils.write_json(out_dir / "index.json", index)
+    return index
+
+
+def sample_to_dir(config, sd: StableDiffusion, params: StableDiffusionParams, prompts: Sequence[str],
+                  num_per_prompt: int, out_dir: str | Path, *, mesh: Mesh | None = None) -> list[dict]:
+    """Returns the index after generating `num_per_prompt` images per prompt (round 0, seed
+    config.sample.seed) and writing them with `write_images` to `out_dir`."""
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp) if mesh is None else mesh
+    generator = Generator.from_config(config, sd, mesh)
+    images = generator.generate(params, prompts, range(len(prompts)), 0, num_per_prompt, config.sample.seed)
+    host = to_host(images, num_per_prompt)
+    grid_prompts = [p for p in prompts for _ in range(num_per_prompt)]
+    grid_seeds = list(range(num_per_prompt)) * len(prompts)
+    return write_images(host.reshape(-1, *host.shape[2:]), grid_prompts, grid_seeds, out_dir)
