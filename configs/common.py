@@ -87,4 +87,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.num_per_prompt = 1
     config.eval.txt_scale = 1.0
 
+    # `gal-jax bench`: 'config' benchmarks the models this config loads; 'sd15' random SD 1.5 + CLIP B/32.
+    config.bench = ml_collections.ConfigDict()
+    config.bench.model = "config"
+    config.bench.iters = 5
+    config.bench.warmup = 1
+    config.bench.out = ""  # optional JSON file for the results
+
     return config

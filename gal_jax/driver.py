@@ -25,7 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from gal_jax import acquisition, anchors, data, io_utils, report, review
+from gal_jax import acquisition, anchors, data, io_utils, report, review, tiny
 
 FEEDBACK_MODES = ("uncertainty", "random", "human", "none")
 
@@ -83,24 +83,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.gal.openness_lambda={gal.openness_lambda} must be >= 0")
     if config.sample.num_per_prompt < 1:
         raise ValueError(f"config.sample.num_per_prompt={config.sample.num_per_prompt} must be >= 1")
-
-
-def resolve_paths(config: ml_collections.ConfigDict) -> dict[str, Path | None]:
-    """Returns the model and data paths of a config, building the tiny default where it is used."""
-    need_tiny = not (config.model.sd_path and config.model.clip_path and config.data.concept_dir)
-    tiny_paths: dict[str, Path] = {}
-    if need_tiny:
-        from gal_jax import tiny
-
-        tiny_paths = tiny.make_tiny(config.model.tiny_dir or tiny.DEFAULT_TINY_DIR)
-    concept_default = tiny_paths.get("object" if config.data.kind == "object" else "style")
-    class_default = tiny_paths.get("reg") if config.data.kind == "object" and not config.data.concept_dir else None
-    return {
-        "sd": Path(config.model.sd_path) if config.model.sd_path else tiny_paths["sd"],
-        "clip": Path(config.model.clip_path) if config.model.clip_path else tiny_paths["clip"],
-        "concept": Path(config.data.concept_dir) if config.data.concept_dir else concept_default,
-        "class": Path(config.data.class_dir) if config.data.class_dir else class_default,
-    }
 
 
 def load_concept(config: ml_collections.ConfigDict, concept_dir: Path, class_dir: Path | None) -> Concept:
@@ -178,7 +160,7 @@ def build_runtime(config: ml_collections.ConfigDict, workdir: Path) -> Runtime:
     """Returns models, mesh and compiled functions for a run (built once, reused every round)."""
     from gal_jax import models, sample, score, sharding, train
 
-    paths = resolve_paths(config)
+    paths = tiny.resolve_paths(config)
     concept = load_concept(config, paths["concept"], paths["class"])
     sd, sd_params = models.load_stable_diffusion(
         paths["sd"], param_dtype=config.model.param_dtype, compute_dtype=config.model.compute_dtype
@@ -488,7 +470,7 @@ def sample_command(config, prompts_file: Path, num_per_prompt: int, out: Path) -
     prompts = [line.strip() for line in io_utils.read_text(prompts_file).splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"{prompts_file}: no prompts (one prompt a line)")
-    paths = resolve_paths(config)
+    paths = tiny.resolve_paths(config)
     sd, params = models.load_stable_diffusion(
         paths["sd"], param_dtype=config.model.param_dtype, compute_dtype=config.model.compute_dtype
     )

@@ -156,8 +156,11 @@ def progress_figure(summaries: Sequence[dict], evaluations: Sequence[dict] | Non
     figure = Figure(figsize=(3.6 * (len(panels) + bool(evaluations)), 3.0), layout="constrained")
     axes = figure.subplots(1, len(panels) + bool(evaluations), squeeze=False)[0]
     for ax, (title, key) in zip(axes, panels):
-        ax.plot(rounds, [s[key] for s in summaries], marker="o", color="tab:blue")
-        ax.set_ylim(bottom=0)  # from zero, so that a small change does not look like a large one
+        values = np.array([s[key] for s in summaries], dtype=float)
+        ax.plot(rounds, values, marker="o", color="tab:blue")
+        if np.isfinite(values).any() and np.nanmax(values) > 0:
+            # From zero, so that a small change does not look like a large one.
+            ax.set_ylim(0, 1.15 * np.nanmax(values))
         _round_axis(ax, title, rounds)
     if evaluations:
         ax = axes[-1]
@@ -190,9 +193,11 @@ def render_html(title: str, records: Sequence[dict], summaries: Sequence[dict],
     Keys: "progress"; ("entropy", r); ("sheet", r, d); ("thumb", path); ("full", path).
     """
     last = records[-1]
-    settings = (f"feedback <b>{_e(last.get('feedback', '?'))}</b> · balance <b>{_e(last.get('balance', '?'))}</b>"
+    balance = {True: "on", False: "off"}.get(last.get("balance"), "?")
+    settings = (f"feedback <b>{_e(last.get('feedback', '?'))}</b> · balance <b>{balance}</b>"
                 f" · λ <b>{_e(last.get('lambda', '?'))}</b> · k <b>{_e(last.get('k', '?'))}</b>"
                 f" · {len(records)} round(s) so far" + (" · <b>stopped early</b>" if summaries[-1]["stopped"] else ""))
+    latest_scored = next((r for r in reversed(records) if r["directions"]), None)
     nav = " · ".join(f'<a href="#round-{r["round"]}">round {r["round"]}</a>' for r in records)
     parts = [
         _HEAD.format(title=_e(title), selected=SELECTED_RGB),
@@ -200,7 +205,7 @@ def render_html(title: str, records: Sequence[dict], summaries: Sequence[dict],
         f'<h2>Across rounds</h2><img class=wide src="{links["progress"]}" alt="progress plots">',
         _summary_table(summaries),
         _evaluation_table(evaluations) if evaluations else "",
-        *(_round_section(record, summary, links, is_latest=record is last)
+        *(_round_section(record, summary, links, open_sheets=record is latest_scored)
           for record, summary in zip(records, summaries)),
         "</body></html>\n",
     ]
@@ -256,10 +261,13 @@ def _evaluation_table(evaluations: Sequence[dict]) -> str:
             f"<table>{header}{''.join(rows)}</table>")
 
 
-def _round_section(record: dict, summary: dict, links: dict, is_latest: bool) -> str:
+def _round_section(record: dict, summary: dict, links: dict, open_sheets: bool) -> str:
     r = record["round"]
-    facts = (f"trained on {summary['references']} references · {summary['directions']} directions scored"
-             f" · openness {_fmt(summary['openness'], '.4g')}" + (" · <b>stop rule fired</b>" if summary["stopped"] else ""))
+    if record["directions"]:
+        facts = (f"trained on {summary['references']} references · {summary['directions']} directions scored"
+                 f" · openness {_fmt(summary['openness'], '.4g')}" + (" · <b>stop rule fired</b>" if summary["stopped"] else ""))
+    else:
+        facts = f"trained on {summary['references']} references · no direction scored (final round)"
     parts = [f'<section id="round-{r}"><h2>Round {r}</h2><p class=meta>{facts}</p>']
     if record["selected"]:
         parts.append("<h3>Chosen images (new references for the next round)</h3>" + _chosen(record["selected"], links))
@@ -268,7 +276,7 @@ def _round_section(record: dict, summary: dict, links: dict, is_latest: bool) ->
     if record["directions"]:
         parts.append(f'<h3>Uncertainty per direction</h3><img class=wide src="{links[("entropy", r)]}" '
                      f'alt="entropy per direction, round {r}">')
-        parts.append(_sheets(record, links, is_latest))
+        parts.append(_sheets(record, links, open_sheets))
     parts.append(_references_table(record["references"], links, r))
     parts.append("</section>")
     return "\n".join(parts)
@@ -281,14 +289,14 @@ def _chosen(selected: Sequence[dict], links: dict) -> str:
     return f'<div class=chosen>{"".join(figures)}</div>'
 
 
-def _sheets(record: dict, links: dict, is_latest: bool) -> str:
+def _sheets(record: dict, links: dict, open_sheets: bool) -> str:
     r = record["round"]
     legend = (f'<p class="meta legend"><span style="border-color: rgb{OVERFIT_RGB}">OVF</span>overfit: '
               f'sim_anchor ≤ max sim_plain <span style="border-color: rgb{SELECTED_RGB}">chosen</span>'
               f'new reference · numbers: sim_anchor / max sim_plain / seed</p>')
     sheets = [f'<div class=sheet><img src="{links[("sheet", r, d)]}" alt="{_e(direction["prompt"])}"></div>'
               for d, direction in enumerate(record["directions"])]
-    return (f"<details{' open' if is_latest else ''}><summary>Contact sheets "
+    return (f"<details{' open' if open_sheets else ''}><summary>Contact sheets "
             f"({len(sheets)} directions)</summary>{legend}{''.join(sheets)}</details>")
 
 

@@ -332,8 +332,7 @@ def _alpha_bar_at(alpha_bar: np.ndarray, t: np.ndarray, final: float) -> np.ndar
     return np.where(t >= 0, alpha_bar[np.maximum(t, 0)], final)
 
 
-def _ddpm_tables(config, alpha_bar, num_steps):
-    timesteps = _spaced_timesteps(config, num_steps, _DEFAULTS)
+def _ddpm_tables(config, alpha_bar, timesteps, num_steps):
     prev_t = np.append(timesteps[1:], -1)
     a_t, a_prev = alpha_bar[timesteps], _alpha_bar_at(alpha_bar, prev_t, 1.0)
     beta_t = 1.0 - a_t / a_prev
@@ -344,16 +343,15 @@ def _ddpm_tables(config, alpha_bar, num_steps):
         "sample": np.sqrt(1.0 - beta_t) * (1.0 - a_prev) / (1.0 - a_t),
         "noise_std": np.where(timesteps > 0, np.sqrt(variance), 0.0),
     }
-    return timesteps, tables, 0
+    return tables, 0
 
 
-def _ddim_tables(config, alpha_bar, num_steps):
-    timesteps = _spaced_timesteps(config, num_steps, _DEFAULTS)
+def _ddim_tables(config, alpha_bar, timesteps, num_steps):
     # diffusers steps to t - T // n whatever the spacing, not to the next listed timestep.
     prev_t = timesteps - int(_option(config, "num_train_timesteps")) // num_steps
     a_prev = _alpha_bar_at(alpha_bar, prev_t, _final_alpha_bar(config, alpha_bar))
     tables = {"alpha_bar": alpha_bar[timesteps], "x0": np.sqrt(a_prev), "eps": np.sqrt(1.0 - a_prev)}
-    return timesteps, tables, 0
+    return tables, 0
 
 
 def _dpm_timesteps(config: Mapping[str, Any], num_steps: int) -> np.ndarray:
@@ -392,8 +390,8 @@ def _dpm_output_weights(lam: np.ndarray, alpha_t: float, step: int, order: int, 
     return -alpha_t * phi * d0 + alpha_t * (phi / h + 1.0) * d1 - alpha_t * ((phi + h) / h**2 - 0.5) * d2
 
 
-def _dpm_tables(config, alpha_bar, num_steps):
-    timesteps = _dpm_timesteps(config, num_steps)
+def _dpm_tables(config, alpha_bar, timesteps, num_steps):
+    del num_steps
     order = int(_option(config, "solver_order"))
     heun = _option(config, "solver_type") == "heun"
     # sigma = sqrt((1 - alpha_bar) / alpha_bar) per step, then 0 ("final_sigmas_type": "zero").
@@ -410,7 +408,7 @@ def _dpm_tables(config, alpha_bar, num_steps):
         "sample": (sigma[1:] * alpha[1:]) / (sigma[:-1] * alpha[:-1]),
         "outputs": outputs,
     }
-    return timesteps, tables, order - 1
+    return tables, order - 1
 
 
 # Adams-Bashforth weights of [current, history[-1], history[-2], history[-3]] for PLMS step i.
@@ -425,9 +423,13 @@ _PLMS_WEIGHTS = np.array(
 )
 
 
-def _pndm_tables(config, alpha_bar, num_steps):
+def _pndm_timesteps(config: Mapping[str, Any], num_steps: int) -> np.ndarray:
+    """Returns PLMS timesteps: the spaced ones with the second used twice (num_steps + 1 calls)."""
     spaced = _spaced_timesteps(config, num_steps, _DEFAULTS)
-    timesteps = np.concatenate([spaced[:1], spaced[1:2], spaced[1:]])  # 2nd timestep used twice
+    return np.concatenate([spaced[:1], spaced[1:2], spaced[1:]])
+
+
+def _pndm_tables(config, alpha_bar, timesteps, num_steps):
     ratio = int(_option(config, "num_train_timesteps")) // num_steps
     steps = np.arange(len(timesteps))
     reuse = steps == 1
@@ -441,9 +443,15 @@ def _pndm_tables(config, alpha_bar, num_steps):
         "outputs": _PLMS_WEIGHTS[np.minimum(steps, 4)],
         "reuse_saved": reuse.astype(np.float64),
     }
-    return timesteps, tables, 3
+    return tables, 3
 
 
+_TIMESTEP_FNS: dict[str, Callable] = {
+    "ddpm": lambda config, num_steps: _spaced_timesteps(config, num_steps, _DEFAULTS),
+    "ddim": lambda config, num_steps: _spaced_timesteps(config, num_steps, _DEFAULTS),
+    "dpmsolver++": _dpm_timesteps,
+    "pndm": _pndm_timesteps,
+}
 _TABLE_FNS: dict[str, Callable] = {
     "ddpm": _ddpm_tables,
     "ddim": _ddim_tables,
@@ -476,11 +484,27 @@ def _check_request(name: str, config: Mapping[str, Any], num_inference_steps: in
     _check_limits(config, {**_COMMON_LIMITS, **_SAMPLER_LIMITS[name]})
 
 
+def _check_timesteps(name: str, timesteps: np.ndarray, num_train: int, num_steps: int) -> None:
+    """Raises SchedulerConfigError if the spacing leaves [0, T) or, for dpmsolver++, repeats a timestep."""
+    if timesteps.min() < 0 or timesteps.max() >= num_train:
+        raise SchedulerConfigError(
+            f"{name} with {num_steps} steps gives timesteps outside [0, {num_train - 1}] "
+            f"({timesteps.min()}..{timesteps.max()}): lower steps_offset or num_inference_steps"
+        )
+    if name == "dpmsolver++" and np.any(np.diff(timesteps) >= 0):
+        raise SchedulerConfigError(
+            f"dpmsolver++ with {num_steps} steps repeats timesteps under this timestep_spacing "
+            "(its step size would be 0): use fewer steps"
+        )
+
+
 def make_sampler(name: str, scheduler_config: Mapping[str, Any], num_inference_steps: int) -> Sampler:
     """Returns the sampler `name` (one of SAMPLERS) for a diffusers config and a step count."""
     _check_request(name, scheduler_config, num_inference_steps)
     alpha_bar = _alphas_cumprod(scheduler_config)
-    timesteps, tables, history_length = _TABLE_FNS[name](scheduler_config, alpha_bar, num_inference_steps)
+    timesteps = _TIMESTEP_FNS[name](scheduler_config, num_inference_steps)
+    _check_timesteps(name, timesteps, len(alpha_bar), num_inference_steps)
+    tables, history_length = _TABLE_FNS[name](scheduler_config, alpha_bar, timesteps, num_inference_steps)
     clip = name in ("ddpm", "ddim") and bool(_option(scheduler_config, "clip_sample"))
     return Sampler(
         name=name,

@@ -16,6 +16,8 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+import ml_collections
+
 ASSETS = Path(__file__).parent / "assets"
 BPE_FILE = ASSETS / "bpe_simple_vocab_16e6.txt.gz"
 TINY_VERSION = "tiny-v1"
@@ -223,3 +225,21 @@ def make_tiny(root: Path | str = DEFAULT_TINY_DIR, *, force: bool = False) -> di
 
     paths.update(tiny_data.make_tiny_concepts(root / "data"))
     return paths
+
+
+def resolve_paths(config: ml_collections.ConfigDict) -> dict[str, Path | None]:
+    """Returns the model and data paths of a config, building the tiny default where it is used."""
+    need_tiny = not (config.model.sd_path and config.model.clip_path and config.data.concept_dir)
+    tiny_paths: dict[str, Path] = {}
+    if need_tiny:
+        tiny_paths = make_tiny(config.model.tiny_dir or DEFAULT_TINY_DIR)
+    concept_default = tiny_paths.get(f"{config.data.kind}_concept")
+    # The tiny class images belong to the tiny object concept only.
+    use_tiny_classes = config.data.kind == "object" and not config.data.concept_dir
+    class_default = tiny_paths.get("reg_dir") if use_tiny_classes else None
+    return {
+        "sd": Path(config.model.sd_path) if config.model.sd_path else tiny_paths["sd"],
+        "clip": Path(config.model.clip_path) if config.model.clip_path else tiny_paths["clip"],
+        "concept": Path(config.data.concept_dir) if config.data.concept_dir else concept_default,
+        "class": Path(config.data.class_dir) if config.data.class_dir else class_default,
+    }

@@ -181,7 +181,7 @@ def test_training_target_rejects_unknown_prediction_type():
 @pytest.mark.parametrize("name", schedulers.SAMPLERS)
 def test_timesteps_match_diffusers(name, config_name):
     config = CONFIGS[config_name]
-    for num_inference_steps in (1, 3, 10, 25, 50, 1000):
+    for num_inference_steps in (1, 3, 10, 25, 50, 500):
         sampler = schedulers.make_sampler(name, config, num_inference_steps)
         expected = torch_scheduler(name, config, num_inference_steps).timesteps.numpy()
         np.testing.assert_array_equal(sampler.timesteps, expected, err_msg=f"{num_inference_steps} steps")
@@ -195,7 +195,7 @@ def test_dpmsolver_default_spacing_is_what_swapping_an_sd_pipeline_scheduler_giv
     swapped.set_timesteps(50)
     dpm = schedulers.make_sampler("dpmsolver++", SD15, 50)
     np.testing.assert_array_equal(dpm.timesteps, swapped.timesteps.numpy())
-    assert dpm.timesteps[0] == 980 and schedulers.make_sampler("ddim", SD15, 50).timesteps[0] == 981
+    assert dpm.timesteps[0] == 999 and schedulers.make_sampler("ddim", SD15, 50).timesteps[0] == 981
 
 
 TRAJECTORY_CASES = [
@@ -307,6 +307,17 @@ def test_step_count_outside_one_to_num_train_timesteps_is_rejected(num_inference
 def test_unsupported_config_values_are_rejected_by_name(name, overrides, named):
     with pytest.raises(ValueError, match=named):
         schedulers.make_sampler(name, {**SD15, **overrides}, 10)
+
+
+def test_timesteps_past_the_end_of_the_chain_are_rejected():
+    """With steps_offset 1, leading spacing over all 1000 steps would ask for timestep 1000."""
+    with pytest.raises(ValueError, match="outside \\[0, 999\\]"):
+        schedulers.make_sampler("ddim", SD15, 1000)
+
+
+def test_dpmsolver_rejects_step_counts_that_repeat_timesteps():
+    with pytest.raises(ValueError, match="repeats timesteps"):
+        schedulers.make_sampler("dpmsolver++", {**SD15, "timestep_spacing": "linspace"}, 1000)
 
 
 def test_ddpm_step_without_a_key_is_rejected():

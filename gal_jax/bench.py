@@ -1,0 +1,177 @@
+"""`gal-jax bench train|sample|score`: compile time, steady throughput, MFU and peak memory.
+
+Each benchmark compiles the same function the GAL loop runs, times `bench.iters` calls after
+`bench.warmup`, and reads the FLOPs of one call from XLA's cost analysis. MFU divides achieved
+FLOP/s by the detected device's peak dense bf16 FLOP/s; it reads "n/a" where the peak is unknown
+(CPU). `bench.model='sd15'` swaps in SD 1.5 / CLIP ViT-B/32-sized models with random weights.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from gal_jax import io_utils, models, sharding
+
+# Peak dense bf16 FLOP/s per device (vendor figures), keyed by a substring of device_kind.
+PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L4": 121e12,
+    "TPU v6": 918e12,
+    "TPU v5p": 459e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v4": 275e12,
+}
+
+
+def peak_flops(device: jax.Device) -> float | None:
+    """Returns the peak bf16 FLOP/s of a device, or None when unknown (CPU)."""
+    for name, flops in PEAK_FLOPS.items():
+        if name.lower() in device.device_kind.lower():
+            return flops
+    return None
+
+
+def compiled_flops(compiled: jax.stages.Compiled) -> float | None:
+    """Returns the FLOPs of one call of a compiled function, from XLA's cost analysis."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else None
+    if not analysis or "flops" not in analysis:
+        return None
+    return float(analysis["flops"])
+
+
+def peak_memory_bytes() -> int | None:
+    """Returns the largest peak bytes in use over local devices (None where not reported)."""
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+    peaks = [p for p in peaks if p is not None]
+    return max(peaks) if peaks else None
+
+
+def time_calls(call: Callable[[], Any], iters: int, warmup: int) -> list[float]:
+    """Returns the wall time of `iters` calls of `call` (each blocked on), after `warmup` calls."""
+    for _ in range(warmup):
+        jax.block_until_ready(call())
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        jax.block_until_ready(call())
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def summarize(name: str, compile_s: float, times: list[float], items: int, unit: str,
+              flops: float | None, mesh) -> dict:
+    """Returns the benchmark figures: compile time, step times, throughput, MFU, memory."""
+    step = statistics.median(times)
+    devices = mesh.devices.size
+    peak = peak_flops(mesh.devices.flat[0])
+    # cost_analysis of an SPMD-partitioned executable counts one device's share of the work.
+    total_flops = flops * devices if flops is not None else None
+    mfu = total_flops / step / (peak * devices) if total_flops and peak else None
+    return {
+        "benchmark": name,
+        "device": f"{devices} x {mesh.devices.flat[0].device_kind}",
+        "compile_s": round(compile_s, 3),
+        "step_s_median": round(step, 5),
+        "step_s_min": round(min(times), 5),
+        "step_s_max": round(max(times), 5),
+        f"{unit}_per_step": items,
+        f"{unit}_per_s": round(items / step, 3),
+        "tflop_per_step": round(total_flops / 1e12, 4) if total_flops else None,
+        "mfu": f"{100 * mfu:.1f}%" if mfu else "n/a",
+        "peak_memory_gib": round(peak_memory_bytes() / 2**30, 2) if peak_memory_bytes() else "n/a",
+    }
+
+
+def build_models(config) -> tuple[Any, Any, Any, Any]:
+    """Returns (sd, sd_params, clip, clip_params): the config's models, or SD 1.5-sized random ones."""
+    from gal_jax import tiny
+
+    paths = tiny.resolve_paths(config)
+    if config.bench.model == "sd15":
+        sd, sd_params = models.random_stable_diffusion(
+            paths["sd"] / "tokenizer", tiny.SD1_SCHEDULER,
+            param_dtype=config.model.param_dtype, compute_dtype=config.model.compute_dtype,
+        )
+        clip, clip_params = models.random_clip(paths["clip"])
+        return sd, sd_params, clip, clip_params
+    if config.bench.model != "config":
+        raise ValueError(f"config.bench.model={config.bench.model!r}; expected 'config' or 'sd15'")
+    sd, sd_params = models.load_stable_diffusion(
+        paths["sd"], param_dtype=config.model.param_dtype, compute_dtype=config.model.compute_dtype
+    )
+    clip, clip_params = models.load_clip(paths["clip"])
+    return sd, sd_params, clip, clip_params
+
+
+def bench_sample(config, sd, sd_params, mesh) -> dict:
+    """Returns the figures of one compiled generation chunk (steps x CFG UNet + VAE decode)."""
+    from gal_jax import sample
+
+    generator = sample.Generator.from_config(config, sd, mesh)
+    images = generator.chunk_size(config.sample.max_images_per_device * sharding.batch_size_per_device_multiple(mesh))
+    start = time.perf_counter()
+    compiled, args = generator.compiled_chunk(sd_params, images)
+    compile_s = time.perf_counter() - start
+    times = time_calls(lambda: compiled(*args), config.bench.iters, config.bench.warmup)
+    result = summarize("sample", compile_s, times, images, "images", compiled_flops(compiled), mesh)
+    result["s_per_denoising_step"] = round(result["step_s_median"] / config.sample.steps, 5)
+    return result
+
+
+def bench_score(config, clip, clip_params, mesh) -> dict:
+    """Returns the figures of one compiled CLIP image-embedding batch."""
+    from gal_jax import score
+
+    scorer = score.Scorer(clip, clip_params, mesh, batch_size=config.gal.score_batch)
+    size = config.data.resolution
+    images = jax.device_put(
+        np.random.default_rng(0).integers(0, 256, (scorer.batch_size, size, size, 3), dtype=np.uint8),
+        sharding.batch_sharding(mesh),
+    )
+    start = time.perf_counter()
+    compiled = scorer._embed_images.lower(scorer.params, images).compile()
+    compile_s = time.perf_counter() - start
+    times = time_calls(lambda: compiled(scorer.params, images), config.bench.iters, config.bench.warmup)
+    return summarize("score", compile_s, times, scorer.batch_size, "images", compiled_flops(compiled), mesh)
+
+
+def bench_train(config, sd, sd_params, mesh) -> dict:
+    """Returns the figures of one compiled train step (global batch of config.train.batch_size)."""
+    from gal_jax import train
+
+    trainer = train.Trainer(config, sd, mesh)
+    start = time.perf_counter()
+    compiled, call = trainer.benchmark_step(sd_params)
+    compile_s = time.perf_counter() - start
+    times = time_calls(call, config.bench.iters, config.bench.warmup)
+    samples = config.train.batch_size * (2 if config.train.with_prior and config.data.kind == "object" else 1)
+    return summarize("train", compile_s, times, samples, "samples", compiled_flops(compiled), mesh)
+
+
+def run(target: str, config) -> dict:
+    """Runs one benchmark, prints its figures and returns them (also written to bench.out)."""
+    sd, sd_params, clip, clip_params = build_models(config)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    if target == "score":
+        result = bench_score(config, clip, clip_params, mesh)
+    else:
+        result = {"train": bench_train, "sample": bench_sample}[target](config, sd, sd_params, mesh)
+    result["model"] = config.bench.model
+    width = max(map(len, result))
+    for key, value in result.items():
+        print(f"{key:<{width}}  {value}")
+    if config.bench.out:
+        io_utils.write_json(Path(config.bench.out), result)
+    return result
