@@ -1,4 +1,4 @@
-"""Reference sets (init.json), class images, the TFDS/array_record training set and its grain pipeline.
+"""Reference sets (init.json), class images, the TFDS/array_record training set, its grain pipeline.
 
 The authors' layout, which users already have:
 
@@ -103,9 +103,7 @@ def _parse_entry(entry: Any, index: int, init_path: Path) -> Reference:
     found = next((p for p in tried if p.is_file()), None)
     if found is None:
         listing = "\n  ".join(str(p) for p in tried)
-        raise FileNotFoundError(
-            f"{where}: image {raw_path!r} not found; tried:\n  {listing}"
-        )
+        raise FileNotFoundError(f"{where}: image {raw_path!r} not found; tried:\n  {listing}")
     return Reference(image=found, prompt=prompt, plain_prompt=plain_prompt, weight=float(weight))
 
 
@@ -158,7 +156,9 @@ def load_reference_folder(folder: Path | str, prompt: str) -> list[Reference]:
     images = list_images(folder)
     if not images:
         raise FileNotFoundError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
-    return [Reference(image=p.absolute(), prompt=prompt, plain_prompt=None, weight=1.0) for p in images]
+    return [
+        Reference(image=p.absolute(), prompt=prompt, plain_prompt=None, weight=1.0) for p in images
+    ]
 
 
 def list_class_images(reg_dir: Path | str) -> list[Path]:
@@ -509,6 +509,18 @@ class _FlattenPairs(grain.transforms.Map):
         return {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
 
 
+def _records_per_process(global_batch_size: int, process_index: int, process_count: int) -> int:
+    """Returns global_batch_size / process_count, checking the batch splits evenly."""
+    if global_batch_size < 1 or global_batch_size % process_count:
+        raise ValueError(
+            f"global_batch_size {global_batch_size} must be a positive multiple of "
+            f"process_count {process_count}"
+        )
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    return global_batch_size // process_count
+
+
 def make_train_iterator(
     data_dir: Path | str,
     *,
@@ -532,15 +544,10 @@ def make_train_iterator(
     where with class images each record gives two examples, the instance and then its paired class
     image (which inherits the instance's weight), so b = 2 * records. The iterator's
     `get_state()` / `set_state(state)` (or `grain.checkpoint.CheckpointSave/Restore` with orbax)
-    resume it exactly; restoring needs the same data, seed, batch size and process layout.
+    resume it exactly; restoring needs the same data, seed, batch size, process layout and
+    worker_count (> 0: that many grain worker processes crop and scale).
     """
-    if global_batch_size < 1 or global_batch_size % process_count:
-        raise ValueError(
-            f"global_batch_size {global_batch_size} must be a positive multiple of "
-            f"process_count {process_count}"
-        )
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    records_per_process = _records_per_process(global_batch_size, process_index, process_count)
     records, metadata = open_training_set(data_dir)
     if metadata["resolution"] != resolution:
         raise ValueError(
@@ -548,10 +555,8 @@ def make_train_iterator(
             f"asked for {resolution}"
         )
     length = math.ceil(len(records) / process_count) * process_count
-    source = _CyclicSource(records, length, metadata["fingerprint"])
-    records_per_process = global_batch_size // process_count
     loader = grain.DataLoader(
-        data_source=source,
+        data_source=_CyclicSource(records, length, metadata["fingerprint"]),
         sampler=grain.samplers.IndexSampler(
             num_records=length,
             shard_options=grain.sharding.ShardOptions(process_index, process_count, True),
@@ -566,6 +571,8 @@ def make_train_iterator(
         ],
         worker_count=worker_count,
         # grain's default read-ahead (500 decoded records) is large at 512 px; a few batches do.
-        read_options=grain.ReadOptions(num_threads=4, prefetch_buffer_size=4 * records_per_process + 8),
+        read_options=grain.ReadOptions(
+            num_threads=4, prefetch_buffer_size=4 * records_per_process + 8
+        ),
     )
     return iter(loader)

@@ -1,4 +1,4 @@
-"""Writes the tiny synthetic concept data (the authors' layout) used by the tests and the default run.
+"""Writes the tiny synthetic concept data (authors' layout) used by the tests and the default run.
 
     <root>/reference_images/object/teapot/{0..3}.jpg, init.json   one procedurally drawn teapot
     <root>/reference_images/style/watercolor/{0..3}.jpg, init.json four subjects in a wash style
@@ -159,7 +159,8 @@ def _scene_background(scene: str, size: int, rng: np.random.Generator) -> Image.
     draw.rectangle([0, horizon, size, size], fill=lower)
     stripe = tuple(int(c * 0.8) for c in lower)
     for y in range(horizon + size // 16, size, size // 10):  # wood grain or grass rows
-        draw.line([0, y, size, y + int(rng.integers(-size // 40, size // 40 + 1))], stripe, size // 80)
+        tilt = int(rng.integers(-size // 40, size // 40 + 1))
+        draw.line([0, y, size, y + tilt], stripe, size // 80)
     return canvas
 
 
@@ -225,7 +226,8 @@ def _write_style_concept(
     """Writes one watercolour image per subject and the style's init.json (no plain prompts)."""
     entries = []
     for index, subject in enumerate(STYLE_SUBJECTS):
-        _save(_watercolor(subject, resolution * _SUPERSAMPLE, rng), folder / f"{index}.jpg", resolution)
+        image = _watercolor(subject, resolution * _SUPERSAMPLE, rng)
+        _save(image, folder / f"{index}.jpg", resolution)
         article = "An" if subject[0] in "aeiou" else "A"
         entries.append(
             {
@@ -281,10 +283,13 @@ def _watercolor(subject: str, size: int, rng: np.random.Generator) -> Image.Imag
         for _ in range(3):  # overlapping translucent layers give uneven pigment and darker rims
             layer = Image.new("RGBA", (size, size), (0, 0, 0, 0))
             jitter = rng.normal(0.0, 0.012, (len(polygon), 2))
-            points = [(size * (x + dx), size * (y + dy)) for (x, y), (dx, dy) in zip(polygon, jitter)]
+            points = [
+                (size * (x + dx), size * (y + dy)) for (x, y), (dx, dy) in zip(polygon, jitter)
+            ]
             ImageDraw.Draw(layer).polygon(
                 points, fill=color + (90,), outline=tuple(int(c * 0.7) for c in color) + (120,),
                 width=max(1, size // 100),
             )
-            canvas = Image.alpha_composite(canvas, layer.filter(ImageFilter.GaussianBlur(size / 120)))
+            layer = layer.filter(ImageFilter.GaussianBlur(size / 120))
+            canvas = Image.alpha_composite(canvas, layer)
     return canvas.convert("RGB")

@@ -1,4 +1,4 @@
-"""Tests of gal_jax.data: init.json parsing, preprocessing, the TFDS training set, the grain iterator."""
+"""Tests of gal_jax.data: init.json parsing, preprocessing, the TFDS set, the grain iterator."""
 
 import json
 import zlib
@@ -51,7 +51,8 @@ def references(folder: Path, weights) -> list[data.Reference]:
 
 def reference_of(input_ids: np.ndarray, refs) -> int:
     """Returns which reference a row of token ids belongs to."""
-    matches = [i for i, r in enumerate(refs) if np.array_equal(fake_tokenize([r.prompt])[0], input_ids)]
+    ids = fake_tokenize([r.prompt for r in refs])
+    matches = [i for i in range(len(refs)) if np.array_equal(ids[i], input_ids)]
     assert len(matches) == 1
     return matches[0]
 
@@ -68,8 +69,13 @@ def write_init(concept_dir: Path, entries) -> Path:
 
 
 def entry(path, **overrides):
-    base = {"instance_prompt": "a <sks> cat", "plain_prompt": "a cat", "instance_data_path": path, "weight": 1.0}
-    return {**base, **overrides}
+    return {
+        "instance_prompt": "a <sks> cat",
+        "plain_prompt": "a cat",
+        "instance_data_path": path,
+        "weight": 1.0,
+        **overrides,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,7 +243,8 @@ def test_random_crops_and_flips_are_windows_of_the_resized_image(tmp_path):
     }
     seen_lefts, flips = set(), 0
     for seed in range(20):
-        row = data.load_image(path, RESOLUTION, random_crop=True, flip=True, rng=np.random.default_rng(seed))
+        rng = np.random.default_rng(seed)
+        row = data.load_image(path, RESOLUTION, random_crop=True, flip=True, rng=rng)
         row = np.rint((row[0, :, 0] + 1.0) * 127.5).astype(np.uint8)
         flipped = row[0] > row[-1]
         flips += flipped
@@ -267,7 +274,8 @@ def test_corrupt_jpeg_error_names_the_file(tmp_path):
 def test_non_rgb_images_are_converted_to_rgb(tmp_path):
     path = tmp_path / "grey.png"
     Image.fromarray(np.full((20, 20), 255, np.uint8)).save(path)  # mode L
-    np.testing.assert_array_equal(data.load_image(path, RESOLUTION), np.ones((16, 16, 3), np.float32))
+    expected = np.ones((RESOLUTION, RESOLUTION, 3), np.float32)
+    np.testing.assert_array_equal(data.load_image(path, RESOLUTION), expected)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,7 +286,9 @@ def test_non_rgb_images_are_converted_to_rgb(tmp_path):
 def test_record_i_pairs_instance_i_mod_n_with_class_i_mod_m(tmp_path, n, m):
     refs = references(tmp_path / "refs", [0.5 * (i + 1) for i in range(n)])
     classes = solid_images(tmp_path / "class", m, first_value=100)
-    out = data.write_training_set(refs, classes, CLASS_PROMPT, tmp_path / "set", fake_tokenize, RESOLUTION)
+    out = data.write_training_set(
+        refs, classes, CLASS_PROMPT, tmp_path / "set", fake_tokenize, RESOLUTION
+    )
     records, metadata = data.open_training_set(out)
     assert data.num_records(out) == len(records) == max(n, m)
     assert metadata["num_instances"] == n and metadata["num_class_images"] == m
@@ -287,7 +297,8 @@ def test_record_i_pairs_instance_i_mod_n_with_class_i_mod_m(tmp_path, n, m):
         record = records[i]
         assert record["instance_index"] == i % n and record["class_index"] == i % m
         assert record["weight"] == pytest.approx(refs[i % n].weight)
-        np.testing.assert_array_equal(record["instance_ids"], fake_tokenize([refs[i % n].prompt])[0])
+        instance_ids = fake_tokenize([refs[i % n].prompt])[0]
+        np.testing.assert_array_equal(record["instance_ids"], instance_ids)
         np.testing.assert_array_equal(record["class_ids"], class_ids)
         assert record["instance_image"].shape == (RESOLUTION, 20, 3)  # shorter side resized
         assert np.all(record["instance_image"] == 10 * (i % n))
@@ -312,7 +323,7 @@ def test_class_images_without_class_prompt_are_rejected(tmp_path):
 def test_tokenizer_of_the_wrong_shape_is_rejected(tmp_path):
     refs = references(tmp_path / "refs", [1.0, 1.0])
     with pytest.raises(ValueError, match=r"shape \(2, L\)"):
-        data.write_training_set(refs, [], None, tmp_path / "s", lambda c: np.zeros((1, 77), np.int32), 16)
+        data.write_training_set(refs, [], None, tmp_path / "s", lambda c: fake_tokenize(c[:1]), 16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,7 +336,9 @@ def prior_set(tmp_path_factory):
     root = tmp_path_factory.mktemp("prior_set")
     refs = references(root / "refs", [0.25, 0.5, 1.0, 2.0])
     classes = solid_images(root / "class", 6, first_value=100)
-    out = data.write_training_set(refs, classes, CLASS_PROMPT, root / "set", fake_tokenize, RESOLUTION)
+    out = data.write_training_set(
+        refs, classes, CLASS_PROMPT, root / "set", fake_tokenize, RESOLUTION
+    )
     return out, refs
 
 
@@ -379,13 +392,15 @@ def test_two_processes_read_disjoint_shards_that_cover_every_record(tmp_path):
 def test_uneven_shards_still_train_on_every_record(tmp_path):
     refs = references(tmp_path / "refs", [1.0] * 3)
     out = data.write_training_set(refs, [], None, tmp_path / "set", fake_tokenize, RESOLUTION)
-    seen = process_references(out, refs, 0, 2, batches=1) + process_references(out, refs, 1, 2, batches=1)
+    seen = [*process_references(out, refs, 0, 2, 1), *process_references(out, refs, 1, 2, 1)]
     assert set(seen) == {0, 1, 2}
 
 
 def test_global_batch_must_divide_among_processes(prior_set):
     with pytest.raises(ValueError, match="multiple of process_count 2"):
-        data.make_train_iterator(prior_set[0], global_batch_size=3, seed=0, resolution=RESOLUTION, process_count=2)
+        data.make_train_iterator(
+            prior_set[0], global_batch_size=3, seed=0, resolution=RESOLUTION, process_count=2
+        )
 
 
 def test_iterator_at_another_resolution_than_written_is_rejected(prior_set):
@@ -394,7 +409,9 @@ def test_iterator_at_another_resolution_than_written_is_rejected(prior_set):
 
 
 def test_finite_epochs_end_the_iterator(prior_set):
-    iterator = data.make_train_iterator(prior_set[0], global_batch_size=2, seed=0, resolution=RESOLUTION, num_epochs=2)
+    iterator = data.make_train_iterator(
+        prior_set[0], global_batch_size=2, seed=0, resolution=RESOLUTION, num_epochs=2
+    )
     assert len(list(iterator)) == 2 * 6 // 2
 
 
@@ -444,7 +461,9 @@ def test_state_of_another_data_set_is_refused(prior_set, tmp_path):
 
 def test_shuffle_order_is_fixed_by_the_seed(prior_set):
     def order(seed):
-        iterator = data.make_train_iterator(prior_set[0], global_batch_size=6, seed=seed, resolution=RESOLUTION)
+        iterator = data.make_train_iterator(
+            prior_set[0], global_batch_size=6, seed=seed, resolution=RESOLUTION
+        )
         return [next(iterator)["input_ids"][::2].tolist() for _ in range(2)]
 
     assert order(0) == order(0)
