@@ -40,7 +40,7 @@ setup(
         "cpu": ["jax[cpu]==0.10.2"],
         "cuda": ["jax[cuda12]==0.10.2"],
         "tpu": ["jax[tpu]==0.10.2"],
-        "test": ["pytest", "chex"],
+        "test": ["pytest", "chex", "selenium"],  # selenium drives Debian chromium in the review-page test
     },
     entry_points={"console_scripts": ["gal-jax=gal_jax.main:run"]},
 )
