@@ -63,6 +63,7 @@ class Runtime:
     trainer: Any
     generator: Any
     scorer: Any
+    eval_concepts: tuple = ()  # evaluate.EvalConcept, when config.eval.enabled
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,8 +176,21 @@ def build_runtime(config: ml_collections.ConfigDict, workdir: Path) -> Runtime:
         sd_params=sd_params,
         trainer=train.Trainer(config, sd, mesh),
         generator=sample.Generator.from_config(config, sd, mesh),
-        scorer=score.Scorer(clip, clip_params, mesh),
+        scorer=score.Scorer(clip, clip_params, mesh, batch_size=config.gal.score_batch),
+        eval_concepts=_eval_concepts(config, paths),
     )
+
+
+def _eval_concepts(config, paths) -> tuple:
+    """Returns the concepts evaluated after each round (the tiny list when none is configured)."""
+    if not config.eval.enabled:
+        return ()
+    from gal_jax import evaluate
+
+    concepts_json = config.eval.concepts_json or paths.get("concepts_json")
+    if not concepts_json:
+        raise ValueError("config.eval.enabled needs config.eval.concepts_json (the authors' concepts list)")
+    return tuple(evaluate.read_concepts_list(Path(concepts_json)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,13 +216,19 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> Path:
             record = run_round(runtime, round_index, rounds, records)
         except AwaitingHumanFeedback as waiting:
             print(waiting)
-            return report.write_report(workdir, records)
+            return report.write_report(workdir, records, _evaluations(workdir))
         records.append(record)
-        report.write_report(workdir, records)
+        report.write_report(workdir, records, _evaluations(workdir))
         if record["stopped"]:
             print(f"Round {round_index}: fewer than k={config.gal.k} directions left with H > 0; stopping.")
             break
-    return report.write_report(workdir, records)
+    return report.write_report(workdir, records, _evaluations(workdir))
+
+
+def _evaluations(workdir: Path) -> list[dict] | None:
+    from gal_jax import evaluate
+
+    return evaluate.read_round_results(workdir) or None
 
 
 def read_records(workdir: Path) -> list[dict]:
@@ -259,6 +279,9 @@ def run_round(runtime: Runtime, round_index: int, rounds: int, records: list[dic
 
     with _timed(timings, "train"):
         unet_params = train_round(runtime, references, directory)
+    if runtime.eval_concepts:
+        with _timed(timings, "evaluate"):
+            evaluate_round(runtime, round_index, unet_params, directory)
     record = _record_header(config, round_index, concept, references, workdir)
     pool = remaining_pool(concept, records)
     last_round = round_index == rounds or config.gal.feedback == "none"
@@ -289,6 +312,26 @@ def train_round(runtime: Runtime, references: list[data.Reference], directory: P
         io_utils.touch(directory / "train_set.done")
     unet_params, _ = runtime.trainer.train_round(runtime.sd_params, train_set, directory / "checkpoints")
     return unet_params
+
+
+def evaluate_round(runtime: Runtime, round_index: int, unet_params, directory: Path) -> list[dict]:
+    """Returns TXT-ALN / IMG-ALN / OVF of this round's model per concept (cached in eval.json)."""
+    from gal_jax import evaluate
+
+    done = directory / "eval.json"
+    if done.exists():
+        return io_utils.read_json(done)
+    params = dataclasses.replace(runtime.sd_params, unet=unet_params)
+    results = [
+        {"round": round_index, **evaluate.evaluate_model(
+            runtime.generator, runtime.scorer, params, concept,
+            num_per_prompt=runtime.config.eval.num_per_prompt, seed=runtime.config.sample.seed,
+            txt_scale=runtime.config.eval.txt_scale,
+        )}
+        for concept in runtime.eval_concepts
+    ]
+    io_utils.write_json(done, results)
+    return results
 
 
 def query_round(runtime, round_index, unet_params, pool, directory, timings) -> dict:

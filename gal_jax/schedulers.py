@@ -242,7 +242,8 @@ def _ddpm_step(sampler, state, model_output, step_index, sample, key):
     x0, _ = convert_model_output(model_output, x, coef("alpha_bar", step_index), sampler.prediction_type)
     x0 = _clip(x0, sampler.clip_sample_range)
     noise = jax.random.normal(key, sample.shape, jnp.float32)
-    prev = coef("x0", step_index) * x0 + coef("sample", step_index) * x + coef("noise_std", step_index) * noise
+    prev = coef("x0", step_index) * x0 + coef("sample", step_index) * x
+    prev = prev + coef("noise_std", step_index) * noise
     return prev.astype(sample.dtype), state
 
 
@@ -332,7 +333,14 @@ def _alpha_bar_at(alpha_bar: np.ndarray, t: np.ndarray, final: float) -> np.ndar
     return np.where(t >= 0, alpha_bar[np.maximum(t, 0)], final)
 
 
-def _ddpm_tables(config, alpha_bar, timesteps, num_steps):
+Tables = dict[str, np.ndarray]
+
+
+def _ddpm_tables(
+    config: Mapping[str, Any], alpha_bar: np.ndarray, timesteps: np.ndarray, num_steps: int
+) -> tuple[Tables, int]:
+    """Returns (DDPM posterior-mean and fixed_small noise coefficients per step, history length 0)."""
+    del config, num_steps
     prev_t = np.append(timesteps[1:], -1)
     a_t, a_prev = alpha_bar[timesteps], _alpha_bar_at(alpha_bar, prev_t, 1.0)
     beta_t = 1.0 - a_t / a_prev
@@ -346,7 +354,10 @@ def _ddpm_tables(config, alpha_bar, timesteps, num_steps):
     return tables, 0
 
 
-def _ddim_tables(config, alpha_bar, timesteps, num_steps):
+def _ddim_tables(
+    config: Mapping[str, Any], alpha_bar: np.ndarray, timesteps: np.ndarray, num_steps: int
+) -> tuple[Tables, int]:
+    """Returns (DDIM eta=0 coefficients of predicted x0 and noise per step, history length 0)."""
     # diffusers steps to t - T // n whatever the spacing, not to the next listed timestep.
     prev_t = timesteps - int(_option(config, "num_train_timesteps")) // num_steps
     a_prev = _alpha_bar_at(alpha_bar, prev_t, _final_alpha_bar(config, alpha_bar))
@@ -390,7 +401,10 @@ def _dpm_output_weights(lam: np.ndarray, alpha_t: float, step: int, order: int, 
     return -alpha_t * phi * d0 + alpha_t * (phi / h + 1.0) * d1 - alpha_t * ((phi + h) / h**2 - 0.5) * d2
 
 
-def _dpm_tables(config, alpha_bar, timesteps, num_steps):
+def _dpm_tables(
+    config: Mapping[str, Any], alpha_bar: np.ndarray, timesteps: np.ndarray, num_steps: int
+) -> tuple[Tables, int]:
+    """Returns (DPM-Solver++ weights of the sample and of recent x0 predictions, history length)."""
     del num_steps
     order = int(_option(config, "solver_order"))
     heun = _option(config, "solver_type") == "heun"
@@ -429,7 +443,10 @@ def _pndm_timesteps(config: Mapping[str, Any], num_steps: int) -> np.ndarray:
     return np.concatenate([spaced[:1], spaced[1:2], spaced[1:]])
 
 
-def _pndm_tables(config, alpha_bar, timesteps, num_steps):
+def _pndm_tables(
+    config: Mapping[str, Any], alpha_bar: np.ndarray, timesteps: np.ndarray, num_steps: int
+) -> tuple[Tables, int]:
+    """Returns (PLMS output weights and diffusers' _get_prev_sample coefficients per step, 3)."""
     ratio = int(_option(config, "num_train_timesteps")) // num_steps
     steps = np.arange(len(timesteps))
     reuse = steps == 1

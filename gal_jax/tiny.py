@@ -242,4 +242,5 @@ def resolve_paths(config: ml_collections.ConfigDict) -> dict[str, Path | None]:
         "clip": Path(config.model.clip_path) if config.model.clip_path else tiny_paths["clip"],
         "concept": Path(config.data.concept_dir) if config.data.concept_dir else concept_default,
         "class": Path(config.data.class_dir) if config.data.class_dir else class_default,
+        "concepts_json": tiny_paths.get("concepts_json"),
     }
