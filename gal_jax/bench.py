@@ -136,14 +136,10 @@ def bench_score(config, clip, clip_params, mesh) -> dict:
 
     scorer = score.Scorer(clip, clip_params, mesh, batch_size=config.gal.score_batch)
     size = config.data.resolution
-    images = jax.device_put(
-        np.random.default_rng(0).integers(0, 256, (scorer.batch_size, size, size, 3), dtype=np.uint8),
-        sharding.batch_sharding(mesh),
-    )
     start = time.perf_counter()
-    compiled = scorer._embed_images.lower(scorer.params, images).compile()
+    compiled, args = scorer.compiled_batch(size, size)
     compile_s = time.perf_counter() - start
-    times = time_calls(lambda: compiled(scorer.params, images), config.bench.iters, config.bench.warmup)
+    times = time_calls(lambda: compiled(*args), config.bench.iters, config.bench.warmup)
     return summarize("score", compile_s, times, scorer.batch_size, "images", compiled_flops(compiled), mesh)
 
 

@@ -18,7 +18,6 @@ conditional prediction); scales below 1 are refused.
 from __future__ import annotations
 
 import functools
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -143,7 +142,7 @@ class Generator:
         self._encode = jax.jit(sd.encode_text, out_shardings=sharding.replicated(mesh))
         # Uneven shardings are not allowed: a grid that does not divide over the shards is replicated.
         self._concat = {
-            divisible: jax.jit(_concat_rows, static_argnums=1, out_shardings=out)
+            divisible: jax.jit(concat_rows, static_argnums=1, out_shardings=out)
             for divisible, out in ((True, sharding.batch_sharding(mesh)), (False, sharding.replicated(mesh)))
         }
 
@@ -189,8 +188,8 @@ class Generator:
         grid_seed = np.tile(np.arange(num_per_prompt), len(prompts))
         total, chunk = len(grid_prompt), self.chunk_size(len(grid_prompt))
         chunks = []
+        # tqdm's rate column is images/s (unit="img"); blocking per chunk keeps it honest.
         with tqdm(total=total, unit="img", desc="generate", disable=not progress) as bar:
-            start = time.perf_counter()
             for begin in range(0, total, chunk):
                 rows = _padded_rows(begin, chunk, total)
                 args = self._chunk_args(context[grid_prompt[rows]], uncond, base_seed, round_index,
@@ -199,7 +198,6 @@ class Generator:
                 if progress:
                     chunks[-1].block_until_ready()
                     bar.update(min(chunk, total - begin))
-                    bar.set_postfix(images_per_s=f"{bar.n / (time.perf_counter() - start):.2f}")
         return self._concat[total % self.num_shards == 0](chunks, total)
 
     def text_embeddings(self, text_params: Any, prompts: Sequence[str]) -> np.ndarray:
@@ -255,7 +253,7 @@ def _check_grid(prompts, prompt_ids, round_index, num_per_prompt, base_seed) -> 
     return ids
 
 
-def _concat_rows(chunks: list[jax.Array], total: int) -> jax.Array:
+def concat_rows(chunks: list[jax.Array], total: int) -> jax.Array:
     """Returns the chunks concatenated along the batch axis, cut to `total` rows (padding dropped)."""
     return jnp.concatenate(chunks)[:total]
 
@@ -299,18 +297,20 @@ def write_images(images, prompts: Sequence[str], seeds: Sequence[int], out_dir: 
     """Returns the index [{prompt, seed, path}] after writing each image as PNG and index.json, atomically.
 
     `images` is (n, H, W, 3) uint8 (numpy or jax); prompts and seeds give each image's prompt and
-    seed index; paths in the index are relative to `out_dir`.
+    seed index; paths in the index are relative to `out_dir`. Only process 0 writes.
     """
     images = np.asarray(jax.device_get(images))
     if not len(images) == len(prompts) == len(seeds):
         raise ValueError(f"write_images: {len(images)} images, {len(prompts)} prompts, {len(seeds)} seeds")
-    out_dir = Path(out_dir)
+    out_dir, writer = Path(out_dir), jax.process_index() == 0
     index = []
     for i, (image, prompt, seed) in enumerate(zip(images, prompts, seeds)):
         path = Path("images") / f"{i:05d}.png"
-        io_utils.write_png(out_dir / path, image)
+        if writer:
+            io_utils.write_png(out_dir / path, image)
         index.append({"prompt": prompt, "seed": int(seed), "path": str(path)})
-    io_utils.write_json(out_dir / "index.json", index)
+    if writer:
+        io_utils.write_json(out_dir / "index.json", index)
     return index
 
 

@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 
 from gal_jax import sharding
 from gal_jax.models import ClipModel
-from gal_jax.sample import check_prompts
+from gal_jax.sample import check_prompts, concat_rows
 
 TEXT_BATCH = 8
 
@@ -34,7 +34,11 @@ def resized_shape(height: int, width: int, shortest_edge: int) -> tuple[int, int
 
 
 def preprocess(images: jax.Array, size: int, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
-    """Returns NCHW float32 CLIP pixel values of uint8 NHWC images: resize, center crop, normalise."""
+    """Returns NCHW float32 CLIP pixel values of uint8 NHWC images: resize, center crop, normalise.
+
+    The shortest side is resized to the crop size `size`, as every OpenAI CLIP processor config does
+    (shortest_edge == crop_size == 224).
+    """
     n, height, width, channels = images.shape
     new_height, new_width = resized_shape(height, width, size)
     pixels = images.astype(jnp.float32)
@@ -71,7 +75,8 @@ class Scorer:
     """CLIP embeddings and similarities on a mesh; text embeddings cached per prompt.
 
     Images are embedded `batch_size` at a time (rounded up to a multiple of the mesh's batch shards,
-    the last batch padded), so every call with the same image size reuses one compiled function.
+    the last batch padded), so every call with the same image size reuses one compiled function;
+    `image_traces` counts how often it was traced.
     """
 
     def __init__(self, clip: ClipModel, clip_params: Any, mesh: Mesh, *, batch_size: int = 64):
@@ -83,9 +88,10 @@ class Scorer:
         self.batch_size = -(-batch_size // shards) * shards
         self.params = jax.device_put(clip_params, sharding.replicated(mesh))
         self._text_cache: dict[str, np.ndarray] = {}
+        self.image_traces = 0
         replicated, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
         self._embed_images = jax.jit(
-            lambda params, images: embed_images(clip, params, images),
+            self._traced_embed_images,
             in_shardings=(replicated, batch),
             out_shardings=batch,
         )
@@ -93,18 +99,33 @@ class Scorer:
             lambda params, ids: embed_texts(clip, params, ids), out_shardings=replicated
         )
         self._pad = jax.jit(_pad_rows, static_argnums=1, out_shardings=batch)
+        # Replicated embeddings are readable on every process, and small (n x d floats).
+        self._concat = jax.jit(concat_rows, static_argnums=1, out_shardings=replicated)
+
+    def _traced_embed_images(self, params: Any, images: jax.Array) -> jax.Array:
+        self.image_traces += 1
+        return embed_images(self.clip, params, images)
 
     def image_embeddings(self, images: jax.Array) -> jax.Array:
-        """Returns L2-normalised embeddings (n, d) of uint8 NHWC images (device arrays or numpy)."""
+        """Returns L2-normalised embeddings (n, d), replicated, of uint8 NHWC images (device or numpy)."""
         images = _check_images(images)
         n = images.shape[0]
         batches = max(1, -(-n // self.batch_size))
         padded = self._pad(images, batches * self.batch_size)
-        embeddings = [
-            self._embed_images(self.params, padded[i * self.batch_size : (i + 1) * self.batch_size])
-            for i in range(batches)
-        ]
-        return jnp.concatenate(embeddings)[:n]
+        batch = sharding.batch_sharding(self.mesh)
+        embeddings = []
+        for i in range(batches):
+            # An eager slice may come back with another layout: put it back on the batch axes.
+            rows = jax.device_put(padded[i * self.batch_size : (i + 1) * self.batch_size], batch)
+            embeddings.append(self._embed_images(self.params, rows))
+        return self._concat(embeddings, n)
+
+    def compiled_batch(self, height: int, width: int) -> tuple[jax.stages.Compiled, tuple]:
+        """Returns (the compiled embedding of one batch of `batch_size` uint8 height x width images,
+        arguments to call it with); `compiled.cost_analysis()` gives its FLOPs."""
+        zeros = np.zeros((self.batch_size, height, width, 3), np.uint8)
+        args = (self.params, jax.device_put(zeros, sharding.batch_sharding(self.mesh)))
+        return self._embed_images.lower(*args).compile(), args
 
     def text_embeddings(self, prompts: Sequence[str]) -> jax.Array:
         """Returns L2-normalised embeddings (m, d) of prompts, computing only the uncached ones."""
@@ -154,6 +175,7 @@ def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
 
 
 def _check_images(images) -> jax.Array:
+    """Returns `images` if they are uint8 (n, H, W, 3); raises ValueError naming the problem."""
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be (n, height, width, 3) uint8, got shape {tuple(images.shape)}")
     if images.dtype != jnp.uint8:
