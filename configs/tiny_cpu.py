@@ -24,8 +24,8 @@ def get_config():
     config.train.log_every = 10
     config.sample.sampler = "ddim"
     config.sample.steps = 10
-    config.sample.num_per_prompt = 4
-    config.sample.max_images_per_device = 16
+    config.sample.num_per_prompt = 8
+    config.sample.max_images_per_device = 48
     config.gal.rounds = 3
     config.gal.openness_lambda = 0.005
     return config

@@ -40,7 +40,9 @@ class Restored:
 class Checkpointer:
     """Saves and restores a round's train state, data iterator state and metadata with orbax."""
 
-    def __init__(self, directory: Path | str, *, max_to_keep: int | None = None, async_save: bool = True):
+    def __init__(
+        self, directory: Path | str, *, max_to_keep: int | None = None, async_save: bool = True
+    ):
         if max_to_keep is not None and max_to_keep < 1:
             raise ValueError(f"max_to_keep must be >= 1 (or None to keep all), got {max_to_keep}")
         self.directory = Path(directory).expanduser().absolute()
@@ -69,17 +71,22 @@ class Checkpointer:
             items[DATA_ITERATOR] = grain.checkpoint.CheckpointSave(data_iterator)
         self._manager.save(int(step), args=ocp.args.Composite(**items), force=True)
 
-    def restore(self, abstract_state: Any, *, step: int | None = None, data_iterator: Any = None) -> Restored:
-        """Returns checkpoint `step` (default: the latest) restored into `abstract_state`'s shardings.
+    def restore(
+        self, abstract_state: Any, *, step: int | None = None, data_iterator: Any = None
+    ) -> Restored:
+        """Returns checkpoint `step` (default: the latest), restored into `abstract_state`.
 
-        `abstract_state` is a tree of jax.ShapeDtypeStruct with shardings (see train.abstract_train_state);
-        a given `data_iterator` is moved, in place, to the position saved with the state.
+        `abstract_state` is a tree of jax.ShapeDtypeStruct carrying the shardings to restore into
+        (see train.abstract_train_state); a given `data_iterator` is moved, in place, to the
+        position saved with the state.
         """
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"{self.directory}: no checkpoint to restore")
         if step not in self.all_steps():
-            raise CheckpointError(f"{self.directory}: no checkpoint at step {step} (have {self.all_steps()})")
+            raise CheckpointError(
+                f"{self.directory}: no checkpoint at step {step} (have {self.all_steps()})"
+            )
         items = {STATE: ocp.args.StandardRestore(abstract_state), METADATA: ocp.args.JsonRestore()}
         if data_iterator is not None:
             items[DATA_ITERATOR] = grain.checkpoint.CheckpointRestore(data_iterator)

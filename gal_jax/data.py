@@ -19,6 +19,7 @@ PNG), so reading only crops, flips and rescales.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -403,13 +404,16 @@ def write_training_set(
     tmp_dir = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     tmp_dir.chmod(0o755)  # mkdtemp's 0o700 would otherwise become the set's permissions
     try:
-        GalTrainingSet(
-            records=_records(references, class_images, ids, resolution),
-            metadata=metadata,
-            token_length=ids.shape[1],
-            config=_WITH_PRIOR if class_images else _INSTANCES_ONLY,
-            data_dir=str(tmp_dir),
-        ).download_and_prepare(file_format="array_record")
+        # The round already shows progress; TFDS's own bars and "Downloading..." lines are noise.
+        tfds.display_progress_bar(False)
+        with contextlib.redirect_stdout(io.StringIO()):
+            GalTrainingSet(
+                records=_records(references, class_images, ids, resolution),
+                metadata=metadata,
+                token_length=ids.shape[1],
+                config=_WITH_PRIOR if class_images else _INSTANCES_ONLY,
+                data_dir=str(tmp_dir),
+            ).download_and_prepare(file_format="array_record")
         _replace_dir(tmp_dir, out_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)

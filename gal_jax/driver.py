@@ -25,7 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from gal_jax import acquisition, anchors, data, io_utils, report, review, tiny
+from gal_jax import acquisition, anchors, data, io_utils, report, review, sample, tiny
 
 FEEDBACK_MODES = ("uncertainty", "random", "human", "none")
 
@@ -338,8 +338,7 @@ def query_round(runtime, round_index, unet_params, pool, directory, timings) -> 
     """Returns the record fields of a query step: directions, openness, selected, stopped."""
     config, concept = runtime.config, runtime.concept
     prompts = [concept.anchor_prompts[i] for i in pool]
-    with _timed(timings, "generate"):
-        images, index = generate_images(runtime, round_index, unet_params, pool, directory)
+    images, index = generate_images(runtime, round_index, unet_params, pool, directory, timings)
     with _timed(timings, "score"):
         sims = score_images(runtime, images, prompts, directory)
     num = config.sample.num_per_prompt
@@ -401,7 +400,7 @@ def human_selection(runtime, round_index, directions, directory, weight, opennes
     return acquisition.Selection(tuple(chosen), tuple(images), weight, openness, stopped=False)
 
 
-def generate_images(runtime, round_index, unet_params, pool, directory):
+def generate_images(runtime, round_index, unet_params, pool, directory, timings):
     """Returns the round's images (P*N uint8) and their index; reads them back if already written."""
     done = directory / "generated.json"
     if done.exists():
@@ -410,10 +409,20 @@ def generate_images(runtime, round_index, unet_params, pool, directory):
     concept, config = runtime.concept, runtime.config
     params = dataclasses.replace(runtime.sd_params, unet=unet_params)
     prompts = [concept.anchor_prompts[i] for i in pool]
-    images = runtime.generator.generate(
-        params, prompts, pool, round_index, config.sample.num_per_prompt, config.sample.seed
-    )
-    host = np.asarray(jax.device_get(images))
+    with _timed(timings, "generate"):
+        images = runtime.generator.generate(
+            params, prompts, pool, round_index, config.sample.num_per_prompt, config.sample.seed
+        )
+        images.block_until_ready()
+    with _timed(timings, "write"):
+        _write_generated(runtime, images, pool, directory, done)
+    return images, io_utils.read_json(done)
+
+
+def _write_generated(runtime, images, pool, directory, done) -> None:
+    """Writes the round's PNGs and then generated.json, the marker that generation is finished."""
+    concept, config = runtime.concept, runtime.config
+    host = sample.to_host(images, config.sample.num_per_prompt).reshape(-1, *images.shape[1:])
     index = []
     for n, (prompt_id, seed) in enumerate(_grid(pool, config.sample.num_per_prompt)):
         path = directory / "images" / f"p{prompt_id:03d}_s{seed:02d}.png"
@@ -421,7 +430,6 @@ def generate_images(runtime, round_index, unet_params, pool, directory):
         index.append({"prompt_id": prompt_id, "prompt": concept.anchor_prompts[prompt_id],
                       "seed": seed, "path": str(path.relative_to(runtime.workdir))})
     io_utils.write_json(done, index)
-    return images, index
 
 
 def _grid(pool: Sequence[int], num: int) -> list[tuple[int, int]]:

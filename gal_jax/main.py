@@ -122,7 +122,8 @@ HANDLERS = {
 def main(argv):
     if len(argv) < 2 or argv[1] not in HANDLERS:
         raise UsageError(f"usage: gal-jax {{{'|'.join(COMMANDS)}}} [flags]; see `gal-jax --help`")
-    logging.set_verbosity(logging.INFO)
+    # absl INFO is orbax's and TFDS's chatter; our progress is printed by the progress bars.
+    logging.set_verbosity(logging.WARNING)
     if _DISTRIBUTED.value:
         import jax
 

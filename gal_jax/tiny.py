@@ -20,7 +20,7 @@ import ml_collections
 
 ASSETS = Path(__file__).parent / "assets"
 BPE_FILE = ASSETS / "bpe_simple_vocab_16e6.txt.gz"
-TINY_VERSION = "tiny-v1"
+TINY_VERSION = "tiny-v2"
 DEFAULT_TINY_DIR = Path(os.environ.get("GAL_JAX_CACHE", "~/.cache/gal_jax")).expanduser() / TINY_VERSION
 
 # SD 1.x noise schedule and sampler (the PNDM config SD 1.5 ships with).
@@ -189,8 +189,14 @@ def _model_index() -> dict:
     }
 
 
-def write_tiny_clip(folder: Path, *, seed: int = 3) -> Path:
-    """Writes a random-init tiny CLIPModel folder (weights, tokenizer, processor); returns it."""
+def write_tiny_clip(folder: Path, *, seed: int = 14) -> Path:
+    """Writes a random-init tiny CLIPModel folder (weights, tokenizer, processor); returns it.
+
+    A random CLIP's judgments are arbitrary and mostly driven by the text side: with many seeds
+    every anchor prompt of the tiny concept scores as overfit (or none does), every entropy is 0
+    and GAL stops after round 1. The default seed is one whose overfit rates are mixed, so the
+    tiny default exercises the whole loop; it says nothing about the method's merit.
+    """
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 

@@ -1,0 +1,209 @@
+"""The GAL loop end to end on the tiny default: records, resume, feedback modes."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from configs import tiny_cpu
+from gal_jax import acquisition, driver
+
+
+def small_config(tiny_assets, **overrides):
+    """Returns the tiny CPU config shrunk for tests (few steps, 8-way batch over 8 fake devices)."""
+    config = tiny_cpu.get_config()
+    config.model.tiny_dir = str(tiny_assets["root"])
+    config.train.steps = 3
+    config.train.batch_size = 8
+    config.train.checkpoint_every = 2
+    config.sample.steps = 2
+    config.sample.num_per_prompt = 4
+    config.sample.max_images_per_device = 4
+    config.gal.k = 2
+    for dotted, value in overrides.items():
+        section, field = dotted.split("__")
+        setattr(config[section], field, value)
+    return config
+
+
+def records_without_timings(workdir):
+    records = driver.read_records(workdir)
+    return [{k: v for k, v in r.items() if k != "timings"} for r in records]
+
+
+def assert_record_follows_acquisition_math(record):
+    """Recomputes every decision of a query round from its record alone."""
+    directions = record["directions"]
+    sim_anchor = np.array([[i["sim_anchor"] for i in d["images"]] for d in directions])
+    sim_plain = np.array([[i["sim_plain"] for i in d["images"]] for d in directions])
+    scores = acquisition.score_directions(sim_anchor, sim_plain)
+    for d, direction in enumerate(directions):
+        assert [i["overfit"] for i in direction["images"]] == scores.flags[d].tolist()
+        assert direction["overfit_rate"] == pytest.approx(scores.rates[d])
+        assert direction["entropy"] == pytest.approx(scores.entropies[d])
+    selection = acquisition.select_queries(scores, record["k"], record["lambda"], record["balance"])
+    assert record["openness"] == pytest.approx(record["lambda"] * scores.entropies.mean())
+    assert record["stopped"] == selection.stopped
+    expected = [
+        (directions[d]["prompt"], directions[d]["images"][i]["path"])
+        for d, i in zip(selection.directions, selection.images)
+    ]
+    assert [(s["prompt"], s["image"]) for s in record["selected"]] == expected
+    for s in record["selected"]:
+        assert s["weight"] == pytest.approx(record["openness"] if record["balance"] else 1.0)
+
+
+@pytest.fixture(scope="module")
+def uncertainty_run(tiny_assets, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uncertainty")
+    config = small_config(tiny_assets)
+    report = driver.run(config, workdir)
+    return config, workdir, report
+
+
+def test_tiny_uncertainty_balance_run_writes_consistent_records(uncertainty_run):
+    config, workdir, report = uncertainty_run
+    records = driver.read_records(workdir)
+    assert report.exists() and report.name == "report.html"
+    assert 1 <= len(records) <= config.gal.rounds
+    pool = set(range(18))
+    for record in records:
+        assert record["feedback"] == "uncertainty" and record["balance"] is True
+        assert "train" in record["timings"]
+        if record["directions"]:
+            assert set(record["timings"]) >= {"generate", "score", "write"}
+        for direction in record["directions"]:
+            for image in direction["images"]:
+                assert (workdir / image["path"]).is_file()
+        scored = {d["prompt_id"] for d in record["directions"]}
+        if record["directions"]:
+            assert scored == pool
+            assert_record_follows_acquisition_math(record)
+        pool -= {s["prompt_id"] for s in record["selected"]}
+    # References grow by exactly what each round selected, with the round's weight.
+    for previous, record in zip(records, records[1:]):
+        added = record["references"][len(previous["references"]) :]
+        assert record["references"][: len(previous["references"])] == previous["references"]
+        assert [(a["prompt"], a["weight"], a["source"]) for a in added] == [
+            (s["prompt"], s["weight"], f"round-{previous['round']}") for s in previous["selected"]
+        ]
+    last = records[-1]
+    assert last["stopped"] or (last["round"] == config.gal.rounds and last["directions"] == [])
+
+
+def test_rerunning_a_finished_run_redoes_nothing(uncertainty_run, monkeypatch):
+    config, workdir, _ = uncertainty_run
+    before = records_without_timings(workdir)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished round was trained again")
+
+    monkeypatch.setattr(driver, "train_round", no_training)
+    driver.run(config, workdir)
+    assert records_without_timings(workdir) == before
+
+
+def test_kill_after_generation_in_round_two_resumes_to_the_same_records(
+    uncertainty_run, tiny_assets, tmp_path, monkeypatch
+):
+    config, reference_dir, _ = uncertainty_run
+    expected = records_without_timings(reference_dir)
+    if len(expected) < 2 or not expected[1]["directions"]:
+        pytest.skip("the reference run stopped before querying in round 2")
+    workdir = tmp_path / "killed"
+    real_score = driver.score_images
+
+    def crash_in_round_two(runtime, images, prompts, directory):
+        if directory.name == "2":
+            raise RuntimeError("injected crash after generation")
+        return real_score(runtime, images, prompts, directory)
+
+    monkeypatch.setattr(driver, "score_images", crash_in_round_two)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        driver.run(small_config(tiny_assets), workdir)
+    assert (workdir / "rounds" / "2" / "generated.json").exists()
+    assert not (workdir / "rounds" / "2" / "record.json").exists()
+    monkeypatch.setattr(driver, "score_images", real_score)
+    generated = workdir / "rounds" / "2" / "generated.json"
+    written = generated.stat().st_mtime_ns
+    driver.run(small_config(tiny_assets), workdir)
+    assert records_without_timings(workdir) == expected
+    assert generated.stat().st_mtime_ns == written, "round 2's images were generated again"
+
+
+def test_changed_config_on_resume_is_refused(uncertainty_run, tiny_assets):
+    _, workdir, _ = uncertainty_run
+    changed = small_config(tiny_assets, gal__openness_lambda=0.01)
+    with pytest.raises(driver.ConfigChangedError, match=r"gal.openness_lambda \(0.005 -> 0.01\)"):
+        driver.run(changed, workdir)
+
+
+def test_style_concept_runs_without_prior(tiny_assets, tmp_path):
+    config = small_config(tiny_assets, data__kind="style", gal__rounds=2)
+    driver.run(config, tmp_path)
+    records = driver.read_records(tmp_path)
+    first = records[0]
+    assert first["concept_phrase"] == "in watercolor painting style"
+    assert all(r["plain_prompt"] is None for r in first["references"])
+    if first["directions"]:
+        assert first["directions"][0]["prompt"].endswith("in watercolor painting style")
+        assert_record_follows_acquisition_math(first)
+
+
+def test_random_feedback_is_deterministic_given_its_seed(tiny_assets, tmp_path):
+    selections = []
+    for name in ("a", "b"):
+        config = small_config(tiny_assets, gal__feedback="random", gal__rounds=2)
+        driver.run(config, tmp_path / name)
+        records = driver.read_records(tmp_path / name)
+        selections.append([(s["prompt_id"], s["image"]) for s in records[0]["selected"]])
+        assert len(records[0]["selected"]) == config.gal.k
+    assert selections[0] == selections[1]
+    chosen = [prompt_id for prompt_id, _ in selections[0]]
+    assert chosen == acquisition.random_directions(18, 2, 0, 1)
+
+
+def test_none_feedback_is_one_round_of_plain_dreambooth(tiny_assets, tmp_path):
+    driver.run(small_config(tiny_assets, gal__feedback="none"), tmp_path)
+    records = driver.read_records(tmp_path)
+    assert len(records) == 1
+    assert records[0]["directions"] == [] and records[0]["selected"] == []
+    assert not (tmp_path / "rounds" / "1" / "generated.json").exists()
+
+
+def test_human_feedback_waits_for_selections_then_resumes(tiny_assets, tmp_path):
+    config = small_config(tiny_assets, gal__feedback="human", gal__rounds=2)
+    driver.run(config, tmp_path)
+    round_one = tmp_path / "rounds" / "1"
+    assert (round_one / "review.html").exists()
+    assert driver.read_records(tmp_path) == []
+    generated = json.loads((round_one / "generated.json").read_text())
+    picks = [generated[0], generated[4 * 5 + 1]]
+    (round_one / "selections.json").write_text(json.dumps({
+        "round": 1,
+        "selected": [{"prompt_id": p["prompt_id"], "prompt": p["prompt"], "image": p["path"]} for p in picks],
+    }))
+    driver.run(config, tmp_path)
+    records = driver.read_records(tmp_path)
+    assert [(s["prompt_id"], s["image"]) for s in records[0]["selected"]] == [
+        (p["prompt_id"], p["path"]) for p in picks
+    ]
+    assert records[1]["references"][-2:] == [
+        {"image": p["path"], "prompt": p["prompt"], "plain_prompt": None,
+         "weight": records[0]["openness"], "source": "round-1"}
+        for p in picks
+    ]
+
+
+def test_bad_feedback_mode_is_named(tiny_assets, tmp_path):
+    with pytest.raises(ValueError, match="config.gal.feedback='oracle'"):
+        driver.run(small_config(tiny_assets, gal__feedback="oracle"), tmp_path)
+
+
+def test_missing_concept_folder_is_named(tiny_assets, tmp_path):
+    config = small_config(tiny_assets)
+    config.data.concept_dir = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        driver.run(config, tmp_path / "work")
+    shutil.rmtree(tmp_path / "work", ignore_errors=True)
