@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 import torch
 from flax import traverse_util
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import tiny_cpu
-from gal_jax import data, models, schedulers, sharding, train
+from gal_jax import data, models, sharding, train
 
 BATCH_SIZE = 4  # instance examples a step: 8 rows with their class images, one per fake device
 
@@ -91,8 +90,11 @@ def with_randomness(sd, batch, seed=1):
 
 def relative_error(tree, reference):
     """Returns |tree - reference| / |reference|, norms over all leaves together."""
-    squares = lambda t: sum(np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree_util.tree_leaves(t))
-    return np.sqrt(squares(jax.tree_util.tree_map(np.subtract, tree, reference)) / squares(reference))
+    def squares(t):
+        return sum(np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree_util.tree_leaves(t))
+
+    difference = jax.tree_util.tree_map(np.subtract, tree, reference)
+    return np.sqrt(squares(difference) / squares(reference))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,9 +138,10 @@ def test_loss_is_the_same_however_the_batch_is_split():
     full, _ = train.weighted_dreambooth_loss(losses, weights, is_prior, 0.8)
     counts = train.example_counts(is_prior)
     for num_micro in (2, 4, 8):
+        micro = [slice(j, None, num_micro) for j in range(num_micro)]
         parts = [
-            train.weighted_dreambooth_loss(losses[j::num_micro], weights[j::num_micro], is_prior[j::num_micro], 0.8, counts)[0]
-            for j in range(num_micro)
+            train.weighted_dreambooth_loss(losses[m], weights[m], is_prior[m], 0.8, counts)[0]
+            for m in micro
         ]
         np.testing.assert_allclose(sum(parts), full, rtol=1e-6)
     mesh = sharding.make_mesh(4, 2)
@@ -152,8 +155,9 @@ def test_class_examples_take_their_instance_weight(tiny_assets, loaded, tmp_path
     references = data.load_concept(tiny_assets["object_concept"])
     weights = [1.0, 0.003, 0.5, 0.0]
     references = [dataclasses.replace(r, weight=w) for r, w in zip(references, weights, strict=True)]
+    class_images = data.list_class_images(tiny_assets["reg_dir"])
     train_set = data.write_training_set(
-        references, data.list_class_images(tiny_assets["reg_dir"]), "a teapot", tmp_path / "set", sd.tokenize, 64
+        references, class_images, "a teapot", tmp_path / "set", sd.tokenize, 64
     )
     iterator = data.make_train_iterator(train_set, global_batch_size=4, seed=0, resolution=64)
     seen = set()
@@ -184,15 +188,15 @@ def unet_grad(loaded, trainer):
 
 def test_example_weight_scales_its_unet_gradient_exactly(loaded, unet_grad):
     sd, _ = loaded
-    batch = with_randomness(sd, synthetic_batch(sd, 1))  # batch size 1: one instance + its class example
-    batch["is_prior"] = np.array([False, False])  # two instance examples, the first one weighted
-    gradient = lambda w: unet_grad({**batch, "weight": np.array([w, 0.0], np.float32)})[1]
+    # Batch size 1: one instance example and its class example, which inherits its weight.
+    batch = with_randomness(sd, synthetic_batch(sd, 1))
+    gradient = lambda w: unet_grad({**batch, "weight": np.full(2, w, np.float32)})[1]
     unit = gradient(1.0)
     # A power of two scales every float exactly; other weights up to rounding.
     chex.assert_trees_all_equal(gradient(0.25), jax.tree_util.tree_map(lambda g: 0.25 * g, unit))
-    assert relative_error(gradient(0.003), jax.tree_util.tree_map(lambda g: 0.003 * g, unit)) <= 1e-5
-    both_zero = unet_grad({**batch, "weight": np.zeros(2, np.float32)})[1]
-    assert all(not np.any(np.asarray(g)) for g in jax.tree_util.tree_leaves(both_zero))
+    scaled = jax.tree_util.tree_map(lambda g: 0.003 * g, unit)
+    assert relative_error(gradient(0.003), scaled) <= 1e-5
+    assert all(not np.any(g) for g in jax.tree_util.tree_leaves(jax.device_get(gradient(0.0))))
 
 
 def _torch_dreambooth_grads(sd_dir, batch, align_flax_port: bool):
