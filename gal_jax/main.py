@@ -4,6 +4,7 @@ r"""The `gal-jax` command line.
   gal-jax make-tiny [--out=DIR]                                        # build the tiny default models/data
   gal-jax sample --config=... --prompts=FILE --num_per_prompt=N --out=DIR
   gal-jax evaluate --workdir=DIR [--config=...]                        # TXT-ALN / IMG-ALN / OVF per round
+  gal-jax evaluate --workdir=DIR --images=D --prompts=F --references=D --captions=F --clip_path=D
   gal-jax review --workdir=DIR --round=R                               # serve the human-feedback page
   gal-jax bench train|sample|score --config=...                        # compile time, throughput, MFU
 
@@ -28,6 +29,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where rounds, records, checkpoi
 _OUT = flags.DEFINE_string("out", None, "Output folder (make-tiny, sample).")
 _PROMPTS = flags.DEFINE_string("prompts", None, "Text file with one prompt a line (sample).")
 _NUM_PER_PROMPT = flags.DEFINE_integer("num_per_prompt", None, "Images per prompt (sample).")
+_IMAGES = flags.DEFINE_string("images", None, "evaluate: a folder of generated images to score.")
+_REFERENCES = flags.DEFINE_string("references", None, "evaluate: a folder of reference images.")
+_CAPTIONS = flags.DEFINE_string("captions", None, "evaluate: file of plain reference captions, one a line.")
+_PLACEHOLDER = flags.DEFINE_string("placeholder", None, "evaluate: placeholder removed from prompts before scoring.")
+_CLIP_PATH = flags.DEFINE_string("clip_path", None, "evaluate: CLIP model folder (default: the config's).")
 _ROUND = flags.DEFINE_integer("round", None, "Round to review (review).")
 _PORT = flags.DEFINE_integer("port", 0, "Port for `review` (0 picks a free one).")
 _FORCE = flags.DEFINE_bool("force", False, "make-tiny: rebuild even if present.")
@@ -85,7 +91,17 @@ def _cmd_sample(args):
 def _cmd_evaluate(args):
     from gal_jax import evaluate
 
-    result = evaluate.evaluate_command(Path(_require(_WORKDIR, "workdir", "evaluate")), _CONFIG.value)
+    captions = evaluate.read_prompt_file(Path(_CAPTIONS.value)) if _CAPTIONS.value else ()
+    result = evaluate.evaluate_command(
+        Path(_require(_WORKDIR, "workdir", "evaluate")),
+        _CONFIG.value,
+        images=_IMAGES.value,
+        prompts=_PROMPTS.value,
+        references=_REFERENCES.value,
+        captions=captions,
+        clip_path=_CLIP_PATH.value,
+        placeholder=_PLACEHOLDER.value,
+    )
     print(f"Evaluation: {result}")
 
 

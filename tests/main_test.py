@@ -49,4 +49,24 @@ def test_sample_writes_pngs_and_an_index(tiny_assets, tmp_path):
     assert result.returncode == 0, result.stderr
     index = json.loads((tmp_path / "out" / "index.json").read_text())
     assert len(index) == 4
-    assert all((tmp_path / "out" / Path(e["path"]).name).is_file() for e in index)
+    assert all((tmp_path / "out" / e["path"]).is_file() for e in index)
+
+
+def test_sample_then_evaluate_the_folder_writes_metrics(tiny_assets, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a <tiny-teapot> teapot on the moon\n")
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a teapot on a table\na teapot on the grass\n")
+    out = tmp_path / "out"
+    sampled = gal_jax(
+        "sample", "--config=configs/tiny_cpu.py", f"--config.model.tiny_dir={tiny_assets['root']}",
+        "--config.sample.steps=2", f"--prompts={prompts}", "--num_per_prompt=2", f"--out={out}",
+    )
+    assert sampled.returncode == 0, sampled.stderr
+    evaluated = gal_jax(
+        "evaluate", f"--workdir={tmp_path / 'eval'}", f"--images={out}", f"--references={tiny_assets['object_concept']}",
+        f"--captions={captions}", f"--clip_path={tiny_assets['clip']}", "--placeholder=<tiny-teapot>",
+    )
+    assert evaluated.returncode == 0, evaluated.stderr
+    results = json.loads((tmp_path / "eval" / "eval" / "results.json").read_text())
+    assert {"txt_aln", "img_aln", "ovf"} <= set(results[0] if isinstance(results, list) else results["results"][0])
