@@ -14,17 +14,12 @@ from configs import common
 
 def get_config(variant: str = ""):
     """Returns the SD 1.5 style config; variant 'official' follows the authors' scripts."""
-    config = common.get_config()
+    config = common.get_config()  # the paper's values; only what differs is set here
     config.data.kind = "style"
-    config.data.resolution = 512
     config.train.steps = 500
     config.train.batch_size = 2
     config.train.with_prior = False
     config.model.compute_dtype = "bfloat16"
-    config.sample.sampler = "ddpm"
-    config.sample.steps = 50
-    config.sample.guidance_scale = 7.5
-    config.sample.num_per_prompt = 10
     if variant == "official":
         config.sample.sampler = "dpmsolver++"
         config.gal.anchors = "official"
