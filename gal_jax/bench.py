@@ -146,8 +146,9 @@ def bench_score(config, clip, clip_params, mesh) -> dict:
 def bench_train(config, sd, sd_params, mesh) -> dict:
     """Returns the figures of one compiled train step (global batch of config.train.batch_size)."""
     from gal_jax import train
+    from gal_jax.trainer import Trainer
 
-    trainer = train.Trainer(config, sd, mesh)
+    trainer = Trainer(config, sd, mesh)
     with_prior = config.train.with_prior and config.data.kind == "object"
     rows = config.train.batch_size * config.train.grad_accum_steps * (2 if with_prior else 1)
     start = time.perf_counter()

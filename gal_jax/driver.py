@@ -159,7 +159,7 @@ def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 def build_runtime(config: ml_collections.ConfigDict, workdir: Path) -> Runtime:
     """Returns models, mesh and compiled functions for a run (built once, reused every round)."""
-    from gal_jax import models, sample, score, sharding, train
+    from gal_jax import models, sample, score, sharding, trainer
 
     paths = tiny.resolve_paths(config)
     concept = load_concept(config, paths["concept"], paths["class"])
@@ -174,7 +174,7 @@ def build_runtime(config: ml_collections.ConfigDict, workdir: Path) -> Runtime:
         concept=concept,
         sd=sd,
         sd_params=sd_params,
-        trainer=train.Trainer(config, sd, mesh),
+        trainer=trainer.Trainer(config, sd, mesh),
         generator=sample.Generator.from_config(config, sd, mesh),
         scorer=score.Scorer(clip, clip_params, mesh, batch_size=config.gal.score_batch),
         eval_concepts=_eval_concepts(config, paths),

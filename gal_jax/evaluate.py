@@ -18,7 +18,7 @@ Relative paths in a concepts list are tried against the JSON's folder, its paren
 files name paths from their repo root, one level above `data/`) and the working directory.
 
 The metric math is `metrics.py`; this module gathers embeddings (a `score.Scorer`, optionally a
-DINOv2 `DinoEmbedder`) and files. DINO runs PyTorch transformers on the host, as the authors'
+DINOv2 `dino.DinoEmbedder`) and files. DINO runs PyTorch transformers on the host, as the authors'
 evaluator does; it is an optional extra beside IMG-ALN.
 """
 
@@ -261,7 +261,7 @@ def evaluate_images(
       reference_images: uint8 (k, H', W', 3) reference images.
       captions: the plain reference captions OVF compares with (at least one).
       txt_scale: TXT-ALN multiplier (the authors' notebook uses 2.5; Table 1 is raw, 1.0).
-      dino: optional DINOv2 embedder (`DinoEmbedder`) for the DINO image similarity.
+      dino: optional DINOv2 embedder (`dino.DinoEmbedder`) for the DINO image similarity.
     """
     test_prompts, captions = list(test_prompts), list(captions)
     if len(test_prompts) != images.shape[0]:
@@ -369,43 +369,6 @@ def _resize_and_crop(image: np.ndarray, size: int) -> np.ndarray:
     return resized[top : top + size, left : left + size]
 
 
-class DinoEmbedder:
-    """DINOv2 image embeddings: mean-pooled last hidden state, L2-normalised (the authors' DINOEvaluator).
-
-    Loads a transformers-layout folder (config.json, weights, preprocessor_config.json), e.g. a local
-    copy of facebook/dinov2-base, and runs it with PyTorch on the host.
-    """
-
-    def __init__(self, path: str | Path, *, batch_size: int = 32):
-        import transformers
-
-        transformers.utils.logging.set_verbosity_error()
-        path = Path(path).expanduser()
-        if not (path / "config.json").is_file() or not (path / "preprocessor_config.json").is_file():
-            raise FileNotFoundError(
-                f"{path}: not a transformers DINOv2 folder (needs config.json and preprocessor_config.json)"
-            )
-        # The slow (PIL) processor, as the authors' evaluator used.
-        self.processor = transformers.AutoImageProcessor.from_pretrained(path, use_fast=False)
-        self.model = transformers.AutoModel.from_pretrained(path).eval()
-        self.batch_size = int(batch_size)
-
-    def image_embeddings(self, images: Any) -> np.ndarray:
-        """Returns L2-normalised embeddings (n, hidden) of uint8 (n, H, W, 3) images."""
-        import jax
-        import torch
-
-        images = np.asarray(jax.device_get(images))
-        pooled = []
-        with torch.no_grad():
-            for start in range(0, len(images), self.batch_size):
-                batch = list(images[start : start + self.batch_size])
-                inputs = self.processor(images=batch, return_tensors="pt")
-                pooled.append(self.model(**inputs).last_hidden_state.mean(dim=1).numpy())
-        embeddings = np.concatenate(pooled).astype(np.float64)
-        return embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
-
-
 # ---------------------------------------------------------------------------------------------
 # Folders of existing images
 
@@ -429,6 +392,7 @@ def evaluate_folder(
     is removed from the prompts before scoring (TXT-ALN scores against the prompt without it).
     """
     from gal_jax import data, models, score, sharding
+    from gal_jax.dino import DinoEmbedder
 
     images_dir = Path(images_dir)
     paths, prompts = _images_and_prompts(images_dir, prompts_file)

@@ -11,6 +11,7 @@ weights are ever materialised.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import json
 import types
@@ -20,6 +21,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 from flax import serialization, traverse_util
 
 import diffusers
@@ -30,6 +32,8 @@ transformers.utils.logging.set_verbosity_error()
 
 from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel  # noqa: E402
 from diffusers.models import modeling_flax_pytorch_utils as diffusers_convert  # noqa: E402
+from diffusers.models.attention_flax import FlaxTransformer2DModel  # noqa: E402
+from diffusers.models.resnet_flax import FlaxResnetBlock2D  # noqa: E402
 from transformers import CLIPConfig, CLIPTextConfig, CLIPTokenizer, FlaxCLIPModel, FlaxCLIPTextModel  # noqa: E402
 from transformers import modeling_flax_pytorch_utils as transformers_convert  # noqa: E402
 
@@ -43,6 +47,9 @@ DIFFUSERS_WEIGHTS = (
 TRANSFORMERS_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "flax_model.msgpack")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# Rematerialised by apply_unet(remat=True): the granularity of PyTorch diffusers' gradient checkpointing.
+REMAT_BLOCKS = (FlaxResnetBlock2D, FlaxTransformer2DModel)
+_INSIDE_REMAT_BLOCK = contextvars.ContextVar("inside_remat_block", default=False)
 
 
 class ModelLoadError(ValueError):
@@ -98,19 +105,53 @@ class StableDiffusion:
         """Returns the text encoder's last hidden states (B, L, D): the UNet's cross-attention context."""
         return self.text_encoder(input_ids, params=text_params, train=False)[0]
 
-    def apply_unet(self, unet_params: Params, latents, timesteps, context, train: bool = False):
-        """Returns the UNet's prediction (epsilon, v or x0) for NCHW latents."""
+    def apply_unet(
+        self,
+        unet_params: Params,
+        latents,
+        timesteps,
+        context,
+        train: bool = False,
+        remat: bool = False,
+    ):
+        """Returns the UNet's prediction (epsilon, v or x0) for NCHW latents.
+
+        With `remat`, every resnet and transformer block is recomputed in the backward pass
+        instead of stored (SD UNets have no dropout, so inference mode is exact).
+        """
+        if not remat:
+            return self._unet_sample(unet_params, latents, timesteps, context, train)
+        with nn.intercept_methods(_remat_blocks):
+            return self._unet_sample(unet_params, latents, timesteps, context, train)
+
+    def _unet_sample(self, unet_params: Params, latents, timesteps, context, train: bool):
         return self.unet.apply(
             {"params": unet_params}, latents, timesteps, context, train=train
         ).sample
 
     def encode_images(self, vae_params: Params, pixels: jax.Array, key: jax.Array) -> jax.Array:
         """Returns scaled NCHW latents sampled from the VAE posterior of NHWC pixels in [-1, 1]."""
-        posterior = self.vae.apply(
+        latents = self._posterior(vae_params, pixels).sample(key)  # NHWC
+        return jnp.transpose(latents, (0, 3, 1, 2)) * self.latent_scale
+
+    def encode_posterior(self, vae_params: Params, pixels: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Returns the VAE posterior's (mean, std) of NHWC pixels in [-1, 1], scaled NCHW float32.
+
+        mean + std * eps, eps ~ N(0, I), is distributed as `encode_images`; keeping the
+        (deterministic) encoder apart from the sampling lets fixed images be encoded once.
+        """
+        posterior = self._posterior(vae_params, pixels)
+
+        def scaled_nchw(x):
+            return jnp.transpose(x, (0, 3, 1, 2)).astype(jnp.float32) * self.latent_scale
+
+        return scaled_nchw(posterior.mean), scaled_nchw(posterior.std)
+
+    def _posterior(self, vae_params: Params, pixels: jax.Array):
+        """Returns the VAE's diagonal Gaussian posterior (NHWC) of NHWC pixels."""
+        return self.vae.apply(
             {"params": vae_params}, jnp.transpose(pixels, (0, 3, 1, 2)), method=self.vae.encode
         ).latent_dist
-        latents = posterior.sample(key)  # NHWC
-        return jnp.transpose(latents, (0, 3, 1, 2)) * self.latent_scale
 
     def decode_latents(self, vae_params: Params, latents: jax.Array) -> jax.Array:
         """Returns NHWC images in [-1, 1] (unclipped) decoded from scaled NCHW latents."""
@@ -118,6 +159,28 @@ class StableDiffusion:
             {"params": vae_params}, latents / self.latent_scale, method=self.vae.decode
         ).sample
         return jnp.transpose(images, (0, 2, 3, 1))
+
+
+def _remat_blocks(next_fun, args, kwargs, context):
+    """Flax method interceptor: runs the __call__ of REMAT_BLOCKS under nn.remat."""
+    module = context.module
+    if (
+        _INSIDE_REMAT_BLOCK.get()
+        or context.method_name != "__call__"
+        or not isinstance(module, REMAT_BLOCKS)
+    ):
+        return next_fun(*args, **kwargs)
+    static = tuple(i + 1 for i, arg in enumerate(args) if not isinstance(arg, jax.Array))
+
+    def block(remat_module, *block_args):
+        # The remat'ed clone's call comes back through this interceptor: let it run plainly.
+        token = _INSIDE_REMAT_BLOCK.set(True)
+        try:
+            return remat_module(*block_args, **kwargs)
+        finally:
+            _INSIDE_REMAT_BLOCK.reset(token)
+
+    return nn.remat(block, static_argnums=static)(module, *args)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from configs import tiny_cpu
-from gal_jax import checkpoint, data, models, sharding, train
+from gal_jax import checkpoint, data, models, sharding, train, trainer as trainer_lib
 
 
 def small_state(mesh):
@@ -71,7 +71,7 @@ def round_setup(tiny_assets, tmp_path_factory):
     )
     config = tiny_cpu.get_config()
     config.train.update(steps=6, batch_size=1, checkpoint_every=2, keep_checkpoints=2, log_every=2)
-    trainer = train.Trainer(config, sd, sharding.make_mesh(1, 1, devices=jax.devices()[:1]))
+    trainer = trainer_lib.Trainer(config, sd, sharding.make_mesh(1, 1, devices=jax.devices()[:1]))
     return trainer, params, train_set
 
 
@@ -122,7 +122,7 @@ def test_checkpoint_of_a_different_run_length_is_refused(round_setup, finished_r
     directory, _, _ = finished_run
     config = tiny_cpu.get_config()
     config.train.update(steps=8, batch_size=1)
-    longer = train.Trainer(config, trainer.sd, trainer.mesh)
+    longer = trainer_lib.Trainer(config, trainer.sd, trainer.mesh)
     with pytest.raises(checkpoint.CheckpointError, match="run of 6 steps, this one has train.steps=8"):
         longer.train_round(params, train_set, directory, progress=False)
     with checkpoint.Checkpointer(directory) as ckpt:

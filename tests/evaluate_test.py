@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from gal_jax import evaluate, io_utils, metrics, tiny_data
+from gal_jax.dino import DinoEmbedder
 
 # ---------------------------------------------------------------------------------------------
 # Fakes: an image's embedding is its top-left pixel, so a test chooses embeddings by painting.
@@ -349,7 +350,7 @@ def test_dino_embeddings_are_the_normalised_mean_of_the_last_hidden_state(tiny_d
     from transformers import BitImageProcessor, Dinov2Model
 
     images = np.random.default_rng(3).integers(0, 256, (3, 60, 80, 3), dtype=np.uint8)
-    embeddings = evaluate.DinoEmbedder(tiny_dino, batch_size=2).image_embeddings(images)
+    embeddings = DinoEmbedder(tiny_dino, batch_size=2).image_embeddings(images)
     model, processor = Dinov2Model.from_pretrained(tiny_dino), BitImageProcessor.from_pretrained(tiny_dino)
     with torch.no_grad():
         hidden = model(**processor(images=list(images), return_tensors="pt")).last_hidden_state.numpy()
@@ -360,7 +361,7 @@ def test_dino_embeddings_are_the_normalised_mean_of_the_last_hidden_state(tiny_d
 
 def test_dino_similarity_is_one_for_the_reference_itself_and_less_for_another_image(tiny_dino):
     images = np.random.default_rng(4).integers(1, 256, (2, 60, 60, 3), dtype=np.uint8)
-    embedder = evaluate.DinoEmbedder(tiny_dino)
+    embedder = DinoEmbedder(tiny_dino)
     dino = [evaluate.evaluate_images(FakeScorer(TEXTS), images[i : i + 1], ["cat on a beach"], images[:1],
                                      ["a cat on the stairs"], dino=embedder)["dino"] for i in (0, 1)]
     assert dino[0] == pytest.approx(1.0, abs=1e-6)
@@ -370,7 +371,7 @@ def test_dino_similarity_is_one_for_the_reference_itself_and_less_for_another_im
 def test_dino_embedder_refuses_a_folder_without_a_preprocessor(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="preprocessor_config.json"):
-        evaluate.DinoEmbedder(tmp_path)
+        DinoEmbedder(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------

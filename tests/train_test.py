@@ -13,7 +13,7 @@ import torch
 from flax import traverse_util
 
 from configs import tiny_cpu
-from gal_jax import data, models, sharding, train
+from gal_jax import data, models, sharding, train, trainer as trainer_lib
 
 BATCH_SIZE = 4  # instance examples a step: 8 rows with their class images, one per fake device
 
@@ -52,7 +52,7 @@ def train_set(tiny_assets, loaded, tmp_path_factory):
 @pytest.fixture(scope="module")
 def trainer(loaded):
     sd, _ = loaded
-    return train.Trainer(tiny_config(), sd, sharding.make_mesh(1, 1, devices=jax.devices()[:1]))
+    return trainer_lib.Trainer(tiny_config(), sd, sharding.make_mesh(1, 1, devices=jax.devices()[:1]))
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +279,7 @@ def test_train_step_on_mesh_equals_single_device(loaded, trainer, mesh_shape):
     sd, params = loaded
     host_batch = synthetic_batch(sd, BATCH_SIZE)
     expected, expected_metrics = _one_step(trainer, sd, params, host_batch)
-    sharded = train.Trainer(tiny_config(), sd, sharding.make_mesh(*mesh_shape))
+    sharded = trainer_lib.Trainer(tiny_config(), sd, sharding.make_mesh(*mesh_shape))
     state, metrics = _one_step(sharded, sd, params, host_batch)
     chex.assert_trees_all_close(jax.device_get(state.params), jax.device_get(expected.params), atol=1e-5, rtol=0)
     np.testing.assert_allclose(metrics["loss"], expected_metrics["loss"], rtol=1e-5)
@@ -335,13 +335,13 @@ def test_non_finite_loss_raises_naming_the_step(loaded, trainer, train_set):
     poisoned = jax.tree_util.tree_map(lambda x: x, params.unet)
     poisoned["conv_in"]["kernel"] = jnp.full_like(poisoned["conv_in"]["kernel"], jnp.nan)
     broken = dataclasses.replace(params, unet=poisoned)
-    with pytest.raises(train.NonFiniteLossError, match="at step 1$"):
+    with pytest.raises(trainer_lib.NonFiniteLossError, match="at step 1$"):
         trainer.train_round(broken, train_set, progress=False)
 
 
 def test_batch_not_divisible_by_the_data_axes_is_rejected(loaded, train_set):
     sd, params = loaded
-    trainer = train.Trainer(tiny_config(batch_size=3), sd, sharding.make_mesh(4, 1, devices=jax.devices()[:4]))
+    trainer = trainer_lib.Trainer(tiny_config(batch_size=3), sd, sharding.make_mesh(4, 1, devices=jax.devices()[:4]))
     with pytest.raises(ValueError, match=r"train.batch_size=3.*=6 is not divisible by the 4 batch shards"):
         trainer.train_round(params, train_set, progress=False)
 
@@ -358,7 +358,7 @@ def test_batch_not_divisible_by_the_data_axes_is_rejected(loaded, train_set):
 def test_bad_train_config_is_rejected(loaded, field, value, message):
     sd, _ = loaded
     with pytest.raises(ValueError, match=message):
-        train.Trainer(tiny_config(**{field: value}), sd, sharding.make_mesh(1, 1, devices=jax.devices()[:1]))
+        trainer_lib.Trainer(tiny_config(**{field: value}), sd, sharding.make_mesh(1, 1, devices=jax.devices()[:1]))
 
 
 def test_learning_rate_warms_up_then_follows_its_schedule():
@@ -377,7 +377,7 @@ def test_gradient_accumulation_equals_one_big_batch(loaded, trainer):
     sd, params = loaded
     host_batch = synthetic_batch(sd, BATCH_SIZE)
     expected, _ = _one_step(trainer, sd, params, host_batch)
-    accumulating = train.Trainer(tiny_config(grad_accum_steps=2), sd, trainer.mesh)
+    accumulating = trainer_lib.Trainer(tiny_config(grad_accum_steps=2), sd, trainer.mesh)
     state, _ = _one_step(accumulating, sd, params, host_batch)
     chex.assert_trees_all_close(jax.device_get(state.params), jax.device_get(expected.params), atol=1e-6, rtol=0)
 
@@ -398,8 +398,8 @@ def test_remat_gives_the_same_gradients(loaded, trainer, unet_grad):
 def test_cached_latents_give_the_loss_of_encoding_the_pixels(loaded, trainer, train_set):
     sd, params = loaded
     frozen = train.place_frozen(params, sd, trainer.mesh)
-    encode = jax.jit(lambda px: train.encode_latent_moments(sd, params.vae, px))
-    cache = train.build_latent_cache(train_set, lambda px: jax.device_get(encode(px)), resolution=64, chunk_size=8)
+    encode = jax.jit(lambda px: sd.encode_posterior(params.vae, px))
+    cache = trainer_lib.build_latent_cache(train_set, lambda px: jax.device_get(encode(px)), resolution=64, chunk_size=8)
     assert len(cache.rows) == 4 + 20  # every distinct reference and class image, once
     batch = next(data.make_train_iterator(train_set, global_batch_size=4, seed=0, resolution=64))
     batch = {**batch, **train.draw_step_randomness(jax.random.key(0), sd, batch, 1000)}
@@ -412,7 +412,7 @@ def test_cached_latents_give_the_loss_of_encoding_the_pixels(loaded, trainer, tr
 @pytest.mark.slow
 def test_bfloat16_compute_trains_float32_weights(tiny_assets, train_set):
     sd, params = models.load_stable_diffusion(tiny_assets["sd"], compute_dtype="bfloat16")
-    trainer = train.Trainer(tiny_config(), sd, sharding.make_mesh(1, 1, devices=jax.devices()[:1]))
+    trainer = trainer_lib.Trainer(tiny_config(), sd, sharding.make_mesh(1, 1, devices=jax.devices()[:1]))
     trained, metrics = trainer.train_round(params, train_set, progress=False)
     assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(trained)} == {jnp.dtype(jnp.float32)}
     assert np.isfinite(metrics["loss"]) and metrics["history"][-1]["loss"] < metrics["history"][0]["loss"]
