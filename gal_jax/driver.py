@@ -392,6 +392,8 @@ def human_selection(runtime, round_index, directions, directory, weight, opennes
             f"{selections_file}, then rerun the same command."
         )
     picks = review.read_selections(selections_file, record_like)
+    if not picks:  # the person found nothing worth querying: this round's model is the final one
+        return acquisition.Selection((), (), weight, openness, stopped=True)
     by_id = {d["prompt_id"]: i for i, d in enumerate(directions)}
     chosen = [by_id[p["prompt_id"]] for p in picks]
     images = [

@@ -207,3 +207,12 @@ def test_missing_concept_folder_is_named(tiny_assets, tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         driver.run(config, tmp_path / "work")
     shutil.rmtree(tmp_path / "work", ignore_errors=True)
+
+
+def test_human_feedback_with_nothing_selected_stops_the_run(tiny_assets, tmp_path):
+    config = small_config(tiny_assets, gal__feedback="human", gal__rounds=3)
+    driver.run(config, tmp_path)
+    (tmp_path / "rounds" / "1" / "selections.json").write_text(json.dumps({"round": 1, "selected": []}))
+    driver.run(config, tmp_path)
+    records = driver.read_records(tmp_path)
+    assert len(records) == 1 and records[0]["stopped"] and records[0]["selected"] == []
