@@ -30,3 +30,19 @@ def tiny_assets(tmp_path_factory) -> dict[str, Path]:
     from gal_jax import tiny
 
     return tiny.make_tiny(tmp_path_factory.mktemp("tiny_assets"))
+
+
+@pytest.fixture(scope="session")
+def loaded_sd(tiny_models):
+    """(StableDiffusion, params) of the tiny SD, loaded once per session; tests must not mutate it."""
+    from gal_jax import models
+
+    return models.load_stable_diffusion(tiny_models["sd"])
+
+
+@pytest.fixture(scope="session")
+def loaded_clip(tiny_models):
+    """(ClipModel, params) of the tiny CLIP, loaded once per session; tests must not mutate it."""
+    from gal_jax import models
+
+    return models.load_clip(tiny_models["clip"])

@@ -12,11 +12,6 @@ import torch
 from gal_jax import models, tiny
 
 
-@pytest.fixture(scope="module")
-def loaded_sd(tiny_models):
-    return models.load_stable_diffusion(tiny_models["sd"])
-
-
 def _unet_parity(folder, sd, params, batch=2):
     from diffusers import UNet2DConditionModel
 

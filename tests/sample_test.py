@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gal_jax import models, sample, schedulers, sharding
+from gal_jax import sample, schedulers, sharding
 
 STEPS = 2
 # The anchor pool: prompt_id is the index here. Tests generate subsets in other orders.
@@ -26,11 +26,6 @@ def assert_same_image(actual: np.ndarray, expected: np.ndarray) -> None:
     order for another per-device batch size, which flips a rare pixel by one level."""
     diff = np.abs(actual.astype(int) - expected.astype(int))
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
-
-
-@pytest.fixture(scope="module")
-def loaded_sd(tiny_models):
-    return models.load_stable_diffusion(tiny_models["sd"])
 
 
 @pytest.fixture(scope="module")

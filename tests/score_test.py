@@ -7,14 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from gal_jax import models, sample, score, sharding
+from gal_jax import sample, score, sharding
 
 PROMPTS = ["a teapot on a table", "a cat in watercolor painting style", "a dog on the beach"]
-
-
-@pytest.fixture(scope="module")
-def loaded_clip(tiny_models):
-    return models.load_clip(tiny_models["clip"])
 
 
 @pytest.fixture(scope="module")
