@@ -8,7 +8,6 @@ FLOP/s by the detected device's peak dense bf16 FLOP/s; it reads "n/a" where the
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import jax
 import ml_collections
 import numpy as np
 
