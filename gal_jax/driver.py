@@ -324,6 +324,8 @@ def evaluate_round(runtime: Runtime, round_index: int, unet_params, directory: P
     results = [
         {"round": round_index, **evaluate.evaluate_model(
             runtime.generator, runtime.scorer, params, concept,
+            # A concepts list without reference images is scored against the run's own originals.
+            None if concept.reference_images else [r.image for r in runtime.concept.references],
             num_per_prompt=runtime.config.eval.num_per_prompt, seed=runtime.config.sample.seed,
             txt_scale=runtime.config.eval.txt_scale,
         )}

@@ -144,7 +144,13 @@ def main(argv):
         import jax
 
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    HANDLERS[argv[1]](argv)
+    try:
+        HANDLERS[argv[1]](argv)
+    except (ValueError, FileNotFoundError) as err:
+        # Bad input (a file, a folder, a config value): the message names it; a traceback adds noise.
+        if flags.FLAGS.verbosity >= 1:
+            raise
+        sys.exit(f"gal-jax {argv[1]}: error: {err}")
 
 
 def run():

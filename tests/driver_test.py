@@ -216,3 +216,13 @@ def test_human_feedback_with_nothing_selected_stops_the_run(tiny_assets, tmp_pat
     driver.run(config, tmp_path)
     records = driver.read_records(tmp_path)
     assert len(records) == 1 and records[0]["stopped"] and records[0]["selected"] == []
+
+
+def test_evaluation_after_each_round_is_recorded_and_reported(tiny_assets, tmp_path):
+    config = small_config(tiny_assets, gal__feedback="none", eval__enabled=True)
+    driver.run(config, tmp_path)
+    results = json.loads((tmp_path / "rounds" / "1" / "eval.json").read_text())
+    assert [r["round"] for r in results] == [1]
+    assert {"txt_aln", "img_aln", "ovf"} <= set(results[0])
+    assert 0.0 <= results[0]["ovf"] <= 1.0
+    assert "TXT-ALN" in (tmp_path / "report.html").read_text().upper().replace("TXT_ALN", "TXT-ALN")
