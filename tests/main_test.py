@@ -69,3 +69,10 @@ def test_sample_then_evaluate_the_folder_writes_metrics(tiny_assets, tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr
     results = json.loads((tmp_path / "eval" / "eval" / "results.json").read_text())
     assert {"txt_aln", "img_aln", "ovf"} <= set(results[0] if isinstance(results, list) else results["results"][0])
+
+
+def test_bad_config_value_is_one_clear_line_without_traceback(tmp_path):
+    result = gal_jax("run", "--config=configs/tiny_cpu.py", f"--workdir={tmp_path}", "--config.gal.feedback=oracle")
+    assert result.returncode != 0
+    assert "gal-jax run: error: config.gal.feedback='oracle'" in result.stderr
+    assert "Traceback" not in result.stderr
