@@ -303,13 +303,17 @@ class Trainer:
         """Returns the global device batch assembled from this process's host batch."""
         if cache is not None:
             batch = cache.replace_pixels(batch)
-        return sharding.global_batch_from_local(batch, self.mesh)
+        # A deliberate transfer: with several processes it goes through make_array_from_callback,
+        # which the loop's transfer guard would otherwise refuse.
+        with jax.transfer_guard_host_to_device("allow"):
+            return sharding.global_batch_from_local(batch, self.mesh)
 
     def _run(self, state, batches, frozen, iterator, ckpt, progress, train_set_dir):
         """Returns (params, metrics) after the steps left from state.step."""
         train_config = self.config.train
         start = int(jax.device_get(state.step))
-        rng = jax.device_put(jax.random.key(train_config.seed), sharding.replicated(self.mesh))
+        # Made on the mesh inside jit: device_put of a key onto devices of other processes fails.
+        rng = jax.jit(lambda: jax.random.key(train_config.seed), out_shardings=sharding.replicated(self.mesh))()
         first = next(batches)
         step_fn = self.compiled_step(state, first, frozen)
         per_step = first["weight"].shape[0]
