@@ -202,6 +202,7 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> Path:
     check_config(config)
     workdir = Path(workdir)
     prepare_workdir(config, workdir)
+    io_utils.sync("prepare_workdir")
     io_utils.enable_compilation_cache()
     runtime = build_runtime(config, workdir)
     records = read_records(workdir)
@@ -215,19 +216,22 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> Path:
             record = run_round(runtime, round_index, rounds, records)
         except AwaitingHumanFeedback as waiting:
             print(waiting)
-            return report.write_report(workdir, records, _evaluations(workdir))
+            return _write_report(workdir, records)
         records.append(record)
-        report.write_report(workdir, records, _evaluations(workdir))
+        _write_report(workdir, records)
         if record["stopped"]:
             print(f"Round {round_index}: fewer than k={config.gal.k} directions left with H > 0; stopping.")
             break
-    return report.write_report(workdir, records, _evaluations(workdir))
+    return _write_report(workdir, records)
 
 
-def _evaluations(workdir: Path) -> list[dict] | None:
+def _write_report(workdir: Path, records: list[dict]) -> Path:
+    """Returns the report's path, (re)writing it in the primary process."""
     from gal_jax import evaluate
 
-    return evaluate.read_round_results(workdir) or None
+    if io_utils.is_primary():
+        return report.write_report(workdir, records, evaluate.read_round_results(workdir) or None)
+    return workdir / "report.html"
 
 
 def read_records(workdir: Path) -> list[dict]:
@@ -291,6 +295,7 @@ def run_round(runtime: Runtime, round_index: int, rounds: int, records: list[dic
     with _timed(timings, "write"):
         record["timings"] = timings
         io_utils.write_json(directory / "record.json", record)
+    io_utils.sync(f"record {directory}")
     print(_timing_line(round_index, timings))
     return record
 
@@ -300,15 +305,17 @@ def train_round(runtime: Runtime, references: list[data.Reference], directory: P
     concept = runtime.concept
     train_set = directory / "train_set"
     if not (directory / "train_set.done").exists():
-        data.write_training_set(
-            references,
-            list(concept.class_images),
-            concept.class_prompt,
-            train_set,
-            runtime.sd.tokenize,
-            runtime.config.data.resolution,
-        )
+        if io_utils.is_primary():
+            data.write_training_set(
+                references,
+                list(concept.class_images),
+                concept.class_prompt,
+                train_set,
+                runtime.sd.tokenize,
+                runtime.config.data.resolution,
+            )
         io_utils.touch(directory / "train_set.done")
+    io_utils.sync(f"train_set {directory}")
     unet_params, _ = runtime.trainer.train_round(runtime.sd_params, train_set, directory / "checkpoints")
     return unet_params
 
@@ -419,6 +426,7 @@ def generate_images(runtime, round_index, unet_params, pool, directory, timings)
         images.block_until_ready()
     with _timed(timings, "write"):
         _write_generated(runtime, images, pool, directory, done)
+    io_utils.sync(f"generated {directory}")
     return images, io_utils.read_json(done)
 
 

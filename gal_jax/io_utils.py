@@ -14,8 +14,28 @@ from PIL import Image
 COMPILATION_CACHE = Path(os.environ.get("GAL_JAX_CACHE", "~/.cache/gal_jax")).expanduser() / "xla"
 
 
+def is_primary() -> bool:
+    """Returns True in the process that writes files (process 0; the only one on a single host)."""
+    import jax
+
+    return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+    """Waits until every process reaches this point (after process 0 wrote what they will read)."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Writes `payload` to a temp file beside `path` and renames it into place."""
+    """Writes `payload` to a temp file beside `path` and renames it into place (process 0 only:
+    in a multi-host run the others hold the same values and wait at `sync`)."""
+    if not is_primary():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import ml_collections
 
+from gal_jax import io_utils, tiny_data
+
 ASSETS = Path(__file__).parent / "assets"
 BPE_FILE = ASSETS / "bpe_simple_vocab_16e6.txt.gz"
 TINY_VERSION = "tiny-v2"
@@ -219,7 +221,7 @@ def make_tiny(root: Path | str = DEFAULT_TINY_DIR, *, force: bool = False) -> di
     """
     root = Path(root).expanduser()
     root.mkdir(parents=True, exist_ok=True)
-    paths = {"root": root, "sd": root / "sd", "clip": root / "clip"}
+    paths = make_tiny_paths(root)
     for name, writer in (("sd", write_tiny_stable_diffusion), ("clip", write_tiny_clip)):
         if force and paths[name].exists():
             shutil.rmtree(paths[name])
@@ -227,10 +229,14 @@ def make_tiny(root: Path | str = DEFAULT_TINY_DIR, *, force: bool = False) -> di
             with tempfile.TemporaryDirectory(dir=root, prefix=f".{name}-") as tmp:
                 writer(Path(tmp) / name)
                 os.replace(Path(tmp) / name, paths[name])
-    from gal_jax import tiny_data
-
-    paths.update(tiny_data.make_tiny_concepts(root / "data"))
+    tiny_data.make_tiny_concepts(root / "data")
     return paths
+
+
+def make_tiny_paths(root: Path) -> dict[str, Path]:
+    """Returns where make_tiny puts each part of the tiny default under `root` (builds nothing)."""
+    root = Path(root).expanduser()
+    return {"root": root, "sd": root / "sd", "clip": root / "clip", **tiny_data.concept_paths(root / "data")}
 
 
 def resolve_paths(config: ml_collections.ConfigDict) -> dict[str, Path | None]:
@@ -238,7 +244,11 @@ def resolve_paths(config: ml_collections.ConfigDict) -> dict[str, Path | None]:
     need_tiny = not (config.model.sd_path and config.model.clip_path and config.data.concept_dir)
     tiny_paths: dict[str, Path] = {}
     if need_tiny:
-        tiny_paths = make_tiny(config.model.tiny_dir or DEFAULT_TINY_DIR)
+        root = Path(config.model.tiny_dir or DEFAULT_TINY_DIR).expanduser()
+        if io_utils.is_primary():
+            make_tiny(root)
+        io_utils.sync("make_tiny")
+        tiny_paths = make_tiny_paths(root)
     concept_default = tiny_paths.get(f"{config.data.kind}_concept")
     # The tiny class images belong to the tiny object concept only.
     use_tiny_classes = config.data.kind == "object" and not config.data.concept_dir

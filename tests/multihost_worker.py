@@ -1,6 +1,8 @@
 """One JAX process of the multi-host check: train a round, generate a grid, gather it, score it.
 
-    python tests/multihost_worker.py PROCESS_ID PORT WORKDIR [NUM_PROCESSES]
+    python tests/multihost_worker.py PROCESS_ID PORT WORKDIR [NUM_PROCESSES [driver]]
+
+With `driver`, each process instead runs the whole GAL loop (driver.run) in WORKDIR/run.
 
 Every process sees 8 // NUM_PROCESSES fake CPU devices; with NUM_PROCESSES > 1 the processes join
 through `jax.distributed` on 127.0.0.1:PORT (gloo collectives), so the mesh spans 8 devices in all
@@ -161,8 +163,25 @@ def run(process_id: int, port: int, workdir: Path, num_processes: int) -> dict:
     }
 
 
+def run_driver(process_id: int, port: int, workdir: Path, num_processes: int) -> dict:
+    """Runs the whole GAL loop (driver.run) in a workdir shared by every process; returns its records."""
+    from gal_jax import driver
+
+    start(process_id, port, num_processes)
+    config = tiny_config()
+    config.model.tiny_dir = str(workdir / "tiny")
+    config.train.batch_size = 8
+    config.sample.num_per_prompt = 4
+    config.sample.max_images_per_device = 4
+    config.gal.k = 2
+    config.gal.rounds = 2
+    report = driver.run(config, workdir / "run")
+    return {"process_index": jax.process_index(), "report": str(report),
+            "records": driver.read_records(workdir / "run")}
+
+
 def main(argv: list[str]) -> None:
-    if len(argv) not in (4, 5):
+    if len(argv) not in (4, 5, 6):
         raise SystemExit(__doc__)
     process_id, port, workdir = int(argv[1]), int(argv[2]), Path(argv[3])
     num_processes = int(argv[4]) if len(argv) > 4 else 2
@@ -171,6 +190,12 @@ def main(argv: list[str]) -> None:
 
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
+    if len(argv) > 5 and argv[5] == "driver":
+        result = run_driver(process_id, port, workdir, num_processes)
+        (workdir / f"result_{process_id}.json").write_text(json.dumps(result, indent=1))
+        if num_processes > 1:
+            jax.distributed.shutdown()
+        return
     result = run(process_id, port, workdir, num_processes)
     (workdir / f"result_{process_id}.json").write_text(json.dumps(result, indent=1))
     if num_processes > 1:
