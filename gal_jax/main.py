@@ -155,6 +155,11 @@ def main(argv):
 
 def run():
     """Console-script entry point."""
+    if any(arg in ("-h", "-help", "--help") for arg in sys.argv[1:]):
+        # absl's --help lists the flags of the __main__ module: the console-script wrapper has none.
+        print(__doc__)
+        print(flags.FLAGS.module_help(__name__))
+        return
     app.run(main, flags_parser=_parse_flags)
 
 

@@ -76,3 +76,10 @@ def test_bad_config_value_is_one_clear_line_without_traceback(tmp_path):
     assert result.returncode != 0
     assert "gal-jax run: error: config.gal.feedback='oracle'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_help_lists_the_commands_and_their_flags():
+    result = gal_jax("--help")
+    assert result.returncode == 0
+    assert "gal-jax bench train|sample|score" in result.stdout
+    assert "--num_per_prompt" in result.stdout and "--workdir" in result.stdout
