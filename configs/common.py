@@ -17,7 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict()
     config.model.sd_path = ""
     config.model.clip_path = ""
-    config.model.tiny_dir = ""  # '' -> $GAL_JAX_CACHE/tiny-v1 (~/.cache/gal_jax/tiny-v1)
+    config.model.tiny_dir = ""  # '' -> $GAL_JAX_CACHE/tiny-v2 (~/.cache/gal_jax/tiny-v2)
     config.model.param_dtype = "float32"
     config.model.compute_dtype = "float32"  # 'bfloat16' for mixed precision on GPU/TPU
 
