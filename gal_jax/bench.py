@@ -107,9 +107,9 @@ def build_models(config) -> tuple[Any, Any, Any, Any]:
         return sd, sd_params, clip, clip_params
     if config.bench.model != "config":
         raise ValueError(f"config.bench.model={config.bench.model!r}; expected 'config' or 'sd15'")
-    sd, sd_params = models.load_stable_diffusion(
-        paths["sd"], param_dtype=config.model.param_dtype, compute_dtype=config.model.compute_dtype
-    )
+    from gal_jax import driver
+
+    sd, sd_params = driver.load_sd(config, paths["sd"])
     clip, clip_params = models.load_clip(paths["clip"])
     return sd, sd_params, clip, clip_params
 

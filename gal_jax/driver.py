@@ -24,7 +24,10 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
-from gal_jax import acquisition, anchors, data, io_utils, report, review, sample, tiny
+from gal_jax import (
+    acquisition, anchors, data, evaluate, io_utils, models, report, review, sample, score, sharding, tiny,
+    trainer,
+)
 
 FEEDBACK_MODES = ("uncertainty", "random", "human", "none")
 
@@ -156,15 +159,18 @@ def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def load_sd(config: ml_collections.ConfigDict, path: Path):
+    """Returns (sd, params) of the SD folder at `path` with the config's param and compute dtypes."""
+    return models.load_stable_diffusion(
+        path, param_dtype=config.model.param_dtype, compute_dtype=config.model.compute_dtype
+    )
+
+
 def build_runtime(config: ml_collections.ConfigDict, workdir: Path) -> Runtime:
     """Returns models, mesh and compiled functions for a run (built once, reused every round)."""
-    from gal_jax import models, sample, score, sharding, trainer
-
     paths = tiny.resolve_paths(config)
     concept = load_concept(config, paths["concept"], paths["class"])
-    sd, sd_params = models.load_stable_diffusion(
-        paths["sd"], param_dtype=config.model.param_dtype, compute_dtype=config.model.compute_dtype
-    )
+    sd, sd_params = load_sd(config, paths["sd"])
     clip, clip_params = models.load_clip(paths["clip"])
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     return Runtime(
@@ -184,8 +190,6 @@ def _eval_concepts(config, paths) -> tuple:
     """Returns the concepts evaluated after each round (the tiny list when none is configured)."""
     if not config.eval.enabled:
         return ()
-    from gal_jax import evaluate
-
     concepts_json = config.eval.concepts_json or paths.get("concepts_json")
     if not concepts_json:
         raise ValueError("config.eval.enabled needs config.eval.concepts_json (the authors' concepts list)")
@@ -227,8 +231,6 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> Path:
 
 def _write_report(workdir: Path, records: list[dict]) -> Path:
     """Returns the report's path, (re)writing it in the primary process."""
-    from gal_jax import evaluate
-
     if io_utils.is_primary():
         return report.write_report(workdir, records, evaluate.read_round_results(workdir) or None)
     return workdir / "report.html"
@@ -322,8 +324,6 @@ def train_round(runtime: Runtime, references: list[data.Reference], directory: P
 
 def evaluate_round(runtime: Runtime, round_index: int, unet_params, directory: Path) -> list[dict]:
     """Returns TXT-ALN / IMG-ALN / OVF of this round's model per concept (cached in eval.json)."""
-    from gal_jax import evaluate
-
     done = directory / "eval.json"
     if done.exists():
         return io_utils.read_json(done)
@@ -527,15 +527,11 @@ def _timing_line(round_index: int, timings: dict) -> str:
 
 def sample_command(config, prompts_file: Path, num_per_prompt: int, out: Path) -> Path:
     """Generates `num_per_prompt` images for every prompt of a file with the base model; returns out."""
-    from gal_jax import models, sample, sharding
-
     prompts = [line.strip() for line in io_utils.read_text(prompts_file).splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"{prompts_file}: no prompts (one prompt a line)")
     paths = tiny.resolve_paths(config)
-    sd, params = models.load_stable_diffusion(
-        paths["sd"], param_dtype=config.model.param_dtype, compute_dtype=config.model.compute_dtype
-    )
+    sd, params = load_sd(config, paths["sd"])
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     sample.sample_to_dir(config, sd, params, prompts, num_per_prompt, out, mesh=mesh)
     return out
