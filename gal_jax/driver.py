@@ -224,8 +224,11 @@ def run(config: ml_collections.ConfigDict, workdir: Path) -> Path:
         records.append(record)
         _write_report(workdir, records)
         if record["stopped"]:
-            print(f"Round {round_index}: fewer than k={config.gal.k} directions left with H > 0; stopping.")
+            print(f"Round {round_index}: nothing left worth querying; stopping early.")
             break
+    if records:
+        final = round_dir(workdir, records[-1]["round"]) / "checkpoints"
+        print(f"Final model: the last checkpoint in {final}")
     return _write_report(workdir, records)
 
 
