@@ -138,8 +138,10 @@ HANDLERS = {
 def main(argv):
     if len(argv) < 2 or argv[1] not in HANDLERS:
         raise UsageError(f"usage: gal-jax {{{'|'.join(COMMANDS)}}} [flags]; see `gal-jax --help`")
-    # absl INFO is orbax's and TFDS's chatter; our progress is printed by the progress bars.
-    logging.set_verbosity(logging.WARNING)
+    debug = flags.FLAGS.verbosity >= 1  # --verbosity=1: absl/orbax logs and full tracebacks
+    if not debug:
+        # absl INFO is orbax's and TFDS's chatter; our progress is printed by the progress bars.
+        logging.set_verbosity(logging.WARNING)
     if _DISTRIBUTED.value:
         import jax
 
@@ -148,7 +150,7 @@ def main(argv):
         HANDLERS[argv[1]](argv)
     except (ValueError, FileNotFoundError) as err:
         # Bad input (a file, a folder, a config value): the message names it; a traceback adds noise.
-        if flags.FLAGS.verbosity >= 1:
+        if debug:
             raise
         sys.exit(f"gal-jax {argv[1]}: error: {err}")
 
