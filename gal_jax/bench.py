@@ -119,7 +119,7 @@ def bench_sample(config, sd, sd_params, mesh) -> dict:
     from gal_jax import sample
 
     generator = sample.Generator.from_config(config, sd, mesh)
-    images = generator.chunk_size(config.sample.max_images_per_device * sharding.batch_size_per_device_multiple(mesh))
+    images = generator.chunk_size(config.sample.max_images_per_device * sharding.num_batch_shards(mesh))
     start = time.perf_counter()
     compiled, args = generator.compiled_chunk(sd_params, images)
     compile_s = time.perf_counter() - start

@@ -160,7 +160,7 @@ class Generator:
 
     @property
     def num_shards(self) -> int:
-        return sharding.batch_size_per_device_multiple(self.mesh)
+        return sharding.num_batch_shards(self.mesh)
 
     def chunk_size(self, num_images: int) -> int:
         """Returns the images per compiled call for a grid of `num_images` (a multiple of the shards)."""

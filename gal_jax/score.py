@@ -82,7 +82,7 @@ class Scorer:
     def __init__(self, clip: ClipModel, clip_params: Any, mesh: Mesh, *, batch_size: int = 64):
         if batch_size < 1:
             raise ValueError(f"score batch_size must be >= 1, got {batch_size}")
-        shards = sharding.batch_size_per_device_multiple(mesh)
+        shards = sharding.num_batch_shards(mesh)
         self.clip = clip
         self.mesh = mesh
         self.batch_size = -(-batch_size // shards) * shards

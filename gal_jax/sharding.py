@@ -46,14 +46,14 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | Non
     return Mesh(grid, DATA_AXES)
 
 
-def batch_size_per_device_multiple(mesh: Mesh) -> int:
+def num_batch_shards(mesh: Mesh) -> int:
     """Returns the number of shards a global batch is split into."""
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
 def check_batch_divisible(global_batch: int, mesh: Mesh, what: str = "train.batch_size") -> None:
     """Raises ValueError when `global_batch` cannot be split evenly over the mesh's batch axes."""
-    shards = batch_size_per_device_multiple(mesh)
+    shards = num_batch_shards(mesh)
     if global_batch % shards:
         raise ValueError(
             f"{what}={global_batch} is not divisible by the {shards} batch shards of the mesh "

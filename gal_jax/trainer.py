@@ -286,7 +286,7 @@ class Trainer:
 
     def _latent_cache(self, train_set_dir: Path, frozen: FrozenInputs) -> LatentCache:
         # Encodes a training batch of images at a time, rounded up to fill every device.
-        shards = sharding.batch_size_per_device_multiple(self.mesh)
+        shards = sharding.num_batch_shards(self.mesh)
         images = self.config.train.batch_size * self.config.train.grad_accum_steps
         spec = sharding.batch_sharding(self.mesh)
 
