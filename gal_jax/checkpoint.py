@@ -7,7 +7,8 @@ One `CheckpointManager` per round directory with three named items (maxdiffusion
   data_iterator  the grain iterator state, one JSON file per process (grain's orbax handler);
   metadata       a small JSON dict (step, total steps, what was trained on).
 Saves are asynchronous: call `wait_until_finished` (or close, or leave the `with` block) before
-reading the files or exiting.
+reading the files or exiting. A save may run inside a disallowing transfer guard: it allows its own
+device-to-host copy.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 STATE = "state"
@@ -69,7 +71,11 @@ class Checkpointer:
         }
         if data_iterator is not None:
             items[DATA_ITERATOR] = grain.checkpoint.CheckpointSave(data_iterator)
-        self._manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+        # Orbax copies the arrays to the host on this thread before writing them in the
+        # background: a deliberate copy, which a caller's jax.transfer_guard("disallow") (the
+        # train loop's) refuses on a GPU or TPU. Host-to-device copies stay as the caller set them.
+        with jax.transfer_guard_device_to_host("allow"):
+            self._manager.save(int(step), args=ocp.args.Composite(**items), force=True)
 
     def restore(
         self, abstract_state: Any, *, step: int | None = None, data_iterator: Any = None
