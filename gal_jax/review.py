@@ -13,18 +13,24 @@ two ways:
 
 from __future__ import annotations
 
-import functools
+import dataclasses
+import hmac
 import html
 import json
+import mimetypes
+import os
+import secrets
 import urllib.parse
 from http import HTTPStatus
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Sequence
 
 from gal_jax import io_utils
+from gal_jax.records import Direction, to_json
 from gal_jax.report import fmt, relative_url
+from gal_jax.workdir import RoundPaths, Workdir, WorkdirBusyError
 
-SELECTIONS_FILE = "selections.json"
 _MAX_BODY_BYTES = 1 << 20
 
 
@@ -36,8 +42,8 @@ class SelectionsError(ValueError):
 # Checking selections.
 
 
-def read_selections(path: Path, record_like: dict) -> list[dict]:
-    """Returns the checked entries of a selections.json file, in file order.
+def read_selections(path: Path, round_index: int, directions: Sequence[Direction]) -> list[dict]:
+    """Returns the checked entries of a selections.json file for a round's scored directions.
 
     Raises FileNotFoundError when the file is missing and SelectionsError, naming the file and the
     entry, when it is not JSON or names an unknown direction or image, an image of another
@@ -48,7 +54,12 @@ def read_selections(path: Path, record_like: dict) -> list[dict]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
         raise SelectionsError(f"{path}: not valid JSON ({error})") from error
-    return check_selections(data, record_like, source=str(path))
+    return check_selections(data, _record_like(round_index, directions), source=str(path))
+
+
+def _record_like(round_index: int, directions: Sequence[Direction]) -> dict:
+    """Returns the page's data layout of a round's directions (as review.json holds them)."""
+    return {"round": round_index, "directions": [to_json(d) for d in directions]}
 
 
 def check_selections(data, record_like: dict, source: str) -> list[dict]:
@@ -177,20 +188,21 @@ def _direction_html(direction: dict, page_dir: Path, workdir: Path) -> str:
     )
 
 
-def write_review_page(workdir: Path, record_like: dict, k: int) -> Path:
+def write_review_page(workdir: Path, round_index: int, directions: Sequence[Direction], k: int) -> Path:
     """Returns the path of `DIR/rounds/<r>/review.html`, written with `review.json` beside it.
 
     Args:
-      workdir: the run directory DIR; image paths in record_like are relative to it.
-      record_like: a round record, or anything with "round" and scored "directions" in its format.
+      workdir: the run directory DIR; image paths of the directions are relative to it.
+      round_index: the round r whose generated images are reviewed.
+      directions: the round's scored directions.
       k: how many directions the round would query; the page shows the count against it.
     """
     workdir = Path(workdir)
-    data = review_data(record_like, k)
-    page_dir = workdir / "rounds" / str(data["round"])
-    io_utils.write_json(page_dir / "review.json", data)
-    page = page_dir / "review.html"
-    io_utils.atomic_write_bytes(page, render_review_page(data, page_dir, workdir).encode("utf-8"))
+    data = review_data(_record_like(round_index, directions), k)
+    paths = Workdir(workdir).round(data["round"])
+    io_utils.write_json(paths.review_json, data)
+    page = paths.review_html
+    io_utils.atomic_write_bytes(page, render_review_page(data, paths.dir, workdir).encode("utf-8"))
     return page
 
 
@@ -249,6 +261,8 @@ const sections = Array.from(document.querySelectorAll("section.direction"));
 const byId = (id) => document.getElementById(id);
 const isTicked = (s) => s.querySelector("input.tick").checked;
 const pickOf = (s) => s.querySelector(".pick.selected");
+// Put in by `gal-jax review` when it sends the page; the server saves only POSTs carrying it.
+const token = document.querySelector('meta[name="gal-review-token"]');
 
 function selections() {{
   return {{round: config.round, selected: sections.filter(isTicked).map((s) => ({{
@@ -291,7 +305,8 @@ async function save() {{
   if (!location.protocol.startsWith("http")) return download();
   try {{
     const response = await fetch("/selections", {{
-        method: "POST", headers: {{"Content-Type": "application/json"}},
+        method: "POST", headers: {{"Content-Type": "application/json",
+                                   "X-GAL-Review-Token": token ? token.content : ""}},
         body: JSON.stringify(selections())}});
     const reply = await response.json();
     if (response.ok) status(`Saved ${{reply.selected}} selection(s) to ${{reply.saved}}`, true);
@@ -319,69 +334,258 @@ refresh();
 
 
 # ----------------------------------------------------------------------------------------------
-# The server.
+# The server. Local in every sense: any web page open in the browser can make it send requests
+# here, and one whose DNS name rebinds to 127.0.0.1 even reads the answers. So it answers only
+# requests addressed to 127.0.0.1:<port> or localhost:<port>, sends only the review page and the
+# images it shows, and saves only POSTs from its own origin carrying the token of the page it sent.
+
+TOKEN_HEADER = "X-GAL-Review-Token"
+_TOKEN_META = '<meta name="gal-review-token" content="{token}">'
+_LOOPBACK = "127.0.0.1"
 
 
-class _ReviewHandler(SimpleHTTPRequestHandler):
-    """Serves the workdir's files and accepts POST /selections for one round."""
+@dataclasses.dataclass(frozen=True)
+class _Site:
+    """What one review server sends and accepts."""
 
-    def __init__(self, *args, review: dict, target: Path, **kwargs):
-        self.review, self.target = review, target  # first: the base __init__ handles the request
-        super().__init__(*args, **kwargs)
+    workdir: Path  # resolved; nothing outside it is ever sent
+    review: dict  # review.json: what POSTed selections are checked against
+    page_route: str  # "/rounds/<r>/review.html"
+    files: dict[str, Path]  # URL path -> file: the page and the images it shows
+    target: Path  # where a POST is saved: rounds/<r>/selections.json
+    hosts: frozenset[str]  # the Host values answered: 127.0.0.1:<port> and localhost:<port>
+    token: str  # new at every start; the served page carries it, a POST must send it back
 
-    def do_POST(self):  # noqa: N802 (http.server's name)
-        if urllib.parse.urlsplit(self.path).path != "/selections":
-            return self._reply(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint {self.path}"})
-        origin = self.headers.get("Origin")
-        # Another site open in the same browser must not be able to write selections.
-        if origin and urllib.parse.urlsplit(origin).netloc != self.headers.get("Host"):
-            return self._reply(HTTPStatus.FORBIDDEN, {"error": f"cross-origin POST from {origin}"})
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > _MAX_BODY_BYTES:
-            return self._reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                               {"error": f"a body of {length} bytes is too large"})
+    @property
+    def origins(self) -> frozenset[str]:
+        return frozenset(f"http://{host}" for host in self.hosts)
+
+
+class _Refusal(Exception):
+    """A request answered with an HTTP error code and {"error": message}."""
+
+    def __init__(self, code: HTTPStatus, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class _ReviewServer(ThreadingHTTPServer):
+    """A threading HTTP server that carries the review site its handlers serve."""
+
+    site: _Site
+
+
+class _ReviewHandler(BaseHTTPRequestHandler):
+    """Sends one round's review page and its images (GET, HEAD); saves POST /selections."""
+
+    server: _ReviewServer
+    timeout = 10.0  # seconds a connection may stall, e.g. a body shorter than its Content-Length
+    default_request_version = "HTTP/1.0"  # errors about a garbled request line get a status line
+
+    def do_GET(self):  # noqa: N802 (http.server's names)
+        self._answer(self._send_file)
+
+    def do_HEAD(self):  # noqa: N802
+        self._answer(self._send_file)
+
+    def do_POST(self):  # noqa: N802
+        self._answer(self._save_selections)
+
+    def _answer(self, respond) -> None:
         try:
-            data = json.loads(self.rfile.read(length).decode("utf-8"))
-            entries = check_selections(data, self.review, source="POST /selections")
-        except ValueError as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            return self._reply(HTTPStatus.BAD_REQUEST, {"error": str(error)})
-        io_utils.write_json(self.target, {"round": self.review["round"], "selected": entries})
-        return self._reply(HTTPStatus.OK, {"saved": str(self.target), "selected": len(entries)})
+            respond()
+        except _Refusal as refusal:
+            self._reply(refusal.code, {"error": str(refusal)})
+
+    def _send_file(self) -> None:
+        self._check_host()
+        site = self.server.site
+        route = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
+        body = _read_inside(site.files[route], site.workdir) if route in site.files else None
+        if body is None:
+            raise _Refusal(HTTPStatus.NOT_FOUND,
+                           f"{route}: not found (only the review page of round "
+                           f"{site.review['round']} and its images are served)")
+        if route == site.page_route:
+            self._send(HTTPStatus.OK, _with_token(body, site.token), "text/html; charset=utf-8")
+        else:
+            kind = mimetypes.guess_type(route)[0] or "application/octet-stream"
+            self._send(HTTPStatus.OK, body, kind)
+
+    def _save_selections(self) -> None:
+        # The body first: refused before it is read, it would reset the connection under the reply.
+        body = self._read_body()
+        self._check_host()
+        site = self.server.site
+        if urllib.parse.urlsplit(self.path).path != "/selections":
+            raise _Refusal(HTTPStatus.NOT_FOUND, f"no such endpoint {self.path}")
+        origin = self._single_header("Origin")
+        if origin not in site.origins:
+            raise _Refusal(HTTPStatus.FORBIDDEN,
+                           f"cross-origin POST from {_short(origin)}: only the review page this "
+                           f"server sent may save")
+        token = (self._single_header(TOKEN_HEADER) or "").encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(token, site.token.encode("ascii")):
+            raise _Refusal(HTTPStatus.FORBIDDEN,
+                           f"missing or wrong {TOKEN_HEADER} (a page from an earlier server?): "
+                           f"reload the page and save again")
+        entries = _parse_selections(body, site.review)
+        selections = {"round": site.review["round"], "selected": entries}
+        try:
+            with Workdir(site.workdir).lock("gal-jax review"):
+                io_utils.write_json(site.target, selections)
+        except WorkdirBusyError as error:
+            raise _Refusal(HTTPStatus.CONFLICT, f"not saved: {error}") from None
+        except OSError as error:
+            raise _Refusal(HTTPStatus.INTERNAL_SERVER_ERROR,
+                           f"not saved: cannot write {site.target} ({error})") from None
+        self._reply(HTTPStatus.OK, {"saved": str(site.target), "selected": len(entries)})
+
+    def _check_host(self) -> None:
+        """Raises _Refusal unless the request is addressed to this server by its loopback name."""
+        host, hosts = self._single_header("Host"), self.server.site.hosts
+        if host not in hosts:
+            raise _Refusal(HTTPStatus.BAD_REQUEST,
+                           f"request addressed to host {_short(host)}; this server answers only "
+                           f"{' or '.join(sorted(hosts))}")
+
+    def _read_body(self) -> bytes:
+        """Returns the body: exactly Content-Length (ASCII digits, at most 1 MiB) bytes."""
+        if "Transfer-Encoding" in self.headers:
+            raise _Refusal(HTTPStatus.LENGTH_REQUIRED,
+                           "send the body with a Content-Length, not a Transfer-Encoding")
+        values = self.headers.get_all("Content-Length") or []
+        if not values:
+            raise _Refusal(HTTPStatus.LENGTH_REQUIRED, "a POST needs a Content-Length header")
+        text = values[0].strip(" \t")
+        if len(values) > 1 or not (text.isascii() and text.isdigit()):
+            raise _Refusal(HTTPStatus.BAD_REQUEST,
+                           f"Content-Length must be one number of bytes, got {_short(values)}")
+        digits = text.lstrip("0") or "0"
+        if len(digits) > len(str(_MAX_BODY_BYTES)) or int(digits) > _MAX_BODY_BYTES:
+            raise _Refusal(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                           f"a body of {_short(digits)} bytes is too large "
+                           f"(at most {_MAX_BODY_BYTES})")
+        length = int(digits)
+        try:
+            body = self.rfile.read(length)
+        except TimeoutError:
+            raise _Refusal(HTTPStatus.BAD_REQUEST,
+                           f"the body stalled for {self.timeout} s before the {length} bytes its "
+                           f"Content-Length announced") from None
+        if len(body) != length:
+            raise _Refusal(HTTPStatus.BAD_REQUEST,
+                           f"the body has {len(body)} bytes; its Content-Length announced {length}")
+        return body
+
+    def _single_header(self, name: str) -> str | None:
+        """Returns the value of a header sent exactly once, else None."""
+        values = self.headers.get_all(name) or []
+        return values[0] if len(values) == 1 else None
 
     def _reply(self, code: HTTPStatus, payload: dict) -> None:
-        body = json.dumps(payload).encode("utf-8")
+        self._send(code, json.dumps(payload).encode("utf-8"), "application/json")
+
+    def _send(self, code: HTTPStatus, body: bytes, content_type: str) -> None:
+        """Sends a response (the body left out for HEAD) that no other site may frame or sniff."""
         self.send_response(code)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Content-Security-Policy", "frame-ancestors 'none'")
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def send_error(self, code, message=None, explain=None):
+        """Answers http.server's own errors (a malformed request, another method) as JSON."""
+        self.close_connection = True
+        self._reply(code, {"error": message or HTTPStatus(code).phrase})
 
     def log_message(self, format, *args):  # noqa: A002 (the base class's signature)
         # One line per image request would bury the URL the person needs.
         pass
 
 
-def serve_review(workdir: Path, round: int, host: str = "127.0.0.1",  # noqa: A002
+def _read_inside(path: Path, root: Path) -> bytes | None:
+    """Returns the bytes of the file at path, or None unless it is one, inside root (links too)."""
+    try:
+        real = path.resolve(strict=True)
+        return real.read_bytes() if real.is_relative_to(root) and real.is_file() else None
+    except OSError:
+        return None
+
+
+def _with_token(page: bytes, token: str) -> bytes:
+    """Returns the page with the server's token in a meta element, where its script finds it."""
+    head = b"<head>"
+    if head not in page:
+        raise _Refusal(HTTPStatus.INTERNAL_SERVER_ERROR,
+                       "the review page has no <head> to put the token in; rewrite it "
+                       "(write_review_page)")
+    return page.replace(head, head + _TOKEN_META.format(token=token).encode("ascii"), 1)
+
+
+def _parse_selections(body: bytes, review: dict) -> list[dict]:
+    """Returns the checked selections of a POST body; raises _Refusal (400) naming the problem."""
+    source, bad = "POST /selections", HTTPStatus.BAD_REQUEST
+    try:
+        data = json.loads(body.decode("utf-8"))
+        return check_selections(data, review, source=source)
+    except UnicodeDecodeError as error:
+        raise _Refusal(bad, f"{source}: the body is not UTF-8 ({error})") from None
+    except json.JSONDecodeError as error:
+        raise _Refusal(bad, f"{source}: the body is not JSON ({error})") from None
+    except SelectionsError as error:
+        raise _Refusal(bad, str(error)) from None
+    except RecursionError:
+        raise _Refusal(bad, f"{source}: the body is nested too deeply") from None
+
+
+def _served_files(workdir: Path, paths: RoundPaths, review: dict) -> dict[str, Path]:
+    """Returns {URL path: file} of the review page and of the images under workdir it shows."""
+    images = [io_utils.resolve(workdir, image["path"])
+              for direction in review["directions"] for image in direction["images"]]
+    routes = {_route(workdir, path): path for path in [paths.review_html, *images]}
+    routes.pop(None, None)  # images outside the workdir are never sent
+    return routes
+
+
+def _route(workdir: Path, path: Path) -> str | None:
+    """Returns the URL path of a file under workdir ("/rounds/2/review.html"), None for others."""
+    relative = os.path.relpath(os.path.normpath(path), workdir)
+    if relative == os.pardir or relative.startswith(os.pardir + os.sep):
+        return None
+    return "/" + Path(relative).as_posix()
+
+
+def serve_review(workdir: Path, round: int,  # noqa: A002
                  port: int = 0) -> tuple[ThreadingHTTPServer, str]:
-    """Returns (server, url of the review page): a bound, not yet serving, HTTP server of DIR.
+    """Returns (server, url of the review page): a bound, not yet serving, HTTP server on 127.0.0.1.
 
     The caller runs `server.serve_forever()` (in a thread if it must go on) and ends with
     `server.shutdown(); server.server_close()`. The page served is the one `write_review_page`
-    wrote; without one, it is written from `rounds/<round>/record.json` with the record's k.
-    POST /selections writes `rounds/<round>/selections.json` once `check_selections` accepts it.
+    wrote, with a token new at each start; without a page, it is written from
+    `rounds/<round>/record.json` with the record's k. GET and HEAD send the page and the images it
+    shows, nothing else. POST /selections, from the page, writes `rounds/<round>/selections.json`
+    under the workdir's lock once `check_selections` accepts it.
     """
     workdir = Path(workdir).resolve()
-    round_dir = workdir / "rounds" / str(round)
-    if not (round_dir / "review.json").is_file():
-        record_path = round_dir / "record.json"
-        if not record_path.is_file():
+    paths = Workdir(workdir).round(round)
+    if not paths.review_json.is_file():
+        if not paths.record.is_file():
             raise FileNotFoundError(
-                f"round {round}: neither {round_dir / 'review.json'} nor {record_path} exists")
-        record = io_utils.read_json(record_path)
-        write_review_page(workdir, record, record.get("k"))
-    handler = functools.partial(_ReviewHandler, directory=str(workdir),
-                                review=io_utils.read_json(round_dir / "review.json"),
-                                target=round_dir / SELECTIONS_FILE)
-    server = ThreadingHTTPServer((host, port), handler)
-    bound_host, bound_port = server.server_address[:2]
-    return server, f"http://{bound_host}:{bound_port}/rounds/{round}/review.html"
+                f"round {round}: neither {paths.review_json} nor {paths.record} exists")
+        record = Workdir(workdir).read_record(round)
+        write_review_page(workdir, record.round, record.directions, record.k)
+    review = io_utils.read_json(paths.review_json)
+    server = _ReviewServer((_LOOPBACK, port), _ReviewHandler)
+    port = server.server_address[1]
+    page_route = _route(workdir, paths.review_html)
+    server.site = _Site(workdir=workdir, review=review, page_route=page_route,
+                        files=_served_files(workdir, paths, review),
+                        target=paths.selections,
+                        hosts=frozenset({f"{_LOOPBACK}:{port}", f"localhost:{port}"}),
+                        token=secrets.token_urlsafe(32))
+    return server, f"http://{_LOOPBACK}:{port}{page_route}"

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
+import socket
+import subprocess
+import sys
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -14,6 +19,8 @@ import pytest
 from PIL import Image
 
 from gal_jax import review
+from gal_jax.records import Direction, from_json
+from gal_jax.workdir import Workdir
 
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 CHROMIUM = Path("/usr/bin/chromium")
@@ -34,6 +41,18 @@ def _record(workdir: Path) -> dict:
         directions.append({"prompt": f"a <tiny-teapot> teapot in place {pid}", "prompt_id": pid,
                            "overfit_rate": 1 / 3, "entropy": 0.6365, "images": images})
     return {"round": 2, "k": 2, "directions": directions, "selected": []}
+
+
+def _directions(record: dict) -> list[Direction]:
+    return [from_json(Direction, d) for d in record["directions"]]
+
+
+def write_page(workdir: Path, record: dict, k: int) -> Path:
+    return review.write_review_page(workdir, record["round"], _directions(record), k)
+
+
+def read_selections(path: Path, record: dict) -> list[dict]:
+    return review.read_selections(path, record["round"], _directions(record))
 
 
 @pytest.fixture
@@ -57,7 +76,7 @@ def _choice(record: dict, direction: int, n: int) -> dict:
 
 
 def test_review_page_shows_every_direction_with_its_images_and_sims(workdir, record):
-    page = review.write_review_page(workdir, record, k=2)
+    page = write_page(workdir, record, k=2)
     assert page == workdir / "rounds" / "2" / "review.html"
     text = page.read_text()
     assert re.findall(r'data-prompt-id="(\d+)"', text) == [str(pid) for pid in PROMPT_IDS]
@@ -74,7 +93,7 @@ def test_review_page_shows_every_direction_with_its_images_and_sims(workdir, rec
 
 def test_review_page_refuses_a_round_without_directions(workdir, record):
     with pytest.raises(review.SelectionsError, match="no directions to review"):
-        review.write_review_page(workdir, {**record, "directions": []}, k=2)
+        write_page(workdir, {**record, "directions": []}, k=2)
 
 
 def _write(path: Path, data) -> Path:
@@ -86,12 +105,12 @@ def _write(path: Path, data) -> Path:
 def test_read_selections_returns_the_checked_entries_in_file_order(workdir, record):
     chosen = [_choice(record, 2, 1), _choice(record, 0, 0)]
     path = _write(workdir / "rounds/2/selections.json", {"round": 2, "selected": chosen})
-    assert review.read_selections(path, record) == chosen
+    assert read_selections(path, record) == chosen
 
 
 def test_read_selections_accepts_an_empty_choice(workdir, record):
     path = _write(workdir / "selections.json", {"round": 2, "selected": []})
-    assert review.read_selections(path, record) == []
+    assert read_selections(path, record) == []
 
 
 BAD_CHOICES = [  # (case, selected entries built from the record, what the error must say)
@@ -120,7 +139,7 @@ def test_read_selections_names_the_file_and_entry_of_a_bad_choice(workdir, recor
     path = _write(workdir / "rounds/2/selections.json",
                   {"round": 2, "selected": make_selected(record)})
     with pytest.raises(review.SelectionsError, match=re.escape(str(path)) + ": " + message):
-        review.read_selections(path, record)
+        read_selections(path, record)
 
 
 @pytest.mark.parametrize("content, message", [
@@ -131,18 +150,19 @@ def test_read_selections_names_the_file_and_entry_of_a_bad_choice(workdir, recor
 def test_read_selections_refuses_malformed_files_naming_them(workdir, record, content, message):
     path = _write(workdir / "rounds/2/selections.json", content)
     with pytest.raises(review.SelectionsError, match=re.escape(str(path)) + ": " + message):
-        review.read_selections(path, record)
+        read_selections(path, record)
 
 
 def test_read_selections_of_a_missing_file_raises_file_not_found(workdir, record):
     with pytest.raises(FileNotFoundError):
-        review.read_selections(workdir / "rounds/2/selections.json", record)
+        read_selections(workdir / "rounds/2/selections.json", record)
 
 
 @pytest.fixture
-def served(workdir, record):
+def served(workdir, record, monkeypatch):
     """Yields (page url, selections path) of a running review server for round 2."""
-    review.write_review_page(workdir, record, k=2)
+    monkeypatch.setattr(review._ReviewHandler, "timeout", 1.0)  # a stalled body fails fast
+    write_page(workdir, record, k=2)
     server, url = review.serve_review(workdir, 2)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                               daemon=True)
@@ -153,8 +173,24 @@ def served(workdir, record):
     thread.join()
 
 
+def _token(url: str) -> str:
+    """Returns the token in the review page the server at url sends."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return re.search(r'<meta name="gal-review-token" content="([^"]+)">',
+                         response.read().decode()).group(1)
+
+
+def _origin(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
 def _post(url: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
-    headers = {"Content-Type": "application/json", **(headers or {})}
+    """Returns (status, JSON reply) of a POST sent as the served page sends it, unless headers
+    (None values drop one) say otherwise."""
+    headers = {"Content-Type": "application/json", "Origin": _origin(url),
+               review.TOKEN_HEADER: _token(_page(url)), **(headers or {})}
+    headers = {key: value for key, value in headers.items() if value is not None}
     request = urllib.request.Request(url, data=body, method="POST", headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
@@ -163,8 +199,35 @@ def _post(url: str, body: bytes, headers: dict | None = None) -> tuple[int, dict
         return error.code, json.loads(error.read())
 
 
+def _page(url: str) -> str:
+    return urllib.parse.urljoin(url, "/rounds/2/review.html")
+
+
 def _endpoint(url: str) -> str:
     return urllib.parse.urljoin(url, "/selections")
+
+
+def _raw(url: str, head: str, body: bytes = b"", wait: bool = True) -> tuple[int, dict | None]:
+    """Returns (status, JSON reply or None) of a request sent byte for byte to the server at url.
+
+    head is the request line and headers, one a line (CRLF and the blank line are added). With
+    wait=False the connection is half-closed after the body, as by a client that gave up.
+    """
+    parts = urllib.parse.urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as connection:
+        connection.sendall(head.replace("\n", "\r\n").encode("latin-1") + b"\r\n\r\n" + body)
+        if not wait:
+            connection.shutdown(socket.SHUT_WR)
+        reply = b""
+        while chunk := connection.recv(65536):
+            reply += chunk
+    status_line, _, rest = reply.partition(b"\r\n")
+    payload = rest.partition(b"\r\n\r\n")[2]
+    return int(status_line.split()[1]), json.loads(payload) if payload else None
+
+
+def _valid_body(record: dict) -> bytes:
+    return json.dumps({"round": 2, "selected": [_choice(record, 1, 2)]}).encode()
 
 
 def test_server_serves_the_page_and_its_images(served, record):
@@ -172,9 +235,11 @@ def test_server_serves_the_page_and_its_images(served, record):
     assert url.startswith("http://127.0.0.1:") and url.endswith("/rounds/2/review.html")
     with urllib.request.urlopen(url, timeout=10) as response:
         assert "pick directions and images" in response.read().decode()
+        assert response.headers["Content-Type"] == "text/html; charset=utf-8"
     image_url = urllib.parse.urljoin(url, "/" + _image(record, 1, 2))
     with urllib.request.urlopen(image_url, timeout=10) as response:
         assert response.read().startswith(b"\x89PNG")
+        assert response.headers["Content-Type"] == "image/png"
 
 
 def test_server_writes_a_valid_post_to_selections_json(served, record, workdir):
@@ -182,21 +247,223 @@ def test_server_writes_a_valid_post_to_selections_json(served, record, workdir):
     body = {"round": 2, "selected": [_choice(record, 1, 2), _choice(record, 2, 0)]}
     status, reply = _post(_endpoint(url), json.dumps(body).encode())
     assert (status, reply) == (200, {"saved": str(target.resolve()), "selected": 2})
-    assert review.read_selections(target, record) == body["selected"]
-    assert not list(target.parent.glob("*.tmp"))
+    assert read_selections(target, record) == body["selected"]
+    assert not [p for p in target.parent.iterdir() if p.name.startswith(".tmp")]
+    with Workdir(workdir).lock("gal-jax run"):  # the save released the lock
+        pass
+
+
+def test_server_puts_a_new_token_into_the_page_it_sends_and_none_into_the_file(served, workdir,
+                                                                             record):
+    url, _ = served
+    token = _token(url)
+    assert len(token) >= 32 and _token(url) == token
+    on_disk = (workdir / "rounds/2/review.html").read_text()
+    assert token not in on_disk and "gal-review-token\" content" not in on_disk
+    other, other_url = review.serve_review(workdir, 2)
+    thread = threading.Thread(target=other.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        assert _token(other_url) != token
+        # A page sent by an earlier server (or a guessed token) does not save.
+        status, reply = _post(_endpoint(other_url), _valid_body(record),
+                              {review.TOKEN_HEADER: token})
+        assert status == 403 and review.TOKEN_HEADER in reply["error"]
+    finally:
+        other.shutdown()
+        other.server_close()
+        thread.join()
 
 
 @pytest.mark.parametrize("body, headers, code, message", [
-    (b"{broken", {}, 400, "Expecting property name"),
+    (b"{broken", {}, 400, "not JSON (Expecting property name"),
+    (b'{"round": 2, "selected": "\xff"}', {}, 400, "not UTF-8"),
+    (b"[" * 100_000 + b"]" * 100_000, {}, 400, "nested too deeply"),
     (b'{"round": 2, "selected": [{"prompt_id": 9, "prompt": "x", "image": "y"}]}', {}, 400,
      "POST /selections: selected[0]: unknown prompt_id 9"),
-    (b'{"round": 2, "selected": []}', {"Origin": "http://evil.example"}, 403, "cross-origin"),
-])
-def test_server_refuses_bad_posts_and_writes_nothing(served, body, headers, code, message):
+    (None, {"Origin": "http://evil.example"}, 403, "cross-origin POST from 'http://evil.example'"),
+    (None, {"Origin": None}, 403, "cross-origin POST from None"),
+    (None, {"Origin": "null"}, 403, "cross-origin"),
+    (None, {"Origin": "http://127.0.0.1:1"}, 403, "cross-origin"),
+    (None, {review.TOKEN_HEADER: None}, 403, "missing or wrong X-GAL-Review-Token"),
+    (None, {review.TOKEN_HEADER: "guess"}, 403, "missing or wrong X-GAL-Review-Token"),
+], ids=["bad JSON", "not UTF-8", "nested", "unknown direction", "other origin", "no origin",
+        "null origin", "other port", "no token", "wrong token"])
+def test_server_refuses_bad_posts_and_writes_nothing(served, record, body, headers, code,
+                                                     message):
     url, target = served
-    status, reply = _post(_endpoint(url), body, headers)
+    status, reply = _post(_endpoint(url), body or _valid_body(record), headers)
     assert status == code and message in reply["error"]
     assert not target.exists()
+
+
+def test_server_accepts_the_page_served_as_localhost(served, record):
+    url, target = served
+    local_url = url.replace("127.0.0.1", "localhost")
+    assert _post(_endpoint(local_url), _valid_body(record))[0] == 200
+    assert target.is_file()
+
+
+@pytest.mark.parametrize("host", [
+    "evil.example:{port}", "127.0.0.1", "localhost", "127.0.0.1:1", "localhost.evil:{port}",
+    "127.0.0.1:{port}.evil", "[::1]:{port}", "LOCALHOST:{port}", None,
+])
+def test_server_refuses_requests_addressed_to_another_host(served, record, host):
+    """A DNS-rebinding page reaches 127.0.0.1 under its own name: its requests carry that Host."""
+    url, target = served
+    port = urllib.parse.urlsplit(url).port
+    host_line = "" if host is None else f"\nHost: {host.format(port=port)}"
+    status, reply = _raw(url, f"GET /rounds/2/review.html HTTP/1.1{host_line}")
+    assert status == 400 and "this server answers only" in reply["error"]
+    body = _valid_body(record)
+    status, reply = _raw(url, f"POST /selections HTTP/1.1{host_line}\nOrigin: http://"
+                              f"{host and host.format(port=port)}\n{review.TOKEN_HEADER}: "
+                              f"{_token(url)}\nContent-Length: {len(body)}", body)
+    assert status == 400 and "this server answers only" in reply["error"]
+    assert not target.exists()
+
+
+def test_server_refuses_two_host_headers(served):
+    url, _ = served
+    netloc = urllib.parse.urlsplit(url).netloc
+    status, reply = _raw(url, f"GET /rounds/2/review.html HTTP/1.1\nHost: {netloc}\n"
+                              f"Host: evil.example")
+    assert status == 400 and "this server answers only" in reply["error"]
+
+
+@pytest.mark.parametrize("path", [
+    "/", "/config.json", "/.lock", "/rounds/", "/rounds/2/", "/rounds/2/images/",
+    "/rounds/2/review.json", "/rounds/2/record.json", "/rounds/2/selections.json",
+    "/rounds/1/review.html", "/rounds/1/images/p000_s00.png", "/rounds/2/checkpoints/state",
+    "/rounds/2/images/../../../config.json", "/rounds/2/images/%2e%2e/%2e%2e/%2e%2e/config.json",
+    "/rounds/2/images/..%2f..%2f..%2fconfig.json", "/rounds/2/./review.json", "/selections",
+    "/rounds/2/review.html/", "/rounds/2/images/p000_s00.png%00", "/../run/config.json",
+])
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_server_sends_nothing_but_the_page_and_its_images(served, workdir, path, method):
+    url, _ = served
+    for name in ("config.json", "rounds/2/record.json", "rounds/1/review.html",
+                 "rounds/1/images/p000_s00.png", "rounds/2/checkpoints/state"):
+        _write(workdir / name, '{"secret": 1}')
+    netloc = urllib.parse.urlsplit(url).netloc
+    status, reply = _raw(url, f"{method} {path} HTTP/1.1\nHost: {netloc}")
+    assert status == 404
+    assert reply is None if method == "HEAD" else "not found" in reply["error"]
+
+
+def test_server_answers_head_like_get_without_the_body(served, record, workdir):
+    url, _ = served
+    connection = http.client.HTTPConnection(urllib.parse.urlsplit(url).netloc, timeout=10)
+    try:
+        connection.request("HEAD", "/" + _image(record, 0, 0))
+        response = connection.getresponse()
+        assert (response.status, response.read()) == (200, b"")
+        size = (workdir / _image(record, 0, 0)).stat().st_size
+        assert int(response.headers["Content-Length"]) == size
+    finally:
+        connection.close()
+
+
+def test_server_refuses_an_image_linked_to_a_file_outside_the_workdir(workdir, record,
+                                                                      tmp_path):
+    outside = _write(tmp_path / "private.txt", "secret")
+    linked = workdir / _image(record, 0, 0)
+    linked.unlink()
+    linked.symlink_to(outside)
+    (workdir / "rounds/2/images").rename(workdir / "rounds/2/real_images")
+    (workdir / "rounds/2/images").symlink_to(workdir / "rounds/2/real_images")  # inside: fine
+    write_page(workdir, record, k=2)
+    server, url = review.serve_review(workdir, 2)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        with pytest.raises(urllib.error.HTTPError, match="404"):
+            urllib.request.urlopen(urllib.parse.urljoin(url, "/" + _image(record, 0, 0)),
+                                   timeout=10)
+        with urllib.request.urlopen(urllib.parse.urljoin(url, "/" + _image(record, 0, 1)),
+                                    timeout=10) as response:
+            assert response.read().startswith(b"\x89PNG")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "OPTIONS", "PATCH", "TRACE"])
+def test_server_refuses_other_methods(served, method):
+    url, target = served
+    netloc = urllib.parse.urlsplit(url).netloc
+    status, reply = _raw(url, f"{method} /selections HTTP/1.1\nHost: {netloc}\nOrigin: "
+                              f"http://{netloc}")
+    assert status in (405, 501) and method in reply["error"]
+    assert not target.exists()
+
+
+def test_server_answers_a_malformed_request_with_a_json_error(served):
+    url, _ = served
+    status, reply = _raw(url, "NOT A REQUEST LINE AT ALL")
+    assert status == 400 and "Bad request" in reply["error"]
+
+
+def _post_head(url: str, length_lines: str) -> str:
+    netloc = urllib.parse.urlsplit(url).netloc
+    return (f"POST /selections HTTP/1.1\nHost: {netloc}\nOrigin: http://{netloc}\n"
+            f"Content-Type: application/json\n{review.TOKEN_HEADER}: {_token(url)}"
+            + (f"\n{length_lines}" if length_lines else ""))
+
+
+@pytest.mark.parametrize("length_lines, code, message", [
+    ("", 411, "needs a Content-Length"),
+    ("Transfer-Encoding: chunked", 411, "not a Transfer-Encoding"),
+    ("Content-Length: -5", 400, "Content-Length must be one number"),
+    ("Content-Length: 1e3", 400, "Content-Length must be one number"),
+    ("Content-Length: +50", 400, "Content-Length must be one number"),
+    ("Content-Length: 0x20", 400, "Content-Length must be one number"),
+    ("Content-Length: 5 0", 400, "Content-Length must be one number"),
+    ("Content-Length: \xb2", 400, "Content-Length must be one number"),  # "²".isdigit()
+    ("Content-Length: 50\nContent-Length: 50", 400, "Content-Length must be one number"),
+    ("Content-Length: 1048577", 413, "too large"),
+    ("Content-Length: 99999999999999999999999999", 413, "too large"),
+])
+def test_server_parses_content_length_strictly(served, length_lines, code, message):
+    url, target = served
+    status, reply = _raw(url, _post_head(url, length_lines), wait=False)
+    assert status == code and message in reply["error"]
+    assert not target.exists()
+
+
+def test_server_refuses_a_body_shorter_than_announced_when_the_client_stops(served, record):
+    url, target = served
+    body = _valid_body(record)
+    status, reply = _raw(url, _post_head(url, f"Content-Length: {len(body) + 10}"), body,
+                         wait=False)
+    assert status == 400 and f"the body has {len(body)} bytes" in reply["error"]
+    assert not target.exists()
+
+
+def test_server_times_out_a_stalled_body_and_serves_others_meanwhile(served, record):
+    url, target = served
+    body = _valid_body(record)
+    head, results = _post_head(url, f"Content-Length: {len(body) + 10}"), []
+    start = time.monotonic()
+    stalled = threading.Thread(target=lambda: results.append(_raw(url, head, body)))
+    stalled.start()
+    with urllib.request.urlopen(url, timeout=10) as response:  # not blocked by the stalled POST
+        assert response.status == 200
+    stalled.join(timeout=15)
+    assert not stalled.is_alive() and time.monotonic() - start < 10
+    (status, reply), = results
+    assert status == 400 and "stalled" in reply["error"]
+    assert not target.exists()
+
+
+def test_server_does_not_save_while_a_run_holds_the_workdir(served, record, workdir):
+    url, target = served
+    with Workdir(workdir).lock("gal-jax run --workdir=x"):
+        status, reply = _post(_endpoint(url), _valid_body(record))
+    assert status == 409 and "in use by" in reply["error"] and "gal-jax run" in reply["error"]
+    assert not target.exists()
+    assert _post(_endpoint(url), _valid_body(record))[0] == 200
 
 
 def test_server_answers_404_to_a_post_elsewhere(served):
@@ -205,8 +472,39 @@ def test_server_answers_404_to_a_post_elsewhere(served):
     assert not target.exists()
 
 
+_SERVE_WITHOUT_JAX = """
+import sys, threading
+from gal_jax import review
+imported_by_review = "jax" in sys.modules
+server, url = review.serve_review(sys.argv[1], 2)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+print(url, flush=True)
+sys.stdin.readline()
+print(imported_by_review, "jax" in sys.modules, flush=True)
+"""
+
+
+def test_review_command_saves_without_importing_jax(workdir, record):
+    write_page(workdir, record, k=2)
+    process = subprocess.Popen([sys.executable, "-c", _SERVE_WITHOUT_JAX, str(workdir)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                               cwd=Path(__file__).parents[1])
+    try:
+        url = process.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:"), url
+        assert _post(_endpoint(url), _valid_body(record))[0] == 200
+        output, _ = process.communicate("\n", timeout=30)
+    finally:
+        process.kill()
+    assert output.split() == ["False", "False"]  # jax neither imported by review nor by saving
+    assert read_selections(workdir / "rounds/2/selections.json", record)
+
+
 def test_serve_review_writes_the_page_from_the_record_when_none_exists(workdir, record):
-    _write(workdir / "rounds/2/record.json", record)
+    full_record = {**record, "feedback": "human", "balance": True, "lambda": 0.005,
+                   "concept_phrase": "a <tiny-teapot> teapot", "plain_prompts": ["a teapot"],
+                   "references": [], "openness": 0.0, "stopped": False}
+    _write(workdir / "rounds/2/record.json", full_record)
     server, url = review.serve_review(workdir, 2)
     server.server_close()
     assert (workdir / "rounds/2/review.html").is_file()
@@ -278,11 +576,11 @@ def test_review_page_in_headless_chromium_saves_the_choice_through_the_server(se
     _wait(browser, lambda: "Saved 2 selection(s)" in browser.find_element("id", "status").text)
     expected = [_choice(record, 0, 2), _choice(record, 2, 1)]
     assert json.loads(target.read_text()) == {"round": 2, "selected": expected}
-    assert review.read_selections(target, record) == expected
+    assert read_selections(target, record) == expected
 
 
 def test_review_page_opened_as_a_file_downloads_selections_json(workdir, record, browser, tmp_path):
-    page = review.write_review_page(workdir, record, k=2)
+    page = write_page(workdir, record, k=2)
     browser.get(page.as_uri())
     _pick_two_directions(browser)
     browser.find_element("id", "save").click()
@@ -290,4 +588,4 @@ def test_review_page_opened_as_a_file_downloads_selections_json(workdir, record,
     _wait(browser, downloaded.is_file)
     assert "move it into" in browser.find_element("id", "status").text
     expected = [_choice(record, 0, 2), _choice(record, 2, 1)]
-    assert review.read_selections(downloaded, record) == expected
+    assert read_selections(downloaded, record) == expected
