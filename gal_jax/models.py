@@ -454,6 +454,16 @@ def _read_clip_preprocessing(path: Path, default_size: int):
     return int(size), mean, std
 
 
+def load_unet_params(folder: str | Path, *, compute_dtype="float32", param_dtype="float32") -> Params:
+    """Returns the Flax params of the diffusers UNet2DConditionModel folder (config.json + weights).
+
+    Weights stored in another float dtype (e.g. a float16 export) are cast to `param_dtype`.
+    """
+    folder = _existing_dir(folder)
+    _, params = _load_diffusers_model(FlaxUNet2DConditionModel, folder, jnp.dtype(compute_dtype))
+    return cast_params(params, param_dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # Random-weight models of real sizes (benchmarks: no download needed)
 # ---------------------------------------------------------------------------------------------

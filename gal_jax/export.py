@@ -1,0 +1,270 @@
+"""Writing the fine-tuned UNet, and the whole pipeline around it, in the PyTorch diffusers layout.
+
+What a run leaves must load in PyTorch diffusers (`UNet2DConditionModel.from_pretrained`,
+`StableDiffusionPipeline.from_pretrained`) and in our own loader (`models.load_stable_diffusion`).
+The Flax -> PyTorch naming is a pure function of a param's Flax path and rank (`torch_name`,
+`torch_axes`); files are written with safetensors' numpy API (no torch), every folder built beside
+its target and renamed into place, so a killed export never leaves a half-written folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Callable, Sequence
+
+import diffusers
+import jax
+import numpy as np
+from flax import traverse_util
+from safetensors import safe_open
+from safetensors import numpy as safetensors_numpy
+
+from gal_jax import faults, io_utils, models
+
+CONFIG = "config.json"
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+# numpy dtypes (bfloat16 is ml_dtypes', which safetensors' numpy API reads and writes as BF16).
+DTYPES = {
+    "float32": np.dtype("float32"),
+    "float16": np.dtype("float16"),
+    "bfloat16": np.dtype(jax.numpy.bfloat16),
+}
+_SAFETENSORS_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+# PyTorch's ModuleList/Sequential children are `resnets.0`; Flax names the same submodule `resnets_0`.
+# Other names ending in _<digit> (time_embedding.linear_1) are plain attributes in both.
+_LIST_MODULES = (
+    "down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers", "transformer_blocks",
+    "net", "to_out",
+)
+_INDEXED = re.compile(rf"^({'|'.join(_LIST_MODULES)})_(\d+)$")
+_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+
+
+class ExportError(ValueError):
+    """An export input or target is missing, of the wrong kind or in the wrong layout."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Naming and layout (pure)
+# ---------------------------------------------------------------------------------------------
+
+
+def torch_name(path: Sequence[str]) -> str:
+    """Returns the PyTorch diffusers state-dict name of the Flax UNet param at `path`."""
+    *modules, leaf = path
+    if leaf not in _TORCH_LEAF:
+        raise ExportError(f"{'/'.join(path)}: no PyTorch name for a Flax param called {leaf!r}.")
+    return ".".join([_INDEXED.sub(r"\1.\2", m) for m in modules] + [_TORCH_LEAF[leaf]])
+
+
+def torch_axes(path: Sequence[str], ndim: int) -> tuple[int, ...]:
+    """Returns the transpose that takes the Flax param at `path` (of rank `ndim`) to PyTorch's layout.
+
+    Flax kernels are (*spatial, in, out) (conv HWIO, linear in x out); PyTorch's weights are
+    (out, in, *spatial) (conv OIHW, linear out x in). Everything else keeps its layout.
+    """
+    if path[-1] == "kernel" and ndim >= 2:
+        return (ndim - 1, ndim - 2, *range(ndim - 2))
+    return tuple(range(ndim))
+
+
+def torch_state_dict(unet_params: models.Params, dtype: str = "float32") -> dict[str, np.ndarray]:
+    """Returns the PyTorch diffusers state dict (name -> contiguous numpy array in `dtype`) of Flax
+    UNet params."""
+    np_dtype = numpy_dtype(dtype)
+    state = {}
+    for path, value in traverse_util.flatten_dict(unet_params).items():
+        name = torch_name(path)
+        if name in state:
+            raise ExportError(f"{'/'.join(path)}: maps to PyTorch name {name}, which another param has.")
+        array = np.asarray(value).astype(np_dtype, copy=False)
+        state[name] = np.ascontiguousarray(array.transpose(torch_axes(path, array.ndim)))
+    return state
+
+
+def numpy_dtype(dtype: str) -> np.dtype:
+    """Returns the numpy dtype of an export dtype name ("float32", "float16" or "bfloat16")."""
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype {dtype!r}: not an export dtype; expected one of {', '.join(DTYPES)}.")
+    return DTYPES[dtype]
+
+
+# ---------------------------------------------------------------------------------------------
+# The UNet folder
+# ---------------------------------------------------------------------------------------------
+
+
+def save_unet(
+    sd: models.StableDiffusion, unet_params: models.Params, folder: Path, dtype: str = "float32"
+) -> Path:
+    """Returns `folder`, now a diffusers UNet2DConditionModel folder (config.json + safetensors)
+    holding `unet_params` cast to `dtype`; replaces what was there, atomically.
+
+    Call it in one process with host-resident (fully addressable) params.
+    """
+    folder = Path(folder).expanduser()
+    numpy_dtype(dtype)
+    _check_target(folder)
+    _check_matches_model(sd, unet_params, folder)
+    state = torch_state_dict(unet_params, dtype)
+
+    def build(tmp: Path) -> None:
+        (tmp / CONFIG).write_text(json.dumps(unet_config(sd), indent=2) + "\n")
+        _write_safetensors(state, tmp / WEIGHTS)
+
+    return _build_beside(folder, build)
+
+
+def load_unet(sd: models.StableDiffusion, folder: Path, param_dtype: str = "float32") -> models.Params:
+    """Returns the Flax UNet params of `sd`'s architecture stored in a diffusers UNet folder (any
+    float dtype on disk), cast to `param_dtype`."""
+    params = models.load_unet_params(folder, compute_dtype=sd.unet.dtype, param_dtype=param_dtype)
+    _check_matches_model(sd, params, Path(folder))
+    return params
+
+
+def unet_config(sd: models.StableDiffusion) -> dict:
+    """Returns the diffusers config of `sd`'s UNet: its base folder's unet/config.json when there is
+    one, else the Flax module's config."""
+    base_config = sd.path / "unet" / CONFIG
+    if base_config.is_file():
+        config = io_utils.read_json(base_config)
+    else:
+        config = {k: v for k, v in dict(sd.unet.config).items() if not k.startswith("_")}
+        config["_diffusers_version"] = diffusers.__version__
+    # A Flax base names its class FlaxUNet2DConditionModel; what we write is the PyTorch layout.
+    config["_class_name"] = "UNet2DConditionModel"
+    return config
+
+
+def _check_matches_model(sd: models.StableDiffusion, unet_params: models.Params, where: Path) -> None:
+    expected = traverse_util.flatten_dict(jax.eval_shape(sd.unet.init_weights, jax.random.key(0)))
+    actual = traverse_util.flatten_dict(unet_params)
+    if expected.keys() != actual.keys():
+        names = sorted("/".join(k) for k in expected.keys() ^ actual.keys())
+        raise ExportError(f"{where}: UNet params do not match the model's architecture (e.g. {names[0]}).")
+    for key, spec in expected.items():
+        if tuple(actual[key].shape) != tuple(spec.shape):
+            raise ExportError(
+                f"{where}: UNet param {'/'.join(key)} has shape {tuple(actual[key].shape)}, "
+                f"the model's is {tuple(spec.shape)}."
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole pipeline
+# ---------------------------------------------------------------------------------------------
+
+
+def write_pipeline(base_path: Path, unet_folder: Path, out: Path, dtype: str = "float16") -> Path:
+    """Returns `out`, now a diffusers Stable Diffusion folder: the base's components and
+    model_index.json copied unchanged, unet/ the UNet folder's weights in `dtype`; atomic."""
+    base, unet_folder, out = (Path(p).expanduser() for p in (base_path, unet_folder, out))
+    numpy_dtype(dtype)
+    components = _base_components(base)
+    _check_unet_folder(unet_folder)
+    _check_target(out)
+    if out.resolve() == base.resolve():
+        raise ExportError(f"{out}: is the base model folder; the export must go to another folder.")
+
+    def build(tmp: Path) -> None:
+        for name in components:
+            shutil.copytree(base / name, tmp / name)  # follows symlinks (HF cache snapshots)
+        shutil.copyfile(base / "model_index.json", tmp / "model_index.json")
+        _copy_unet(unet_folder, tmp / "unet", dtype)
+
+    return _build_beside(out, build)
+
+
+def _base_components(base: Path) -> list[str]:
+    """Returns the component folders (except unet/) of the SD folder `base` that its model_index.json
+    lists and that exist, checking it is an SD folder."""
+    if not base.is_dir():
+        raise ExportError(f"{base}: base model folder does not exist or is not a directory.")
+    index_file = base / "model_index.json"
+    if not index_file.is_file():
+        raise ExportError(f"{base}: not a diffusers Stable Diffusion folder (no model_index.json).")
+    index = io_utils.read_json(index_file)
+    if not isinstance(index, dict):
+        raise ExportError(f"{index_file}: not a diffusers model index (expected a JSON object).")
+    listed = [
+        name for name, spec in index.items()
+        if not name.startswith("_") and isinstance(spec, list) and spec and spec[0] is not None
+    ]
+    missing = [name for name in models.SD_COMPONENTS if name not in listed or not (base / name).is_dir()]
+    if missing:
+        raise ExportError(
+            f"{base}: not a Stable Diffusion folder: missing {', '.join(m + '/' for m in missing)} "
+            "(model_index.json must list them and the folders must exist)."
+        )
+    return [name for name in listed if name != "unet" and (base / name).is_dir()]
+
+
+def _check_unet_folder(folder: Path) -> None:
+    if not folder.is_dir():
+        raise ExportError(f"{folder}: UNet folder does not exist or is not a directory.")
+    missing = [name for name in (CONFIG, WEIGHTS) if not (folder / name).is_file()]
+    if missing:
+        raise ExportError(f"{folder}: UNet folder is missing {' and '.join(missing)}.")
+
+
+def _copy_unet(source: Path, target: Path, dtype: str) -> None:
+    """Writes `target` as the UNet folder `source` with its weights in `dtype` (copied when already)."""
+    target.mkdir()
+    shutil.copyfile(source / CONFIG, target / CONFIG)
+    if _stored_dtypes(source / WEIGHTS) == {_SAFETENSORS_CODES[dtype]}:
+        shutil.copyfile(source / WEIGHTS, target / WEIGHTS)
+        return
+    np_dtype = numpy_dtype(dtype)
+    state = safetensors_numpy.load_file(str(source / WEIGHTS))
+    _write_safetensors({name: tensor.astype(np_dtype) for name, tensor in state.items()}, target / WEIGHTS)
+
+
+def _stored_dtypes(file: Path) -> set[str]:
+    """Returns the safetensors dtype codes ("F32", "F16", "BF16", ...) of the tensors in `file`."""
+    try:
+        with safe_open(str(file), framework="np") as weights:
+            return {weights.get_slice(name).get_dtype() for name in weights.keys()}
+    except Exception as err:  # the reader raises several unrelated types for bad files
+        raise ExportError(f"{file}: unreadable safetensors file ({type(err).__name__}: {err}).") from err
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------
+
+
+def _write_safetensors(state: dict[str, np.ndarray], file: Path) -> None:
+    # transformers-style metadata; diffusers ignores it, other PyTorch tools check it.
+    safetensors_numpy.save_file(state, str(file), metadata={"format": "pt"})
+
+
+def _check_target(target: Path) -> None:
+    if target.exists() and not target.is_dir():
+        raise ExportError(f"{target}: exists and is not a folder; the export writes a folder there.")
+
+
+def _build_beside(target: Path, build: Callable[[Path], None]) -> Path:
+    """Returns `target` after `build` filled a temporary folder beside it, which then replaced it."""
+    tmp = io_utils.temporary_dir_beside(target)
+    try:
+        build(tmp)
+        _fsync_files(tmp)
+        faults.maybe_kill("write", target)
+        io_utils.replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _fsync_files(folder: Path) -> None:
+    """Flushes every file under `folder` to disk, so the rename never publishes unwritten data."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
