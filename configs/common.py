@@ -57,6 +57,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.cache_latents = True  # only used without random augmentation
     config.train.checkpoint_every = 200
     config.train.keep_checkpoints = 2
+    # Once a round's UNet is written (rounds/<r>/unet/, in save_dtype), its training states (AdamW
+    # moments, checkpoints: ~10 GB each for SD 1.5) are deleted unless this is true.
+    config.train.keep_training_state = False
+    config.train.save_dtype = "float32"  # 'float32' | 'bfloat16' | 'float16'
     config.train.log_every = 50
     config.train.seed = 0
 
@@ -86,6 +90,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.concepts_json = ""
     config.eval.num_per_prompt = 1
     config.eval.txt_scale = 1.0
+
+    # The final model, DIR/model/: a diffusers Stable Diffusion folder with the fine-tuned UNet.
+    config.export = ml_collections.ConfigDict()
+    config.export.dtype = "float16"  # UNet weights: 'float16' (half the size) | 'float32' | 'bfloat16'
 
     # `gal-jax bench`: 'config' benchmarks the models this config loads; 'sd15' random SD 1.5 + CLIP B/32.
     config.bench = ml_collections.ConfigDict()

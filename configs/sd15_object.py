@@ -24,6 +24,8 @@ def get_config(variant: str = ""):
     config = common.get_config()  # the paper's values; only what differs is set here
     config.data.kind = "object"
     config.model.compute_dtype = "bfloat16"
+    # The compute casts the UNet to bf16 anyway: a bf16 round UNet halves the disk (1.7 GB a round).
+    config.train.save_dtype = "bfloat16"
     if variant == "official":
         config.sample.sampler = "dpmsolver++"
         config.gal.anchors = "official"

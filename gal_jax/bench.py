@@ -4,11 +4,14 @@ Each benchmark compiles the same function the GAL loop runs, times `bench.iters`
 `bench.warmup`, and reads the FLOPs of one call from XLA's cost analysis. MFU divides achieved
 FLOP/s by the detected device's peak dense bf16 FLOP/s; it reads "n/a" where the peak is unknown
 (CPU). `bench.model='sd15'` swaps in SD 1.5 / CLIP ViT-B/32-sized models with random weights.
+Each benchmark builds only the model it times (score: CLIP alone), and compiles through the
+persistent compilation cache.
 """
 
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -93,25 +96,28 @@ def summarize(name: str, compile_s: float, times: list[float], items: int, unit:
     }
 
 
-def build_models(config) -> tuple[Any, Any, Any, Any]:
-    """Returns (sd, sd_params, clip, clip_params): the config's models, or SD 1.5-sized random ones."""
-    from gal_jax import tiny
+def build_models(config, target: str) -> tuple[Any, Any]:
+    """Returns (model, params) of what `target` runs: CLIP for 'score', Stable Diffusion for
+    'sample' and 'train'; the config's models, or SD 1.5 / CLIP B/32-sized random ones."""
+    from gal_jax import inputs, tiny
 
-    paths = tiny.resolve_paths(config)
-    if config.bench.model == "sd15":
-        sd, sd_params = models.random_stable_diffusion(
-            paths["sd"] / "tokenizer", tiny.SD1_SCHEDULER,
-            param_dtype=config.model.param_dtype, compute_dtype=config.model.compute_dtype,
-        )
-        clip, clip_params = models.random_clip(paths["clip"])
-        return sd, sd_params, clip, clip_params
-    if config.bench.model != "config":
+    if config.bench.model not in ("config", "sd15"):
         raise ValueError(f"config.bench.model={config.bench.model!r}; expected 'config' or 'sd15'")
+    if config.bench.model == "sd15":
+        # Random weights need only the real CLIP vocabulary, which ships with the package.
+        with tempfile.TemporaryDirectory(prefix="gal_jax_tokenizer_") as tokenizer_dir:
+            tiny.write_tokenizer(Path(tokenizer_dir))
+            if target == "score":
+                return models.random_clip(Path(tokenizer_dir))
+            return models.random_stable_diffusion(
+                Path(tokenizer_dir), tiny.SD1_SCHEDULER,
+                param_dtype=config.model.param_dtype, compute_dtype=config.model.compute_dtype,
+            )
+    if target == "score":
+        return models.load_clip(inputs.resolve(config, need=("clip",)).clip)
     from gal_jax import driver
 
-    sd, sd_params = driver.load_sd(config, paths["sd"])
-    clip, clip_params = models.load_clip(paths["clip"])
-    return sd, sd_params, clip, clip_params
+    return driver.load_sd(config, inputs.resolve(config, need=("sd",)).sd)
 
 
 def bench_sample(config, sd, sd_params, mesh) -> dict:
@@ -188,15 +194,20 @@ def _synthetic_batch(specs: dict) -> dict:
     return {name: fill(name, spec) for name, spec in specs.items()}
 
 
+BENCHMARKS = {"sample": bench_sample, "train": bench_train, "score": bench_score}
+
+
 def run(target: str, config) -> dict:
     """Runs one benchmark, prints its figures and returns them (also written to bench.out)."""
-    sd, sd_params, clip, clip_params = build_models(config)
+    if target not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {target!r}; expected one of {', '.join(BENCHMARKS)}")
+    # A rerun on the same machine then loads its executables instead of compiling (compile_s
+    # reads the load time): device time is scarce.
+    io_utils.enable_compilation_cache()
+    model, params = build_models(config, target)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-    if target == "score":
-        result = bench_score(config, clip, clip_params, mesh)
-    else:
-        result = {"train": bench_train, "sample": bench_sample}[target](config, sd, sd_params, mesh)
-    result["model"] = config.bench.model
+    result = BENCHMARKS[target](config, model, params, mesh)
+    result.update(model=config.bench.model, compilation_cache=str(io_utils.COMPILATION_CACHE))
     width = max(map(len, result))
     for key, value in result.items():
         print(f"{key:<{width}}  {value}")

@@ -25,9 +25,7 @@ import hashlib
 import io
 import json
 import math
-import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +33,10 @@ from typing import Any
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
-from PIL import Image, ImageOps
+from PIL import Image
+
+from gal_jax import io_utils
+from gal_jax.images import ImageError, open_rgb
 
 INIT_JSON = "init.json"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -177,16 +178,13 @@ def list_class_images(reg_dir: Path | str) -> list[Path]:
 
 
 def _open_rgb(path: Path) -> Image.Image:
-    """Returns the fully decoded, EXIF-upright RGB image at `path`."""
+    """Returns the image at `path` upright in 8-bit RGB, read as every user image is (`open_rgb`)."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: image file does not exist") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"{path}: cannot read image ({e})") from e
+        return open_rgb(path)
+    except FileNotFoundError:  # ImageNotFoundError, naming the file
+        raise
+    except ImageError as e:
+        raise DataError(str(e)) from e
 
 
 def _resize_shorter_side(image: Image.Image, resolution: int) -> Image.Image:
@@ -401,8 +399,7 @@ def write_training_set(
         "fingerprint": _fingerprint(references, class_images, ids, resolution),
     }
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    tmp_dir.chmod(0o755)  # mkdtemp's 0o700 would otherwise become the set's permissions
+    tmp_dir = io_utils.temporary_dir_beside(out_dir)
     try:
         # The round already shows progress; TFDS's own bars and "Downloading..." lines are noise.
         tfds.display_progress_bar(False)
@@ -414,21 +411,10 @@ def write_training_set(
                 config=_WITH_PRIOR if class_images else _INSTANCES_ONLY,
                 data_dir=str(tmp_dir),
             ).download_and_prepare(file_format="array_record")
-        _replace_dir(tmp_dir, out_dir)
+        io_utils.replace_dir(tmp_dir, out_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return out_dir
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Moves folder `new` to `target`, replacing whatever folder is there."""
-    if target.exists():
-        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-        os.replace(target, old / target.name)
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)
 
 
 def _config_name(data_dir: Path) -> str:

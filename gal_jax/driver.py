@@ -1,22 +1,22 @@
 """The GAL loop on the host: train -> generate -> score -> query -> reweight, resumable.
 
-Each round r leaves its work under `DIR/rounds/<r>/`, one file per finished step, so a rerun of the
-same command continues where the last one stopped and never redoes finished work:
+Each round r leaves its work under `DIR/rounds/<r>/` (layout: `workdir.py`), one file per finished
+step, so a rerun of the same command continues where the last one stopped and never redoes
+finished work: the training set, the round's UNet (training states are deleted once it is written),
+the generated images and their index, the CLIP scores, and the round's record, written last. After
+the final round, `DIR/model/` holds the result as a diffusers Stable Diffusion folder.
 
-  train_set/        the round's training set (TFDS array_record)
-  checkpoints/      orbax checkpoints of the round's training (the last one is the trained model)
-  images/ + generated.json   generated PNGs and their (prompt, seed) index
-  scores.json       CLIP similarities of every generated image
-  review.html, selections.json   human feedback only
-  record.json       the round's record: everything needed to recompute its decisions (written last)
-
-The math lives in `acquisition.py`; this module only sequences steps and moves files.
+Every file is written atomically, the workdir is locked while a run uses it, and a resume is refused
+when the config or an input file changed. The math lives in `acquisition.py`; this module only
+sequences steps and moves files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,9 +25,12 @@ import ml_collections
 import numpy as np
 
 from gal_jax import (
-    acquisition, anchors, data, evaluate, io_utils, models, report, review, sample, score, sharding, tiny,
-    trainer,
+    acquisition, data, eval_results, evaluate, export, faults, inputs, io_utils, models, report, review,
+    sample, score, sharding, trainer,
 )
+from gal_jax.concept import Concept, load_concept
+from gal_jax.records import Direction, ImageScore, ReferenceEntry, RoundRecord, SelectedEntry
+from gal_jax.workdir import AwaitingHumanFeedback, RoundPaths, Workdir, WorkdirError
 
 FEEDBACK_MODES = ("uncertainty", "random", "human", "none")
 
@@ -36,29 +39,13 @@ class ConfigChangedError(ValueError):
     """A workdir is resumed with a config that differs from the one it was started with."""
 
 
-class AwaitingHumanFeedback(RuntimeError):
-    """The round waits for a person to pick directions on its review page."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Concept:
-    """The concept of an experiment: its original references and the prompts built from them."""
-
-    kind: str
-    references: tuple[data.Reference, ...]
-    class_images: tuple[Path, ...]
-    class_prompt: str
-    phrase: str
-    plain_prompts: tuple[str, ...]
-    anchor_prompts: tuple[str, ...]  # the original pool; a prompt's index is its prompt_id
-
-
 @dataclasses.dataclass
 class Runtime:
     """Everything built once per run and reused by every round (models, compiled functions)."""
 
     config: ml_collections.ConfigDict
-    workdir: Path
+    workdir: Workdir
+    paths: inputs.RunPaths
     concept: Concept
     sd: Any
     sd_params: Any
@@ -69,7 +56,7 @@ class Runtime:
 
 
 # ---------------------------------------------------------------------------------------------
-# Set-up
+# Set-up: config, workdir and inputs are checked before any model is loaded
 # ---------------------------------------------------------------------------------------------
 
 
@@ -86,77 +73,68 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.gal.openness_lambda={gal.openness_lambda} must be >= 0")
     if config.sample.num_per_prompt < 1:
         raise ValueError(f"config.sample.num_per_prompt={config.sample.num_per_prompt} must be >= 1")
+    for field, value in (("train.save_dtype", config.train.save_dtype), ("export.dtype", config.export.dtype)):
+        if value not in export.DTYPES:
+            raise ValueError(f"config.{field}={value!r}; expected one of {tuple(export.DTYPES)}")
 
 
-def load_concept(config: ml_collections.ConfigDict, concept_dir: Path, class_dir: Path | None) -> Concept:
-    """Returns the concept: references, class images, concept phrase, plain and anchor prompts."""
-    kind = config.data.kind
-    references = tuple(data.load_concept(concept_dir))
-    if kind == "object":
-        placeholder, class_word = _placeholder_and_class(config, references, concept_dir)
-        phrase = anchors.concept_phrase_object(placeholder, class_word)
-        plain = [r.plain_prompt or r.prompt for r in references]
-        class_prompt = config.data.class_prompt or f"a {anchors.class_noun(class_word)}"
-    else:
-        phrase = anchors.style_descriptor(references[0].prompt)
-        plain = [r.prompt for r in references]
-        class_prompt = config.data.class_prompt
-    use_prior = kind == "object" and config.train.with_prior and class_dir is not None
-    class_images = tuple(data.list_class_images(class_dir)) if use_prior else ()
-    templates = anchors.get_anchor_templates(config.gal.anchors, kind)
-    return Concept(
-        kind=kind,
-        references=references,
-        class_images=class_images,
-        class_prompt=class_prompt,
-        phrase=phrase,
-        plain_prompts=tuple(dict.fromkeys(" ".join(p.split()) for p in plain)),
-        anchor_prompts=anchors.anchor_prompts(templates, phrase),
-    )
-
-
-def _placeholder_and_class(config, references, concept_dir) -> tuple[str, str]:
-    """Returns (placeholder, class word) from the config, or read off the first reference's captions."""
-    if config.data.placeholder and config.data.class_word:
-        return config.data.placeholder, config.data.class_word
-    first = references[0]
-    plain_words = set((first.plain_prompt or "").lower().split())
-    words = first.prompt.split()
-    for i, word in enumerate(words[:-1]):
-        if word.lower() not in plain_words and words[i + 1].lower() in plain_words:
-            return config.data.placeholder or word, config.data.class_word or words[i + 1]
-    raise ValueError(
-        f"{concept_dir}/init.json: cannot find the placeholder in {first.prompt!r} vs its plain prompt "
-        f"{first.plain_prompt!r}; set config.data.placeholder and config.data.class_word."
-    )
-
-
-def prepare_workdir(config: ml_collections.ConfigDict, workdir: Path) -> None:
-    """Creates the workdir and writes its config, or refuses a resume with a changed config."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    saved = workdir / "config.json"
+def prepare_workdir(config: ml_collections.ConfigDict, workdir: Workdir) -> None:
+    """Writes the workdir's config, or refuses a resume with a changed config."""
     current = json.loads(config.to_json_best_effort(sort_keys=True))
-    if saved.exists():
-        previous = json.loads(saved.read_text())
-        changed = sorted(_diff_keys(previous, current))
+    if workdir.config.exists():
+        previous = _read_json_or_damaged(workdir.config)
+        changed = config_changes(previous, current)
         if changed:
             raise ConfigChangedError(
-                f"{workdir} was started with another config; changed: {', '.join(changed)}. "
+                f"{workdir.root} was started with another config; changed: {', '.join(changed)}. "
                 "Resume with the same config, or use a new --workdir."
             )
         return
-    io_utils.write_json(saved, current)
+    io_utils.write_json(workdir.config, current)
 
 
-def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+def _read_json_or_damaged(path: Path) -> Any:
+    try:
+        return io_utils.read_json(path)
+    except ValueError as err:
+        raise WorkdirError(f"{err}; the workdir is damaged (restore the file, or use a new --workdir)") from None
+
+
+def config_changes(previous: dict, current: dict) -> list[str]:
+    """Returns the changed fields between a saved and the current config, as "name (old -> new)".
+
+    A field that is new since the workdir was started is no change when it has its default value
+    (configs/common.py): workdirs of earlier versions resume.
+    """
+    from configs import common
+
+    defaults = json.loads(common.get_config().to_json_best_effort(sort_keys=True))
+    return _diff_keys(previous, current, defaults)
+
+
+def _diff_keys(old: dict, new: dict, defaults: dict, prefix: str = "") -> list[str]:
     keys = []
-    for key in sorted(set(a) | set(b)):
-        left, right = a.get(key), b.get(key)
+    for key in sorted(set(old) | set(new)):
+        left, right, default = old.get(key), new.get(key), (defaults or {}).get(key)
         if isinstance(left, dict) and isinstance(right, dict):
-            keys += _diff_keys(left, right, f"{prefix}{key}.")
+            keys += _diff_keys(left, right, default if isinstance(default, dict) else {}, f"{prefix}{key}.")
+        elif key not in old and right == default:
+            continue
         elif left != right:
             keys.append(f"{prefix}{key} ({left!r} -> {right!r})")
     return keys
+
+
+def check_inputs(config, workdir: Workdir, paths: inputs.RunPaths, concept: Concept) -> None:
+    """Records the input files' fingerprints, or refuses a resume in which one changed."""
+    extra = [Path(config.eval.concepts_json)] if config.eval.enabled and config.eval.concepts_json else []
+    files = inputs.input_files(paths, [r.image for r in concept.references], concept.class_images,
+                               concept.anchor_file, extra)
+    current = inputs.fingerprints(files)
+    if workdir.inputs.exists():
+        inputs.check_fingerprints(_read_json_or_damaged(workdir.inputs), current, workdir.inputs)
+    else:
+        io_utils.write_json(workdir.inputs, current)
 
 
 def load_sd(config: ml_collections.ConfigDict, path: Path):
@@ -166,16 +144,15 @@ def load_sd(config: ml_collections.ConfigDict, path: Path):
     )
 
 
-def build_runtime(config: ml_collections.ConfigDict, workdir: Path) -> Runtime:
+def build_runtime(config, workdir: Workdir, paths: inputs.RunPaths, concept: Concept) -> Runtime:
     """Returns models, mesh and compiled functions for a run (built once, reused every round)."""
-    paths = tiny.resolve_paths(config)
-    concept = load_concept(config, paths["concept"], paths["class"])
-    sd, sd_params = load_sd(config, paths["sd"])
-    clip, clip_params = models.load_clip(paths["clip"])
+    sd, sd_params = load_sd(config, paths.sd)
+    clip, clip_params = models.load_clip(paths.clip)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     return Runtime(
         config=config,
         workdir=workdir,
+        paths=paths,
         concept=concept,
         sd=sd,
         sd_params=sd_params,
@@ -186,11 +163,11 @@ def build_runtime(config: ml_collections.ConfigDict, workdir: Path) -> Runtime:
     )
 
 
-def _eval_concepts(config, paths) -> tuple:
+def _eval_concepts(config, paths: inputs.RunPaths) -> tuple:
     """Returns the concepts evaluated after each round (the tiny list when none is configured)."""
     if not config.eval.enabled:
         return ()
-    concepts_json = config.eval.concepts_json or paths.get("concepts_json")
+    concepts_json = config.eval.concepts_json or paths.concepts_json
     if not concepts_json:
         raise ValueError("config.eval.enabled needs config.eval.concepts_json (the authors' concepts list)")
     return tuple(evaluate.read_concepts_list(Path(concepts_json)))
@@ -201,180 +178,232 @@ def _eval_concepts(config, paths) -> tuple:
 # ---------------------------------------------------------------------------------------------
 
 
-def run(config: ml_collections.ConfigDict, workdir: Path) -> Path:
-    """Runs (or resumes) GAL in `workdir`; returns the path of the HTML report."""
+def total_rounds(config) -> int:
+    return 1 if config.gal.feedback == "none" else config.gal.rounds
+
+
+def is_finished(records: Sequence[RoundRecord], rounds: int) -> bool:
+    """Returns True when no round is left: the last one ran, or the stop rule fired."""
+    return bool(records) and (records[-1].stopped or records[-1].round >= rounds)
+
+
+def run(config: ml_collections.ConfigDict, workdir: Path | str) -> Path:
+    """Runs (or resumes) GAL in `workdir`; returns the path of the HTML report.
+
+    Raises AwaitingHumanFeedback when a round waits for a person's picks (human feedback).
+    """
     check_config(config)
-    workdir = Path(workdir)
+    workdir = Workdir(workdir)
+    if io_utils.is_primary():
+        workdir.check_usable(create=True)
+    io_utils.sync("check_workdir")
+    # Process 0 alone locks: the others follow it through barriers.
+    lock = workdir.lock() if io_utils.is_primary() else contextlib.nullcontext()
+    with lock:
+        return _run_locked(config, workdir)
+
+
+def _run_locked(config, workdir: Workdir) -> Path:
+    if io_utils.is_primary():
+        workdir.remove_stale_temporaries()
     prepare_workdir(config, workdir)
     io_utils.sync("prepare_workdir")
+    paths = inputs.resolve(config)
+    concept = load_concept(config, paths.concept, paths.class_dir)
+    if io_utils.is_primary():
+        check_inputs(config, workdir, paths, concept)
+    io_utils.sync("check_inputs")
+    records = workdir.read_records()
+    rounds = total_rounds(config)
+    status = workdir.read_status()
+    if is_finished(records, rounds) and status.get("status") == "complete":
+        print(f"{workdir.root}: complete, nothing to do ({len(records)} round(s)). "
+              f"Model: {workdir.model_dir}  Report: {workdir.report_html}")
+        return workdir.report_html
     io_utils.enable_compilation_cache()
-    runtime = build_runtime(config, workdir)
-    records = read_records(workdir)
-    rounds = 1 if config.gal.feedback == "none" else config.gal.rounds
-    for round_index in range(1, rounds + 1):
-        if round_index <= len(records):
-            if records[-1]["stopped"]:
-                break
-            continue
+    runtime = build_runtime(config, workdir, paths, concept)
+    while not is_finished(records, rounds):
         try:
-            record = run_round(runtime, round_index, rounds, records)
-        except AwaitingHumanFeedback as waiting:
-            print(waiting)
-            return _write_report(workdir, records)
+            record = run_round(runtime, len(records) + 1, rounds, records)
+        except AwaitingHumanFeedback:
+            _write_report(workdir, records)
+            raise
         records.append(record)
         _write_report(workdir, records)
-        if record["stopped"]:
-            print(f"Round {round_index}: nothing left worth querying; stopping early.")
-            break
-    if records:
-        final = round_dir(workdir, records[-1]["round"]) / "checkpoints"
-        print(f"Final model: the last checkpoint in {final}")
-    return _write_report(workdir, records)
-
-
-def _write_report(workdir: Path, records: list[dict]) -> Path:
-    """Returns the report's path, (re)writing it in the primary process."""
+        if record.stopped:
+            print(f"Round {record.round}: nothing left worth querying; stopping early.")
+    export_final_model(runtime, records[-1].round)
+    report_path = _write_report(workdir, records)
     if io_utils.is_primary():
-        return report.write_report(workdir, records, evaluate.read_round_results(workdir) or None)
-    return workdir / "report.html"
+        workdir.write_status({"status": "complete", "final_round": records[-1].round,
+                              "model": workdir.relative(workdir.model_dir),
+                              "report": workdir.relative(report_path)})
+    print(f"Final model (round {records[-1].round}): {workdir.model_dir}")
+    return report_path
 
 
-def read_records(workdir: Path) -> list[dict]:
-    """Returns the records of the finished rounds, in order (stops at the first missing one)."""
-    records = []
-    while (file := round_dir(workdir, len(records) + 1) / "record.json").exists():
-        records.append(io_utils.read_json(file))
-    return records
+def _write_report(workdir: Workdir, records: list[RoundRecord]) -> Path:
+    """Returns the report's path, (re)writing it in the primary process."""
+    faults.maybe_kill("phase", "report")
+    if io_utils.is_primary():
+        return report.write_report(workdir.root, records, eval_results.read_round_results(workdir.root) or None)
+    return workdir.report_html
 
 
-def round_dir(workdir: Path, round_index: int) -> Path:
-    return workdir / "rounds" / str(round_index)
+def read_records(workdir: Path | str) -> list[RoundRecord]:
+    """Returns the records of the finished rounds of `workdir`, in order."""
+    return Workdir(workdir).read_records()
 
 
-def current_references(concept: Concept, records: Sequence[dict], workdir: Path) -> list[data.Reference]:
+def current_references(concept: Concept, records: Sequence[RoundRecord], workdir: Workdir) -> list[data.Reference]:
     """Returns the references of the next round: the last round's plus what it selected."""
     if not records:
         return list(concept.references)
     last = records[-1]
-    entries = last["references"] + [
-        {**s, "source": f"round-{last['round']}"} for s in last["selected"]
-    ]
+    entries = [(e.image, e.prompt, e.plain_prompt, e.weight, e.source) for e in last.references]
+    entries += [(s.image, s.prompt, None, s.weight, f"round-{last.round}") for s in last.selected]
     return [
-        data.Reference(
-            image=io_utils.resolve(workdir, e["image"]),
-            prompt=e["prompt"],
-            plain_prompt=e.get("plain_prompt"),
-            weight=float(e["weight"]),
-            source=e["source"],
-        )
-        for e in entries
+        data.Reference(image=workdir.resolve(image), prompt=prompt, plain_prompt=plain,
+                       weight=float(weight), source=source)
+        for image, prompt, plain, weight, source in entries
     ]
 
 
-def remaining_pool(concept: Concept, records: Sequence[dict]) -> list[int]:
+def remaining_pool(concept: Concept, records: Sequence[RoundRecord]) -> list[int]:
     """Returns the prompt_ids still in the pool: the original pool minus every chosen prompt."""
-    chosen = {s["prompt_id"] for record in records for s in record["selected"]}
+    chosen = {s.prompt_id for record in records for s in record.selected}
     return [i for i in range(len(concept.anchor_prompts)) if i not in chosen]
 
 
-def run_round(runtime: Runtime, round_index: int, rounds: int, records: list[dict]) -> dict:
+def run_round(runtime: Runtime, round_index: int, rounds: int, records: list[RoundRecord]) -> RoundRecord:
     """Runs the unfinished steps of one round and returns its record (also written to disk)."""
     config, workdir, concept = runtime.config, runtime.workdir, runtime.concept
-    directory = round_dir(workdir, round_index)
-    directory.mkdir(parents=True, exist_ok=True)
+    paths = workdir.round(round_index)
+    paths.dir.mkdir(parents=True, exist_ok=True)
     references = current_references(concept, records, workdir)
     timings: dict[str, float] = {}
 
     with _timed(timings, "train"):
-        unet_params = train_round(runtime, references, directory)
+        unet_params = train_round(runtime, references, paths)
     if runtime.eval_concepts:
         with _timed(timings, "evaluate"):
-            evaluate_round(runtime, round_index, unet_params, directory)
-    record = _record_header(config, round_index, concept, references, workdir)
+            evaluate_round(runtime, round_index, unet_params, paths)
     pool = remaining_pool(concept, records)
-    last_round = round_index == rounds or config.gal.feedback == "none"
-    if last_round or len(pool) < config.gal.k:
-        record.update(directions=[], openness=0.0, selected=[], stopped=not last_round)
+    if round_index == rounds or len(pool) < config.gal.k:
+        query = dict(directions=(), openness=0.0, selected=(), stopped=round_index != rounds)
     else:
-        record.update(query_round(runtime, round_index, unet_params, pool, directory, timings))
-    with _timed(timings, "write"):
-        record["timings"] = timings
-        io_utils.write_json(directory / "record.json", record)
-    io_utils.sync(f"record {directory}")
+        query = query_round(runtime, round_index, unet_params, pool, paths, timings)
+    record = RoundRecord(
+        round=round_index,
+        feedback=config.gal.feedback,
+        balance=bool(config.gal.balance),
+        openness_lambda=float(config.gal.openness_lambda),
+        k=int(config.gal.k),
+        concept_phrase=concept.phrase,
+        plain_prompts=concept.plain_prompts,
+        references=tuple(
+            ReferenceEntry(image=workdir.relative(r.image), prompt=r.prompt, plain_prompt=r.plain_prompt,
+                           weight=r.weight, source=r.source)
+            for r in references
+        ),
+        timings=dict(timings),
+        **query,
+    )
+    workdir.write_record(record)
+    io_utils.sync(f"record {paths.dir}")
     print(_timing_line(round_index, timings))
     return record
 
 
-def train_round(runtime: Runtime, references: list[data.Reference], directory: Path):
-    """Returns the UNet params trained from base on `references` (resumes from checkpoints)."""
+def train_round(runtime: Runtime, references: list[data.Reference], paths: RoundPaths):
+    """Returns the round's UNet params: read from `unet/` when the round trained already, else
+    trained from base on `references` (resuming from checkpoints) and saved there."""
+    config = runtime.config
+    if paths.unet.is_dir():  # renamed into place when complete: its presence means finished
+        return export.load_unet(runtime.sd, paths.unet, param_dtype=config.model.param_dtype)
     concept = runtime.concept
-    train_set = directory / "train_set"
-    if not (directory / "train_set.done").exists():
+    if not paths.train_set_done.exists():
         if io_utils.is_primary():
-            data.write_training_set(
-                references,
-                list(concept.class_images),
-                concept.class_prompt,
-                train_set,
-                runtime.sd.tokenize,
-                runtime.config.data.resolution,
-            )
-        io_utils.touch(directory / "train_set.done")
-    io_utils.sync(f"train_set {directory}")
-    unet_params, _ = runtime.trainer.train_round(runtime.sd_params, train_set, directory / "checkpoints")
+            data.write_training_set(references, list(concept.class_images), concept.class_prompt,
+                                    paths.train_set, runtime.sd.tokenize, config.data.resolution)
+        io_utils.touch(paths.train_set_done)
+    io_utils.sync(f"train_set {paths.dir}")
+    unet_params, _ = runtime.trainer.train_round(runtime.sd_params, paths.train_set, paths.checkpoints)
+    if config.train.save_dtype != config.model.param_dtype:
+        # Continue with exactly what the file holds, so a resumed round generates the same images.
+        unet_params = models.cast_params(models.cast_params(unet_params, config.train.save_dtype),
+                                         config.model.param_dtype)
+    host_params = sharding.gather_to_host(unet_params)
+    if io_utils.is_primary():
+        export.save_unet(runtime.sd, host_params, paths.unet, dtype=config.train.save_dtype)
+        if not config.train.keep_training_state:
+            shutil.rmtree(paths.checkpoints, ignore_errors=True)
+    io_utils.sync(f"unet {paths.dir}")
     return unet_params
 
 
-def evaluate_round(runtime: Runtime, round_index: int, unet_params, directory: Path) -> list[dict]:
+def evaluate_round(runtime: Runtime, round_index: int, unet_params, paths: RoundPaths) -> list[dict]:
     """Returns TXT-ALN / IMG-ALN / OVF of this round's model per concept (cached in eval.json)."""
-    done = directory / "eval.json"
-    if done.exists():
-        return io_utils.read_json(done)
+    config = runtime.config
+    if paths.eval.exists():
+        cached = _read_json_or_damaged(paths.eval)
+        _check_eval_cache(cached, runtime.eval_concepts, paths.eval)
+        return cached
     params = dataclasses.replace(runtime.sd_params, unet=unet_params)
     results = [
         {"round": round_index, **evaluate.evaluate_model(
             runtime.generator, runtime.scorer, params, concept,
             # A concepts list without reference images is scored against the run's own originals.
             None if concept.reference_images else [r.image for r in runtime.concept.references],
-            num_per_prompt=runtime.config.eval.num_per_prompt, seed=runtime.config.sample.seed,
-            txt_scale=runtime.config.eval.txt_scale,
+            num_per_prompt=config.eval.num_per_prompt, seed=config.sample.seed,
+            txt_scale=config.eval.txt_scale,
         )}
         for concept in runtime.eval_concepts
     ]
-    io_utils.write_json(done, results)
+    io_utils.write_json(paths.eval, results)
     return results
 
 
-def query_round(runtime, round_index, unet_params, pool, directory, timings) -> dict:
+def _check_eval_cache(cached: Any, concepts: Sequence, path: Path) -> None:
+    """Raises WorkdirError when a cached eval.json does not hold this run's evaluation concepts."""
+    expected = [(c.name, c.generation_prompts()) for c in concepts]
+    try:
+        found = [(entry["concept"], list(entry["generation_prompts"])) for entry in cached]
+    except (TypeError, KeyError):
+        found = None
+    if found != expected:
+        raise WorkdirError(
+            f"{path}: does not hold the evaluation of this run's test prompts "
+            f"({[name for name, _ in expected]}); delete it to evaluate again"
+        )
+
+
+def query_round(runtime, round_index, unet_params, pool, paths: RoundPaths, timings) -> dict:
     """Returns the record fields of a query step: directions, openness, selected, stopped."""
     config, concept = runtime.config, runtime.concept
     prompts = [concept.anchor_prompts[i] for i in pool]
-    images, index = generate_images(runtime, round_index, unet_params, pool, directory, timings)
+    images, index = generate_images(runtime, round_index, unet_params, pool, paths, timings)
     with _timed(timings, "score"):
-        sims = score_images(runtime, images, prompts, directory)
+        sims = score_images(runtime, images, prompts, paths)
     num = config.sample.num_per_prompt
     sim_anchor = np.asarray(sims["sim_anchor"]).reshape(len(pool), num)
     sim_plain = np.asarray(sims["sim_plain"]).reshape(len(pool), num, -1)
     scores = acquisition.score_directions(sim_anchor, sim_plain)
-    directions = _direction_entries(pool, prompts, index, sim_anchor, sim_plain, scores)
-    selection = choose(runtime, round_index, scores, directions, directory)
+    directions = _directions(pool, prompts, index, sim_anchor, sim_plain, scores)
+    selection = choose(runtime, round_index, scores, directions, paths)
     return {
         "directions": directions,
         "openness": selection.openness,
-        "selected": [
-            {
-                "prompt_id": directions[d]["prompt_id"],
-                "prompt": directions[d]["prompt"],
-                "image": directions[d]["images"][i]["path"],
-                "weight": selection.weight,
-            }
+        "selected": tuple(
+            SelectedEntry(prompt_id=directions[d].prompt_id, prompt=directions[d].prompt,
+                          image=directions[d].images[i].path, weight=selection.weight)
             for d, i in zip(selection.directions, selection.images)
-        ],
+        ),
         "stopped": selection.stopped,
     }
 
 
-def choose(runtime, round_index, scores, directions, directory) -> acquisition.Selection:
+def choose(runtime, round_index, scores, directions, paths: RoundPaths) -> acquisition.Selection:
     """Returns the round's selection under the configured feedback mode."""
     gal = runtime.config.gal
     if gal.feedback == "uncertainty":
@@ -388,126 +417,127 @@ def choose(runtime, round_index, scores, directions, directory) -> acquisition.S
         chosen = acquisition.random_directions(len(directions), gal.k, gal.seed, round_index)
         images = [int(scores.best_images[d]) for d in chosen]
         return acquisition.Selection(tuple(chosen), tuple(images), weight, openness, stopped=False)
-    return human_selection(runtime, round_index, directions, directory, weight, openness)
+    return human_selection(runtime, round_index, directions, paths, weight, openness)
 
 
-def human_selection(runtime, round_index, directions, directory, weight, openness) -> acquisition.Selection:
+def human_selection(runtime, round_index, directions, paths: RoundPaths, weight, openness) -> acquisition.Selection:
     """Returns the person's picks from selections.json, or raises AwaitingHumanFeedback."""
-    record_like = {"round": round_index, "directions": directions}
-    selections_file = directory / "selections.json"
-    if not selections_file.exists():
-        page = review.write_review_page(runtime.workdir, record_like, runtime.config.gal.k)
+    if not paths.selections.exists():
+        page = review.write_review_page(runtime.workdir.root, round_index, directions, runtime.config.gal.k)
+        if io_utils.is_primary():
+            runtime.workdir.write_status({"status": "awaiting_feedback", "round": round_index,
+                                          "review": runtime.workdir.relative(page)})
         raise AwaitingHumanFeedback(
             f"Round {round_index} waits for human feedback: open {page} (or run `gal-jax review "
-            f"--workdir={runtime.workdir} --round={round_index}`), pick directions and images, save "
-            f"{selections_file}, then rerun the same command."
+            f"--workdir={runtime.workdir.root} --round={round_index}`), pick directions and images, save "
+            f"{paths.selections}, then rerun the same command."
         )
-    picks = review.read_selections(selections_file, record_like)
+    picks = review.read_selections(paths.selections, round_index, directions)
     if not picks:  # the person found nothing worth querying: this round's model is the final one
         return acquisition.Selection((), (), weight, openness, stopped=True)
-    by_id = {d["prompt_id"]: i for i, d in enumerate(directions)}
+    by_id = {d.prompt_id: i for i, d in enumerate(directions)}
     chosen = [by_id[p["prompt_id"]] for p in picks]
-    images = [
-        [img["path"] for img in directions[d]["images"]].index(p["image"]) for d, p in zip(chosen, picks)
-    ]
+    images = [[img.path for img in directions[d].images].index(p["image"]) for d, p in zip(chosen, picks)]
     return acquisition.Selection(tuple(chosen), tuple(images), weight, openness, stopped=False)
-
-
-def generate_images(runtime, round_index, unet_params, pool, directory, timings):
-    """Returns the round's images (P*N uint8) and their index; reads them back if already written."""
-    done = directory / "generated.json"
-    if done.exists():
-        index = io_utils.read_json(done)
-        return io_utils.read_images([io_utils.resolve(runtime.workdir, e["path"]) for e in index]), index
-    concept, config = runtime.concept, runtime.config
-    params = dataclasses.replace(runtime.sd_params, unet=unet_params)
-    prompts = [concept.anchor_prompts[i] for i in pool]
-    with _timed(timings, "generate"):
-        images = runtime.generator.generate(
-            params, prompts, pool, round_index, config.sample.num_per_prompt, config.sample.seed
-        )
-        images.block_until_ready()
-    with _timed(timings, "write"):
-        _write_generated(runtime, images, pool, directory, done)
-    io_utils.sync(f"generated {directory}")
-    return images, io_utils.read_json(done)
-
-
-def _write_generated(runtime, images, pool, directory, done) -> None:
-    """Writes the round's PNGs and then generated.json, the marker that generation is finished."""
-    concept, config = runtime.concept, runtime.config
-    host = sample.to_host(images, config.sample.num_per_prompt).reshape(-1, *images.shape[1:])
-    index = []
-    for n, (prompt_id, seed) in enumerate(_grid(pool, config.sample.num_per_prompt)):
-        path = directory / "images" / f"p{prompt_id:03d}_s{seed:02d}.png"
-        io_utils.write_png(path, host[n])
-        index.append({"prompt_id": prompt_id, "prompt": concept.anchor_prompts[prompt_id],
-                      "seed": seed, "path": str(path.relative_to(runtime.workdir))})
-    io_utils.write_json(done, index)
 
 
 def _grid(pool: Sequence[int], num: int) -> list[tuple[int, int]]:
     return [(prompt_id, seed) for prompt_id in pool for seed in range(num)]
 
 
-def score_images(runtime, images, prompts, directory) -> dict:
+def generate_images(runtime, round_index, unet_params, pool, paths: RoundPaths, timings):
+    """Returns the round's images (P*N uint8) and their index; reads them back if already written."""
+    concept, config, workdir = runtime.concept, runtime.config, runtime.workdir
+    expected = [{"prompt_id": pid, "prompt": concept.anchor_prompts[pid], "seed": seed,
+                 "path": workdir.relative(paths.image(pid, seed))}
+                for pid, seed in _grid(pool, config.sample.num_per_prompt)]
+    if paths.generated.exists():
+        index = _read_json_or_damaged(paths.generated)
+        if index != expected:
+            raise WorkdirError(
+                f"{paths.generated}: does not index this round's grid ({len(pool)} prompts x "
+                f"{config.sample.num_per_prompt} seeds of the remaining pool); delete it to generate again"
+            )
+        return io_utils.read_images([workdir.resolve(e["path"]) for e in index]), index
+    params = dataclasses.replace(runtime.sd_params, unet=unet_params)
+    prompts = [concept.anchor_prompts[i] for i in pool]
+    with _timed(timings, "generate"):
+        images = runtime.generator.generate(
+            params, prompts, pool, round_index, config.sample.num_per_prompt, config.sample.seed,
+            desc=f"round {round_index} generate",
+        )
+        images.block_until_ready()
+    with _timed(timings, "write"):
+        host = sample.to_host(images, config.sample.num_per_prompt).reshape(-1, *images.shape[1:])
+        for n, entry in enumerate(expected):
+            io_utils.write_png(workdir.resolve(entry["path"]), host[n])
+        io_utils.write_json(paths.generated, expected)  # the marker that generation is finished
+    io_utils.sync(f"generated {paths.dir}")
+    return images, expected
+
+
+def score_images(runtime, images, prompts, paths: RoundPaths) -> dict:
     """Returns {'sim_anchor': (P*N,), 'sim_plain': (P*N, J)} for the round's images (cached on disk)."""
-    done = directory / "scores.json"
-    if done.exists():
-        return io_utils.read_json(done)
     num = runtime.config.sample.num_per_prompt
+    plain = list(runtime.concept.plain_prompts)
+    if paths.scores.exists():
+        sims = _read_json_or_damaged(paths.scores)
+        _check_scores(sims, prompts, plain, num, paths.scores)
+        return sims
     anchor_of_image = np.repeat(np.arange(len(prompts)), num)
-    sim_anchor, sim_plain = runtime.scorer.similarities(
-        images, anchor_of_image, prompts, list(runtime.concept.plain_prompts)
-    )
-    sims = {"sim_anchor": np.asarray(sim_anchor).tolist(), "sim_plain": np.asarray(sim_plain).tolist()}
-    io_utils.write_json(done, sims)
+    sim_anchor, sim_plain = runtime.scorer.similarities(images, anchor_of_image, prompts, plain)
+    sims = {"prompts": list(prompts), "plain_prompts": plain,
+            "sim_anchor": np.asarray(sim_anchor).tolist(), "sim_plain": np.asarray(sim_plain).tolist()}
+    io_utils.write_json(paths.scores, sims)
     return sims
 
 
-def _direction_entries(pool, prompts, index, sim_anchor, sim_plain, scores) -> list[dict]:
+def _check_scores(sims: Any, prompts, plain, num: int, path: Path) -> None:
+    """Raises WorkdirError when cached scores are not those of these prompts' images."""
+    problem = None
+    if not isinstance(sims, dict) or not {"sim_anchor", "sim_plain"} <= set(sims):
+        problem = "it lacks sim_anchor/sim_plain"
+    elif sims.get("prompts", prompts) != list(prompts) or sims.get("plain_prompts", plain) != list(plain):
+        problem = "it scores other prompts"
+    elif np.shape(sims["sim_anchor"]) != (len(prompts) * num,) or np.shape(sims["sim_plain"]) != (
+            len(prompts) * num, len(plain)):
+        problem = f"its shapes do not match {len(prompts)} prompts x {num} images x {len(plain)} plain prompts"
+    if problem:
+        raise WorkdirError(f"{path}: {problem}; delete it to score again")
+
+
+def _directions(pool, prompts, index, sim_anchor, sim_plain, scores) -> tuple[Direction, ...]:
     num = sim_anchor.shape[1]
-    return [
-        {
-            "prompt_id": prompt_id,
-            "prompt": prompts[d],
-            "overfit_rate": float(scores.rates[d]),
-            "entropy": float(scores.entropies[d]),
-            "images": [
-                {
-                    "path": index[d * num + n]["path"],
-                    "seed": index[d * num + n]["seed"],
-                    "sim_anchor": float(sim_anchor[d, n]),
-                    "sim_plain": [float(s) for s in sim_plain[d, n]],
-                    "overfit": bool(scores.flags[d, n]),
-                }
+    return tuple(
+        Direction(
+            prompt_id=prompt_id,
+            prompt=prompts[d],
+            overfit_rate=float(scores.rates[d]),
+            entropy=float(scores.entropies[d]),
+            images=tuple(
+                ImageScore(path=index[d * num + n]["path"], seed=index[d * num + n]["seed"],
+                           sim_anchor=float(sim_anchor[d, n]),
+                           sim_plain=tuple(float(s) for s in sim_plain[d, n]),
+                           overfit=bool(scores.flags[d, n]))
                 for n in range(num)
-            ],
-        }
+            ),
+        )
         for d, prompt_id in enumerate(pool)
-    ]
+    )
 
 
-def _record_header(config, round_index, concept, references, workdir) -> dict:
-    return {
-        "round": round_index,
-        "feedback": config.gal.feedback,
-        "balance": bool(config.gal.balance),
-        "lambda": float(config.gal.openness_lambda),
-        "k": int(config.gal.k),
-        "concept_phrase": concept.phrase,
-        "plain_prompts": list(concept.plain_prompts),
-        "references": [
-            {
-                "image": io_utils.relative_if_inside(workdir, r.image),
-                "prompt": r.prompt,
-                "plain_prompt": r.plain_prompt,
-                "weight": r.weight,
-                "source": r.source,
-            }
-            for r in references
-        ],
-    }
+def export_final_model(runtime: Runtime, round_index: int) -> Path:
+    """Returns DIR/model after writing it from round `round_index`'s UNet (once; atomic)."""
+    workdir, config = runtime.workdir, runtime.config
+    if not workdir.model_dir.is_dir():
+        faults.maybe_kill("phase", "export")
+        paths = workdir.round(round_index)
+        if not paths.unet.is_dir():  # a workdir of an earlier version: the UNet is in its checkpoint
+            train_round(runtime, [], paths)
+        if io_utils.is_primary():
+            export.write_pipeline(runtime.paths.sd, paths.unet, workdir.model_dir, dtype=config.export.dtype)
+        io_utils.sync("export")
+    return workdir.model_dir
 
 
 class _timed:
@@ -526,15 +556,3 @@ class _timed:
 def _timing_line(round_index: int, timings: dict) -> str:
     parts = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in timings.items())
     return f"Round {round_index} done in {sum(timings.values()):.1f}s ({parts})"
-
-
-def sample_command(config, prompts_file: Path, num_per_prompt: int, out: Path) -> Path:
-    """Generates `num_per_prompt` images for every prompt of a file with the base model; returns out."""
-    prompts = [line.strip() for line in io_utils.read_text(prompts_file).splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"{prompts_file}: no prompts (one prompt a line)")
-    paths = tiny.resolve_paths(config)
-    sd, params = load_sd(config, paths["sd"])
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-    sample.sample_to_dir(config, sd, params, prompts, num_per_prompt, out, mesh=mesh)
-    return out

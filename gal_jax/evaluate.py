@@ -31,7 +31,8 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from gal_jax import anchors, io_utils, metrics
+from gal_jax import anchors, eval_results, io_utils, metrics
+from gal_jax.workdir import Workdir
 
 KINDS = ("object", "style")
 # Keys that may name a concept's reference images (a folder or one image): the authors' style list,
@@ -39,10 +40,6 @@ KINDS = ("object", "style")
 REFERENCE_KEYS = ("instance_data_path", "instance_data_dir", "src_img_dir")
 DEFAULT_STYLE_PROMPTS = "PartiPrompts.csv"
 EVAL_ROUND_INDEX = 0  # generation keys of evaluation images: the same noise every round
-RESULTS_DIR = "eval"
-NO_ROUND = "-"
-METRIC_COLUMNS = (("txt_aln", "TXT-ALN"), ("img_aln", "IMG-ALN"), ("ovf", "OVF (lower is better)"),
-                  ("dino", "DINO"))
 
 
 class ConceptsListError(ValueError):
@@ -442,106 +439,7 @@ def _is_index_entry(entry: Any) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Results files and the command
-
-
-def write_results(results: Sequence[dict], out_dir: str | Path) -> tuple[Path, Path]:
-    """Returns (results.json, results.md) after writing the results and their tables, atomically."""
-    out_dir = Path(out_dir)
-    results = list(results)
-    json_path, md_path = out_dir / "results.json", out_dir / "results.md"
-    io_utils.write_json(json_path, results)
-    io_utils.atomic_write_bytes(md_path, results_markdown(results).encode())
-    return json_path, md_path
-
-
-def results_markdown(results: Sequence[dict]) -> str:
-    """Returns markdown: a table per concept (a row per round), then the mean over concepts per round."""
-    if not results:
-        raise ValueError("no evaluation results to tabulate")
-    for position, result in enumerate(results):
-        missing = [key for key in ("concept", "txt_aln", "img_aln", "ovf") if key not in result]
-        if missing:
-            raise ValueError(f"evaluation result #{position} has no {missing[0]!r}: {sorted(result)}")
-    scales = sorted({r.get("settings", {}).get("txt_scale", 1.0) for r in results})
-    lines = [
-        "# Evaluation",
-        "",
-        "TXT-ALN: mean CLIP cosine(image, its test prompt without the placeholder) x "
-        f"{'/'.join(map(str, scales))}. "
-        "IMG-ALN: mean cosine over (generated, reference) image pairs. OVF: fraction of images closer to a "
-        "plain reference caption than to their test prompt (lower is better). DINO: IMG-ALN with DINOv2.",
-    ]
-    columns = [(key, title) for key, title in METRIC_COLUMNS if any(key in r for r in results)]
-    concepts = list(dict.fromkeys(r["concept"] for r in results))
-    for concept in concepts:
-        rows = sorted((r for r in results if r["concept"] == concept), key=_round_order)
-        header = ["round", *(title for _, title in columns), "images", "references"]
-        cells = [[_round_label(r), *(_number(r.get(key)) for key, _ in columns),
-                  *(str(r.get("counts", {}).get(count, "")) for count in ("images", "references"))]
-                 for r in rows]
-        lines += ["", f"## {_cell(concept)}", "", *_table(header, cells)]
-    if len(concepts) > 1:
-        header = ["round", "concepts", *(title for _, title in columns)]
-        lines += ["", "## Mean over concepts", "", *_table(header, _mean_rows(results, columns))]
-    return "\n".join(lines) + "\n"
-
-
-def _mean_rows(results: Sequence[dict], columns) -> list[list[str]]:
-    """Returns a row per round: the number of concepts and each metric's mean over them."""
-    rows = []
-    for order in sorted({_round_order(r) for r in results}):
-        group = [r for r in results if _round_order(r) == order]
-        means = [np.mean([r[key] for r in group if key in r]) if any(key in r for r in group) else None
-                 for key, _ in columns]
-        rows.append([_round_label(group[0]), str(len(group)), *map(_number, means)])
-    return rows
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)] + [
-        "| " + " | ".join(row) + " |" for row in rows
-    ]
-
-
-def _round_order(result: dict) -> tuple[int, int]:
-    """Sorts results without a round (folder evaluations) first, then by round."""
-    value = result.get("round")
-    return (0, 0) if value is None else (1, int(value))
-
-
-def _round_label(result: dict) -> str:
-    return NO_ROUND if result.get("round") is None else str(result["round"])
-
-
-def _number(value) -> str:
-    return "" if value is None else f"{float(value):.4f}"
-
-
-def _cell(text: str) -> str:
-    return str(text).replace("|", "\\|")
-
-
-def read_round_results(workdir: str | Path) -> list[dict]:
-    """Returns the evaluation results the driver wrote to DIR/rounds/<r>/eval.json, in round order."""
-    rounds_dir = Path(workdir) / "rounds"
-    found = sorted(
-        (int(d.name), d / "eval.json")
-        for d in (rounds_dir.iterdir() if rounds_dir.is_dir() else ())
-        if d.name.isdigit() and (d / "eval.json").is_file()
-    )
-    results = []
-    for round_index, path in found:
-        entries = io_utils.read_json(path)
-        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-            raise ValueError(f"{path}: expected a list of evaluation result objects")
-        for entry in entries:
-            if entry.setdefault("round", round_index) != round_index:
-                raise ValueError(
-                    f"{path}: a result says round {entry['round']!r}, but the file is round {round_index}"
-                )
-        results += entries
-    return results
+# The command
 
 
 def evaluate_command(
@@ -574,7 +472,7 @@ def evaluate_command(
         )]
     else:
         results = _gathered_round_results(workdir)
-    _, md_path = write_results(results, workdir / RESULTS_DIR)
+    _, md_path = eval_results.write_results(results, Workdir(workdir).eval_dir)
     print(md_path.read_text())
     return md_path
 
@@ -583,7 +481,7 @@ def _gathered_round_results(workdir: Path) -> list[dict]:
     """Returns the round results of a workdir; raises saying how to get some when there are none."""
     if not workdir.is_dir():
         raise FileNotFoundError(f"{workdir}: workdir does not exist")
-    results = read_round_results(workdir)
+    results = eval_results.read_round_results(workdir)
     if not results:
         raise FileNotFoundError(
             f"{workdir}: no evaluation results (rounds/<r>/eval.json). Evaluation runs after each round "
@@ -595,9 +493,9 @@ def _gathered_round_results(workdir: Path) -> list[dict]:
 
 
 def _config_clip_path(config) -> Path:
-    """Returns the CLIP folder a config names ('' means the tiny default, built if needed)."""
+    """Returns the CLIP folder a config names (the tiny default's when it names no real path)."""
     if config is None:
-        raise ValueError("evaluating an image folder needs a CLIP model: pass clip_path or --config")
-    from gal_jax import driver
+        raise ValueError("evaluating an image folder needs a CLIP model: pass --clip_path or --config")
+    from gal_jax import inputs
 
-    return driver.resolve_paths(config)["clip"]
+    return inputs.resolve(config, need=("clip",)).clip

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -11,14 +13,33 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+from gal_jax import faults
+from gal_jax.images import read_rgb_array
+
 COMPILATION_CACHE = Path(os.environ.get("GAL_JAX_CACHE", "~/.cache/gal_jax")).expanduser() / "xla"
 
 
+TEMP_PREFIX = ".tmp-"
+_TEMPORARY = re.compile(r"^\.tmp-.*$")
+
+
 def is_primary() -> bool:
-    """Returns True in the process that writes files (process 0; the only one on a single host)."""
+    """Returns True in the process that writes files (process 0; the only one on a single host).
+
+    A process that has not imported JAX is a single-host helper (the review server): it is primary,
+    and asking does not start JAX.
+    """
+    if "jax" not in sys.modules:
+        return True
     import jax
 
     return jax.process_index() == 0
+
+
+def is_temporary_name(name: str) -> bool:
+    """Returns True for the name of a temp file or folder an atomic write makes (and may leave
+    behind when killed)."""
+    return bool(_TEMPORARY.match(name))
 
 
 def sync(name: str) -> None:
@@ -38,16 +59,54 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMP_PREFIX}{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the name points at it
         # mkstemp creates 0600 files; results are meant to be read by others on shared machines.
         os.chmod(tmp, 0o644)
+        faults.maybe_kill("write", path)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)  # ... and the rename itself survives a power cut
+
+
+def fsync_dir(folder: Path) -> None:
+    """Flushes a folder's entries (renames, new files) to disk."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temporary_dir_beside(target: Path) -> Path:
+    """Returns a new empty folder next to `target` (same filesystem), named as a temporary, so a
+    killed run's leftovers are found and removed on the next start."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{TEMP_PREFIX}{target.name}."))
+    folder.chmod(0o755)  # mkdtemp's 0o700 would become the finished folder's permissions
+    return folder
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Moves the finished folder `new` to `target`, replacing what was there, and syncs the parent."""
+    import shutil
+
+    target = Path(target)
+    if target.exists():
+        old = temporary_dir_beside(target)
+        os.replace(target, old / "old")
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)
+    fsync_dir(target.parent)
 
 
 def write_json(path: Path, value: Any) -> None:
@@ -88,15 +147,9 @@ def write_png(path: Path, image: np.ndarray) -> None:
 
 
 def read_images(paths: Sequence[Path]) -> np.ndarray:
-    """Returns the images at `paths` stacked as uint8 (n, H, W, 3)."""
-    images = []
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                images.append(np.asarray(image.convert("RGB")))
-        except (OSError, ValueError) as err:
-            raise ValueError(f"{path}: unreadable image ({err})") from err
-    return np.stack(images)
+    """Returns the images at `paths` stacked as uint8 (n, H, W, 3), read as every user image is
+    (`images.read_rgb_array`: upright, 8-bit, transparency on white); errors name the file."""
+    return np.stack([read_rgb_array(path) for path in paths])
 
 
 def resolve(root: Path, path: str | Path) -> Path:

@@ -1,40 +1,56 @@
 r"""The `gal-jax` command line.
 
   gal-jax run --config=configs/tiny_cpu.py --workdir=workdirs/tiny     # the GAL loop, resumable
+  gal-jax export --workdir=DIR [--round=R] --out=FOLDER [--dtype=float16|float32]
+                                                                       # a round's model, diffusers layout
+  gal-jax sample --workdir=DIR [--round=R] --prompts=FILE [--num_per_prompt=N] [--out=DIR]
+                                                                       # images from a run's model
+  gal-jax sample --config=... --prompts=FILE --num_per_prompt=N --out=DIR   # images from a base model
   gal-jax make-tiny [--out=DIR]                                        # build the tiny default models/data
-  gal-jax sample --config=... --prompts=FILE --num_per_prompt=N --out=DIR
-  gal-jax evaluate --workdir=DIR [--config=...]                        # TXT-ALN / IMG-ALN / OVF per round
+  gal-jax evaluate --workdir=DIR                                       # TXT-ALN / IMG-ALN / OVF per round
   gal-jax evaluate --workdir=DIR --images=D --prompts=F --references=D --captions=F --clip_path=D
   gal-jax review --workdir=DIR --round=R                               # serve the human-feedback page
   gal-jax bench train|sample|score --config=...                        # compile time, throughput, MFU
 
 Config fields are overridden with `--config.section.field=value` (ml_collections config_flags).
+
+Exit codes: 0 done; 1 an error (bad input file, damaged or busy workdir, ...); 2 a usage error
+(unknown command or flag, bad config file or value); 3 the run waits for human feedback (open the
+review page it names, save the selections, rerun). Errors print one line
+`gal-jax <command>: error: ...`; `--verbosity=1` adds the traceback and absl's logs.
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib.machinery
+import importlib.util
 import sys
+import traceback
 from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ("run", "make-tiny", "sample", "evaluate", "review", "bench")
+COMMANDS = ("run", "export", "sample", "make-tiny", "evaluate", "review", "bench")
 BENCH_TARGETS = ("train", "sample", "score")
+EXIT_ERROR, EXIT_USAGE, EXIT_AWAITING_FEEDBACK = 1, 2, 3
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (a Python file with get_config()).", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where rounds, records, checkpoints and the report go.")
-_OUT = flags.DEFINE_string("out", None, "Output folder (make-tiny, sample).")
+_OUT = flags.DEFINE_string("out", None, "Output folder (make-tiny, sample, export).")
 _PROMPTS = flags.DEFINE_string("prompts", None, "Text file with one prompt a line (sample).")
 _NUM_PER_PROMPT = flags.DEFINE_integer("num_per_prompt", None, "Images per prompt (sample).")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float16", "float32", "bfloat16"],
+                           "export: weight dtype of the exported UNet (default: the run's export.dtype).")
 _IMAGES = flags.DEFINE_string("images", None, "evaluate: a folder of generated images to score.")
 _REFERENCES = flags.DEFINE_string("references", None, "evaluate: a folder of reference images.")
 _CAPTIONS = flags.DEFINE_string("captions", None, "evaluate: file of plain reference captions, one a line.")
 _PLACEHOLDER = flags.DEFINE_string("placeholder", None, "evaluate: placeholder removed from prompts before scoring.")
 _CLIP_PATH = flags.DEFINE_string("clip_path", None, "evaluate: CLIP model folder (default: the config's).")
-_ROUND = flags.DEFINE_integer("round", None, "Round to review (review).")
+_ROUND = flags.DEFINE_integer("round", None, "Round to review, export or sample from (default: the last).")
 _PORT = flags.DEFINE_integer("port", 0, "Port for `review` (0 picks a free one).")
 _FORCE = flags.DEFINE_bool("force", False, "make-tiny: rebuild even if present.")
 _DISTRIBUTED = flags.DEFINE_bool(
@@ -45,8 +61,8 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 
 
-class UsageError(app.UsageError):
-    """Wrong command or missing flag."""
+class UsageError(ValueError):
+    """Wrong command, missing or bad flag, bad config file: exit code 2."""
 
 
 def _require(flag, name: str, command: str):
@@ -64,8 +80,21 @@ def _config(command: str):
 def _cmd_run(args):
     from gal_jax import driver
 
-    report = driver.run(_config("run"), Path(_require(_WORKDIR, "workdir", "run")))
+    config = _config("run")
+    try:
+        driver.check_config(config)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    report = driver.run(config, Path(_require(_WORKDIR, "workdir", "run")))
     print(f"Report: {report}")
+
+
+def _cmd_export(args):
+    from gal_jax import outputs
+
+    out = outputs.export_round(_require(_WORKDIR, "workdir", "export"), _ROUND.value,
+                               _require(_OUT, "out", "export"), _DTYPE.value)
+    print(f"Model (diffusers layout): {out}")
 
 
 def _cmd_make_tiny(args):
@@ -77,14 +106,16 @@ def _cmd_make_tiny(args):
 
 
 def _cmd_sample(args):
-    from gal_jax import driver
+    from gal_jax import outputs
 
-    out = driver.sample_command(
-        _config("sample"),
-        Path(_require(_PROMPTS, "prompts", "sample")),
-        _require(_NUM_PER_PROMPT, "num_per_prompt", "sample"),
-        Path(_require(_OUT, "out", "sample")),
-    )
+    prompts = Path(_require(_PROMPTS, "prompts", "sample"))
+    if _WORKDIR.value is not None:
+        if _CONFIG.value is not None:
+            raise UsageError("`gal-jax sample` takes --workdir (a run's model) or --config (a base model), not both")
+        out = outputs.sample_from_run(_WORKDIR.value, _ROUND.value, prompts, _NUM_PER_PROMPT.value, _OUT.value)
+    else:
+        out = outputs.sample_base(_config("sample"), prompts, _require(_NUM_PER_PROMPT, "num_per_prompt", "sample"),
+                                  _require(_OUT, "out", "sample"))
     print(f"Images and index.json: {out}")
 
 
@@ -127,32 +158,64 @@ def _cmd_bench(args):
 
 HANDLERS = {
     "run": _cmd_run,
-    "make-tiny": _cmd_make_tiny,
+    "export": _cmd_export,
     "sample": _cmd_sample,
+    "make-tiny": _cmd_make_tiny,
     "evaluate": _cmd_evaluate,
     "review": _cmd_review,
     "bench": _cmd_bench,
 }
 
 
+def _command(argv) -> str:
+    return argv[1] if len(argv) > 1 and argv[1] in HANDLERS else "<command>"
+
+
+def _fail(command: str, message: str, code: int):
+    """Prints the one-line error (first line of the message, rest indented) and exits with `code`."""
+    first, *rest = str(message).strip().splitlines() or [""]
+    lines = [f"gal-jax {command}: error: {first}", *("  " + line.strip() for line in rest if line.strip())]
+    print("\n".join(lines), file=sys.stderr)
+    sys.exit(code)
+
+
 def main(argv):
-    if len(argv) < 2 or argv[1] not in HANDLERS:
-        raise UsageError(f"usage: gal-jax {{{'|'.join(COMMANDS)}}} [flags]; see `gal-jax --help`")
+    command = _command(argv)
     debug = flags.FLAGS.verbosity >= 1  # --verbosity=1: absl/orbax logs and full tracebacks
     if not debug:
         # absl INFO is orbax's and TFDS's chatter; our progress is printed by the progress bars.
         logging.set_verbosity(logging.WARNING)
-    if _DISTRIBUTED.value:
-        import jax
+    from gal_jax.workdir import AwaitingHumanFeedback  # light: `review` must not import JAX
 
-        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     try:
-        HANDLERS[argv[1]](argv)
-    except (ValueError, FileNotFoundError) as err:
-        # Bad input (a file, a folder, a config value): the message names it; a traceback adds noise.
+        if command not in HANDLERS:
+            raise UsageError(f"usage: gal-jax {{{'|'.join(COMMANDS)}}} [flags]; see `gal-jax --help`")
+        if _DISTRIBUTED.value:
+            import jax
+
+            jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        HANDLERS[command](argv)
+    except AwaitingHumanFeedback as waiting:
+        print(waiting)
+        sys.exit(EXIT_AWAITING_FEEDBACK)
+    except KeyboardInterrupt:
+        print(f"gal-jax {command}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as err:  # every error ends as one line; --verbosity=1 shows where it came from
         if debug:
             raise
-        sys.exit(f"gal-jax {argv[1]}: error: {err}")
+        _fail(command, *_describe(err))
+
+
+def _describe(err: Exception) -> tuple[str, int]:
+    """Returns (message, exit code) for an error: the user's mistakes by their message, bugs as such."""
+    if isinstance(err, UsageError):
+        return str(err), EXIT_USAGE
+    if isinstance(err, (ValueError, OSError)):
+        return str(err), EXIT_ERROR
+    where = traceback.extract_tb(err.__traceback__)[-1]
+    return (f"internal error {type(err).__name__}: {err} (at {Path(where.filename).name}:{where.lineno}; "
+            "rerun with --verbosity=1 for the traceback, and please report it)"), EXIT_ERROR
 
 
 def run():
@@ -166,9 +229,90 @@ def run():
 
 
 def _parse_flags(argv):
+    """Returns the arguments left after absl parses the flags; a bad flag exits 2 with one line."""
     # Accept --num-per-prompt as well as --num_per_prompt: diffusers-style spelling.
     argv = [a.replace("--num-per-prompt", "--num_per_prompt") for a in argv]
-    return flags.FLAGS(argv)
+    command = _command(argv)
+    try:
+        _check_config_file(argv)
+        return flags.FLAGS(argv)
+    except UsageError as err:
+        _fail(command, str(err), EXIT_USAGE)
+    except flags.Error as err:
+        _fail(command, _flag_error(err, argv), EXIT_USAGE)
+    except (AttributeError, KeyError) as err:  # ml_collections, for a field under a repeated --config
+        unknown = [_unknown_config_field(a.split("=", 1)[0][2:], _config_argument(argv))
+                   for a in argv if a.startswith("--config.")]
+        _fail(command, next((u for u in unknown if u), " ".join(str(err).split())), EXIT_USAGE)
+
+
+def _config_argument(argv) -> str | None:
+    values = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    return values[-1] if values else None
+
+
+def _check_config_file(argv) -> None:
+    """Raises UsageError naming the --config file when it is missing or does not import.
+
+    ml_collections defers such errors to the first use of the config, with a message that does
+    not say what went wrong.
+    """
+    value = _config_argument(argv)
+    if value is None:
+        return
+    path, _, variant = value.partition(":")
+    if not Path(path).is_file():
+        raise UsageError(f"--config={value}: no such file {path!r}")
+    try:
+        module = _load_config_module(path)
+        if not hasattr(module, "get_config"):
+            raise UsageError(f"--config={value}: {path} has no get_config()")
+        module.get_config(*([variant] if variant else []))
+    except UsageError:
+        raise
+    except SyntaxError as err:
+        raise UsageError(f"--config={value}: {path}:{err.lineno}: does not import ({err.msg})") from None
+    except Exception as err:  # the user's config code can raise anything
+        raise UsageError(f"--config={value}: {type(err).__name__}: {err}") from None
+
+
+def _load_config_module(path: str):
+    """Returns the config file at `path` imported as a module (any file name, as ml_collections)."""
+    loader = importlib.machinery.SourceFileLoader("gal_jax_config_check", path)
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    loader.exec_module(module)
+    return module
+
+
+def _flag_error(err: flags.Error, argv) -> str:
+    """Returns absl's flag error as one line, with a "did you mean" for an unknown config field."""
+    if isinstance(err, flags.UnrecognizedFlagError) and str(err.flagname).startswith("config."):
+        return _unknown_config_field(str(err.flagname), _config_argument(argv)) or str(err)
+    if isinstance(err, flags.UnrecognizedFlagError):
+        known = [name for name in flags.FLAGS if not name.startswith("config.")]
+        close = difflib.get_close_matches(str(err.flagname), known, n=1)
+        return f"unknown flag --{err.flagname}" + (f"; did you mean --{close[0]}?" if close else "")
+    return " ".join(str(err).split())
+
+
+def _unknown_config_field(dotted: str, config_argument: str | None) -> str | None:
+    """Returns "unknown config field --config.x.z; did you mean --config.x.y? (...)" when `dotted`
+    is not a field of the config, else None."""
+    if config_argument is None:
+        return f"--{dotted} needs a --config before it"
+    path, _, variant = config_argument.partition(":")
+    config = _load_config_module(path).get_config(*([variant] if variant else []))
+    node, names = config, dotted.split(".")[1:]
+    for depth, name in enumerate(names):
+        keys = list(node.keys()) if hasattr(node, "keys") else []
+        if name not in keys:
+            close = difflib.get_close_matches(name, keys, n=1)
+            known = ", ".join(sorted(keys))
+            hint = f"; did you mean --config.{'.'.join([*names[:depth], close[0]])}?" if close else ""
+            section = "config" + "".join(f".{n}" for n in names[:depth])
+            return f"unknown config field --{dotted}{hint} (fields of {section}: {known})"
+        node = node[name]
+    return None
 
 
 if __name__ == "__main__":

@@ -29,50 +29,32 @@ from matplotlib.patches import Patch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from gal_jax import io_utils
+from gal_jax.images import open_rgb
+from gal_jax.records import Direction, ImageScore, RecordError, ReferenceEntry, RoundRecord, SelectedEntry
+from gal_jax.workdir import Workdir
 
 THUMB = 128  # pixels per image in contact sheets
 OVERFIT_RGB = (214, 39, 40)  # matplotlib's tab:red
 SELECTED_RGB = (44, 160, 44)  # tab:green
 NEUTRAL_RGB = (205, 205, 205)
 _UNSELECTED_BAR = "#8fa8c8"
-_REQUIRED = {"round": int, "references": list, "directions": list, "selected": list,
-             "openness": (int, float)}
 _TIMING_KEYS = ("train", "generate", "score", "write")
-
-
-class RecordError(ValueError):
-    """A round record or evaluation entry lacks a field the report needs."""
 
 
 # ----------------------------------------------------------------------------------------------
 # Pure helpers: record data -> numbers, images, figures, text.
 
 
-def check_records(records: Iterable[dict]) -> list[dict]:
-    """Returns the records sorted by round, raising RecordError on a missing or mistyped field."""
+def check_records(records: Iterable[RoundRecord]) -> list[RoundRecord]:
+    """Returns the records sorted by round, raising RecordError when a round appears twice."""
     records = list(records)
-    for position, record in enumerate(records):
-        where = f"round record #{position} (round {record.get('round', '?')})"
-        for key, kind in _REQUIRED.items():
-            if key not in record:
-                raise RecordError(f"{where}: missing field {key!r}")
-            if isinstance(record[key], bool) or not isinstance(record[key], kind):
-                raise RecordError(f"{where}: field {key!r} is {record[key]!r}, not {kind}")
-        for d, direction in enumerate(record["directions"]):
-            if "prompt" not in direction or "images" not in direction:
-                raise RecordError(f"{where}: direction {d} needs 'prompt' and 'images'")
-            if any("path" not in image for image in direction["images"]):
-                raise RecordError(f"{where}: an image of direction {d} has no 'path'")
-        for key in ("references", "selected"):
-            if any("image" not in entry for entry in record[key]):
-                raise RecordError(f"{where}: an entry of {key!r} has no 'image'")
-    rounds = [record["round"] for record in records]
+    rounds = [record.round for record in records]
     if len(set(rounds)) != len(rounds):
         raise RecordError(f"round records repeat a round: {sorted(rounds)}")
-    return sorted(records, key=lambda record: record["round"])
+    return sorted(records, key=lambda record: record.round)
 
 
-def round_summaries(records: Sequence[dict]) -> list[dict]:
+def round_summaries(records: Sequence[RoundRecord]) -> list[dict]:
     """Returns per round: references, directions, mean overfit rate and H, openness, choices.
 
     Rounds that scored no direction (the final one) get NaN rates and openness, so that plots
@@ -80,33 +62,32 @@ def round_summaries(records: Sequence[dict]) -> list[dict]:
     """
     summaries = []
     for record in records:
-        directions, selected = record["directions"], record["selected"]
-        timings = record.get("timings") or {}
+        directions, selected, timings = record.directions, record.selected, record.timings
         summaries.append({
-            "round": record["round"],
-            "references": len(record["references"]),
+            "round": record.round,
+            "references": len(record.references),
             "directions": len(directions),
-            "mean_overfit_rate": _mean(d.get("overfit_rate") for d in directions),
-            "mean_entropy": _mean(d.get("entropy") for d in directions),
-            "openness": float(record["openness"]) if directions else math.nan,
+            "mean_overfit_rate": _mean(d.overfit_rate for d in directions),
+            "mean_entropy": _mean(d.entropy for d in directions),
+            "openness": float(record.openness) if directions else math.nan,
             "selected": len(selected),
-            "new_weight": selected[0].get("weight") if selected else None,
-            "stopped": bool(record.get("stopped", False)),
+            "new_weight": selected[0].weight if selected else None,
+            "stopped": record.stopped,
             "timings": {key: timings.get(key) for key in _TIMING_KEYS},
         })
     return summaries
 
 
-def contact_sheet(direction: dict, thumbnails: Sequence[Image.Image], selected: set[str],
+def contact_sheet(direction: Direction, thumbnails: Sequence[Image.Image], selected: set[str],
                   thumb: int = THUMB) -> Image.Image:
     """Returns a direction's images in a row: overfit ones framed red + "OVF", chosen ones green.
 
     Under each image: its sim_anchor, its highest sim_plain (overfit when anchor <= plain), seed.
     """
-    images = direction["images"]
+    images = direction.images
     if len(thumbnails) != len(images):
         raise ValueError(f"{len(thumbnails)} thumbnails for {len(images)} images of "
-                         f"{direction['prompt']!r}")
+                         f"{direction.prompt!r}")
     pad, border, header, caption = 8, 4, 28, 50
     cell = thumb + 2 * border
     width = max(pad + len(images) * (cell + pad), 360)
@@ -116,8 +97,8 @@ def contact_sheet(direction: dict, thumbnails: Sequence[Image.Image], selected: 
     draw.text((pad, 6), title, fill="black", font=_font(14))
     for i, (info, thumbnail) in enumerate(zip(images, thumbnails)):
         x = pad + i * (cell + pad)
-        chosen = info["path"] in selected
-        frame = SELECTED_RGB if chosen else OVERFIT_RGB if info.get("overfit") else NEUTRAL_RGB
+        chosen = info.path in selected
+        frame = SELECTED_RGB if chosen else OVERFIT_RGB if info.overfit else NEUTRAL_RGB
         draw.rectangle((x, header, x + cell - 1, header + cell - 1), fill=frame)
         square = ImageOps.pad(thumbnail.convert("RGB"), (thumb, thumb), color="white")
         sheet.paste(square, (x + border, header + border))
@@ -125,22 +106,24 @@ def contact_sheet(direction: dict, thumbnails: Sequence[Image.Image], selected: 
     return sheet
 
 
-def entropy_figure(round_index: int, directions: Sequence[dict],
+def entropy_figure(round_index: int, directions: Sequence[Direction],
                    selected_prompts: set[str]) -> Figure:
     """Returns a horizontal bar chart of H per direction in pool order, the selected ones green."""
-    entropies = np.nan_to_num([_number(d.get("entropy")) for d in directions])
+    entropies = np.nan_to_num([_number(d.entropy) for d in directions])
     figure = Figure(figsize=(8, 1.3 + 0.3 * len(directions)), layout="constrained")
     axes = figure.add_subplot()
     rows = np.arange(len(directions))
-    colours = [_hex(SELECTED_RGB) if d["prompt"] in selected_prompts else _UNSELECTED_BAR
+    colours = [_hex(SELECTED_RGB) if d.prompt in selected_prompts else _UNSELECTED_BAR
                for d in directions]
     axes.barh(rows, entropies, color=colours)
-    axes.set_yticks(rows, labels=[_shorten(d["prompt"], 52) for d in directions], fontsize=8)
+    # parse_math=False: a prompt is literal text, "a $5 teapot" is not mathtext.
+    axes.set_yticks(rows, labels=[_shorten(d.prompt, 52) for d in directions], fontsize=8,
+                    parse_math=False)
     axes.invert_yaxis()
     axes.axvline(math.log(2), color="0.4", linestyle="--", linewidth=1)
     # H and p go in a column right of the ln 2 line, where no bar reaches.
     for row, direction, entropy in zip(rows, directions, entropies):
-        rate = fmt(direction.get("overfit_rate"), ".2f")
+        rate = fmt(direction.overfit_rate, ".2f")
         axes.text(math.log(2) + 0.012, row, f"H {entropy:.3f}  p {rate}", va="center", fontsize=7,
                   color="0.25")
     axes.set_xlim(0, math.log(2) * 1.3)
@@ -175,7 +158,8 @@ def progress_figure(summaries: Sequence[dict], evaluations: Sequence[dict] | Non
             label = f"{metric} (lower is better)" if metric == "ovf" else metric
             values = [_number(e.get(metric)) for e in evaluations]
             axes[-1].plot(eval_rounds, values, marker="o", label=label)
-        axes[-1].legend(fontsize=7)
+        for text in axes[-1].legend(fontsize=7).get_texts():
+            text.set_parse_math(False)  # metric names are literal, "$" included
         _round_axis(axes[-1], "evaluation on test prompts", eval_rounds)
     return figure
 
@@ -192,7 +176,7 @@ def metric_names(evaluations: Sequence[dict]) -> list[str]:
     return list(names)
 
 
-def render_html(title: str, records: Sequence[dict], summaries: Sequence[dict],
+def render_html(title: str, records: Sequence[RoundRecord], summaries: Sequence[dict],
                 evaluations: Sequence[dict] | None, links: dict) -> str:
     """Returns the report page; `links` maps figure and image keys to URLs relative to DIR.
 
@@ -202,8 +186,8 @@ def render_html(title: str, records: Sequence[dict], summaries: Sequence[dict],
         return (_HEAD.format(title=_e(title), selected=SELECTED_RGB) + f"<h1>{_e(title)}</h1>"
                 "<p>No round has finished yet; this page fills in as rounds finish.</p>"
                 "</body></html>\n")
-    latest_scored = next((r for r in reversed(records) if r["directions"]), None)
-    nav = " · ".join(f'<a href="#round-{r["round"]}">round {r["round"]}</a>' for r in records)
+    latest_scored = next((r for r in reversed(records) if r.directions), None)
+    nav = " · ".join(f'<a href="#round-{r.round}">round {r.round}</a>' for r in records)
     parts = [
         _HEAD.format(title=_e(title), selected=SELECTED_RGB),
         f"<h1>{_e(title)}</h1><p class=meta>{_settings(records[-1], summaries[-1])}</p>",
@@ -243,11 +227,10 @@ details > summary {{ cursor: pointer; font-weight: 600; margin: .5em 0; }}
 </style></head><body>"""
 
 
-def _settings(last: dict, summary: dict) -> str:
-    balance = {True: "on", False: "off"}.get(last.get("balance"), "?")
-    items = [f"concept <b>{_e(last['concept_phrase'])}</b>"] if "concept_phrase" in last else []
-    items += [f"feedback <b>{_e(last.get('feedback', '?'))}</b>", f"balance <b>{balance}</b>",
-              f"λ <b>{_e(last.get('lambda', '?'))}</b>", f"k <b>{_e(last.get('k', '?'))}</b>",
+def _settings(last: RoundRecord, summary: dict) -> str:
+    items = [f"concept <b>{_e(last.concept_phrase)}</b>"]
+    items += [f"feedback <b>{_e(last.feedback)}</b>", f"balance <b>{'on' if last.balance else 'off'}</b>",
+              f"λ <b>{_e(last.openness_lambda)}</b>", f"k <b>{_e(last.k)}</b>",
               f"{summary['round']} round(s) so far"]
     return " · ".join(items + (["<b>stopped early</b>"] if summary["stopped"] else []))
 
@@ -280,25 +263,25 @@ def _row(cells: Sequence, tag: str = "td") -> str:
     return "<tr>" + "".join(f"<{tag}>{_e(c)}</{tag}>" for c in cells) + "</tr>"
 
 
-def _round_section(record: dict, summary: dict, links: dict, open_sheets: bool) -> str:
-    r, refs = record["round"], summary["references"]
-    if record["directions"]:
+def _round_section(record: RoundRecord, summary: dict, links: dict, open_sheets: bool) -> str:
+    r, refs = record.round, summary["references"]
+    if record.directions:
         facts = (f"trained on {refs} references · {summary['directions']} directions scored · "
                  f"openness {fmt(summary['openness'], '.4g')}"
                  + (" · <b>stop rule fired</b>" if summary["stopped"] else ""))
     else:
         facts = f"trained on {refs} references · no direction scored (final round)"
     parts = [f'<section id="round-{r}"><h2>Round {r}</h2><p class=meta>{facts}</p>']
-    if record["selected"]:
+    if record.selected:
         parts.append("<h3>Chosen images (new references for the next round)</h3>")
-        parts.append(_chosen(record["selected"], links))
-    elif record["directions"]:
+        parts.append(_chosen(record.selected, links))
+    elif record.directions:
         parts.append("<p>No image chosen this round.</p>")
-    if record["directions"]:
+    if record.directions:
         parts.append(f'<h3>Uncertainty per direction</h3><img class=wide '
                      f'src="{links[("entropy", r)]}" alt="entropy per direction, round {r}">')
         parts.append(_sheets(record, links, open_sheets))
-    parts.append(_references_table(record["references"], links, r))
+    parts.append(_references_table(record.references, links, r))
     parts.append("</section>")
     return "\n".join(parts)
 
@@ -308,30 +291,30 @@ def _linked_thumb(links: dict, image: str, alt: str, width: str = "") -> str:
             f'alt="{alt}"></a>')
 
 
-def _chosen(selected: Sequence[dict], links: dict) -> str:
-    figures = [f'<figure>{_linked_thumb(links, s["image"], "chosen image")}<figcaption>'
-               f'{_e(s.get("prompt", ""))}<br>weight <b>{fmt(s.get("weight"), ".4g")}</b>'
+def _chosen(selected: Sequence[SelectedEntry], links: dict) -> str:
+    figures = [f'<figure>{_linked_thumb(links, s.image, "chosen image")}<figcaption>'
+               f'{_e(s.prompt)}<br>weight <b>{fmt(s.weight, ".4g")}</b>'
                "</figcaption></figure>" for s in selected]
     return f'<div class=chosen>{"".join(figures)}</div>'
 
 
-def _sheets(record: dict, links: dict, open_sheets: bool) -> str:
-    r = record["round"]
+def _sheets(record: RoundRecord, links: dict, open_sheets: bool) -> str:
+    r = record.round
     legend = (f'<p class="meta legend"><span style="border-color: rgb{OVERFIT_RGB}">OVF</span>'
               "overfit: sim_anchor ≤ max sim_plain "
               f'<span style="border-color: rgb{SELECTED_RGB}">chosen</span>new reference · '
               "under each image: sim_anchor, max sim_plain, seed</p>")
     sheets = [f'<div class=sheet><img src="{links[("sheet", r, d)]}" '
-              f'alt="{_e(direction["prompt"])}"></div>'
-              for d, direction in enumerate(record["directions"])]
+              f'alt="{_e(direction.prompt)}"></div>'
+              for d, direction in enumerate(record.directions)]
     return (f"<details{' open' if open_sheets else ''}><summary>Contact sheets "
             f"({len(sheets)} directions)</summary>{legend}{''.join(sheets)}</details>")
 
 
-def _references_table(references: Sequence[dict], links: dict, r: int) -> str:
-    rows = [f'<tr><td>{_linked_thumb(links, ref["image"], "reference", " width=64")}</td>'
-            f'<td class=text>{_e(ref.get("prompt", ""))}</td><td>{fmt(ref.get("weight"), ".4g")}'
-            f'</td><td class=text>{_e(ref.get("source", ""))}</td></tr>' for ref in references]
+def _references_table(references: Sequence[ReferenceEntry], links: dict, r: int) -> str:
+    rows = [f'<tr><td>{_linked_thumb(links, ref.image, "reference", " width=64")}</td>'
+            f'<td class=text>{_e(ref.prompt)}</td><td>{fmt(ref.weight, ".4g")}'
+            f'</td><td class=text>{_e(ref.source)}</td></tr>' for ref in references]
     header = _row(["image", "prompt", "weight", "source"], "th")
     return (f"<details><summary>References trained on in round {r} ({len(references)})</summary>"
             f"<table>{header}{''.join(rows)}</table></details>")
@@ -341,20 +324,20 @@ def _references_table(references: Sequence[dict], links: dict, r: int) -> str:
 # Small pure utilities.
 
 
-def _direction_title(direction: dict) -> str:
-    return (f"{direction['prompt']}   ·   overfit rate {fmt(direction.get('overfit_rate'), '.2f')}"
-            f"   ·   H {fmt(direction.get('entropy'), '.3f')}")
+def _direction_title(direction: Direction) -> str:
+    return (f"{direction.prompt}   ·   overfit rate {fmt(direction.overfit_rate, '.2f')}"
+            f"   ·   H {fmt(direction.entropy, '.3f')}")
 
 
-def _draw_caption(draw: ImageDraw.ImageDraw, info: dict, chosen: bool, corner: tuple[int, int],
+def _draw_caption(draw: ImageDraw.ImageDraw, info: ImageScore, chosen: bool, corner: tuple[int, int],
                   width: int) -> None:
     (x, y), font, bold = corner, _font(11), _font(11, bold=True)
-    plain = info.get("sim_plain") or []
-    draw.text((x + 2, y), f"anchor {fmt(info.get('sim_anchor'), '.3f')}", fill="black", font=font)
+    plain = info.sim_plain
+    draw.text((x + 2, y), f"anchor {fmt(info.sim_anchor, '.3f')}", fill="black", font=font)
     draw.text((x + 2, y + 14), f"plain  {fmt(max(plain) if plain else None, '.3f')}", fill="#555",
               font=font)
-    draw.text((x + 2, y + 28), f"seed {info.get('seed', '–')}", fill="#777", font=font)
-    tags = [("CHOSEN", SELECTED_RGB, chosen), ("OVF", OVERFIT_RGB, info.get("overfit"))]
+    draw.text((x + 2, y + 28), f"seed {info.seed}", fill="#777", font=font)
+    tags = [("CHOSEN", SELECTED_RGB, chosen), ("OVF", OVERFIT_RGB, info.overfit)]
     right = x + width - 2
     for text, colour, shown in tags:  # right to left
         if shown:
@@ -421,13 +404,12 @@ def relative_url(path: Path, start: Path) -> str:
 # Files: the only functions that read images or write.
 
 
-def write_report(workdir: Path, records: list[dict], evaluations: list[dict] | None = None) -> Path:
+def write_report(workdir: Path, records: Sequence[RoundRecord], evaluations: list[dict] | None = None) -> Path:
     """Returns the path of `DIR/report.html`, (re)written with its PNGs under `DIR/report/`.
 
     Args:
       workdir: the run directory DIR; image paths in records are relative to it (or absolute).
-      records: the round records written so far (any order, maybe none yet), as in
-        rounds/<r>/record.json.
+      records: the round records written so far (any order, maybe none yet).
       evaluations: optional per-round metrics, e.g. {"round": r, "txt_aln": f, "img_aln": f,
         "ovf": f}; every numeric field is plotted and tabulated.
     """
@@ -437,21 +419,21 @@ def write_report(workdir: Path, records: list[dict], evaluations: list[dict] | N
     links = _write_figures(workdir, records, summaries, evaluations) if records else {}
     page = render_html(f"GAL report: {workdir.resolve().name}", records, summaries, evaluations,
                        links)
-    path = workdir / "report.html"
+    path = Workdir(workdir).report_html
     io_utils.atomic_write_bytes(path, page.encode("utf-8"))
     return path
 
 
-def _write_figures(workdir: Path, records: Sequence[dict], summaries: Sequence[dict],
+def _write_figures(workdir: Path, records: Sequence[RoundRecord], summaries: Sequence[dict],
                    evaluations: Sequence[dict] | None) -> dict:
     """Returns the links render_html needs, after writing every figure and thumbnail they name."""
-    out = workdir / "report"
+    out = Workdir(workdir).report_dir
     links = {"progress": _write_png(workdir, out / "progress.png",
                                     progress_figure(summaries, evaluations))}
     for record in records:
-        links.update(_write_round_figures(workdir, out / f"round_{record['round']:02d}", record))
-        for entry in [*record["selected"], *record["references"]]:
-            image = entry["image"]
+        links.update(_write_round_figures(workdir, out / f"round_{record.round:02d}", record))
+        for entry in [*record.selected, *record.references]:
+            image = entry.image
             thumbnail = _load_image(workdir, image, 2 * THUMB)
             links[("thumb", image)] = _write_png(workdir, out / "thumbs" / f"{_key(image)}.png",
                                                  thumbnail)
@@ -459,17 +441,17 @@ def _write_figures(workdir: Path, records: Sequence[dict], summaries: Sequence[d
     return links
 
 
-def _write_round_figures(workdir: Path, out: Path, record: dict) -> dict:
+def _write_round_figures(workdir: Path, out: Path, record: RoundRecord) -> dict:
     """Returns the links of one round's entropy chart and contact sheets, after writing them."""
-    if not record["directions"]:
+    if not record.directions:
         return {}
-    r, directions = record["round"], record["directions"]
-    selected_images = {s["image"] for s in record["selected"]}
-    selected_prompts = {s.get("prompt") for s in record["selected"]}
+    r, directions = record.round, record.directions
+    selected_images = {s.image for s in record.selected}
+    selected_prompts = {s.prompt for s in record.selected}
     links = {("entropy", r): _write_png(workdir, out / "entropy.png",
                                         entropy_figure(r, directions, selected_prompts))}
     for d, direction in enumerate(directions):
-        thumbnails = [_load_image(workdir, image["path"], THUMB) for image in direction["images"]]
+        thumbnails = [_load_image(workdir, image.path, THUMB) for image in direction.images]
         sheet = contact_sheet(direction, thumbnails, selected_images)
         links[("sheet", r, d)] = _write_png(workdir, out / f"direction_{d:02d}.png", sheet)
     return links
@@ -480,9 +462,7 @@ def _load_image(workdir: Path, path: str, size: int) -> Image.Image:
     full = io_utils.resolve(workdir, path)
     if not full.is_file():
         raise FileNotFoundError(f"image {path!r} named in a round record is missing: {full}")
-    with Image.open(full) as image:
-        image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale
-        image = image.convert("RGB")
+    image = open_rgb(full, draft_size=size)  # JPEG: decoded at a reduced scale
     image.thumbnail((size, size))
     return image
 

@@ -175,7 +175,8 @@ class Generator:
         )
 
     def generate(self, params: StableDiffusionParams, prompts: Sequence[str], prompt_ids: Sequence[int],
-                 round_index: int, num_per_prompt: int, base_seed: int, progress: bool = True) -> jax.Array:
+                 round_index: int, num_per_prompt: int, base_seed: int, progress: bool = True,
+                 desc: str = "generate") -> jax.Array:
         """Returns uint8 images (len(prompts) * num_per_prompt, H, W, 3), image j of prompt i at row
         i * num_per_prompt + j, sharded over the mesh's batch axes (replicated when the count does
         not divide evenly over the shards)."""
@@ -189,7 +190,7 @@ class Generator:
         total, chunk = len(grid_prompt), self.chunk_size(len(grid_prompt))
         chunks = []
         # tqdm's rate column is images/s (unit="img"); blocking per chunk keeps it honest.
-        with tqdm(total=total, unit="img", desc="generate", disable=not progress) as bar:
+        with tqdm(total=total, unit="img", desc=desc, disable=not progress) as bar:
             for begin in range(0, total, chunk):
                 rows = _padded_rows(begin, chunk, total)
                 args = self._chunk_args(context[grid_prompt[rows]], uncond, base_seed, round_index,

@@ -110,3 +110,16 @@ def global_batch_from_local(local: Any, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map(
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local
     )
+
+
+def gather_to_host(tree: Any) -> Any:
+    """Returns a tree of (possibly sharded, possibly multi-process) arrays as host numpy arrays.
+
+    Every process must call it: with several processes, shards that live on other hosts are
+    gathered with a collective.
+    """
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)

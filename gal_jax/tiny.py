@@ -16,9 +16,7 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-import ml_collections
-
-from gal_jax import io_utils, tiny_data
+from gal_jax import tiny_data
 
 ASSETS = Path(__file__).parent / "assets"
 BPE_FILE = ASSETS / "bpe_simple_vocab_16e6.txt.gz"
@@ -237,26 +235,3 @@ def make_tiny_paths(root: Path) -> dict[str, Path]:
     """Returns where make_tiny puts each part of the tiny default under `root` (builds nothing)."""
     root = Path(root).expanduser()
     return {"root": root, "sd": root / "sd", "clip": root / "clip", **tiny_data.concept_paths(root / "data")}
-
-
-def resolve_paths(config: ml_collections.ConfigDict) -> dict[str, Path | None]:
-    """Returns the model and data paths of a config, building the tiny default where it is used."""
-    need_tiny = not (config.model.sd_path and config.model.clip_path and config.data.concept_dir)
-    tiny_paths: dict[str, Path] = {}
-    if need_tiny:
-        root = Path(config.model.tiny_dir or DEFAULT_TINY_DIR).expanduser()
-        if io_utils.is_primary():
-            make_tiny(root)
-        io_utils.sync("make_tiny")
-        tiny_paths = make_tiny_paths(root)
-    concept_default = tiny_paths.get(f"{config.data.kind}_concept")
-    # The tiny class images belong to the tiny object concept only.
-    use_tiny_classes = config.data.kind == "object" and not config.data.concept_dir
-    class_default = tiny_paths.get("reg_dir") if use_tiny_classes else None
-    return {
-        "sd": Path(config.model.sd_path) if config.model.sd_path else tiny_paths["sd"],
-        "clip": Path(config.model.clip_path) if config.model.clip_path else tiny_paths["clip"],
-        "concept": Path(config.data.concept_dir) if config.data.concept_dir else concept_default,
-        "class": Path(config.data.class_dir) if config.data.class_dir else class_default,
-        "concepts_json": tiny_paths.get("concepts_json"),
-    }

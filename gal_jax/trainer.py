@@ -20,7 +20,7 @@ from absl import logging
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from gal_jax import checkpoint, data, sharding, train
+from gal_jax import checkpoint, data, faults, sharding, train
 from gal_jax.models import StableDiffusion, StableDiffusionParams
 from gal_jax.train import Batch, FrozenInputs, Params, TrainState
 
@@ -322,11 +322,13 @@ class Trainer:
         )
         began = time.perf_counter()
         # Every host<->device copy in the loop is explicit (big_vision): an implicit one is a bug.
+        # The batch's copy, the metrics' pull and the checkpoint's copy are the explicit ones.
         with log, jax.transfer_guard("disallow"):
             steps = zip(range(start + 1, train_config.steps + 1), itertools.chain([first], batches))
             for done, batch in steps:
                 state, metrics = step_fn(state, batch, rng, frozen)
                 log.add(done, metrics)
+                faults.maybe_kill("train", done)
                 last = done == train_config.steps
                 save = ckpt is not None and (done % train_config.checkpoint_every == 0 or last)
                 if save or last or done % train_config.log_every == 0:

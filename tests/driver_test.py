@@ -1,10 +1,13 @@
 """The GAL loop end to end on the tiny default: records, resume, feedback modes."""
 
 import json
+import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from configs import tiny_cpu
 from gal_jax import acquisition, driver
@@ -27,9 +30,13 @@ def small_config(tiny_assets, **overrides):
     return config
 
 
+def read_records(workdir):
+    """Returns the workdir's records as the JSON dicts their files hold."""
+    return [record.to_json() for record in driver.read_records(workdir)]
+
+
 def records_without_timings(workdir):
-    records = driver.read_records(workdir)
-    return [{k: v for k, v in r.items() if k != "timings"} for r in records]
+    return [{k: v for k, v in r.items() if k != "timings"} for r in read_records(workdir)]
 
 
 def assert_record_follows_acquisition_math(record):
@@ -64,7 +71,7 @@ def uncertainty_run(tiny_assets, tmp_path_factory):
 
 def test_tiny_uncertainty_balance_run_writes_consistent_records(uncertainty_run):
     config, workdir, report = uncertainty_run
-    records = driver.read_records(workdir)
+    records = read_records(workdir)
     assert report.exists() and report.name == "report.html"
     assert 1 <= len(records) <= config.gal.rounds
     pool = set(range(18))
@@ -114,10 +121,10 @@ def test_kill_after_generation_in_round_two_resumes_to_the_same_records(
     workdir = tmp_path / "killed"
     real_score = driver.score_images
 
-    def crash_in_round_two(runtime, images, prompts, directory):
-        if directory.name == "2":
+    def crash_in_round_two(runtime, images, prompts, paths):
+        if paths.index == 2:
             raise RuntimeError("injected crash after generation")
-        return real_score(runtime, images, prompts, directory)
+        return real_score(runtime, images, prompts, paths)
 
     monkeypatch.setattr(driver, "score_images", crash_in_round_two)
     with pytest.raises(RuntimeError, match="injected crash"):
@@ -142,7 +149,7 @@ def test_changed_config_on_resume_is_refused(uncertainty_run, tiny_assets):
 def test_style_concept_runs_without_prior(tiny_assets, tmp_path):
     config = small_config(tiny_assets, data__kind="style", gal__rounds=2)
     driver.run(config, tmp_path)
-    records = driver.read_records(tmp_path)
+    records = read_records(tmp_path)
     first = records[0]
     assert first["concept_phrase"] == "in watercolor painting style"
     assert all(r["plain_prompt"] is None for r in first["references"])
@@ -156,7 +163,7 @@ def test_random_feedback_is_deterministic_given_its_seed(tiny_assets, tmp_path):
     for name in ("a", "b"):
         config = small_config(tiny_assets, gal__feedback="random", gal__rounds=2)
         driver.run(config, tmp_path / name)
-        records = driver.read_records(tmp_path / name)
+        records = read_records(tmp_path / name)
         selections.append([(s["prompt_id"], s["image"]) for s in records[0]["selected"]])
         assert len(records[0]["selected"]) == config.gal.k
     assert selections[0] == selections[1]
@@ -166,7 +173,7 @@ def test_random_feedback_is_deterministic_given_its_seed(tiny_assets, tmp_path):
 
 def test_none_feedback_is_one_round_of_plain_dreambooth(tiny_assets, tmp_path):
     driver.run(small_config(tiny_assets, gal__feedback="none"), tmp_path)
-    records = driver.read_records(tmp_path)
+    records = read_records(tmp_path)
     assert len(records) == 1
     assert records[0]["directions"] == [] and records[0]["selected"] == []
     assert not (tmp_path / "rounds" / "1" / "generated.json").exists()
@@ -174,10 +181,12 @@ def test_none_feedback_is_one_round_of_plain_dreambooth(tiny_assets, tmp_path):
 
 def test_human_feedback_waits_for_selections_then_resumes(tiny_assets, tmp_path):
     config = small_config(tiny_assets, gal__feedback="human", gal__rounds=2)
-    driver.run(config, tmp_path)
+    with pytest.raises(driver.AwaitingHumanFeedback, match="review.html"):
+        driver.run(config, tmp_path)
     round_one = tmp_path / "rounds" / "1"
     assert (round_one / "review.html").exists()
-    assert driver.read_records(tmp_path) == []
+    assert read_records(tmp_path) == []
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "awaiting_feedback"
     generated = json.loads((round_one / "generated.json").read_text())
     picks = [generated[0], generated[4 * 5 + 1]]
     (round_one / "selections.json").write_text(json.dumps({
@@ -185,7 +194,7 @@ def test_human_feedback_waits_for_selections_then_resumes(tiny_assets, tmp_path)
         "selected": [{"prompt_id": p["prompt_id"], "prompt": p["prompt"], "image": p["path"]} for p in picks],
     }))
     driver.run(config, tmp_path)
-    records = driver.read_records(tmp_path)
+    records = read_records(tmp_path)
     assert [(s["prompt_id"], s["image"]) for s in records[0]["selected"]] == [
         (p["prompt_id"], p["path"]) for p in picks
     ]
@@ -201,20 +210,39 @@ def test_bad_feedback_mode_is_named(tiny_assets, tmp_path):
         driver.run(small_config(tiny_assets, gal__feedback="oracle"), tmp_path)
 
 
+def real_paths_config(tiny_assets, **overrides):
+    """Returns the small config naming the tiny assets as real paths (no tiny default involved)."""
+    config = small_config(tiny_assets, **overrides)
+    config.model.sd_path = str(tiny_assets["sd"])
+    config.model.clip_path = str(tiny_assets["clip"])
+    config.data.concept_dir = str(tiny_assets["object_concept"])
+    config.data.class_dir = str(tiny_assets["reg_dir"])
+    return config
+
+
 def test_missing_concept_folder_is_named(tiny_assets, tmp_path):
-    config = small_config(tiny_assets)
+    config = real_paths_config(tiny_assets)
     config.data.concept_dir = str(tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match="nowhere"):
+    with pytest.raises(ValueError, match=r"config.data.concept_dir=.*nowhere.*: no such folder"):
         driver.run(config, tmp_path / "work")
-    shutil.rmtree(tmp_path / "work", ignore_errors=True)
+
+
+def test_a_partial_set_of_real_paths_is_refused_naming_the_missing_one(tiny_assets, tmp_path):
+    config = small_config(tiny_assets)
+    config.model.sd_path = str(tiny_assets["sd"])  # but no clip_path, no concept_dir
+    with pytest.raises(ValueError, match=r"config.model.clip_path, config.data.concept_dir is empty, but "
+                                         r"config.model.sd_path is set"):
+        driver.run(config, tmp_path / "work")
+    assert not (tmp_path / "work" / "rounds").exists()
 
 
 def test_human_feedback_with_nothing_selected_stops_the_run(tiny_assets, tmp_path):
     config = small_config(tiny_assets, gal__feedback="human", gal__rounds=3)
-    driver.run(config, tmp_path)
+    with pytest.raises(driver.AwaitingHumanFeedback):
+        driver.run(config, tmp_path)
     (tmp_path / "rounds" / "1" / "selections.json").write_text(json.dumps({"round": 1, "selected": []}))
     driver.run(config, tmp_path)
-    records = driver.read_records(tmp_path)
+    records = read_records(tmp_path)
     assert len(records) == 1 and records[0]["stopped"] and records[0]["selected"] == []
 
 
@@ -226,3 +254,96 @@ def test_evaluation_after_each_round_is_recorded_and_reported(tiny_assets, tmp_p
     assert {"txt_aln", "img_aln", "ovf"} <= set(results[0])
     assert 0.0 <= results[0]["ovf"] <= 1.0
     assert "txt_aln" in (tmp_path / "report.html").read_text()
+
+
+def test_a_finished_run_leaves_round_unets_and_its_final_model_not_training_states(uncertainty_run):
+    config, workdir, _ = uncertainty_run
+    records = read_records(workdir)
+    for record in records:
+        round_dir = workdir / "rounds" / str(record["round"])
+        assert (round_dir / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+        assert not (round_dir / "checkpoints").exists(), "training states outlive the round's UNet"
+    status = json.loads((workdir / "run.json").read_text())
+    assert status == {"status": "complete", "final_round": records[-1]["round"], "model": "model",
+                      "report": "report.html"}
+    from gal_jax import export, models
+
+    sd, params = models.load_stable_diffusion(workdir / "model")
+    final = export.load_unet(sd, workdir / "rounds" / str(records[-1]["round"]) / "unet")
+    exported = jax.tree_util.tree_leaves(params.unet)
+    # export.dtype float16: the model holds the final round's UNet at half precision.
+    for ours, theirs in zip(exported, jax.tree_util.tree_leaves(final)):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs).astype(np.float16).astype(np.float32))
+
+
+def test_rerun_of_a_complete_workdir_loads_no_model(uncertainty_run, monkeypatch, capsys):
+    config, workdir, _ = uncertainty_run
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("a complete workdir loaded its models again")
+
+    monkeypatch.setattr(driver, "build_runtime", no_models)
+    assert driver.run(config, workdir) == workdir / "report.html"
+    assert "complete, nothing to do" in capsys.readouterr().out
+
+
+def test_a_changed_input_file_is_refused_on_resume(tiny_assets, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_assets["object_concept"], data / "concept")
+    config = real_paths_config(tiny_assets, gal__feedback="none")
+    config.data.concept_dir = str(data / "concept")
+    driver.run(config, tmp_path / "work")
+    image = sorted((data / "concept").glob("*.jpg"))[0]
+    Image.open(image).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(image)
+    with pytest.raises(ValueError, match=rf"inputs.json: the inputs changed .*{image.name} \(changed\)"):
+        driver.run(config, tmp_path / "work")
+
+
+def test_a_cache_file_that_does_not_match_its_round_is_refused(tiny_assets, tmp_path):
+    config = small_config(tiny_assets, gal__feedback="human")
+    with pytest.raises(driver.AwaitingHumanFeedback):
+        driver.run(config, tmp_path)
+    generated = tmp_path / "rounds" / "1" / "generated.json"
+    index = json.loads(generated.read_text())
+    index[3]["prompt"] = "a teapot somewhere else"
+    generated.write_text(json.dumps(index))
+    (tmp_path / "rounds" / "1" / "selections.json").write_text(json.dumps({"round": 1, "selected": []}))
+    with pytest.raises(ValueError, match="generated.json: does not index this round's grid"):
+        driver.run(config, tmp_path)
+
+
+def test_a_second_run_on_a_locked_workdir_exits_naming_the_holder(tiny_assets, tmp_path):
+    from gal_jax.workdir import Workdir, WorkdirBusyError
+
+    tmp_path.mkdir(exist_ok=True)
+    with Workdir(tmp_path).lock("gal-jax run --workdir=elsewhere"):
+        with pytest.raises(WorkdirBusyError, match=rf"in use by pid {os.getpid()} \(gal-jax run"):
+            driver.run(small_config(tiny_assets), tmp_path)
+
+
+def test_a_workdir_of_the_first_landing_resumes_and_exports_from_its_checkpoint(tiny_assets, tmp_path):
+    """The first landing kept each round's UNet only in its orbax checkpoint, wrote records without
+    schema_version, no inputs.json or run.json, and a config without the fields added since."""
+    config = small_config(tiny_assets, gal__feedback="none", train__keep_training_state=True)
+    driver.run(config, tmp_path)
+    assert (tmp_path / "rounds" / "1" / "checkpoints").is_dir(), "keep_training_state keeps them"
+    shutil.rmtree(tmp_path / "model")
+    shutil.rmtree(tmp_path / "rounds" / "1" / "unet")
+    for name in ("run.json", "inputs.json"):
+        (tmp_path / name).unlink()
+    record_file = tmp_path / "rounds" / "1" / "record.json"
+    record_file.write_text(json.dumps({k: v for k, v in json.loads(record_file.read_text()).items()
+                                       if k != "schema_version"}))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["export"], saved["train"]["keep_training_state"], saved["train"]["save_dtype"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+
+    resumed = small_config(tiny_assets, gal__feedback="none")  # the new fields at their defaults
+    driver.run(resumed, tmp_path)
+    assert driver.read_records(tmp_path)[0].schema_version == 1
+    assert (tmp_path / "rounds" / "1" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert not (tmp_path / "rounds" / "1" / "checkpoints").exists()
+    changed = small_config(tiny_assets, gal__feedback="none", train__save_dtype="bfloat16")
+    with pytest.raises(driver.ConfigChangedError, match=r"train.save_dtype \(None -> 'bfloat16'\)"):
+        driver.run(changed, tmp_path)

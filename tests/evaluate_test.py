@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gal_jax import evaluate, io_utils, metrics, tiny_data
+from gal_jax import eval_results, evaluate, io_utils, metrics, tiny_data
 from gal_jax.dino import DinoEmbedder
 
 # ---------------------------------------------------------------------------------------------
@@ -386,7 +386,7 @@ def result(concept, round_index, txt, img, ovf, **extra):
 def test_markdown_has_a_table_per_concept_and_the_mean_per_round(tmp_path):
     results = [result("cat", 2, 0.31, 0.77, 0.25), result("cat", 1, 0.30, 0.80, 0.35),
                result("dog", 1, 0.20, 0.60, 0.15, dino=0.5)]
-    json_path, md_path = evaluate.write_results(results, tmp_path / "eval")
+    json_path, md_path = eval_results.write_results(results, tmp_path / "eval")
     assert json.loads(json_path.read_text()) == results
     lines = md_path.read_text().splitlines()
     cat = lines.index("## cat")
@@ -402,7 +402,7 @@ def test_markdown_has_a_table_per_concept_and_the_mean_per_round(tmp_path):
 
 def test_markdown_refuses_a_result_without_a_metric():
     with pytest.raises(ValueError, match="result #0 has no 'ovf'"):
-        evaluate.results_markdown([{"concept": "cat", "txt_aln": 0.3, "img_aln": 0.7}])
+        eval_results.results_markdown([{"concept": "cat", "txt_aln": 0.3, "img_aln": 0.7}])
 
 
 def test_command_without_round_results_says_how_to_enable_evaluation(tmp_path):

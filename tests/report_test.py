@@ -13,6 +13,7 @@ from matplotlib.colors import to_rgb
 from PIL import Image
 
 from gal_jax import report
+from gal_jax.records import Direction, RoundRecord, from_json
 
 OVERFIT, SELECTED, NEUTRAL = report.OVERFIT_RGB, report.SELECTED_RGB, report.NEUTRAL_RGB
 BLUE = (0, 0, 255)
@@ -60,7 +61,7 @@ def run(tmp_path) -> tuple[Path, list[dict]]:
     _png(workdir / "data" / "ref0.png", (250, 120, 0), 300)
     originals = [("data/ref0.png", "on a table"), (str(outside), "on a shelf")]
     references = [{"image": path, "prompt": f"a <tiny-teapot> teapot {where}", "weight": 1.0,
-                   "source": "user"} for path, where in originals]
+                   "plain_prompt": None, "source": "user"} for path, where in originals]
     records = []
     for r, pool in POOLS.items():
         directions = [_direction(workdir, r, pid, FLAGS[pid]) for pid in pool]
@@ -69,11 +70,16 @@ def run(tmp_path) -> tuple[Path, list[dict]]:
                      "image": d["images"][-1]["path"], "weight": openness} for d in directions[:1]]
         records.append({
             "round": r, "feedback": "uncertainty", "balance": True, "lambda": 0.005, "k": 1,
-            "plain_prompts": ["a teapot on a table"], "references": list(references),
+            "concept_phrase": "a <tiny-teapot> teapot", "plain_prompts": ["a teapot on a table"], "references": list(references),
             "directions": directions, "openness": openness, "selected": selected, "stopped": False,
             "timings": {"train": 12.5 * r, "generate": 3.0, "score": 0.5, "write": 0.25}})
-        references += [{**s, "source": f"round-{r}"} for s in selected]
+        references += [{**s, "plain_prompt": None, "source": f"round-{r}"} for s in selected]
     return workdir, records
+
+
+def typed(records: list[dict]) -> list[RoundRecord]:
+    """Returns the hand-made records as the typed records the report takes."""
+    return [RoundRecord.from_json(record) for record in records]
 
 
 EVALUATIONS = [{"round": r, "txt_aln": 0.29 + 0.01 * r, "img_aln": 0.8 - 0.01 * r,
@@ -86,7 +92,7 @@ def _links(page: str) -> list[str]:
 
 def test_report_links_only_existing_files_by_relative_urls(run):
     workdir, records = run
-    path = report.write_report(workdir, records, EVALUATIONS)
+    path = report.write_report(workdir, typed(records), EVALUATIONS)
     assert path == workdir / "report.html"
     links = _links(path.read_text())
     assert links
@@ -98,7 +104,7 @@ def test_report_links_only_existing_files_by_relative_urls(run):
 
 def test_report_writes_progress_entropy_and_one_contact_sheet_per_direction(run):
     workdir, records = run
-    report.write_report(workdir, records)
+    report.write_report(workdir, typed(records))
     out = workdir / "report"
     expected = {"progress.png", "round_01/entropy.png", "round_02/entropy.png",
                 *(f"round_01/direction_{d:02d}.png" for d in range(3)),
@@ -111,7 +117,7 @@ def test_report_writes_progress_entropy_and_one_contact_sheet_per_direction(run)
 
 def test_report_page_escapes_placeholders_and_needs_no_javascript(run):
     workdir, records = run
-    page = report.write_report(workdir, records).read_text()
+    page = report.write_report(workdir, typed(records)).read_text()
     assert "<tiny-teapot>" not in page
     assert "a &lt;tiny-teapot&gt; teapot in park" in page
     assert "<script" not in page
@@ -119,7 +125,7 @@ def test_report_page_escapes_placeholders_and_needs_no_javascript(run):
 
 def test_report_shows_weights_timings_references_and_evaluation(run):
     workdir, records = run
-    page = report.write_report(workdir, records, EVALUATIONS).read_text()
+    page = report.write_report(workdir, typed(records), EVALUATIONS).read_text()
     weight = records[0]["selected"][0]["weight"]
     assert f"weight <b>{weight:.4g}</b>" in page
     assert "<td>37.5</td>" in page  # round 3 train seconds
@@ -131,8 +137,8 @@ def test_report_shows_weights_timings_references_and_evaluation(run):
 
 def test_report_is_rewritten_with_each_new_round(run):
     workdir, records = run
-    first = report.write_report(workdir, records[:1]).read_text()
-    second = report.write_report(workdir, records[:2]).read_text()
+    first = report.write_report(workdir, typed(records[:1])).read_text()
+    second = report.write_report(workdir, typed(records[:2])).read_text()
     assert 'id="round-2"' not in first
     assert 'id="round-2"' in second
     assert (workdir / "report" / "round_02" / "entropy.png").is_file()
@@ -140,7 +146,7 @@ def test_report_is_rewritten_with_each_new_round(run):
 
 def test_round_summaries_match_hand_computation(run):
     _, records = run
-    first, second, last = report.round_summaries(records)
+    first, second, last = report.round_summaries(typed(records))
     assert first["references"] == 2 and second["references"] == 3 and last["references"] == 4
     np.testing.assert_allclose(first["mean_overfit_rate"], (0.75 + 1.0 + 0.25) / 3)
     np.testing.assert_allclose(second["mean_overfit_rate"], (1.0 + 0.25) / 2)
@@ -166,29 +172,31 @@ def test_contact_sheet_frames_overfit_red_and_the_chosen_image_green():
     images = [{"path": "a.png", "overfit": True, "sim_anchor": 0.2, "sim_plain": [0.3], "seed": 0},
               {"path": "b.png", "overfit": True, "sim_anchor": 0.25, "sim_plain": [0.3], "seed": 1},
               {"path": "c.png", "overfit": False, "sim_anchor": 0.3, "sim_plain": [0.2], "seed": 2}]
-    direction = {"prompt": "a <x> cat in park", "overfit_rate": 2 / 3, "entropy": 0.64,
+    direction = {"prompt_id": 0, "prompt": "a <x> cat in park", "overfit_rate": 2 / 3, "entropy": 0.64,
                  "images": images}
     thumbnails = [Image.new("RGB", (40, 30), BLUE) for _ in images]
-    sheet = report.contact_sheet(direction, thumbnails, selected={"b.png"}, thumb=32)
+    sheet = report.contact_sheet(from_json(Direction, direction), thumbnails, selected={"b.png"}, thumb=32)
     # Each frame is crossed twice (left, right edge); the chosen frame is green even when overfit.
     assert _frame_colours(sheet) == [OVERFIT, OVERFIT, SELECTED, SELECTED, NEUTRAL, NEUTRAL]
-    wider = report.contact_sheet({**direction, "images": images * 3}, thumbnails * 3, set(),
-                                 thumb=32)
+    wider = report.contact_sheet(from_json(Direction, {**direction, "images": images * 3}), thumbnails * 3,
+                                 set(), thumb=32)
     assert wider.width > sheet.width and wider.height == sheet.height
 
 
 def test_contact_sheet_rejects_a_thumbnail_count_that_differs_from_the_images():
-    direction = {"prompt": "p", "images": [{"path": "a.png"}, {"path": "b.png"}]}
+    image = {"path": "a.png", "overfit": True, "sim_anchor": 0.2, "sim_plain": [0.3], "seed": 0}
+    direction = from_json(Direction, {"prompt_id": 0, "prompt": "p", "overfit_rate": 1.0, "entropy": 0.0,
+                                      "images": [image, {**image, "path": "b.png"}]})
     with pytest.raises(ValueError, match="1 thumbnails for 2 images"):
         report.contact_sheet(direction, [Image.new("RGB", (8, 8))], set())
 
 
 def test_entropy_figure_draws_one_bar_per_direction_and_highlights_the_selected(run):
     _, records = run
-    directions = records[0]["directions"]
-    figure = report.entropy_figure(1, directions, {directions[2]["prompt"]})
+    directions = typed(records)[0].directions
+    figure = report.entropy_figure(1, directions, {directions[2].prompt})
     bars = figure.axes[0].patches
-    np.testing.assert_allclose([b.get_width() for b in bars], [d["entropy"] for d in directions])
+    np.testing.assert_allclose([b.get_width() for b in bars], [d.entropy for d in directions])
     colours = [to_rgb(b.get_facecolor()) for b in bars]
     green = tuple(c / 255 for c in SELECTED)
     assert [np.allclose(c, green) for c in colours] == [False, False, True]
@@ -196,7 +204,7 @@ def test_entropy_figure_draws_one_bar_per_direction_and_highlights_the_selected(
 
 def test_progress_figure_plots_rounds_with_a_gap_where_nothing_was_scored(run):
     _, records = run
-    summaries = report.round_summaries(records)
+    summaries = report.round_summaries(typed(records))
     figure = report.progress_figure(summaries)
     assert len(figure.axes) == 3
     openness_x, openness_y = figure.axes[0].lines[0].get_data()
@@ -213,14 +221,14 @@ def test_progress_figure_plots_rounds_with_a_gap_where_nothing_was_scored(run):
 def test_a_record_without_a_required_field_is_refused_naming_round_and_field(run):
     workdir, records = run
     del records[1]["openness"]
-    with pytest.raises(report.RecordError, match=r"round 2.*'openness'"):
-        report.write_report(workdir, records)
+    with pytest.raises(report.RecordError, match=r"missing field 'openness'"):
+        report.write_report(workdir, typed(records))
 
 
 def test_records_repeating_a_round_are_refused(run):
     workdir, records = run
     with pytest.raises(report.RecordError, match="repeat a round"):
-        report.write_report(workdir, [records[0], records[0]])
+        report.write_report(workdir, typed([records[0], records[0]]))
 
 
 def test_a_missing_image_is_reported_by_its_path(run):
@@ -228,10 +236,34 @@ def test_a_missing_image_is_reported_by_its_path(run):
     missing = records[0]["directions"][2]["images"][1]["path"]
     (workdir / missing).unlink()
     with pytest.raises(FileNotFoundError, match=re.escape(missing)):
-        report.write_report(workdir, records)
+        report.write_report(workdir, typed(records))
 
 
 def test_a_report_before_any_finished_round_says_so(tmp_path):
     page = report.write_report(tmp_path, []).read_text()
     assert "No round has finished yet" in page
     assert not (tmp_path / "report").exists()
+
+
+MATH_LOOKING_PROMPTS = ["a $5 teapot", "a cost of $x$", "$$", "two $5 and $6 teapots", "$x^$",
+                        r"$\notacommand$", "back\\slash", "snake_case ^ caret_"]
+
+
+def test_figures_draw_prompts_and_metric_names_with_dollars_literally(run, tmp_path):
+    """matplotlib reads "$...$" as mathtext: "$x^$" would not render, "$5 and $6" would garble."""
+    directions = [from_json(Direction, {"prompt_id": i, "prompt": prompt, "entropy": 0.5, "overfit_rate": 0.2,
+                                        "images": []})
+                  for i, prompt in enumerate(MATH_LOOKING_PROMPTS)]
+    figure = report.entropy_figure(1, directions, {"$$"})
+    figure.savefig(tmp_path / "entropy.png")
+    labels = figure.axes[0].get_yticklabels()
+    assert [label.get_text() for label in labels] == MATH_LOOKING_PROMPTS
+    assert not any(label.get_parse_math() for label in labels)
+    _, records = run
+    evaluations = [{"round": 1, "$x^$": 0.3, "cost $5 and $6": 0.2}]
+    progress = report.progress_figure(report.round_summaries(typed(records)), evaluations)
+    progress.savefig(tmp_path / "progress.png")
+    legend = progress.axes[-1].get_legend().get_texts()
+    assert [text.get_text() for text in legend] == ["$x^$", "cost $5 and $6"]
+    assert not any(text.get_parse_math() for text in legend)
+    assert (tmp_path / "entropy.png").read_bytes().startswith(b"\x89PNG")

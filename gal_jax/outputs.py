@@ -1,0 +1,106 @@
+"""What a run gives: each round's fine-tuned model, exported as a diffusers folder or sampled from.
+
+    gal-jax export --workdir=DIR [--round=R] --out=FOLDER         # any finished round's model
+    gal-jax sample --workdir=DIR [--round=R] --prompts=FILE       # images from a run's model
+    gal-jax sample --config=CONFIG --prompts=FILE --out=FOLDER    # images from the base model
+
+A run's model is the base Stable Diffusion of its config with the round's UNet
+(`DIR/rounds/<r>/unet/`). The run's own config is read from `DIR/config.json`, so these commands
+need no --config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import ml_collections
+
+from gal_jax import export, inputs, io_utils, models, sample, sharding
+from gal_jax.workdir import Workdir, WorkdirError
+
+
+def read_prompts(path: Path) -> list[str]:
+    """Returns the prompts of a text file, one a line (blank lines skipped)."""
+    prompts = [" ".join(line.split()) for line in io_utils.read_text(path).splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path}: no prompts (one prompt a line)")
+    return prompts
+
+
+def run_config(workdir: Workdir) -> ml_collections.ConfigDict:
+    """Returns the config a run was started with (DIR/config.json)."""
+    if not workdir.root.is_dir():
+        raise WorkdirError(f"{workdir.root}: workdir does not exist")
+    if not workdir.config.is_file():
+        raise WorkdirError(f"{workdir.config}: missing; {workdir.root} is not a gal-jax workdir")
+    try:
+        return ml_collections.ConfigDict(io_utils.read_json(workdir.config))
+    except ValueError as err:
+        raise WorkdirError(f"{err}; the workdir is damaged") from None
+
+
+def finished_round(workdir: Workdir, round_index: int | None) -> int:
+    """Returns `round_index` (default: the last finished round) after checking its UNet exists."""
+    records = workdir.read_records()
+    if not records:
+        raise WorkdirError(f"{workdir.root}: no finished round yet (no rounds/<r>/record.json)")
+    finished = [r.round for r in records]
+    chosen = finished[-1] if round_index is None else round_index
+    if chosen not in finished:
+        raise WorkdirError(f"{workdir.root}: round {chosen} has not finished (finished: {finished})")
+    if not workdir.round(chosen).unet.is_dir():
+        raise WorkdirError(
+            f"{workdir.round(chosen).unet}: missing (workdirs of gal_jax 0.1 keep the UNet in the round's "
+            "orbax checkpoint: rerun `gal-jax run` on the workdir to write it)"
+        )
+    return chosen
+
+
+def export_round(workdir: Path | str, round_index: int | None, out: Path | str, dtype: str | None = None) -> Path:
+    """Returns `out` after writing round `round_index`'s model there as a diffusers SD folder."""
+    workdir = Workdir(workdir)
+    config = run_config(workdir)
+    chosen = finished_round(workdir, round_index)
+    base = inputs.resolve(config, need=("sd",)).sd
+    return export.write_pipeline(base, workdir.round(chosen).unet, Path(out).expanduser(),
+                                 dtype=dtype or config.export.dtype)
+
+
+def sample_from_run(workdir: Path | str, round_index: int | None, prompts_file: Path, num_per_prompt: int | None,
+                    out: Path | str | None = None) -> Path:
+    """Returns the folder of images sampled from round `round_index`'s model (default: the last),
+    `num_per_prompt` per prompt (default: the run's sample.num_per_prompt) with the run's sampler."""
+    workdir = Workdir(workdir)
+    config = run_config(workdir)
+    prompts = read_prompts(prompts_file)
+    chosen = finished_round(workdir, round_index)
+    sd, params = load_base(config)
+    unet = export.load_unet(sd, workdir.round(chosen).unet, param_dtype=config.model.param_dtype)
+    out = Path(out).expanduser() if out else workdir.samples_dir(chosen)
+    _sample(config, sd, dataclasses.replace(params, unet=unet), prompts, num_per_prompt, out)
+    return out
+
+
+def sample_base(config: ml_collections.ConfigDict, prompts_file: Path, num_per_prompt: int | None,
+                out: Path | str) -> Path:
+    """Returns `out` after sampling from the config's base model (or any SD folder it names)."""
+    prompts = read_prompts(prompts_file)
+    sd, params = load_base(config)
+    _sample(config, sd, params, prompts, num_per_prompt, Path(out).expanduser())
+    return Path(out)
+
+
+def load_base(config: ml_collections.ConfigDict):
+    """Returns (sd, params) of the config's Stable Diffusion with its param and compute dtypes."""
+    path = inputs.resolve(config, need=("sd",)).sd
+    return models.load_stable_diffusion(path, param_dtype=config.model.param_dtype,
+                                        compute_dtype=config.model.compute_dtype)
+
+
+def _sample(config, sd, params, prompts, num_per_prompt, out: Path) -> None:
+    num = int(num_per_prompt or config.sample.num_per_prompt)
+    if num < 1:
+        raise ValueError(f"--num_per_prompt={num} must be >= 1")
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    sample.sample_to_dir(config, sd, params, prompts, num, out, mesh=mesh)

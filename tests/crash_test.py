@@ -1,0 +1,85 @@
+"""kill -9 at several points of a tiny run, each followed by a rerun of the same command: the run ends
+with the records, round UNets and model of an uninterrupted run, and nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# Two rounds, a checkpoint every 2 of 4 steps, 4 images per anchor prompt: every phase in seconds.
+SMALL = ("--config.train.steps=4", "--config.train.checkpoint_every=2", "--config.sample.steps=2",
+         "--config.sample.num_per_prompt=4", "--config.gal.rounds=2", "--config.gal.k=2")
+
+
+def gal_run(workdir: Path, tiny_dir: Path, cache: Path, kill_at: str | None = None, wait: bool = True):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", GAL_JAX_CACHE=str(cache))
+    env.pop("GAL_JAX_KILL_AT", None)
+    if kill_at:
+        env["GAL_JAX_KILL_AT"] = kill_at
+    command = [sys.executable, "-m", "gal_jax.main", "run", "--config=configs/tiny_cpu.py",
+               f"--workdir={workdir}", f"--config.model.tiny_dir={tiny_dir}", *SMALL]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    if not wait:
+        return process
+    output, _ = process.communicate(timeout=600)
+    return process.returncode, output
+
+
+def outcome(workdir: Path) -> dict:
+    """Returns what a run decided and produced: records without timings, and the weights' bytes."""
+    records = []
+    for path in sorted((workdir / "rounds").glob("*/record.json")):
+        record = json.loads(path.read_text())
+        record.pop("timings")
+        records.append(record)
+    weights = {str(p.relative_to(workdir)): p.read_bytes()
+               for p in sorted(workdir.glob("rounds/*/unet/*.safetensors")) + sorted(workdir.glob("model/unet/*"))}
+    return {"records": records, "weights": weights}
+
+
+def leftovers(workdir: Path) -> list[Path]:
+    return [p for p in workdir.rglob("*") if p.name.startswith(".tmp-") or "orbax-checkpoint-tmp" in p.name]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_assets, tmp_path_factory):
+    root = tmp_path_factory.mktemp("uninterrupted")
+    code, output = gal_run(root / "run", tiny_assets["root"], root / "cache")
+    assert code == 0, output
+    return outcome(root / "run"), root / "cache"
+
+
+def kill_from_outside_once_checkpointed(workdir: Path, tiny_dir: Path, cache: Path) -> None:
+    """Starts the run and SIGKILLs it from outside as soon as round 1's first checkpoint appears."""
+    process = gal_run(workdir, tiny_dir, cache, wait=False)
+    deadline = time.monotonic() + 300
+    while not list(workdir.glob("rounds/*/checkpoints/2*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        assert process.poll() is None, process.communicate()[0][-2000:]
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+
+
+def test_kill_9_at_each_phase_then_rerun_ends_as_an_uninterrupted_run(uninterrupted, tiny_assets, tmp_path):
+    expected, cache = uninterrupted
+    workdir = tmp_path / "run"
+    kill_from_outside_once_checkpointed(workdir, tiny_assets["root"], cache)
+    # From inside, where an outside kill cannot aim: during training, during generation (the 5th
+    # PNG), while writing round 2's record, while writing the report, at the start of the export.
+    for kill_at in ("train:3", "write:*.png#5", "write:record.json#2", "write:report.html#1", "phase:export"):
+        code, output = gal_run(workdir, tiny_assets["root"], cache, kill_at)
+        assert code == -signal.SIGKILL, f"{kill_at}: the run was not killed (rc {code})\n{output[-2000:]}"
+    code, output = gal_run(workdir, tiny_assets["root"], cache)
+    assert code == 0, output[-3000:]
+    assert outcome(workdir) == expected
+    assert not leftovers(workdir)
+    assert json.loads((workdir / "run.json").read_text())["status"] == "complete"

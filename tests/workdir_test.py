@@ -1,0 +1,201 @@
+"""The workdir's one owner: paths, typed round records, the lock, clean-up of a killed run's leftovers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from gal_jax import io_utils
+from gal_jax.records import SCHEMA_VERSION, Direction, ImageScore, RecordError, RoundRecord, from_json
+from gal_jax.workdir import Workdir, WorkdirBusyError, WorkdirError
+
+V1_RECORD = {  # as the first landing wrote it: no schema_version
+    "round": 1, "feedback": "uncertainty", "balance": True, "lambda": 0.005, "k": 1,
+    "concept_phrase": "a <tiny-teapot> teapot", "plain_prompts": ["a teapot on a table"],
+    "references": [{"image": "/data/0.jpg", "prompt": "a <tiny-teapot> teapot on a table",
+                    "plain_prompt": "a teapot on a table", "weight": 1.0, "source": "user"}],
+    "directions": [{"prompt_id": 3, "prompt": "a <tiny-teapot> teapot in park", "overfit_rate": 0.5,
+                    "entropy": 0.6931471805599453,
+                    "images": [{"path": "rounds/1/images/p003_s00.png", "seed": 0, "sim_anchor": 0.3,
+                                "sim_plain": [0.2], "overfit": False},
+                               {"path": "rounds/1/images/p003_s01.png", "seed": 1, "sim_anchor": 0.1,
+                                "sim_plain": [0.2], "overfit": True}]}],
+    "openness": 0.0034657359027997265,
+    "selected": [{"prompt_id": 3, "prompt": "a <tiny-teapot> teapot in park",
+                  "image": "rounds/1/images/p003_s00.png", "weight": 0.0034657359027997265}],
+    "stopped": False,
+    "timings": {"train": 1.5, "generate": 2.0},
+}
+
+
+def test_a_first_landing_record_reads_as_schema_1_and_writes_back_as_the_current_schema():
+    record = RoundRecord.from_json(V1_RECORD, "record.json")
+    assert record.schema_version == 1
+    assert record.openness_lambda == 0.005 and record.directions[0].images[1].overfit is True
+    assert record.directions[0].images[0].sim_plain == (0.2,)
+    assert record.to_json() == {**V1_RECORD, "schema_version": 1}
+    fresh = RoundRecord(**{**record.__dict__, "schema_version": SCHEMA_VERSION})
+    assert fresh.to_json()["schema_version"] == SCHEMA_VERSION == 2
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("openness", None, "field 'openness': expected a number"),
+    ("stopped", 0, "field 'stopped': expected true or false"),
+    ("k", True, "field 'k': expected an integer, got True"),
+    ("round", 0, "round 0 must be >= 1"),
+    ("schema_version", 99, "schema_version 99 is not one this gal_jax reads"),
+])
+def test_a_mistyped_record_field_is_named(field, value, message):
+    with pytest.raises(RecordError, match=message):
+        RoundRecord.from_json({**V1_RECORD, field: value}, "DIR/rounds/1/record.json")
+
+
+def test_a_missing_nested_field_is_named_with_its_path():
+    broken = json.loads(json.dumps(V1_RECORD))
+    del broken["directions"][0]["images"][1]["sim_anchor"]
+    with pytest.raises(RecordError, match=r"record.json: field 'directions'\[0\]: field 'images'\[1\]: missing field "
+                                          r"'sim_anchor'"):
+        RoundRecord.from_json(broken, "record.json")
+
+
+def test_a_selection_of_an_unscored_direction_is_refused():
+    broken = {**V1_RECORD, "selected": [{**V1_RECORD["selected"][0], "prompt_id": 9}]}
+    with pytest.raises(RecordError, match="selected prompt_id 9 was not scored"):
+        RoundRecord.from_json(broken)
+
+
+def test_record_parts_read_on_their_own():
+    image = from_json(ImageScore, V1_RECORD["directions"][0]["images"][0])
+    assert image == ImageScore("rounds/1/images/p003_s00.png", 0, 0.3, (0.2,), False)
+    assert from_json(Direction, V1_RECORD["directions"][0]).prompt_id == 3
+
+
+def test_records_are_read_in_order_and_stop_at_the_first_unfinished_round(tmp_path):
+    workdir = Workdir(tmp_path)
+    record = RoundRecord.from_json(V1_RECORD)
+    workdir.write_record(record)
+    workdir.write_record(RoundRecord(**{**record.__dict__, "round": 2, "directions": (), "selected": ()}))
+    workdir.write_record(RoundRecord(**{**record.__dict__, "round": 4, "directions": (), "selected": ()}))
+    assert [r.round for r in workdir.read_records()] == [1, 2]
+    assert json.loads((tmp_path / "rounds/1/record.json").read_text())["lambda"] == 0.005
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not valid JSON"),
+    (json.dumps({**V1_RECORD, "round": 2}), "says round 2, but lies in the folder of round 1"),
+    (json.dumps({"round": 1}), "missing field 'feedback'"),
+])
+def test_a_damaged_record_is_an_error_naming_the_file(tmp_path, content, message):
+    path = tmp_path / "rounds" / "1" / "record.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+    with pytest.raises(WorkdirError, match=message) as error:
+        Workdir(tmp_path).read_records()
+    assert str(path) in str(error.value) and "damaged" in str(error.value)
+
+
+def test_paths_in_records_are_relative_to_the_workdir_when_inside(tmp_path):
+    workdir = Workdir(tmp_path / "run")
+    inside = workdir.round(2).image(7, 3)
+    assert workdir.relative(inside) == "rounds/2/images/p007_s03.png"
+    assert workdir.relative(tmp_path / "elsewhere.png") == str((tmp_path / "elsewhere.png").resolve())
+    assert workdir.resolve("rounds/2/images/p007_s03.png") == inside
+    with pytest.raises(ValueError, match="round index must be an integer >= 1"):
+        workdir.round(0)
+
+
+def test_a_workdir_that_is_a_file_is_refused(tmp_path):
+    file = tmp_path / "run"
+    file.write_text("")
+    with pytest.raises(WorkdirError, match="--workdir is a file, not a folder"):
+        Workdir(file).check_usable(create=True)
+
+
+def test_an_unwritable_workdir_is_refused(tmp_path, monkeypatch):
+    # Root may write into a chmod 555 folder, so the failure of the write itself is simulated.
+    def refuse(self, data):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "write_bytes", refuse)
+    with pytest.raises(WorkdirError, match="workdir is not writable \\(Permission denied\\)"):
+        Workdir(tmp_path).check_usable(create=True)
+
+
+def test_an_uncreatable_workdir_is_refused(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(WorkdirError, match="cannot create the workdir"):
+        Workdir(tmp_path / "file" / "run").check_usable(create=True)
+
+
+def test_a_second_holder_of_the_lock_is_refused_naming_the_first(tmp_path):
+    workdir = Workdir(tmp_path)
+    with workdir.lock("gal-jax run --workdir=x"):
+        with pytest.raises(WorkdirBusyError, match=rf"in use by pid {os.getpid()} \(gal-jax run --workdir=x\)"):
+            workdir.lock("gal-jax review").acquire()
+    with workdir.lock("gal-jax review"):  # released on exit
+        pass
+
+
+def test_the_lock_of_a_killed_process_is_free(tmp_path):
+    script = textwrap.dedent(f"""
+        import os, signal
+        from gal_jax.workdir import Workdir
+        Workdir({str(tmp_path)!r}).lock("gal-jax run").acquire()
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1])
+    assert result.returncode == -9
+    with Workdir(tmp_path).lock("gal-jax run"):
+        pass
+
+
+def test_a_killed_runs_temporaries_are_removed_and_nothing_else(tmp_path):
+    workdir = Workdir(tmp_path)
+    keep = [tmp_path / "rounds/1/record.json", tmp_path / "rounds/1/unet/config.json",
+            tmp_path / "rounds/1/checkpoints/10/state/x"]
+    stale = [tmp_path / "rounds/1/.tmp-record.json.abc123", tmp_path / ".tmp-report.html.x1"]
+    stale_dirs = [tmp_path / "rounds/1/checkpoints/20.orbax-checkpoint-tmp-1700000000",
+                  tmp_path / "rounds/1/.tmp-unet.q9", tmp_path / ".tmp-model.zz"]
+    for path in keep + stale + [d / "inner" for d in stale_dirs]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    removed = workdir.remove_stale_temporaries()
+    assert sorted(map(str, removed)) == sorted(map(str, stale + stale_dirs))
+    assert all(p.exists() for p in keep)
+    assert not any(p.exists() for p in stale + stale_dirs)
+
+
+def test_atomic_writes_leave_no_temporary_and_replace_whole_files(tmp_path):
+    target = tmp_path / "a" / "file.json"
+    io_utils.write_json(target, {"x": 1})
+    io_utils.write_json(target, {"x": 2})
+    assert json.loads(target.read_text()) == {"x": 2}
+    assert [p.name for p in target.parent.iterdir()] == ["file.json"]
+
+
+def test_a_kill_point_kills_before_the_rename(tmp_path):
+    target = tmp_path / "record.json"
+    target.write_text("old")
+    script = f"from gal_jax import io_utils; io_utils.write_json({str(target)!r}, {{'new': 1}})"
+    env = dict(os.environ, GAL_JAX_KILL_AT="write:record.json")
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=Path(__file__).parents[1])
+    assert result.returncode == -9
+    assert target.read_text() == "old"  # the target is untouched; a full temp file lies beside it
+    (leftover,) = [p for p in tmp_path.iterdir() if p.name != "record.json"]
+    assert io_utils.is_temporary_name(leftover.name) and json.loads(leftover.read_text()) == {"new": 1}
+
+
+def test_run_status_round_trips_and_a_damaged_one_is_named(tmp_path):
+    workdir = Workdir(tmp_path)
+    assert workdir.read_status() == {}
+    workdir.write_status({"status": "complete", "final_round": 3})
+    assert workdir.read_status()["final_round"] == 3
+    workdir.status.write_text("{")
+    with pytest.raises(WorkdirError, match="run.json: not valid JSON"):
+        workdir.read_status()
