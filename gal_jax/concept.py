@@ -13,7 +13,7 @@ from pathlib import Path
 
 import ml_collections
 
-from gal_jax import anchors, data
+from gal_jax import anchors, data, io_utils
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,21 +30,27 @@ class Concept:
     anchor_file: Path | None = None  # the user's template file, when one is used
 
 
-def load_concept(config: ml_collections.ConfigDict, concept_dir: Path, class_dir: Path | None) -> Concept:
-    """Returns the concept: references, class images, concept phrase, plain and anchor prompts."""
+def load_concept(config: ml_collections.ConfigDict, concept_dir: Path, class_dir: Path | None,
+                 concepts_json: Path | None = None) -> Concept:
+    """Returns the concept: references, class images, concept phrase, plain and anchor prompts.
+
+    `concepts_json` (the authors' concepts list, when one is at hand) names an object's class by
+    the entry whose placeholder is the concept's.
+    """
     kind = config.data.kind
     references = tuple(data.load_concept(concept_dir))
     if kind == "object":
-        placeholder, class_word = _placeholder_and_class(config, references, concept_dir)
-        phrase = anchors.concept_phrase_object(placeholder, class_word)
+        placeholder = config.data.placeholder or find_placeholder(references, concept_dir)
+        noun = class_phrase(config.data.class_word, placeholder, references, concept_dir, concepts_json)
+        phrase = anchors.concept_phrase_object(placeholder, noun)
         plain = [r.plain_prompt or r.prompt for r in references]
-        class_prompt = config.data.class_prompt or f"a {anchors.class_noun(class_word)}"
+        class_prompt = config.data.class_prompt or f"a photo of a {noun}"
     else:
         phrase = anchors.style_descriptor(references[0].prompt)
         plain = [r.prompt for r in references]
         class_prompt = config.data.class_prompt
     use_prior = kind == "object" and config.train.with_prior and class_dir is not None
-    class_images = tuple(data.list_class_images(class_dir)) if use_prior else ()
+    class_images = tuple(data.list_class_images(class_dir))[: config.data.num_class_images] if use_prior else ()
     templates = anchors.get_anchor_templates(config.gal.anchors, kind)
     named_set = (str(config.gal.anchors), kind) in anchors.ANCHOR_SETS
     return Concept(
@@ -59,17 +65,77 @@ def load_concept(config: ml_collections.ConfigDict, concept_dir: Path, class_dir
     )
 
 
-def _placeholder_and_class(config, references, concept_dir) -> tuple[str, str]:
-    """Returns (placeholder, class word) from the config, or read off the first reference's captions."""
-    if config.data.placeholder and config.data.class_word:
-        return config.data.placeholder, config.data.class_word
+def find_placeholder(references, concept_dir: Path) -> str:
+    """Returns the placeholder token: the first word of the first reference's instance prompt
+    that its plain prompt lacks ("A <cute-cat> cat on the stairs" vs "A cat on the stairs")."""
     first = references[0]
-    plain_words = set((first.plain_prompt or "").lower().split())
-    words = first.prompt.split()
-    for i, word in enumerate(words[:-1]):
-        if word.lower() not in plain_words and words[i + 1].lower() in plain_words:
-            return config.data.placeholder or word, config.data.class_word or words[i + 1]
-    raise ValueError(
-        f"{concept_dir}/init.json: cannot find the placeholder in {first.prompt!r} vs its plain prompt "
-        f"{first.plain_prompt!r}; set config.data.placeholder and config.data.class_word."
-    )
+    plain_words = {w.lower() for w in (first.plain_prompt or "").split()}
+    missing = [w for w in first.prompt.split() if w.lower() not in plain_words]
+    if first.plain_prompt is None or not missing:
+        raise ValueError(
+            f"{concept_dir}/init.json: cannot find the placeholder in {first.prompt!r} vs its plain prompt "
+            f"{first.plain_prompt!r}; set config.data.placeholder (and config.data.class_word)."
+        )
+    return missing[0]
+
+
+def class_phrase(class_word: str, placeholder: str, references, concept_dir: Path,
+                 concepts_json: Path | None) -> str:
+    """Returns the class as a phrase ("wooden pot", "cat statue", "teddybear"), never one guessed token.
+
+    In order: config.data.class_word; the class_prompt of the concepts list's entry with this
+    placeholder ('_' read as a space); else the words after the placeholder that every reference's
+    instance prompt shares ("<wp> wooden pot on the table" and "<wp> wooden pot next to the
+    window" -> "wooden pot"), cut before the first function word when all captions agree
+    ("<cute-cat> cat on the stairs" -> "cat").
+    """
+    if class_word:
+        return anchors.class_noun(class_word)
+    listed = _listed_class(placeholder, concepts_json)
+    if listed:
+        return anchors.class_noun(listed)
+    tails = [_words_after(r.prompt, placeholder) for r in references]
+    shared = []
+    for words in zip(*tails):
+        if len({w.lower() for w in words}) > 1:
+            break
+        shared.append(words[0])
+    cut = next((i for i, w in enumerate(shared) if w.lower().strip(",.;:") in _FUNCTION_WORDS or
+                not w.strip(",.;:")), len(shared))
+    noun = " ".join(w.strip(",.;:") for w in shared[:cut])
+    if not noun:
+        raise ValueError(
+            f"{concept_dir}/init.json: cannot tell the class after {placeholder!r} in "
+            f"{references[0].prompt!r}; set config.data.class_word (e.g. 'wooden_pot')."
+        )
+    return noun
+
+
+# Words that end a class phrase in a caption ("cat on the stairs", "table next to sofa").
+_FUNCTION_WORDS = frozenset(
+    "a an the on in at of with without near next to by under over above below behind beside "
+    "between from into onto and or for during while is are sitting standing lying floating "
+    "wearing holding".split()
+)
+
+
+def _words_after(prompt: str, placeholder: str) -> list[str]:
+    words = prompt.split()
+    for i, word in enumerate(words):
+        if word == placeholder:
+            return words[i + 1:]
+    return []
+
+
+def _listed_class(placeholder: str, concepts_json: Path | None) -> str | None:
+    """Returns the class_prompt of the concepts list entry whose placeholder is `placeholder`."""
+    if concepts_json is None or not Path(concepts_json).is_file():
+        return None
+    entries = io_utils.read_json(concepts_json)
+    if not isinstance(entries, list):
+        return None
+    for entry in entries:
+        if isinstance(entry, dict) and entry.get("placeholder") == placeholder:
+            value = entry.get("class_prompt")
+            return value if isinstance(value, str) and value.strip() else None
+    return None

@@ -53,10 +53,13 @@ def overfit_fraction(img_emb: ArrayLike, prompt_emb: ArrayLike, caption_emb: Arr
 
 
 def insert_placeholder(prompt: str, class_word: str, placeholder: str) -> str:
-    """Returns the prompt with the placeholder before the first whole-word class word.
+    """Returns the prompt with the placeholder before every whole-word occurrence of the class word.
 
-    'cat swimming in a pool' -> '<cute-cat> cat swimming in a pool'. The match ignores case and
-    keeps the prompt's spelling; a class word with '_' ('wooden_pot') matches 'wooden pot'.
+    'cat swimming in a pool' -> '<cute-cat> cat swimming in a pool'; 'a study table in the style of
+    table' -> 'a study <t> table in the style of <t> table' (the authors insert at every occurrence;
+    a test prompt's last class word is often the one that names the concept). The match ignores
+    case and keeps the prompt's spelling; a class word with '_' ('wooden_pot') matches 'wooden pot';
+    'catalog' does not match 'cat'.
     """
     placeholder = placeholder.strip()
     if not placeholder:
@@ -65,10 +68,10 @@ def insert_placeholder(prompt: str, class_word: str, placeholder: str) -> str:
         raise ValueError(f"prompt {prompt!r} already contains the placeholder {placeholder!r}")
     words = class_noun(class_word).split()
     pattern = r"(?<!\w)" + r"\s+".join(map(re.escape, words)) + r"(?!\w)"
-    match = re.search(pattern, prompt, flags=re.IGNORECASE)
-    if match is None:
+    inserted, count = re.subn(pattern, lambda match: f"{placeholder} {match.group(0)}", prompt, flags=re.IGNORECASE)
+    if count == 0:
         raise ValueError(f"class word {class_word!r} does not occur as a word in prompt {prompt!r}")
-    return f"{prompt[:match.start()]}{placeholder} {prompt[match.start():]}"
+    return inserted
 
 
 def _unit_rows(name: str, embeddings: ArrayLike) -> np.ndarray:

@@ -88,10 +88,25 @@ def test_insert_placeholder_goes_before_the_class_word():
     )
 
 
-def test_insert_placeholder_matches_the_first_whole_word_ignoring_case():
+def test_insert_placeholder_goes_before_every_whole_word_ignoring_case():
     assert metrics.insert_placeholder("A catalog with a Cat and a cat", "cat", "sks") == (
-        "A catalog with a sks Cat and a cat"
+        "A catalog with a sks Cat and a sks cat"
     )
+
+
+@pytest.mark.parametrize("prompt, class_word, placeholder, expected", [
+    # The authors' test prompts whose last class word names the concept.
+    ("a study table in the style of table", "table", "<brown-table>",
+     "a study <brown-table> table in the style of <brown-table> table"),
+    ("a dahlia flower in the style of flower", "flower", "<white-flower>",
+     "a dahlia <white-flower> flower in the style of <white-flower> flower"),
+    ("An egg chair in the style of chair", "chair", "<blue-chair>",
+     "An egg <blue-chair> chair in the style of <blue-chair> chair"),
+    ("a teapot in the style of wooden pot", "wooden_pot", "<wooden-pot>",
+     "a teapot in the style of <wooden-pot> wooden pot"),
+])
+def test_insert_placeholder_marks_the_concept_in_the_authors_style_prompts(prompt, class_word, placeholder, expected):
+    assert metrics.insert_placeholder(prompt, class_word, placeholder) == expected
 
 
 def test_insert_placeholder_reads_underscores_in_class_words_as_spaces():
