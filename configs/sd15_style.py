@@ -7,6 +7,11 @@ r"""GAL on a style concept with Stable Diffusion 1.5: the paper's hyperparameter
       --config.model.sd_path=/models/stable-diffusion-v1-5 \
       --config.model.clip_path=/models/clip-vit-base-patch32 \
       --config.data.concept_dir=/data/reference_images/style/watercolor
+
+Use `configs/sd15_style.py:official` for what the authors' scripts/run_style_gal.sh passes and
+their DPM-Solver++ loop sampler and anchor set (`common.follow_authors_scripts`); add
+`--config.model.compute_dtype=float32 --config.data.random_crop=true` for their float32 training on
+random crops.
 """
 
 from configs import common
@@ -19,12 +24,13 @@ def get_config(variant: str = ""):
     config.train.steps = 500
     config.train.batch_size = 2
     config.train.with_prior = False
+    # The authors train in float32 on random crops; bf16 compute is faster on GPU/TPU, and
+    # center crops let a round encode its latents once (configs/common.py, model/data fields).
     config.model.compute_dtype = "bfloat16"
     # The compute casts the UNet to bf16 anyway: a bf16 round UNet halves the disk (1.7 GB a round).
     config.train.save_dtype = "bfloat16"
     if variant == "official":
-        config.sample.sampler = "dpmsolver++"
-        config.gal.anchors = "official"
+        common.follow_authors_scripts(config, steps=500, batch_size=2, with_prior=False)
     elif variant:
         raise ValueError(f"unknown variant {variant!r} of sd15_style (known: 'official')")
     return config

@@ -28,4 +28,8 @@ def get_config():
     config.sample.max_images_per_device = 48
     config.gal.rounds = 3
     config.gal.openness_lambda = 0.005
+    # Evaluation (off unless --config.eval.enabled=true) keeps config.eval's sampler, seed and
+    # guidance but takes far fewer steps and images, so it runs in tests.
+    config.eval.steps = 4
+    config.eval.num_per_prompt = 2
     return config

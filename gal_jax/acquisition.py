@@ -7,6 +7,11 @@ prompts of the original references.
 An image is *overfit* when `sim_anchor <= max_j sim_plain_j` (non-strict, as the authors' training
 scripts: `sim > sim_src` counts as not overfit). The evaluation metric OVF in `metrics.py` uses a
 strict `<`, as the authors' evaluation notebook does; the two differ only on exact ties.
+
+Directions of equal entropy rank in pool order (`TIE_BREAK`); with 10 images a direction's entropy
+takes only 6 distinct values, so ties are common. `score_directions` computes H from the minority
+count so that p and 1 - p (3 and 7 overfit images of 10) give the same float and truly tie: the
+formula evaluated at 0.3 and at 0.7 differs in the last bit, which would rank them by rounding.
 """
 
 from __future__ import annotations
@@ -16,6 +21,15 @@ from typing import Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
+
+TIE_BREAK = "pool order"  # how `top_k_uncertain` ranks directions of equal entropy
+BEST_IMAGE_RULE = "highest sim_anchor"  # the image uncertainty sampling queries in a direction
+RANDOM_IMAGE_RULES = ("random", "best")  # random feedback: a random image (the paper's) or the best
+
+
+def random_image_rule(seed: int) -> str:
+    """Returns the record's name of the paper's random-feedback image rule under `seed`."""
+    return f"random (seed {seed})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +149,21 @@ def random_directions(num_pool: int, k: int, seed: int, round_index: int) -> lis
     return sorted(rng.choice(num_pool, size=min(k, num_pool), replace=False).tolist())
 
 
+def random_image(num_images: int, seed: int, round_index: int, prompt_id: int) -> int:
+    """Returns one of a direction's `num_images` images, drawn at random, fixed by (seed, round, prompt_id).
+
+    The draw is a child stream of `random_directions`'s (numpy's spawn key), so it is independent
+    of which directions were drawn and depends only on the direction, not on its pool position.
+    """
+    if num_images < 1 or min(seed, round_index, prompt_id) < 0:
+        raise ValueError(
+            f"num_images must be >= 1 and seed, round, prompt_id >= 0, got "
+            f"{num_images}, {seed}, {round_index}, {prompt_id}"
+        )
+    stream = np.random.SeedSequence([seed, round_index], spawn_key=(prompt_id,))
+    return int(np.random.default_rng(stream).integers(num_images))
+
+
 def score_directions(sim_anchor: ArrayLike, sim_plain: ArrayLike) -> DirectionScores:
     """Returns flags, rates, entropies and best images for (D, N) and (D, N, P) similarities."""
     sim_anchor = np.asarray(sim_anchor, dtype=np.float64)
@@ -143,11 +172,12 @@ def score_directions(sim_anchor: ArrayLike, sim_plain: ArrayLike) -> DirectionSc
             f"sim_anchor must be (directions, images) with images >= 1, got {sim_anchor.shape}"
         )
     flags = overfit_flags(sim_anchor, sim_plain)
-    rates = flags.mean(axis=1)
+    counts, num_images = flags.sum(axis=1), flags.shape[1]
     return DirectionScores(
         flags=flags,
-        rates=rates,
-        entropies=direction_entropies(rates),
+        rates=flags.mean(axis=1),
+        # H(p) == H(1 - p): the minority count gives both the same float (module docstring).
+        entropies=direction_entropies(np.minimum(counts, num_images - counts) / num_images),
         best_images=np.argmax(sim_anchor, axis=1),
     )
 
@@ -161,6 +191,30 @@ def select_queries(scores: DirectionScores, k: int, lam: float, balance: bool) -
     directions = top_k_uncertain(scores.entropies, k)
     images = tuple(int(scores.best_images[d]) for d in directions)
     return Selection(tuple(directions), images, weight, round_openness, stopped=False)
+
+
+def select_random(scores: DirectionScores, prompt_ids: Sequence[int], k: int, lam: float, balance: bool,
+                  seed: int, round_index: int, image: str = "random") -> Selection:
+    """Returns the random baseline's queries: k random directions, each with one image.
+
+    `image` is "random" (the paper's baseline: one image of the direction drawn at random, see
+    `random_image`) or "best" (the highest sim_anchor, as uncertainty sampling takes). Every
+    direction was scored, so openness (and with balance the new weight) is measured as in
+    uncertainty sampling. The random baseline never stops early.
+    """
+    if image not in RANDOM_IMAGE_RULES:
+        raise ValueError(f"random feedback image rule {image!r}; expected one of {RANDOM_IMAGE_RULES}")
+    if len(prompt_ids) != scores.flags.shape[0]:
+        raise ValueError(f"{len(prompt_ids)} prompt_ids for {scores.flags.shape[0]} scored directions")
+    round_openness = openness(scores.entropies, lam)
+    directions = random_directions(len(prompt_ids), k, seed, round_index)
+    num_images = scores.flags.shape[1]
+    images = [
+        int(scores.best_images[d]) if image == "best" else random_image(num_images, seed, round_index, prompt_ids[d])
+        for d in directions
+    ]
+    return Selection(tuple(directions), tuple(images), new_reference_weight(round_openness, balance),
+                     round_openness, stopped=False)
 
 
 def _check_k(k: int) -> None:

@@ -17,6 +17,11 @@ notebook does, there being no placeholder), and the caption is the whole referen
 Relative paths in a concepts list are tried against the JSON's folder, its parent (the authors'
 files name paths from their repo root, one level above `data/`) and the working directory.
 
+The driver generates evaluation images with a Generator of its own, built from config.eval: by
+default the authors' notebooks' protocol (the SD pipeline's default PNDM sampler, 50 steps,
+guidance 7.5, seed 8888) with the paper's 8 images per test prompt, whatever sampler the GAL loop
+uses. Each result's `settings` records that protocol.
+
 The metric math is `metrics.py`; this module gathers embeddings (a `score.Scorer`, optionally a
 DINOv2 `dino.DinoEmbedder`) and files. DINO runs PyTorch transformers on the host, as the authors'
 evaluator does; it is an optional extra beside IMG-ALN.
@@ -318,8 +323,10 @@ def evaluate_model(
 
     Generation uses the concept's generation prompts (placeholder inserted); TXT-ALN and OVF score
     against its scoring prompts (without it). Every call draws the same noise (round index 0 and
-    `seed`), so rounds are compared on equal footing. `reference_images` is a uint8 array, a list of
-    image paths, or None for the concept's own `reference_images`.
+    `seed`), so rounds are compared on equal footing. The result's settings name the protocol:
+    `num_per_prompt`, `seed` and the generator's sampler, steps and guidance scale.
+    `reference_images` is a uint8 array, a list of image paths, or None for the concept's own
+    `reference_images`.
     """
     generation_prompts = concept.generation_prompts()
     images = generator.generate(
@@ -334,7 +341,7 @@ def evaluate_model(
     result = evaluate_images(
         scorer, images, scoring, references, concept.captions, txt_scale=txt_scale, dino=dino
     )
-    result["settings"].update(num_per_prompt=int(num_per_prompt), seed=int(seed))
+    result["settings"].update(num_per_prompt=int(num_per_prompt), seed=int(seed), **generator.settings)
     result["generation_prompts"] = generation_prompts
     return {"concept": concept.name, "kind": concept.kind, **result}
 

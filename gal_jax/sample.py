@@ -135,6 +135,7 @@ class Generator:
         self.sd = sd
         self.mesh = mesh
         self.sampler = schedulers.make_sampler(sampler, sd.scheduler_config, steps)
+        self.steps = int(steps)
         self.guidance_scale = float(guidance_scale)
         self.max_images_per_device = int(max_images_per_device)
         self.traces = 0
@@ -147,16 +148,23 @@ class Generator:
         }
 
     @classmethod
-    def from_config(cls, config, sd: StableDiffusion, mesh: Mesh) -> "Generator":
-        """Returns a Generator with the sampler, steps, guidance and chunk bound of config.sample."""
+    def from_config(cls, config, sd: StableDiffusion, mesh: Mesh, section: str = "sample") -> "Generator":
+        """Returns a Generator with the sampler, steps and guidance of config.<section> ('sample' for
+        the GAL loop, 'eval' for evaluation) and the chunk bound of config.sample."""
+        settings = config[section]
         return cls(
             sd,
             mesh,
-            sampler=config.sample.sampler,
-            steps=config.sample.steps,
-            guidance_scale=config.sample.guidance_scale,
+            sampler=settings.sampler,
+            steps=settings.steps,
+            guidance_scale=settings.guidance_scale,
             max_images_per_device=config.sample.max_images_per_device,
         )
+
+    @property
+    def settings(self) -> dict:
+        """Returns the sampling protocol: sampler name, steps and guidance scale."""
+        return {"sampler": self.sampler.name, "steps": self.steps, "guidance_scale": self.guidance_scale}
 
     @property
     def num_shards(self) -> int:
@@ -169,6 +177,9 @@ class Generator:
 
     def _chunk(self, unet_params, vae_params, context, uncond, base_seed, round_index, prompt_ids, seeds):
         self.traces += 1
+        if jax.process_index() == 0:  # runs while jit traces: once per chunk shape, then XLA compiles
+            tqdm.write(f"compiling the sampler ({self.sampler.name}, {self.sampler.num_steps} steps) "
+                       f"for chunks of {prompt_ids.shape[0]} images ...")
         keys = jax.vmap(image_key, in_axes=(None, None, 0, 0))(base_seed, round_index, prompt_ids, seeds)
         return generate_images(
             self.sd, self.sampler, self.guidance_scale, unet_params, vae_params, context, uncond, keys

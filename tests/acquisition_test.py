@@ -132,6 +132,23 @@ def test_top_k_breaks_ties_by_pool_order():
     entropies = [0.2, LN2, 0.2, LN2, 0.2]
     assert acquisition.top_k_uncertain(entropies, 3) == [1, 3, 0]
     assert acquisition.top_k_uncertain(entropies, 4) == [1, 3, 0, 2]
+    assert acquisition.TIE_BREAK == "pool order"
+
+
+def scores_of_overfit_counts(overfit_counts, num_images=10):
+    """Returns score_directions of directions whose first overfit_counts[d] images overfit."""
+    sim_anchor = np.where(np.arange(num_images) < np.asarray(overfit_counts)[:, None], 0.1, 0.3)
+    return acquisition.score_directions(sim_anchor, np.full(sim_anchor.shape + (1,), 0.2))
+
+
+def test_ten_images_give_six_distinct_entropies_so_ties_are_common_and_keep_pool_order():
+    scores = scores_of_overfit_counts(range(11))
+    assert len(np.unique(scores.entropies)) == 6  # exactly: H(k/10) == H(1 - k/10) bit for bit
+    # 18 directions of 10 images: 3 and 7 overfit images tie (H(0.3) == H(0.7)), so do 4 and 6, 5 and 5.
+    overfit_counts = [1, 3, 5, 7, 3, 0, 5, 7, 2, 8, 10, 6, 4, 9, 1, 2, 8, 0]
+    entropies = scores_of_overfit_counts(overfit_counts).entropies
+    assert acquisition.top_k_uncertain(entropies, 3) == [2, 6, 11]  # 0.5, 0.5, then 0.6 before 0.4
+    assert acquisition.top_k_uncertain(entropies, 7) == [2, 6, 11, 12, 1, 3, 4]  # then 0.3, 0.7, 0.3
 
 
 def test_top_k_picks_zero_entropy_directions_only_when_fewer_than_k_are_uncertain():
@@ -204,6 +221,25 @@ def test_random_directions_take_the_whole_pool_when_k_exceeds_it():
     assert acquisition.random_directions(0, 3, seed=0, round_index=0) == []
 
 
+def test_random_image_is_fixed_by_seed_round_and_direction_and_covers_every_image():
+    draw = acquisition.random_image(10, seed=0, round_index=1, prompt_id=4)
+    assert draw == acquisition.random_image(10, seed=0, round_index=1, prompt_id=4)
+    assert 0 <= draw < 10
+    by_direction = {acquisition.random_image(10, seed=0, round_index=1, prompt_id=p) for p in range(18)}
+    by_seed = {acquisition.random_image(10, seed=s, round_index=1, prompt_id=4) for s in range(18)}
+    by_round = {acquisition.random_image(10, seed=0, round_index=r, prompt_id=4) for r in range(18)}
+    assert min(len(by_direction), len(by_seed), len(by_round)) > 1
+    assert {acquisition.random_image(3, seed=s, round_index=1, prompt_id=0) for s in range(40)} == {0, 1, 2}
+    assert acquisition.random_image(1, seed=5, round_index=2, prompt_id=7) == 0
+
+
+def test_random_image_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="num_images"):
+        acquisition.random_image(0, seed=0, round_index=1, prompt_id=0)
+    with pytest.raises(ValueError, match="prompt_id"):
+        acquisition.random_image(10, seed=0, round_index=1, prompt_id=-1)
+
+
 def test_random_directions_reject_bad_arguments():
     with pytest.raises(ValueError, match="k"):
         acquisition.random_directions(18, 0, seed=0, round_index=0)
@@ -257,6 +293,43 @@ def test_select_queries_without_balance_gives_new_references_weight_one():
     scores = acquisition.score_directions(*make_round())
     selection = acquisition.select_queries(scores, k=2, lam=0.005, balance=False)
     assert selection.weight == 1.0 and selection.openness > 0
+
+
+def test_select_random_takes_one_random_image_of_each_random_direction():
+    scores = acquisition.score_directions(*make_round())
+    prompt_ids = [4, 9, 11, 17]  # the pool's original anchor ids
+    selection = acquisition.select_random(scores, prompt_ids, k=2, lam=0.005, balance=True, seed=3, round_index=2)
+    directions = acquisition.random_directions(4, 2, seed=3, round_index=2)
+    assert selection.directions == tuple(directions)
+    assert selection.images == tuple(acquisition.random_image(10, 3, 2, prompt_ids[d]) for d in directions)
+    # Every direction was scored: openness is measured, not 0 as with the authors' one image each.
+    assert selection.openness == pytest.approx(0.005 * (LN2 + entropy_formula(0.3)) / 4)
+    assert selection.weight == selection.openness and not selection.stopped
+
+
+def test_select_random_with_the_best_image_rule_takes_the_highest_sim_anchor():
+    scores = acquisition.score_directions(*make_round())
+    selection = acquisition.select_random(scores, [4, 9, 11, 17], k=4, lam=0.005, balance=False, seed=3,
+                                          round_index=2, image="best")
+    assert selection.directions == (0, 1, 2, 3)
+    assert selection.images == tuple(int(i) for i in scores.best_images)
+    assert selection.weight == 1.0
+
+
+def test_random_images_are_not_the_best_ones():
+    """The paper's random baseline does not flatter itself with the CLIP-best image."""
+    scores = acquisition.score_directions(*make_round())
+    selections = [acquisition.select_random(scores, [4, 9, 11, 17], 2, 0.005, True, seed, 1) for seed in range(10)]
+    picked = [(d, i) for s in selections for d, i in zip(s.directions, s.images)]
+    assert sum(i != scores.best_images[d] for d, i in picked) > len(picked) // 2
+
+
+def test_select_random_rejects_an_unknown_image_rule_and_mismatched_prompt_ids():
+    scores = acquisition.score_directions(*make_round())
+    with pytest.raises(ValueError, match="'first'"):
+        acquisition.select_random(scores, [4, 9, 11, 17], 2, 0.005, True, 0, 1, image="first")
+    with pytest.raises(ValueError, match="3 prompt_ids for 4"):
+        acquisition.select_random(scores, [4, 9, 11], 2, 0.005, True, 0, 1)
 
 
 def test_score_directions_rejects_a_flat_similarity_vector():

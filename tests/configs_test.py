@@ -1,7 +1,7 @@
 """Experiment configs: the paper's hyperparameters and variants (overrides: main_test.py)."""
 
 import pytest
-from configs import common, sd15_object, sd15_style
+from configs import common, sd15_object, sd15_style, tiny_cpu
 
 
 def test_defaults_are_the_papers_hyperparameters():
@@ -20,7 +20,56 @@ def test_style_config_trains_500_steps_at_batch_two_without_prior():
 
 def test_official_variant_follows_the_authors_scripts():
     config = sd15_object.get_config("official")
-    assert (config.sample.sampler, config.gal.anchors, config.gal.openness_lambda) == ("dpmsolver++", "official", 0.0035)
+    assert (config.sample.sampler, config.gal.anchors, config.gal.openness_lambda) == ("dpmsolver++", "official", 0.005)
+
+
+# What scripts/run_obj_gal.sh and run_style_gal.sh pass, and how their training scripts generate.
+AUTHORS_OBJECT = dict(steps=800, batch_size=1, with_prior=True)
+AUTHORS_STYLE = dict(steps=500, batch_size=2, with_prior=False)
+
+
+@pytest.mark.parametrize("module, expected", [(sd15_object, AUTHORS_OBJECT), (sd15_style, AUTHORS_STYLE)])
+def test_official_variants_set_everything_the_authors_launch_scripts_pass(module, expected):
+    config = module.get_config("official")
+    train = config.train
+    assert dict(steps=train.steps, batch_size=train.batch_size, with_prior=train.with_prior) == expected
+    assert (train.learning_rate, train.lr_schedule, train.warmup_steps, train.grad_accum_steps) == (
+        5e-6, "constant", 0, 1)
+    assert (train.prior_loss_weight, train.seed, config.data.resolution) == (1.0, 0, 512)
+    assert (config.gal.rounds, config.gal.k, config.gal.openness_lambda, config.gal.balance) == (4, 3, 0.005, True)
+    assert (config.gal.feedback, config.gal.anchors, config.gal.seed) == ("uncertainty", "official", 0)
+    sample = config.sample
+    assert (sample.sampler, sample.steps, sample.guidance_scale, sample.num_per_prompt, sample.seed) == (
+        "dpmsolver++", 50, 7.5, 10, 0)
+
+
+@pytest.mark.parametrize("module", [sd15_object, sd15_style])
+def test_sd15_configs_train_in_bf16_on_center_crops_unlike_the_authors(module):
+    for variant in ("", "official"):
+        config = module.get_config(variant)
+        assert (config.model.compute_dtype, config.data.random_crop) == ("bfloat16", False)
+        assert config.model.param_dtype == "float32"
+
+
+def test_evaluation_defaults_are_the_authors_notebook_protocol_with_the_papers_image_count():
+    config = common.get_config()
+    e = config.eval
+    assert (e.sampler, e.steps, e.guidance_scale, e.seed, e.num_per_prompt, e.txt_scale) == (
+        "pndm", 50, 7.5, 8888, 8, 1.0)
+    # 10 concepts x 20 test prompts x 4 rounds x 8 images: the paper's 6,400 object images.
+    assert 10 * 20 * config.gal.rounds * e.num_per_prompt == 6400
+    for variant in ("", "official"):
+        assert sd15_object.get_config(variant).eval.to_dict() == e.to_dict()
+
+
+def test_random_feedback_defaults_to_the_papers_random_image():
+    assert common.get_config().gal.random_image == "random"
+
+
+def test_tiny_config_keeps_the_evaluation_sampler_and_seed_but_is_small():
+    e = tiny_cpu.get_config().eval
+    assert (e.sampler, e.seed, e.guidance_scale) == ("pndm", 8888, 7.5)
+    assert e.steps * e.num_per_prompt <= 8
 
 
 def test_unknown_variant_is_named():

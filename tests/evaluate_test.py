@@ -111,6 +111,8 @@ def test_evaluate_images_rejects_inconsistent_inputs(prompts, captions, referenc
 class FakeGenerator:
     """Paints each image with the vector of its generation prompt; records the calls."""
 
+    settings = {"sampler": "pndm", "steps": 50, "guidance_scale": 7.5}
+
     def __init__(self, vectors: dict[str, tuple]):
         self.vectors, self.calls = vectors, []
 
@@ -136,7 +138,22 @@ def test_evaluate_model_generates_with_the_placeholder_and_scores_without_it():
         "cat on a beach", "cat on a beach", "cat in the snow", "cat in the snow"]
     assert result["txt_aln"] == pytest.approx((1 + 1 + 0.6 + 0.6) / 4)
     assert result["ovf"] == pytest.approx(0.5)  # snow images: .6 to the prompt < .96 to the caption
-    assert result["concept"] == "cat" and result["settings"] == {"txt_scale": 1.0, "num_per_prompt": 2, "seed": 7}
+    assert result["concept"] == "cat" and result["settings"] == {
+        "txt_scale": 1.0, "num_per_prompt": 2, "seed": 7, "sampler": "pndm", "steps": 50, "guidance_scale": 7.5}
+
+
+def test_the_evaluation_generator_follows_config_eval_not_the_loops_sampler(loaded_sd):
+    from configs import tiny_cpu
+    from gal_jax import sample, sharding
+
+    config = tiny_cpu.get_config()
+    config.eval.update(sampler="pndm", steps=3, guidance_scale=5.0)
+    generator = sample.Generator.from_config(config, loaded_sd[0], sharding.make_mesh(), section="eval")
+    assert generator.settings == {"sampler": "pndm", "steps": 3, "guidance_scale": 5.0}
+    assert generator.sampler.num_steps == 4  # PLMS calls the UNet once more than its step count
+    assert generator.max_images_per_device == config.sample.max_images_per_device
+    loop = sample.Generator.from_config(config, loaded_sd[0], sharding.make_mesh())
+    assert loop.settings == {"sampler": "ddim", "steps": 10, "guidance_scale": 7.5}
 
 
 def test_style_concept_generates_and_scores_with_the_style_descriptor():
