@@ -1,24 +1,28 @@
 """The run report: `DIR/report.html` with its PNGs under `DIR/report/`, rewritten after every round.
 
-Per round: a contact sheet per scored direction (overfit images framed red, the chosen image
-green), the entropy of every direction, the chosen images with their weights, the references the
-round trained on and its timings. Across rounds: openness, reference count, mean overfit rate and
-the evaluation metrics. Everything comes from the round records (`DIR/rounds/<r>/record.json`), so
-the report can be rebuilt from them alone at any time.
+Per round: why each scored direction was or was not queried (rank by entropy, the rule's reason,
+the image chosen and why, the new weight's formula with the round's numbers), a contact sheet per
+direction (overfit images framed red, the chosen image green), an entropy chart and the references
+the round trained on. Across rounds: openness, reference count, mean overfit rate, training loss
+and the evaluation metrics. On top: where the final model was exported, or, while the run waits
+for human feedback, the review page and what to do. Everything comes from the round records
+(`DIR/rounds/<r>/record.json`), so the report can be rebuilt from them alone at any time.
 
-The pure helpers (`round_summaries`, `contact_sheet`, `entropy_figure`, `progress_figure`,
-`render_html`) turn record data into figures and text; `write_report` reads images and writes.
+Every link stays inside DIR, so a moved or copied workdir keeps a working report: reference images
+that lie outside DIR (the user's data, the tiny default's cache) are copied to
+`DIR/report/references/` under content-hash names.
+
+The pure helpers here (`round_summaries`, `contact_sheet`, `entropy_figure`, `progress_figure`,
+`loss_figure`) turn record data into figures; `report_html` turns it into text; `write_report`
+reads images and writes files.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import html
 import io
 import math
-import os
-import urllib.parse
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -30,15 +34,18 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from gal_jax import io_utils
 from gal_jax.images import open_rgb
-from gal_jax.records import Direction, ImageScore, RecordError, ReferenceEntry, RoundRecord, SelectedEntry
+from gal_jax.records import Direction, ImageScore, RecordError, RoundRecord
+from gal_jax.report_html import (
+    OVERFIT_RGB, SELECTED_RGB, TIMING_KEYS, AwaitingFeedback, FinalModel, fmt, metric_names,
+    rank_order, relative_url, render_html, url_inside,
+)
 from gal_jax.workdir import Workdir
 
 THUMB = 128  # pixels per image in contact sheets
-OVERFIT_RGB = (214, 39, 40)  # matplotlib's tab:red
-SELECTED_RGB = (44, 160, 44)  # tab:green
 NEUTRAL_RGB = (205, 205, 205)
 _UNSELECTED_BAR = "#8fa8c8"
-_TIMING_KEYS = ("train", "generate", "score", "write")
+# Formats a browser shows as they are: such reference files are copied byte for byte.
+_WEB_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -55,7 +62,8 @@ def check_records(records: Iterable[RoundRecord]) -> list[RoundRecord]:
 
 
 def round_summaries(records: Sequence[RoundRecord]) -> list[dict]:
-    """Returns per round: references, directions, mean overfit rate and H, openness, choices.
+    """Returns per round: references, directions, mean overfit rate and H, openness, choices,
+    the last training loss and the timings.
 
     Rounds that scored no direction (the final one) get NaN rates and openness, so that plots
     leave a gap instead of a misleading zero.
@@ -73,7 +81,8 @@ def round_summaries(records: Sequence[RoundRecord]) -> list[dict]:
             "selected": len(selected),
             "new_weight": selected[0].weight if selected else None,
             "stopped": record.stopped,
-            "timings": {key: timings.get(key) for key in _TIMING_KEYS},
+            "last_loss": record.train_loss[-1].loss if record.train_loss else None,
+            "timings": {key: timings.get(key) for key in TIMING_KEYS},
         })
     return summaries
 
@@ -108,7 +117,8 @@ def contact_sheet(direction: Direction, thumbnails: Sequence[Image.Image], selec
 
 def entropy_figure(round_index: int, directions: Sequence[Direction],
                    selected_prompts: set[str]) -> Figure:
-    """Returns a horizontal bar chart of H per direction in pool order, the selected ones green."""
+    """Returns a horizontal bar chart of H per direction, top to bottom as given, the selected
+    ones green (the report gives them by rank)."""
     entropies = np.nan_to_num([_number(d.entropy) for d in directions])
     figure = Figure(figsize=(8, 1.3 + 0.3 * len(directions)), layout="constrained")
     axes = figure.add_subplot()
@@ -164,160 +174,26 @@ def progress_figure(summaries: Sequence[dict], evaluations: Sequence[dict] | Non
     return figure
 
 
-def metric_names(evaluations: Sequence[dict]) -> list[str]:
-    """Returns the numeric metric keys of the evaluation entries, in first-seen order."""
-    names: dict[str, None] = {}
-    for entry in evaluations:
-        if "round" not in entry:
-            raise RecordError(f"evaluation entry {entry!r} has no 'round'")
-        for key, value in entry.items():
-            if key != "round" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                names[key] = None
-    return list(names)
+def loss_figure(records: Sequence[RoundRecord]) -> Figure | None:
+    """Returns the training loss against step, one line per round; None when no round has a curve.
 
-
-def render_html(title: str, records: Sequence[RoundRecord], summaries: Sequence[dict],
-                evaluations: Sequence[dict] | None, links: dict) -> str:
-    """Returns the report page; `links` maps figure and image keys to URLs relative to DIR.
-
-    Keys: "progress"; ("entropy", r); ("sheet", r, d); ("thumb", path); ("full", path).
+    Rounds without a curve (records written before schema 2) are left out of the legend's lines.
     """
-    if not records:
-        return (_HEAD.format(title=_e(title), selected=SELECTED_RGB) + f"<h1>{_e(title)}</h1>"
-                "<p>No round has finished yet; this page fills in as rounds finish.</p>"
-                "</body></html>\n")
-    latest_scored = next((r for r in reversed(records) if r.directions), None)
-    nav = " · ".join(f'<a href="#round-{r.round}">round {r.round}</a>' for r in records)
-    parts = [
-        _HEAD.format(title=_e(title), selected=SELECTED_RGB),
-        f"<h1>{_e(title)}</h1><p class=meta>{_settings(records[-1], summaries[-1])}</p>",
-        f"<p class=meta>{nav}</p>",
-        f'<h2>Across rounds</h2><img class=wide src="{links["progress"]}" alt="progress plots">',
-        _summary_table(summaries),
-        _evaluation_table(evaluations) if evaluations else "",
-        *(_round_section(record, summary, links, open_sheets=record is latest_scored)
-          for record, summary in zip(records, summaries)),
-        "</body></html>\n",
-    ]
-    return "\n".join(parts)
-
-
-# ----------------------------------------------------------------------------------------------
-# HTML pieces.
-
-_HEAD = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1500px;
-       padding: 0 1em; color: #222; line-height: 1.4; }}
-h1 {{ margin-bottom: .2em; }}
-h2 {{ border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 1.6em; }}
-.meta {{ color: #555; margin: .2em 0; }}
-table {{ border-collapse: collapse; margin: .6em 0; font-size: 14px; }}
-th, td {{ border: 1px solid #ddd; padding: 3px 8px; text-align: right; vertical-align: middle; }}
-th {{ background: #f3f3f3; }} td.text {{ text-align: left; }}
-img.wide {{ max-width: 100%; height: auto; }}
-.sheet {{ margin: .4em 0 1em; }} .sheet img {{ max-width: 100%; height: auto; }}
-.chosen {{ display: flex; flex-wrap: wrap; gap: 12px; }}
-.chosen figure {{ margin: 0; width: 180px; font-size: 13px; }}
-.chosen img {{ border: 4px solid rgb{selected}; width: 172px; height: auto; }}
-.legend span {{ padding: 0 .4em; border: 3px solid; margin-right: .6em; }}
-details > summary {{ cursor: pointer; font-weight: 600; margin: .5em 0; }}
-</style></head><body>"""
-
-
-def _settings(last: RoundRecord, summary: dict) -> str:
-    items = [f"concept <b>{_e(last.concept_phrase)}</b>"]
-    items += [f"feedback <b>{_e(last.feedback)}</b>", f"balance <b>{'on' if last.balance else 'off'}</b>",
-              f"λ <b>{_e(last.openness_lambda)}</b>", f"k <b>{_e(last.k)}</b>",
-              f"{summary['round']} round(s) so far"]
-    return " · ".join(items + (["<b>stopped early</b>"] if summary["stopped"] else []))
-
-
-def _summary_table(summaries: Sequence[dict]) -> str:
-    names = ["round", "references", "directions", "mean overfit rate", "mean H", "openness",
-             "selected", "new weight", "stopped", *(f"{key} s" for key in _TIMING_KEYS), "total s"]
-    rows = []
-    for s in summaries:
-        times = [s["timings"][key] for key in _TIMING_KEYS]
-        known = [t for t in times if t is not None]
-        total = sum(known) if known else None
-        cells = [s["round"], s["references"], s["directions"], fmt(s["mean_overfit_rate"], ".3f"),
-                 fmt(s["mean_entropy"], ".3f"), fmt(s["openness"], ".3g"), s["selected"],
-                 fmt(s["new_weight"], ".3g"), "yes" if s["stopped"] else "no",
-                 *(fmt(t, ".1f") for t in times), fmt(total, ".1f")]
-        rows.append(_row(cells))
-    return f"<table>{_row(names, 'th')}{''.join(rows)}</table>"
-
-
-def _evaluation_table(evaluations: Sequence[dict]) -> str:
-    names = metric_names(evaluations)
-    rows = [_row([e["round"], *(fmt(e.get(n), ".4f") for n in names)])
-            for e in sorted(evaluations, key=lambda e: e["round"])]
-    return ("<h2>Evaluation</h2><p class=meta>On the test prompts; OVF: lower is better.</p>"
-            f"<table>{_row(['round', *names], 'th')}{''.join(rows)}</table>")
-
-
-def _row(cells: Sequence, tag: str = "td") -> str:
-    return "<tr>" + "".join(f"<{tag}>{_e(c)}</{tag}>" for c in cells) + "</tr>"
-
-
-def _round_section(record: RoundRecord, summary: dict, links: dict, open_sheets: bool) -> str:
-    r, refs = record.round, summary["references"]
-    if record.directions:
-        facts = (f"trained on {refs} references · {summary['directions']} directions scored · "
-                 f"openness {fmt(summary['openness'], '.4g')}"
-                 + (" · <b>stop rule fired</b>" if summary["stopped"] else ""))
-    else:
-        facts = f"trained on {refs} references · no direction scored (final round)"
-    parts = [f'<section id="round-{r}"><h2>Round {r}</h2><p class=meta>{facts}</p>']
-    if record.selected:
-        parts.append("<h3>Chosen images (new references for the next round)</h3>")
-        parts.append(_chosen(record.selected, links))
-    elif record.directions:
-        parts.append("<p>No image chosen this round.</p>")
-    if record.directions:
-        parts.append(f'<h3>Uncertainty per direction</h3><img class=wide '
-                     f'src="{links[("entropy", r)]}" alt="entropy per direction, round {r}">')
-        parts.append(_sheets(record, links, open_sheets))
-    parts.append(_references_table(record.references, links, r))
-    parts.append("</section>")
-    return "\n".join(parts)
-
-
-def _linked_thumb(links: dict, image: str, alt: str, width: str = "") -> str:
-    return (f'<a href="{links[("full", image)]}"><img src="{links[("thumb", image)]}"{width} '
-            f'alt="{alt}"></a>')
-
-
-def _chosen(selected: Sequence[SelectedEntry], links: dict) -> str:
-    figures = [f'<figure>{_linked_thumb(links, s.image, "chosen image")}<figcaption>'
-               f'{_e(s.prompt)}<br>weight <b>{fmt(s.weight, ".4g")}</b>'
-               "</figcaption></figure>" for s in selected]
-    return f'<div class=chosen>{"".join(figures)}</div>'
-
-
-def _sheets(record: RoundRecord, links: dict, open_sheets: bool) -> str:
-    r = record.round
-    legend = (f'<p class="meta legend"><span style="border-color: rgb{OVERFIT_RGB}">OVF</span>'
-              "overfit: sim_anchor ≤ max sim_plain "
-              f'<span style="border-color: rgb{SELECTED_RGB}">chosen</span>new reference · '
-              "under each image: sim_anchor, max sim_plain, seed</p>")
-    sheets = [f'<div class=sheet><img src="{links[("sheet", r, d)]}" '
-              f'alt="{_e(direction.prompt)}"></div>'
-              for d, direction in enumerate(record.directions)]
-    return (f"<details{' open' if open_sheets else ''}><summary>Contact sheets "
-            f"({len(sheets)} directions)</summary>{legend}{''.join(sheets)}</details>")
-
-
-def _references_table(references: Sequence[ReferenceEntry], links: dict, r: int) -> str:
-    rows = [f'<tr><td>{_linked_thumb(links, ref.image, "reference", " width=64")}</td>'
-            f'<td class=text>{_e(ref.prompt)}</td><td>{fmt(ref.weight, ".4g")}'
-            f'</td><td class=text>{_e(ref.source)}</td></tr>' for ref in references]
-    header = _row(["image", "prompt", "weight", "source"], "th")
-    return (f"<details><summary>References trained on in round {r} ({len(references)})</summary>"
-            f"<table>{header}{''.join(rows)}</table></details>")
+    curves = [(record.round, record.train_loss) for record in records if record.train_loss]
+    if not curves:
+        return None
+    figure = Figure(figsize=(5.2, 2.8), layout="constrained")
+    axes = figure.add_subplot()
+    for round_index, curve in curves:
+        axes.plot([p.step for p in curve], [p.loss for p in curve], marker="." if len(curve) < 30
+                  else None, linewidth=1.2, label=f"round {round_index}")
+    axes.set_title("training loss per round (every round trains from the base model)", fontsize=9)
+    axes.set_xlabel("step", fontsize=8)
+    axes.set_ylabel("weighted loss", fontsize=8)
+    axes.tick_params(labelsize=8)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    return figure
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,13 +252,6 @@ def _number(value) -> float:
     return math.nan if value is None else float(value)
 
 
-def fmt(value, spec: str) -> str:
-    """Returns value formatted with spec, or "–" when it is None or NaN."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    return format(value, spec)
-
-
 def _shorten(text: str, length: int) -> str:
     return text if len(text) <= length else text[: length - 1] + "…"
 
@@ -391,20 +260,12 @@ def _hex(rgb: tuple[int, int, int]) -> str:
     return "#%02x%02x%02x" % rgb
 
 
-def _e(value) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def relative_url(path: Path, start: Path) -> str:
-    """Returns the URL of path relative to the folder start (percent-encoded, forward slashes)."""
-    return urllib.parse.quote(Path(os.path.relpath(path, start)).as_posix())
-
-
 # ----------------------------------------------------------------------------------------------
 # Files: the only functions that read images or write.
 
 
-def write_report(workdir: Path, records: Sequence[RoundRecord], evaluations: list[dict] | None = None) -> Path:
+def write_report(workdir: Path, records: Sequence[RoundRecord], evaluations: list[dict] | None = None,
+                 *, model_dir: Path | None = None, review_page: Path | None = None) -> Path:
     """Returns the path of `DIR/report.html`, (re)written with its PNGs under `DIR/report/`.
 
     Args:
@@ -412,33 +273,94 @@ def write_report(workdir: Path, records: Sequence[RoundRecord], evaluations: lis
       records: the round records written so far (any order, maybe none yet).
       evaluations: optional per-round metrics, e.g. {"round": r, "txt_aln": f, "img_aln": f,
         "ovf": f}; every numeric field is plotted and tabulated.
+      model_dir: where the last record's round's model was exported (DIR/model), once it was:
+        the page says so on top, with a link and the line that loads it.
+      review_page: the review page of the round after the last record, while the run waits for
+        human feedback on it: the page says so on top, with a link and what to do.
     """
     workdir = Path(workdir)
     records = check_records(records)
     summaries = round_summaries(records)
     links = _write_figures(workdir, records, summaries, evaluations) if records else {}
     page = render_html(f"GAL report: {workdir.resolve().name}", records, summaries, evaluations,
-                       links)
+                       links, final=_final_model(workdir, records, model_dir),
+                       awaiting=_awaiting(workdir, records, review_page))
     path = Workdir(workdir).report_html
     io_utils.atomic_write_bytes(path, page.encode("utf-8"))
     return path
 
 
+def _final_model(workdir: Path, records: Sequence[RoundRecord],
+                 model_dir: Path | None) -> FinalModel | None:
+    """Returns what the page says about the exported model, None before there is one."""
+    if model_dir is None:
+        return None
+    if not records:
+        raise ValueError(f"model_dir {model_dir} given, but no round has finished")
+    folder = io_utils.resolve(workdir, model_dir)
+    link = url_inside(folder, workdir)
+    return FinalModel(round=records[-1].round, link=link and link + "/",
+                      path=str(folder.resolve()))
+
+
+def _awaiting(workdir: Path, records: Sequence[RoundRecord],
+              review_page: Path | None) -> AwaitingFeedback | None:
+    """Returns what the page says about the pending review, None when the run does not wait."""
+    if review_page is None:
+        return None
+    round_index = records[-1].round + 1 if records else 1
+    page = io_utils.resolve(workdir, review_page)
+    expected = Workdir(workdir).round(round_index).review_html
+    if page.resolve() != expected.resolve():
+        raise ValueError(f"review_page {review_page} is not the review page of round "
+                         f"{round_index}, the round after the last record ({expected})")
+    return AwaitingFeedback(round=round_index, link=relative_url(expected, workdir),
+                            workdir=str(Path(workdir).resolve()))
+
+
 def _write_figures(workdir: Path, records: Sequence[RoundRecord], summaries: Sequence[dict],
                    evaluations: Sequence[dict] | None) -> dict:
-    """Returns the links render_html needs, after writing every figure and thumbnail they name."""
+    """Returns the links render_html needs, after writing every figure and image they name."""
     out = Workdir(workdir).report_dir
     links = {"progress": _write_png(workdir, out / "progress.png",
                                     progress_figure(summaries, evaluations))}
+    loss = loss_figure(records)
+    if loss is not None:
+        links["loss"] = _write_png(workdir, out / "loss.png", loss)
     for record in records:
         links.update(_write_round_figures(workdir, out / f"round_{record.round:02d}", record))
         for entry in [*record.selected, *record.references]:
             image = entry.image
+            if ("thumb", image) in links:
+                continue
             thumbnail = _load_image(workdir, image, 2 * THUMB)
             links[("thumb", image)] = _write_png(workdir, out / "thumbs" / f"{_key(image)}.png",
                                                  thumbnail)
-            links[("full", image)] = relative_url(io_utils.resolve(workdir, image), workdir)
+            links[("full", image)] = _full_image_link(workdir, image)
     return links
+
+
+def _full_image_link(workdir: Path, image: str) -> str:
+    """Returns the URL, relative to DIR, of an image in full: itself inside DIR, else a copy."""
+    path = io_utils.resolve(workdir, image)
+    return url_inside(path, workdir) or relative_url(_copy_reference(workdir, path), workdir)
+
+
+def _copy_reference(workdir: Path, path: Path) -> Path:
+    """Returns the copy of an image outside DIR in `DIR/report/references/`, named by its content.
+
+    Formats browsers show are copied byte for byte; others are written as PNG, as read for training.
+    """
+    payload = path.read_bytes()
+    suffix = path.suffix.lower()
+    if suffix not in _WEB_SUFFIXES:
+        buffer = io.BytesIO()
+        open_rgb(path).save(buffer, format="PNG")
+        payload, suffix = buffer.getvalue(), ".png"
+    copy = Workdir(workdir).report_dir / "references" / f"{hashlib.sha256(payload).hexdigest()[:20]}{suffix}"
+    if not copy.is_file():  # the name is the content: an existing copy is already right
+        io_utils.atomic_write_bytes(copy, payload)
+    return copy
 
 
 def _write_round_figures(workdir: Path, out: Path, record: RoundRecord) -> dict:
@@ -448,8 +370,9 @@ def _write_round_figures(workdir: Path, out: Path, record: RoundRecord) -> dict:
     r, directions = record.round, record.directions
     selected_images = {s.image for s in record.selected}
     selected_prompts = {s.prompt for s in record.selected}
+    ranked = [directions[d] for d in rank_order(directions)]
     links = {("entropy", r): _write_png(workdir, out / "entropy.png",
-                                        entropy_figure(r, directions, selected_prompts))}
+                                        entropy_figure(r, ranked, selected_prompts))}
     for d, direction in enumerate(directions):
         thumbnails = [_load_image(workdir, image.path, THUMB) for image in direction.images]
         sheet = contact_sheet(direction, thumbnails, selected_images)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
+import shutil
 import urllib.parse
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pytest
 from matplotlib.colors import to_rgb
 from PIL import Image
 
-from gal_jax import report
+from gal_jax import report, report_html
 from gal_jax.records import Direction, RoundRecord, from_json
 
 OVERFIT, SELECTED, NEUTRAL = report.OVERFIT_RGB, report.SELECTED_RGB, report.NEUTRAL_RGB
@@ -45,15 +47,16 @@ def _direction(workdir: Path, r: int, pid: int, overfit: list[bool]) -> dict:
 
 PLACES = ["in park", "on the moon", "in a cave"]
 FLAGS = {0: [True, False, True, True], 1: [True, True, True, True], 2: [False, False, True, False]}
-POOLS = {1: [0, 1, 2], 2: [1, 2], 3: []}  # round 1 picks prompt 0, round 2 prompt 1
+POOLS = {1: [0, 1, 2], 2: [1, 2], 3: []}  # round 1 picks prompt 0 (a tie, won by pool order), 2 prompt 2
 
 
 @pytest.fixture
 def run(tmp_path) -> tuple[Path, list[dict]]:
     """Returns (workdir, records) of a 3-round run: two scored rounds and a final training round.
 
-    Each scored round selects its first direction's last image; one original reference lies
-    outside the workdir, named by its absolute path.
+    Each scored round queries (k = 1) its most uncertain direction's last image, as the
+    uncertainty rule does; one original reference lies outside the workdir, named by its absolute
+    path. Every round records a training loss curve.
     """
     workdir = tmp_path / "run"
     outside = tmp_path / "data" / "ref_abs.png"
@@ -66,13 +69,15 @@ def run(tmp_path) -> tuple[Path, list[dict]]:
     for r, pool in POOLS.items():
         directions = [_direction(workdir, r, pid, FLAGS[pid]) for pid in pool]
         openness = 0.005 * float(np.mean([d["entropy"] for d in directions])) if pool else 0.0
+        top = sorted(directions, key=lambda d: -d["entropy"])[:1]  # stable: ties in pool order
         selected = [{"prompt_id": d["prompt_id"], "prompt": d["prompt"],
-                     "image": d["images"][-1]["path"], "weight": openness} for d in directions[:1]]
+                     "image": d["images"][-1]["path"], "weight": openness} for d in top]
         records.append({
             "round": r, "feedback": "uncertainty", "balance": True, "lambda": 0.005, "k": 1,
             "concept_phrase": "a <tiny-teapot> teapot", "plain_prompts": ["a teapot on a table"], "references": list(references),
             "directions": directions, "openness": openness, "selected": selected, "stopped": False,
-            "timings": {"train": 12.5 * r, "generate": 3.0, "score": 0.5, "write": 0.25}})
+            "timings": {"train": 12.5 * r, "generate": 3.0, "score": 0.5, "write": 0.25},
+            "train_loss": [{"step": 10 * s, "loss": 0.5 / (s + 1) + 0.01 * r} for s in range(5)]})
         references += [{**s, "plain_prompt": None, "source": f"round-{r}"} for s in selected]
     return workdir, records
 
@@ -90,26 +95,66 @@ def _links(page: str) -> list[str]:
     return re.findall(r'(?:src|href)="([^"#][^"]*)"', page)
 
 
-def test_report_links_only_existing_files_by_relative_urls(run):
+def _assert_links_resolve_inside(workdir: Path, page: str) -> list[str]:
+    """Returns the page's links after checking each is relative and names a file inside workdir."""
+    links = _links(page)
+    assert links
+    root = workdir.resolve()
+    for link in links:
+        assert "://" not in link and not link.startswith("/"), link
+        target = (workdir / urllib.parse.unquote(link)).resolve()
+        assert target.is_relative_to(root) and target != root, f"{link} leaves the workdir"
+        assert target.exists(), link
+    return links
+
+
+def test_report_links_only_files_inside_the_workdir_by_relative_urls(run):
     workdir, records = run
     path = report.write_report(workdir, typed(records), EVALUATIONS)
     assert path == workdir / "report.html"
-    links = _links(path.read_text())
-    assert links
-    for link in links:
-        assert "://" not in link and not link.startswith("/"), link
-        assert (workdir / urllib.parse.unquote(link)).resolve().is_file(), link
-    assert any("data/ref_abs.png" in link and link.startswith("../") for link in links)
+    links = _assert_links_resolve_inside(workdir, path.read_text())
+    outside = workdir.parent / "data" / "ref_abs.png"
+    copies = list((workdir / "report" / "references").iterdir())
+    assert [c.read_bytes() for c in copies] == [outside.read_bytes()]  # the original bytes
+    assert copies[0].suffix == ".png" and f"report/references/{copies[0].name}" in links
+    assert "data/ref0.png" in links  # inside the workdir: linked where it lies, not copied
+
+
+def test_report_links_still_resolve_in_a_copy_of_the_workdir(run, tmp_path):
+    workdir, records = run
+    model = workdir / "model"
+    _png(model / "unet" / "sample.png")
+    review_page = workdir / "rounds" / "3" / "review.html"
+    review_page.parent.mkdir(parents=True)
+    review_page.write_text("<html></html>")
+    report.write_report(workdir, typed(records[:2]), EVALUATIONS, review_page=review_page)
+    copy = tmp_path / "elsewhere" / "moved run"  # a space: links must be percent-encoded
+    shutil.copytree(workdir, copy)
+    shutil.rmtree(workdir)
+    _assert_links_resolve_inside(copy, (copy / "report.html").read_text())
+    report.write_report(copy, typed(records), model_dir=copy / "model")  # rewritten there
+    shutil.rmtree(tmp_path / "data")  # the user's data is gone too: the report keeps its copy
+    links = _assert_links_resolve_inside(copy, (copy / "report.html").read_text())
+    assert "model/" in links
+
+
+def test_the_link_check_catches_a_link_that_leaves_the_workdir(run):
+    """The check above must fail on the old report's "../" links to the user's data."""
+    workdir, _ = run
+    page = '<img src="../data/ref_abs.png">'
+    with pytest.raises(AssertionError, match="leaves the workdir"):
+        _assert_links_resolve_inside(workdir, page)
 
 
 def test_report_writes_progress_entropy_and_one_contact_sheet_per_direction(run):
     workdir, records = run
     report.write_report(workdir, typed(records))
     out = workdir / "report"
-    expected = {"progress.png", "round_01/entropy.png", "round_02/entropy.png",
+    expected = {"progress.png", "loss.png", "round_01/entropy.png", "round_02/entropy.png",
                 *(f"round_01/direction_{d:02d}.png" for d in range(3)),
                 *(f"round_02/direction_{d:02d}.png" for d in range(2))}
-    written = {p.relative_to(out).as_posix() for p in out.rglob("*.png") if "thumbs" not in p.parts}
+    written = {p.relative_to(out).as_posix() for p in out.rglob("*.png")
+               if not {"thumbs", "references"} & set(p.parts)}
     assert written == expected
     assert not list(workdir.rglob("*.tmp")), "a temporary file was left behind"
     assert not (out / "round_03").exists(), "the final round scored nothing and needs no figures"
@@ -127,8 +172,9 @@ def test_report_shows_weights_timings_references_and_evaluation(run):
     workdir, records = run
     page = report.write_report(workdir, typed(records), EVALUATIONS).read_text()
     weight = records[0]["selected"][0]["weight"]
-    assert f"weight <b>{weight:.4g}</b>" in page
+    assert f"<td>{weight:.3g}</td></tr>" in page  # the queried direction's row ends with it
     assert "<td>37.5</td>" in page  # round 3 train seconds
+    assert "<td>0.13</td>" in page  # round 3 last train loss: 0.5 / 5 + 0.03
     assert "<td>41.2</td>" in page  # round 3 total: 37.5 + 3 + 0.5 + 0.25
     assert page.count("References trained on in round") == 3
     assert "<td>round-1</td>" in page.replace('<td class=text>', "<td>")
@@ -267,3 +313,185 @@ def test_figures_draw_prompts_and_metric_names_with_dollars_literally(run, tmp_p
     assert [text.get_text() for text in legend] == ["$x^$", "cost $5 and $6"]
     assert not any(text.get_parse_math() for text in legend)
     assert (tmp_path / "entropy.png").read_bytes().startswith(b"\x89PNG")
+
+
+# ----------------------------------------------------------------------------------------------
+# Why: the decision table of a round.
+
+H = {p: _entropy(p) for p in (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)}
+
+
+def _scored(rates: list[float], picks: dict[int, int], *, feedback="uncertainty", k=2,
+            stopped=False, balance=True, image_rule="highest sim_anchor") -> RoundRecord:
+    """Returns a round-4 record of directions with these overfit rates (prompt_id = position).
+
+    Each direction has 3 images, seeds 10-12, the middle one with the highest sim_anchor; picks
+    maps a prompt_id to the image index queried from it.
+    """
+    directions = [{"prompt_id": pid, "prompt": f"a <tiny-teapot> teapot {pid}", "overfit_rate": rate,
+                   "entropy": _entropy(rate),
+                   "images": [{"path": f"rounds/4/images/p{pid:03d}_s{n:02d}.png", "seed": 10 + n,
+                               "sim_anchor": (0.21, 0.3125, 0.2)[n], "sim_plain": [0.25],
+                               "overfit": n != 1} for n in range(3)]}
+                  for pid, rate in enumerate(rates)]
+    openness = 0.005 * float(np.mean([d["entropy"] for d in directions]))
+    weight = openness if balance else 1.0
+    selected = [{"prompt_id": pid, "prompt": directions[pid]["prompt"],
+                 "image": directions[pid]["images"][n]["path"], "weight": weight}
+                for pid, n in picks.items()]
+    return RoundRecord.from_json({
+        "round": 4, "feedback": feedback, "balance": balance, "lambda": 0.005, "k": k,
+        "concept_phrase": "a <tiny-teapot> teapot", "plain_prompts": ["a teapot"], "references": [],
+        "directions": directions, "openness": openness, "selected": selected, "stopped": stopped,
+        "image_rule": image_rule})
+
+
+def _table(record: RoundRecord) -> list[tuple]:
+    return [(row.rank, row.direction.prompt_id, row.reason, row.image and row.image.seed,
+             row.image_reason) for row in report_html.explain_round(record)]
+
+
+def test_uncertainty_round_explains_rank_ties_and_the_k_th():
+    # H: 0.693, 0.562, 0, 0.562 (a tie with prompt 1, later in the pool), 0.325.
+    record = _scored([0.5, 0.25, 0.0, 0.75, 0.1], picks={0: 1, 1: 1})
+    assert _table(record) == [
+        (1, 0, "top k by H", 11, "highest sim_anchor = 0.312"),
+        (2, 1, "top k by H", 11, "highest sim_anchor = 0.312"),
+        (3, 3, "below the k-th (same H, later by pool order)", None, ""),
+        (4, 4, "below the k-th", None, ""),
+        (5, 2, "H = 0", None, ""),
+    ]
+    # mean H = (0.6931 + 2 x 0.5623 + 0.3251) / 5 = 0.4286
+    assert report_html.weight_formula(record) == "O = λ × mean H = 0.005 × 0.429 = 0.00214"
+    text = report_html.rule_text(record)
+    assert "query the top k = 2 when at least k have H &gt; 0 (4 do)" in text
+    assert "Weight of the new references: <b>O = λ × mean H = 0.005 × 0.429 = 0.00214</b>" in text
+
+
+def test_stop_round_says_the_stop_rule_fired_for_every_direction():
+    record = _scored([0.0, 1.0, 0.5], picks={}, k=2, stopped=True)
+    rule = "stop rule: fewer than k directions with H > 0"
+    assert _table(record) == [(1, 2, rule, None, ""), (2, 0, f"H = 0; {rule}", None, ""),
+                              (3, 1, f"H = 0; {rule}", None, "")]
+    text = report_html.rule_text(record)
+    assert "Stop rule fired: fewer than k = 2 directions have H &gt; 0" in text
+    assert "(1 do)" in text and "Nothing queried; openness O = λ × mean H" in text
+
+
+def test_random_round_says_chosen_at_random_and_weight_one_without_balance():
+    record = _scored([0.5, 0.25, 0.1], picks={2: 0}, k=1, feedback="random", balance=False,
+                     image_rule="random (seed 7)")
+    assert _table(record) == [(1, 0, "not drawn", None, ""), (2, 1, "not drawn", None, ""),
+                              (3, 2, "chosen at random", 10, "drawn at random (seed 7)")]
+    assert report_html.weight_formula(record).startswith("1 (balance off; the round's O = λ × ")
+    assert "k = 1 of the 3 directions drawn at random" in report_html.rule_text(record)
+    best = dataclasses.replace(record, image_rule="highest sim_anchor")  # random directions only
+    assert _table(best)[2][3:] == (10, "highest sim_anchor = 0.210")
+
+
+def test_human_round_says_chosen_by_a_person_and_the_persons_pick():
+    record = _scored([0.5, 0.25, 0.1], picks={1: 2}, feedback="human")
+    assert _table(record) == [(1, 0, "not chosen by the person", None, ""),
+                              (2, 1, "chosen by a person", 12, "the person's pick"),
+                              (3, 2, "not chosen by the person", None, "")]
+    stopped = _scored([0.5, 0.25], picks={}, feedback="human", stopped=True)
+    assert {row.reason for row in report_html.explain_round(stopped)} == {
+        "the person chose none: this round's model is final"}
+
+
+def test_a_selected_image_not_among_its_directions_images_is_refused():
+    record = _scored([0.5, 0.25], picks={0: 1})
+    broken = dataclasses.replace(record, selected=(dataclasses.replace(
+        record.selected[0], image="rounds/4/images/p001_s00.png"),))
+    with pytest.raises(report.RecordError, match="is not one of direction 0's images"):
+        report_html.explain_round(broken)
+
+
+def _why_rows(page: str, round_index: int) -> list[list[str]]:
+    """Returns the text of the cells of a round's decision table in the page."""
+    section = page.split(f'id="round-{round_index}"')[1].split("</section>")[0]
+    table = re.search(r"<table class=why>(.*?)</table>", section, re.S).group(1)
+    return [[re.sub(r"<[^>]+>", "", cell).strip() for cell in re.findall(r"<td[^>]*>(.*?)</td>", row)]
+            for row in re.findall(r"<tr[^>]*>(.*?)</tr>", table)[1:]]
+
+
+def test_report_page_shows_each_rounds_decision_table_by_rank(run):
+    workdir, records = run
+    page = report.write_report(workdir, typed(records)).read_text()
+    first = _why_rows(page, 1)
+    assert [row[:6] for row in first] == [
+        ["1", "a &lt;tiny-teapot&gt; teapot in park", "0.75", "0.562", "yes", "top k by H"],
+        ["2", "a &lt;tiny-teapot&gt; teapot in a cave", "0.25", "0.562", "no",
+         "below the k-th (same H, later by pool order)"],
+        ["3", "a &lt;tiny-teapot&gt; teapot on the moon", "1.00", "0.000", "no", "H = 0"]]
+    weight = records[0]["openness"]
+    assert first[0][6:] == ["seed 3", "highest sim_anchor = 0.280", f"{weight:.3g}"]
+    assert [row[0] + row[5] for row in _why_rows(page, 2)] == ["1top k by H", "2H = 0"]
+    mean_h = 2 * H[0.25] / 3
+    assert f"0.005 × {mean_h:.3g} = {0.005 * mean_h:.3g}</b>" in page
+    assert "class=why" not in page.split('id="round-3"')[1]  # the last round scored nothing
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loss, final model, awaiting feedback.
+
+
+def test_loss_figure_draws_one_line_per_round_with_a_curve(run):
+    _, records = run
+    typed_records = typed(records)
+    typed_records[1] = dataclasses.replace(typed_records[1], train_loss=())  # a schema 1 record
+    figure = report.loss_figure(typed_records)
+    lines = figure.axes[0].lines
+    assert [line.get_label() for line in lines] == ["round 1", "round 3"]
+    np.testing.assert_array_equal(lines[1].get_xdata(), [0, 10, 20, 30, 40])
+    np.testing.assert_allclose(lines[1].get_ydata(), [0.5 / (s + 1) + 0.03 for s in range(5)])
+    assert report.loss_figure([dataclasses.replace(r, train_loss=()) for r in typed_records]) is None
+
+
+def test_report_without_loss_curves_says_so_and_writes_no_loss_figure(run):
+    workdir, records = run
+    for record in records:
+        del record["train_loss"]
+    page = report.write_report(workdir, typed(records)).read_text()
+    assert "No training loss recorded" in page and "loss.png" not in page
+    assert not (workdir / "report" / "loss.png").exists()
+
+
+def test_report_marks_the_final_model_and_how_to_load_it(run):
+    workdir, records = run
+    page = report.write_report(workdir, typed(records), model_dir=workdir / "model").read_text()
+    top = page.split("<h2>")[0]
+    assert 'Final model (round 3): <a href="model/">model/</a>' in top
+    path = (workdir / "model").resolve()
+    assert f"StableDiffusionPipeline.from_pretrained(&quot;{path}&quot;)" in top
+    assert page.count("final model</span>") == 1
+    assert "final model</span>" in page.split('id="round-3"')[1]
+    assert "Final model" not in report.write_report(workdir, typed(records)).read_text()
+
+
+def test_report_says_prominently_that_the_run_waits_for_human_feedback(run):
+    workdir, records = run
+    review_page = workdir / "rounds" / "3" / "review.html"
+    page = report.write_report(workdir, typed(records[:2]), review_page=review_page).read_text()
+    top = page.split("<h2>")[0]
+    assert "The run waits for human feedback on round 3" in top
+    assert '<a href="rounds/3/review.html">review page of round 3</a>' in top
+    resolved = workdir.resolve()
+    assert f"gal-jax review --workdir={resolved} --round=3" in top
+    assert f"move it into <code>{resolved}/rounds/3/</code>" in top
+    assert "Rerun the same <code>gal-jax run</code> command" in top
+    first = report.write_report(workdir, [], review_page=workdir / "rounds/1/review.html")
+    assert "waits for human feedback on round 1" in first.read_text()
+
+
+def test_report_refuses_a_review_page_of_another_round(run):
+    workdir, records = run
+    with pytest.raises(ValueError, match="not the review page of round 3"):
+        report.write_report(workdir, typed(records[:2]),
+                            review_page=workdir / "rounds" / "2" / "review.html")
+
+
+def test_a_choice_that_contradicts_the_rule_is_shown_as_such():
+    record = _scored([0.5, 0.25, 0.1], picks={2: 1}, k=1)  # the rule would query prompt 0
+    assert [row[2] for row in _table(record)] == [
+        "not queried, though in the top k", "below the k-th", "queried, though ranked below the k-th"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import re
 import socket
 import subprocess
@@ -18,12 +19,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from gal_jax import review
+import chromium_driver
+from gal_jax import review, review_server
 from gal_jax.records import Direction, from_json
 from gal_jax.workdir import Workdir
 
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
-CHROMIUM = Path("/usr/bin/chromium")
 PROMPT_IDS = (0, 4, 7)  # pool positions: the page must use these ids, not the list positions
 
 
@@ -89,6 +89,61 @@ def test_review_page_shows_every_direction_with_its_images_and_sims(workdir, rec
     assert text.count("<span class=ovf>OVF</span>") == 3
     assert "/ 2 directions chosen" in text
     assert json.loads((page.parent / "review.json").read_text())["k"] == 2
+
+
+def _with_entropies(record: dict, rates: list[float]) -> dict:
+    """Returns the record with its directions' overfit rates (and so entropies) replaced."""
+    directions = [{**d, "overfit_rate": rate, "entropy": _entropy(rate)}
+                  for d, rate in zip(record["directions"], rates)]
+    return {**record, "directions": directions}
+
+
+def _entropy(p: float) -> float:
+    return 0.0 if p in (0.0, 1.0) else -p * math.log(p) - (1 - p) * math.log(1 - p)
+
+
+def _page_order(text: str) -> list[tuple[int, int]]:
+    return [(int(pid), int(rank)) for pid, rank in
+            re.findall(r'data-prompt-id="(\d+)" data-prompt="[^"]*" data-rank="(\d+)"', text)]
+
+
+def test_review_page_ranks_directions_by_entropy_ties_by_pool_order(workdir, record):
+    tied = _with_entropies(record, [0.25, 0.5, 0.75])  # H: 0.562, 0.693, 0.562
+    text = write_page(workdir, tied, k=1).read_text()
+    assert _page_order(text) == [(4, 1), (0, 2), (7, 3)]
+    assert "#1</span> <b>a &lt;tiny-teapot&gt; teapot in place 4" in text
+    assert "overfit rate p 0.50 · H 0.693" in text
+    reviewed = json.loads((workdir / "rounds/2/review.json").read_text())
+    assert [d["prompt_id"] for d in reviewed["directions"]] == [4, 0, 7]
+
+
+def _suggested(text: str) -> dict[int, list[str]]:
+    """Returns {prompt_id: [paths of pre-selected images]} of the pre-ticked directions."""
+    suggested = {}
+    for section in re.findall(r"<section class=direction.*?</section>", text, re.S):
+        if "class=tick checked>" in section:
+            pid = int(re.search(r'data-prompt-id="(\d+)"', section).group(1))
+            suggested[pid] = re.findall(r'class="pick[^"]* selected" data-path="([^"]+)"', section)
+    return suggested
+
+
+def test_review_page_pre_ticks_the_top_k_with_their_best_images(workdir, record):
+    ranked = _with_entropies(record, [0.1, 0.5, 0.25])  # ranks: 4, 7, 0
+    ranked["directions"][2]["images"][1]["sim_anchor"] = 0.5  # direction 7's best: its second
+    text = write_page(workdir, ranked, k=2).read_text()
+    assert _suggested(text) == {4: [_image(ranked, 1, 0)], 7: [_image(ranked, 2, 1)]}
+    assert text.count("class=suggested>") == 2 and "suggested by the uncertainty rule" in text
+    assert "Nothing is pre-ticked" not in text
+
+
+@pytest.mark.parametrize("rates", [[0.0, 1.0, 0.5], [0.0, 0.0, 0.0]])
+def test_review_page_pre_ticks_nothing_when_fewer_than_k_have_positive_entropy(workdir, record,
+                                                                              rates):
+    text = write_page(workdir, _with_entropies(record, rates), k=2).read_text()
+    assert _suggested(text) == {} and "class=suggested>" not in text
+    assert "Nothing is pre-ticked: fewer than k = 2 directions have H &gt; 0" in text
+    assert write_page(workdir, _with_entropies(record, rates), k=1).read_text().count(
+        "class=tick checked>") == (1 if 0.5 in rates else 0)
 
 
 def test_review_page_refuses_a_round_without_directions(workdir, record):
@@ -161,9 +216,9 @@ def test_read_selections_of_a_missing_file_raises_file_not_found(workdir, record
 @pytest.fixture
 def served(workdir, record, monkeypatch):
     """Yields (page url, selections path) of a running review server for round 2."""
-    monkeypatch.setattr(review._ReviewHandler, "timeout", 1.0)  # a stalled body fails fast
+    monkeypatch.setattr(review_server._ReviewHandler, "timeout", 1.0)  # a stalled body fails fast
     write_page(workdir, record, k=2)
-    server, url = review.serve_review(workdir, 2)
+    server, url = review_server.serve_review(workdir, 2)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                               daemon=True)
     thread.start()
@@ -189,7 +244,7 @@ def _post(url: str, body: bytes, headers: dict | None = None) -> tuple[int, dict
     """Returns (status, JSON reply) of a POST sent as the served page sends it, unless headers
     (None values drop one) say otherwise."""
     headers = {"Content-Type": "application/json", "Origin": _origin(url),
-               review.TOKEN_HEADER: _token(_page(url)), **(headers or {})}
+               review_server.TOKEN_HEADER: _token(_page(url)), **(headers or {})}
     headers = {key: value for key, value in headers.items() if value is not None}
     request = urllib.request.Request(url, data=body, method="POST", headers=headers)
     try:
@@ -260,15 +315,15 @@ def test_server_puts_a_new_token_into_the_page_it_sends_and_none_into_the_file(s
     assert len(token) >= 32 and _token(url) == token
     on_disk = (workdir / "rounds/2/review.html").read_text()
     assert token not in on_disk and "gal-review-token\" content" not in on_disk
-    other, other_url = review.serve_review(workdir, 2)
+    other, other_url = review_server.serve_review(workdir, 2)
     thread = threading.Thread(target=other.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
     try:
         assert _token(other_url) != token
         # A page sent by an earlier server (or a guessed token) does not save.
         status, reply = _post(_endpoint(other_url), _valid_body(record),
-                              {review.TOKEN_HEADER: token})
-        assert status == 403 and review.TOKEN_HEADER in reply["error"]
+                              {review_server.TOKEN_HEADER: token})
+        assert status == 403 and review_server.TOKEN_HEADER in reply["error"]
     finally:
         other.shutdown()
         other.server_close()
@@ -285,8 +340,8 @@ def test_server_puts_a_new_token_into_the_page_it_sends_and_none_into_the_file(s
     (None, {"Origin": None}, 403, "cross-origin POST from None"),
     (None, {"Origin": "null"}, 403, "cross-origin"),
     (None, {"Origin": "http://127.0.0.1:1"}, 403, "cross-origin"),
-    (None, {review.TOKEN_HEADER: None}, 403, "missing or wrong X-GAL-Review-Token"),
-    (None, {review.TOKEN_HEADER: "guess"}, 403, "missing or wrong X-GAL-Review-Token"),
+    (None, {review_server.TOKEN_HEADER: None}, 403, "missing or wrong X-GAL-Review-Token"),
+    (None, {review_server.TOKEN_HEADER: "guess"}, 403, "missing or wrong X-GAL-Review-Token"),
 ], ids=["bad JSON", "not UTF-8", "nested", "unknown direction", "other origin", "no origin",
         "null origin", "other port", "no token", "wrong token"])
 def test_server_refuses_bad_posts_and_writes_nothing(served, record, body, headers, code,
@@ -317,7 +372,7 @@ def test_server_refuses_requests_addressed_to_another_host(served, record, host)
     assert status == 400 and "this server answers only" in reply["error"]
     body = _valid_body(record)
     status, reply = _raw(url, f"POST /selections HTTP/1.1{host_line}\nOrigin: http://"
-                              f"{host and host.format(port=port)}\n{review.TOKEN_HEADER}: "
+                              f"{host and host.format(port=port)}\n{review_server.TOKEN_HEADER}: "
                               f"{_token(url)}\nContent-Length: {len(body)}", body)
     assert status == 400 and "this server answers only" in reply["error"]
     assert not target.exists()
@@ -373,7 +428,7 @@ def test_server_refuses_an_image_linked_to_a_file_outside_the_workdir(workdir, r
     (workdir / "rounds/2/images").rename(workdir / "rounds/2/real_images")
     (workdir / "rounds/2/images").symlink_to(workdir / "rounds/2/real_images")  # inside: fine
     write_page(workdir, record, k=2)
-    server, url = review.serve_review(workdir, 2)
+    server, url = review_server.serve_review(workdir, 2)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
     try:
@@ -408,7 +463,7 @@ def test_server_answers_a_malformed_request_with_a_json_error(served):
 def _post_head(url: str, length_lines: str) -> str:
     netloc = urllib.parse.urlsplit(url).netloc
     return (f"POST /selections HTTP/1.1\nHost: {netloc}\nOrigin: http://{netloc}\n"
-            f"Content-Type: application/json\n{review.TOKEN_HEADER}: {_token(url)}"
+            f"Content-Type: application/json\n{review_server.TOKEN_HEADER}: {_token(url)}"
             + (f"\n{length_lines}" if length_lines else ""))
 
 
@@ -474,9 +529,9 @@ def test_server_answers_404_to_a_post_elsewhere(served):
 
 _SERVE_WITHOUT_JAX = """
 import sys, threading
-from gal_jax import review
+from gal_jax import review_server
 imported_by_review = "jax" in sys.modules
-server, url = review.serve_review(sys.argv[1], 2)
+server, url = review_server.serve_review(sys.argv[1], 2)
 threading.Thread(target=server.serve_forever, daemon=True).start()
 print(url, flush=True)
 sys.stdin.readline()
@@ -505,7 +560,7 @@ def test_serve_review_writes_the_page_from_the_record_when_none_exists(workdir, 
                    "concept_phrase": "a <tiny-teapot> teapot", "plain_prompts": ["a teapot"],
                    "references": [], "openness": 0.0, "stopped": False}
     _write(workdir / "rounds/2/record.json", full_record)
-    server, url = review.serve_review(workdir, 2)
+    server, url = review_server.serve_review(workdir, 2)
     server.server_close()
     assert (workdir / "rounds/2/review.html").is_file()
     assert json.loads((workdir / "rounds/2/review.json").read_text())["k"] == record["k"]
@@ -513,33 +568,16 @@ def test_serve_review_writes_the_page_from_the_record_when_none_exists(workdir, 
 
 def test_serve_review_of_an_unknown_round_names_the_missing_files(workdir):
     with pytest.raises(FileNotFoundError, match="round 5: neither .*review.json nor .*record.json"):
-        review.serve_review(workdir, 5)
+        review_server.serve_review(workdir, 5)
 
 
 # ----------------------------------------------------------------------------------------------
 # In a browser.
 
 
-def _browser(download_dir: Path):
-    """Returns a headless Chromium webdriver; skips the test when Chromium or selenium is absent."""
-    webdriver = pytest.importorskip("selenium.webdriver",
-                                    reason="selenium is not installed (pip install selenium)")
-    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        pytest.skip("Chromium is not installed (Debian: apt-get install chromium chromium-driver)")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
-        options.add_argument(argument)
-    options.add_experimental_option("prefs", {"download.default_directory": str(download_dir),
-                                              "download.prompt_for_download": False})
-    return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-
-
 @pytest.fixture
 def browser(tmp_path):
-    driver = _browser(tmp_path / "downloads")
+    driver = chromium_driver.start(tmp_path / "downloads")
     yield driver
     driver.quit()
 
@@ -554,17 +592,33 @@ def _wait(browser, condition, timeout: float = 10.0):
     return WebDriverWait(browser, timeout).until(lambda _: condition())
 
 
+def _ticked(browser) -> dict[int, int | None]:
+    """Returns {prompt_id: index of the selected image or None} of the ticked directions."""
+    ticked = {}
+    for section in browser.find_elements("css selector", "section.direction"):
+        if section.find_element("css selector", "input.tick").is_selected():
+            picks = section.find_elements("css selector", ".pick")
+            chosen = [i for i, pick in enumerate(picks) if "selected" in pick.get_attribute("class")]
+            ticked[int(section.get_attribute("data-prompt-id"))] = chosen[0] if chosen else None
+    return ticked
+
+
 def _pick_two_directions(browser) -> None:
-    """Ticks direction 0 then clicks its third image; clicks direction 7's second image directly."""
-    save = browser.find_element("id", "save")
-    assert not save.is_enabled()
-    _section(browser, 0).find_element("css selector", "input.tick").click()
-    assert "need an image" in browser.find_element("id", "warn").text and not save.is_enabled()
-    _section(browser, 0).find_elements("css selector", ".pick")[2].click()
+    """Starts from the suggestion (directions 0 and 4, first images), unticks both, ticks 7 and
+    clicks its second image, then clicks direction 0's third image (which ticks it again)."""
+    save, warn = browser.find_element("id", "save"), browser.find_element("id", "warn")
+    assert _ticked(browser) == {0: 0, 4: 0}  # equal H: the first k in pool order, best anchor
+    assert browser.find_element("id", "count").text == "2" and save.is_enabled()
+    for pid in (0, 4):
+        _section(browser, pid).find_element("css selector", "input.tick").click()
+    assert "nothing ticked" in warn.text and save.is_enabled()  # saving nothing stops GAL
+    _section(browser, 7).find_element("css selector", "input.tick").click()
+    assert "need an image" in warn.text and not save.is_enabled()
     _section(browser, 7).find_elements("css selector", ".pick")[1].click()
-    assert _section(browser, 7).find_element("css selector", "input.tick").is_selected()
+    _section(browser, 0).find_elements("css selector", ".pick")[2].click()
+    assert _ticked(browser) == {0: 2, 7: 1}
     assert browser.find_element("id", "count").text == "2"
-    assert browser.find_element("id", "warn").text == "" and save.is_enabled()
+    assert warn.text == "" and save.is_enabled()
 
 
 def test_review_page_in_headless_chromium_saves_the_choice_through_the_server(served, record,
@@ -589,3 +643,22 @@ def test_review_page_opened_as_a_file_downloads_selections_json(workdir, record,
     assert "move it into" in browser.find_element("id", "status").text
     expected = [_choice(record, 0, 2), _choice(record, 2, 1)]
     assert read_selections(downloaded, record) == expected
+
+
+def test_review_page_lays_a_directions_images_in_one_row(workdir, record, browser):
+    """Twelve images do not fit a 900 px window: they stay in one row that scrolls sideways."""
+    first = record["directions"][0]
+    images = []
+    for n in range(12):
+        path = f"rounds/2/images/p000_s{n:02d}.png"
+        Image.new("RGB", (16, 16), (20 * n, 90, 90)).save(workdir / path)
+        images.append({**first["images"][0], "path": path, "seed": n})
+    wide = {**record, "directions": [{**first, "images": images}, *record["directions"][1:]]}
+    browser.set_window_size(900, 800)
+    browser.get(write_page(workdir, wide, k=2).as_uri())
+    grid = _section(browser, 0).find_element("css selector", ".grid")
+    tops = browser.execute_script(
+        "return Array.from(arguments[0].querySelectorAll('.pick'), p => p.offsetTop);", grid)
+    assert len(tops) == 12 and len(set(tops)) == 1, tops
+    assert browser.execute_script("return arguments[0].scrollWidth > arguments[0].clientWidth;",
+                                  grid)
