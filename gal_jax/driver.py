@@ -26,10 +26,11 @@ import numpy as np
 
 from gal_jax import (
     acquisition, data, eval_results, evaluate, export, faults, inputs, io_utils, models, report, review,
-    sample, score, sharding, trainer,
+    sample, schedulers, score, sharding, trainer,
 )
 from gal_jax.concept import Concept, load_concept
-from gal_jax.records import Direction, ImageScore, ReferenceEntry, RoundRecord, SelectedEntry
+from gal_jax import workdir as workdir_lib
+from gal_jax.records import Direction, ImageScore, LossPoint, ReferenceEntry, RoundRecord, SelectedEntry
 from gal_jax.workdir import AwaitingHumanFeedback, RoundPaths, Workdir, WorkdirError
 
 FEEDBACK_MODES = ("uncertainty", "random", "human", "none")
@@ -53,6 +54,7 @@ class Runtime:
     generator: Any
     scorer: Any
     eval_concepts: tuple = ()  # evaluate.EvalConcept, when config.eval.enabled
+    eval_generator: Any = None  # config.eval's sampler, steps and guidance, when config.eval.enabled
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,6 +78,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for field, value in (("train.save_dtype", config.train.save_dtype), ("export.dtype", config.export.dtype)):
         if value not in export.DTYPES:
             raise ValueError(f"config.{field}={value!r}; expected one of {tuple(export.DTYPES)}")
+    _check_query_and_eval_options(config)
 
 
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: Workdir) -> None:
@@ -83,7 +86,7 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: Workdir) -> None
     current = json.loads(config.to_json_best_effort(sort_keys=True))
     if workdir.config.exists():
         previous = _read_json_or_damaged(workdir.config)
-        changed = config_changes(previous, current)
+        changed = workdir_lib.config_changes(previous, current)
         if changed:
             raise ConfigChangedError(
                 f"{workdir.root} was started with another config; changed: {', '.join(changed)}. "
@@ -98,31 +101,6 @@ def _read_json_or_damaged(path: Path) -> Any:
         return io_utils.read_json(path)
     except ValueError as err:
         raise WorkdirError(f"{err}; the workdir is damaged (restore the file, or use a new --workdir)") from None
-
-
-def config_changes(previous: dict, current: dict) -> list[str]:
-    """Returns the changed fields between a saved and the current config, as "name (old -> new)".
-
-    A field that is new since the workdir was started is no change when it has its default value
-    (configs/common.py): workdirs of earlier versions resume.
-    """
-    from configs import common
-
-    defaults = json.loads(common.get_config().to_json_best_effort(sort_keys=True))
-    return _diff_keys(previous, current, defaults)
-
-
-def _diff_keys(old: dict, new: dict, defaults: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for key in sorted(set(old) | set(new)):
-        left, right, default = old.get(key), new.get(key), (defaults or {}).get(key)
-        if isinstance(left, dict) and isinstance(right, dict):
-            keys += _diff_keys(left, right, default if isinstance(default, dict) else {}, f"{prefix}{key}.")
-        elif key not in old and right == default:
-            continue
-        elif left != right:
-            keys.append(f"{prefix}{key} ({left!r} -> {right!r})")
-    return keys
 
 
 def check_inputs(config, workdir: Workdir, paths: inputs.RunPaths, concept: Concept) -> None:
@@ -149,6 +127,7 @@ def build_runtime(config, workdir: Workdir, paths: inputs.RunPaths, concept: Con
     sd, sd_params = load_sd(config, paths.sd)
     clip, clip_params = models.load_clip(paths.clip)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    eval_concepts = _eval_concepts(config, paths)
     return Runtime(
         config=config,
         workdir=workdir,
@@ -159,8 +138,23 @@ def build_runtime(config, workdir: Workdir, paths: inputs.RunPaths, concept: Con
         trainer=trainer.Trainer(config, sd, mesh),
         generator=sample.Generator.from_config(config, sd, mesh),
         scorer=score.Scorer(clip, clip_params, mesh, batch_size=config.gal.score_batch),
-        eval_concepts=_eval_concepts(config, paths),
+        eval_concepts=eval_concepts,
+        # The evaluation protocol (the authors' notebook: PNDM, 50 steps) differs from the loop's sampler.
+        eval_generator=sample.Generator.from_config(config, sd, mesh, section="eval") if eval_concepts else None,
     )
+
+
+def _check_query_and_eval_options(config) -> None:
+    """Raises ValueError naming config.gal.random_image or a config.eval field that cannot work."""
+    if config.gal.random_image not in acquisition.RANDOM_IMAGE_RULES:
+        raise ValueError(f"config.gal.random_image={config.gal.random_image!r}; "
+                         f"expected one of {acquisition.RANDOM_IMAGE_RULES}")
+    if config.eval.enabled:
+        if config.eval.sampler not in schedulers.SAMPLERS:
+            raise ValueError(f"config.eval.sampler={config.eval.sampler!r}; expected one of {schedulers.SAMPLERS}")
+        if config.eval.num_per_prompt < 1 or config.eval.steps < 1:
+            raise ValueError(f"config.eval.num_per_prompt={config.eval.num_per_prompt} and "
+                             f"config.eval.steps={config.eval.steps} must be >= 1")
 
 
 def _eval_concepts(config, paths: inputs.RunPaths) -> tuple:
@@ -209,7 +203,8 @@ def _run_locked(config, workdir: Workdir) -> Path:
     prepare_workdir(config, workdir)
     io_utils.sync("prepare_workdir")
     paths = inputs.resolve(config)
-    concept = load_concept(config, paths.concept, paths.class_dir)
+    concepts_json = Path(config.eval.concepts_json) if config.eval.concepts_json else paths.concepts_json
+    concept = load_concept(config, paths.concept, paths.class_dir, concepts_json)
     if io_utils.is_primary():
         check_inputs(config, workdir, paths, concept)
     io_utils.sync("check_inputs")
@@ -217,8 +212,7 @@ def _run_locked(config, workdir: Workdir) -> Path:
     rounds = total_rounds(config)
     status = workdir.read_status()
     if is_finished(records, rounds) and status.get("status") == "complete":
-        print(f"{workdir.root}: complete, nothing to do ({len(records)} round(s)). "
-              f"Model: {workdir.model_dir}  Report: {workdir.report_html}")
+        print(workdir.complete_message(status))
         return workdir.report_html
     io_utils.enable_compilation_cache()
     runtime = build_runtime(config, workdir, paths, concept)
@@ -226,14 +220,14 @@ def _run_locked(config, workdir: Workdir) -> Path:
         try:
             record = run_round(runtime, len(records) + 1, rounds, records)
         except AwaitingHumanFeedback:
-            _write_report(workdir, records)
+            _write_report(workdir, records, review_page=workdir.round(len(records) + 1).review_html)
             raise
         records.append(record)
         _write_report(workdir, records)
         if record.stopped:
             print(f"Round {record.round}: nothing left worth querying; stopping early.")
     export_final_model(runtime, records[-1].round)
-    report_path = _write_report(workdir, records)
+    report_path = _write_report(workdir, records, model_dir=workdir.model_dir)
     if io_utils.is_primary():
         workdir.write_status({"status": "complete", "final_round": records[-1].round,
                               "model": workdir.relative(workdir.model_dir),
@@ -242,11 +236,13 @@ def _run_locked(config, workdir: Workdir) -> Path:
     return report_path
 
 
-def _write_report(workdir: Workdir, records: list[RoundRecord]) -> Path:
-    """Returns the report's path, (re)writing it in the primary process."""
+def _write_report(workdir: Workdir, records: list[RoundRecord], **links: Path) -> Path:
+    """Returns the report's path, (re)writing it in the primary process (`links`: model_dir once
+    the model is exported, review_page while the run waits for human feedback)."""
     faults.maybe_kill("phase", "report")
     if io_utils.is_primary():
-        return report.write_report(workdir.root, records, eval_results.read_round_results(workdir.root) or None)
+        evaluations = eval_results.read_round_results(workdir.root) or None
+        return report.write_report(workdir.root, records, evaluations, **links)
     return workdir.report_html
 
 
@@ -284,7 +280,7 @@ def run_round(runtime: Runtime, round_index: int, rounds: int, records: list[Rou
     timings: dict[str, float] = {}
 
     with _timed(timings, "train"):
-        unet_params = train_round(runtime, references, paths)
+        unet_params, train_loss = train_round(runtime, references, paths)
     if runtime.eval_concepts:
         with _timed(timings, "evaluate"):
             evaluate_round(runtime, round_index, unet_params, paths)
@@ -307,6 +303,8 @@ def run_round(runtime: Runtime, round_index: int, rounds: int, records: list[Rou
             for r in references
         ),
         timings=dict(timings),
+        train_loss=tuple(LossPoint(step=int(p["step"]), loss=float(p["loss"])) for p in train_loss),
+        **selection_rules(config.gal),
         **query,
     )
     workdir.write_record(record)
@@ -316,11 +314,13 @@ def run_round(runtime: Runtime, round_index: int, rounds: int, records: list[Rou
 
 
 def train_round(runtime: Runtime, references: list[data.Reference], paths: RoundPaths):
-    """Returns the round's UNet params: read from `unet/` when the round trained already, else
-    trained from base on `references` (resuming from checkpoints) and saved there."""
+    """Returns (the round's UNet params, its loss curve): read from `unet/` and train_loss.json
+    when the round trained already, else trained from base on `references` (resuming from
+    checkpoints) and saved there."""
     config = runtime.config
     if paths.unet.is_dir():  # renamed into place when complete: its presence means finished
-        return export.load_unet(runtime.sd, paths.unet, param_dtype=config.model.param_dtype)
+        curve = _read_json_or_damaged(paths.train_loss) if paths.train_loss.is_file() else []
+        return export.load_unet(runtime.sd, paths.unet, param_dtype=config.model.param_dtype), curve
     concept = runtime.concept
     if not paths.train_set_done.exists():
         if io_utils.is_primary():
@@ -328,18 +328,21 @@ def train_round(runtime: Runtime, references: list[data.Reference], paths: Round
                                     paths.train_set, runtime.sd.tokenize, config.data.resolution)
         io_utils.touch(paths.train_set_done)
     io_utils.sync(f"train_set {paths.dir}")
-    unet_params, _ = runtime.trainer.train_round(runtime.sd_params, paths.train_set, paths.checkpoints)
+    unet_params, metrics = runtime.trainer.train_round(runtime.sd_params, paths.train_set, paths.checkpoints,
+                                                       desc=f"round {paths.index} train")
+    curve = [{"step": p["step"], "loss": p["loss"]} for p in metrics["loss_curve"]]
     if config.train.save_dtype != config.model.param_dtype:
         # Continue with exactly what the file holds, so a resumed round generates the same images.
         unet_params = models.cast_params(models.cast_params(unet_params, config.train.save_dtype),
                                          config.model.param_dtype)
     host_params = sharding.gather_to_host(unet_params)
     if io_utils.is_primary():
+        io_utils.write_json(paths.train_loss, curve)
         export.save_unet(runtime.sd, host_params, paths.unet, dtype=config.train.save_dtype)
         if not config.train.keep_training_state:
             shutil.rmtree(paths.checkpoints, ignore_errors=True)
     io_utils.sync(f"unet {paths.dir}")
-    return unet_params
+    return unet_params, curve
 
 
 def evaluate_round(runtime: Runtime, round_index: int, unet_params, paths: RoundPaths) -> list[dict]:
@@ -348,20 +351,37 @@ def evaluate_round(runtime: Runtime, round_index: int, unet_params, paths: Round
     if paths.eval.exists():
         cached = _read_json_or_damaged(paths.eval)
         _check_eval_cache(cached, runtime.eval_concepts, paths.eval)
+        _check_eval_settings(cached, eval_settings(config), paths.eval)
         return cached
     params = dataclasses.replace(runtime.sd_params, unet=unet_params)
     results = [
         {"round": round_index, **evaluate.evaluate_model(
-            runtime.generator, runtime.scorer, params, concept,
+            runtime.eval_generator, runtime.scorer, params, concept,
             # A concepts list without reference images is scored against the run's own originals.
             None if concept.reference_images else [r.image for r in runtime.concept.references],
-            num_per_prompt=config.eval.num_per_prompt, seed=config.sample.seed,
+            num_per_prompt=config.eval.num_per_prompt, seed=config.eval.seed,
             txt_scale=config.eval.txt_scale,
         )}
         for concept in runtime.eval_concepts
     ]
     io_utils.write_json(paths.eval, results)
     return results
+
+
+def eval_settings(config) -> dict:
+    """Returns the evaluation protocol of config.eval as evaluate_model records it in its settings."""
+    e = config.eval
+    return {"txt_scale": float(e.txt_scale), "num_per_prompt": int(e.num_per_prompt), "seed": int(e.seed),
+            "sampler": e.sampler, "steps": int(e.steps), "guidance_scale": float(e.guidance_scale)}
+
+
+def _check_eval_settings(cached: list, expected: dict, path: Path) -> None:
+    """Raises WorkdirError when a cached eval.json was made under another evaluation protocol."""
+    for entry in cached:
+        found = entry.get("settings")  # entries are dicts: _check_eval_cache ran first
+        if found != expected:
+            raise WorkdirError(f"{path}: evaluated with settings {found}, not this run's {expected}; "
+                               "delete it to evaluate again")
 
 
 def _check_eval_cache(cached: Any, concepts: Sequence, path: Path) -> None:
@@ -408,16 +428,26 @@ def choose(runtime, round_index, scores, directions, paths: RoundPaths) -> acqui
     gal = runtime.config.gal
     if gal.feedback == "uncertainty":
         return acquisition.select_queries(scores, gal.k, gal.openness_lambda, gal.balance)
+    if gal.feedback == "random":
+        # All directions are scored, so openness (and with balance the new weight) is measured as
+        # in uncertainty mode, not forced to 0 as in the authors' code (one image per direction).
+        return acquisition.select_random(scores, [d.prompt_id for d in directions], gal.k, gal.openness_lambda,
+                                         gal.balance, gal.seed, round_index, image=gal.random_image)
     openness = acquisition.openness(scores.entropies, gal.openness_lambda)
     weight = acquisition.new_reference_weight(openness, gal.balance)
-    if gal.feedback == "random":
-        # Random directions, each with its best image: only the choice of directions differs from
-        # uncertainty sampling. All directions are scored so openness (and with balance the new
-        # weight) is measured as in uncertainty mode, not forced to 0 as in the authors' code.
-        chosen = acquisition.random_directions(len(directions), gal.k, gal.seed, round_index)
-        images = [int(scores.best_images[d]) for d in chosen]
-        return acquisition.Selection(tuple(chosen), tuple(images), weight, openness, stopped=False)
     return human_selection(runtime, round_index, directions, paths, weight, openness)
+
+
+def selection_rules(gal) -> dict:
+    """Returns the record's `tie_break` and `image_rule`: how the configured feedback ranks
+    directions of equal entropy and picks a queried direction's image."""
+    if gal.feedback == "human":
+        image_rule = "the person's pick"
+    elif gal.feedback == "random" and gal.random_image == "random":
+        image_rule = acquisition.random_image_rule(gal.seed)
+    else:
+        image_rule = acquisition.BEST_IMAGE_RULE
+    return {"tie_break": acquisition.TIE_BREAK, "image_rule": image_rule}
 
 
 def human_selection(runtime, round_index, directions, paths: RoundPaths, weight, openness) -> acquisition.Selection:

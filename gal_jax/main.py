@@ -23,6 +23,7 @@ review page it names, save the selections, rerun). Errors print one line
 from __future__ import annotations
 
 import difflib
+import logging as std_logging
 import importlib.machinery
 import importlib.util
 import sys
@@ -78,14 +79,20 @@ def _config(command: str):
 
 
 def _cmd_run(args):
+    from gal_jax import workdir
+
+    config, root = _config("run"), Path(_require(_WORKDIR, "workdir", "run"))
+    status = workdir.completed_run(root, config)
+    if status is not None:  # answered before JAX and the models load
+        print(workdir.Workdir(root).complete_message(status))
+        return
     from gal_jax import driver
 
-    config = _config("run")
     try:
         driver.check_config(config)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    report = driver.run(config, Path(_require(_WORKDIR, "workdir", "run")))
+    report = driver.run(config, root)
     print(f"Report: {report}")
 
 
@@ -137,10 +144,10 @@ def _cmd_evaluate(args):
 
 
 def _cmd_review(args):
-    from gal_jax import review
+    from gal_jax import review_server
 
     workdir = Path(_require(_WORKDIR, "workdir", "review"))
-    server, url = review.serve_review(workdir, _require(_ROUND, "round", "review"), port=_PORT.value)
+    server, url = review_server.serve_review(workdir, _require(_ROUND, "round", "review"), port=_PORT.value)
     print(f"Review page: {url}  (Ctrl-C when saved)")
     try:
         server.serve_forever()
@@ -185,6 +192,7 @@ def main(argv):
     if not debug:
         # absl INFO is orbax's and TFDS's chatter; our progress is printed by the progress bars.
         logging.set_verbosity(logging.WARNING)
+        std_logging.getLogger("absl").addFilter(_drop_known_noise)
     from gal_jax.workdir import AwaitingHumanFeedback  # light: `review` must not import JAX
 
     try:
@@ -205,6 +213,12 @@ def main(argv):
         if debug:
             raise
         _fail(command, *_describe(err))
+
+
+def _drop_known_noise(record: std_logging.LogRecord) -> bool:
+    """Returns False for log lines that say nothing to our users (TFDS's OpenCV advice: we read
+    images with PIL on purpose)."""
+    return not record.getMessage().startswith("OpenCV is not installed")
 
 
 def _describe(err: Exception) -> tuple[str, int]:

@@ -74,6 +74,14 @@ class SelectedEntry:
 
 
 @dataclasses.dataclass(frozen=True)
+class LossPoint:
+    """The mean training loss of one log window, ending at `step`."""
+
+    step: int
+    loss: float
+
+
+@dataclasses.dataclass(frozen=True)
 class RoundRecord:
     """Everything one GAL round decided, and what it decided it from."""
 
@@ -90,6 +98,10 @@ class RoundRecord:
     selected: tuple[SelectedEntry, ...]
     stopped: bool
     timings: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    # How directions with equal entropy are ranked, and how a queried direction's image is chosen.
+    tie_break: str = "pool order"
+    image_rule: str = "highest sim_anchor"
+    train_loss: tuple[LossPoint, ...] = ()  # the round's training loss curve (v2; empty in v1)
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> dict:

@@ -112,12 +112,14 @@ def _encode_padded(encode, images: list[np.ndarray], chunk_size: int):
 class _MetricLog:
     """Step metrics kept on device until a log step, then pulled, checked and shown in a bar."""
 
-    def __init__(self, *, total: int, start: int, examples_per_step: int, progress: bool):
+    def __init__(self, *, total: int, start: int, examples_per_step: int, progress: bool, desc: str,
+                 loss_curve: list[dict] = ()):
         self.history: list[dict[str, float]] = []
+        self.loss_curve = list(loss_curve)  # {"step", "loss"} per log window, across resumes
         self._pending: list[tuple[int, dict[str, jax.Array]]] = []
-        self._examples_per_step = examples_per_step
+        self.examples_per_step = examples_per_step
         self._bar = tqdm(
-            total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
+            total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True,
             disable=not progress or jax.process_index() != 0,
         )
         self._since = time.perf_counter()
@@ -135,8 +137,9 @@ class _MetricLog:
                 raise NonFiniteLossError(f"training loss is {metrics['loss']} at step {step}")
         elapsed = time.perf_counter() - self._since
         summary = {k: float(np.mean([m[k] for m in values])) for k in values[0]}
-        summary.update(step=steps[-1], samples_per_s=len(steps) * self._examples_per_step / elapsed)
+        summary.update(step=steps[-1], samples_per_s=len(steps) * self.examples_per_step / elapsed)
         self.history.append(summary)
+        self.loss_curve.append({"step": int(steps[-1]), "loss": summary["loss"]})
         self._bar.set_postfix(
             loss=f"{summary['loss']:.4f}", samples_per_s=f"{summary['samples_per_s']:.1f}"
         )
@@ -178,14 +181,16 @@ class Trainer:
         train_set_dir: Path,
         checkpoint_dir: Path | None = None,
         progress: bool = True,
+        desc: str = "train",
     ) -> tuple[Params, dict[str, Any]]:
         """Returns (UNet params after train.steps updates from base_params.unet, metrics).
 
         With a checkpoint_dir: saves every train.checkpoint_every steps and at the end, keeps the
         last train.keep_checkpoints, and resumes from the latest one there (params, AdamW state,
         step, data position). `base_params` is never modified or donated. Metrics: start_step,
-        steps, loss (mean of the last log window), history (a dict per log step), and when steps
-        ran, train_seconds, samples_per_s and compile_seconds.
+        steps, loss (mean of the last log window), history (a dict per log step of this call),
+        loss_curve ({"step", "loss"} per log step since step 0, carried across resumes by the
+        checkpoints), and when steps ran, train_seconds, samples_per_s and compile_seconds.
         """
         train_set_dir = Path(train_set_dir)
         self.check_train_set(train_set_dir)
@@ -196,25 +201,29 @@ class Trainer:
             keep = self.config.train.keep_checkpoints
             ckpt = checkpoint.Checkpointer(checkpoint_dir, max_to_keep=keep)
         try:
-            state, loss = self._initial_state(base_params.unet, iterator, ckpt)
+            state, metadata = self._initial_state(base_params.unet, iterator, ckpt)
             start = int(jax.device_get(state.step))
+            curve = metadata.get("loss_curve", [])
             if start >= self.config.train.steps:
-                done = {"start_step": start, "steps": start, "loss": loss, "history": []}
+                done = {"start_step": start, "steps": start, "loss": metadata.get("loss"), "history": [],
+                        "loss_curve": curve}
                 return state.params, done
             cache = self._latent_cache(train_set_dir, frozen) if self.cache_latents else None
             batches = (self._device_batch(batch, cache) for batch in iterator)
-            return self._run(state, batches, frozen, iterator, ckpt, progress, train_set_dir)
+            log = _MetricLog(total=self.config.train.steps, start=start, progress=progress, desc=desc,
+                             loss_curve=curve, examples_per_step=self._examples_per_step(train_set_dir))
+            return self._run(state, batches, frozen, iterator, ckpt, log, train_set_dir)
         finally:
             if ckpt is not None:
                 ckpt.close()
 
     def check_train_set(self, train_set_dir: Path) -> None:
         """Raises ValueError when the set's batches cannot be split evenly over the mesh."""
-        _, metadata = data.open_training_set(train_set_dir)
-        halves = 2 if metadata["num_class_images"] else 1
         train_config = self.config.train
+        examples = self._examples_per_step(train_set_dir)
+        halves = examples // (train_config.batch_size * train_config.grad_accum_steps)
         train.check_batch_layout(
-            halves * train_config.batch_size * train_config.grad_accum_steps,
+            examples,
             train_config.grad_accum_steps,
             self.mesh,
             what=f"examples a micro-batch (train.batch_size={train_config.batch_size}, "
@@ -249,10 +258,14 @@ class Trainer:
         key = (treedef, tuple((leaf.shape, leaf.dtype) for leaf in leaves))
         if key not in self._compiled:
             start = time.perf_counter()
+            if jax.process_index() == 0:
+                tqdm.write("compiling the train step ...")
             self._compiled[key] = train.compile_train_step(
                 self.sd, self.optimizer, self.step_config, self.mesh, *specs
             )
             self.compile_seconds += time.perf_counter() - start
+            if jax.process_index() == 0:
+                tqdm.write(f"compiled the train step in {time.perf_counter() - start:.1f}s")
         return self._compiled[key]
 
     def _data_iterator(self, train_set_dir: Path):
@@ -268,11 +281,11 @@ class Trainer:
             process_count=jax.process_count(),
         )
 
-    def _initial_state(self, unet_params, iterator, ckpt) -> tuple[TrainState, float | None]:
-        """Returns (state, its last logged loss): the latest checkpoint's, moving `iterator` to
-        the position saved with it, or a fresh state."""
+    def _initial_state(self, unet_params, iterator, ckpt) -> tuple[TrainState, dict]:
+        """Returns (state, the metadata saved with it): the latest checkpoint's, moving `iterator`
+        to the position saved with it, or a fresh state and {}."""
         if ckpt is None or ckpt.latest_step() is None:
-            return train.init_train_state(unet_params, self.optimizer, self.mesh), None
+            return train.init_train_state(unet_params, self.optimizer, self.mesh), {}
         abstract = train.abstract_train_state(unet_params, self.optimizer, self.mesh)
         restored = ckpt.restore(abstract, data_iterator=iterator)
         total = restored.metadata.get("total_steps")
@@ -282,7 +295,7 @@ class Trainer:
                 f"this one has train.steps={self.config.train.steps}; use another checkpoint folder"
             )
         logging.info("Resuming training from %s at step %d.", ckpt.directory, restored.step)
-        return restored.state, restored.metadata.get("loss")
+        return restored.state, restored.metadata
 
     def _latent_cache(self, train_set_dir: Path, frozen: FrozenInputs) -> LatentCache:
         # Encodes a training batch of images at a time, rounded up to fill every device.
@@ -308,7 +321,13 @@ class Trainer:
         with jax.transfer_guard_host_to_device("allow"):
             return sharding.global_batch_from_local(batch, self.mesh)
 
-    def _run(self, state, batches, frozen, iterator, ckpt, progress, train_set_dir):
+    def _examples_per_step(self, train_set_dir: Path) -> int:
+        """Returns the examples of one step: instances, and as many class images with a prior."""
+        _, metadata = data.open_training_set(train_set_dir)
+        halves = 2 if metadata["num_class_images"] else 1
+        return halves * self.config.train.batch_size * self.config.train.grad_accum_steps
+
+    def _run(self, state, batches, frozen, iterator, ckpt, log: _MetricLog, train_set_dir):
         """Returns (params, metrics) after the steps left from state.step."""
         train_config = self.config.train
         start = int(jax.device_get(state.step))
@@ -316,10 +335,6 @@ class Trainer:
         rng = jax.jit(lambda: jax.random.key(train_config.seed), out_shardings=sharding.replicated(self.mesh))()
         first = next(batches)
         step_fn = self.compiled_step(state, first, frozen)
-        per_step = first["weight"].shape[0]
-        log = _MetricLog(
-            total=train_config.steps, start=start, examples_per_step=per_step, progress=progress
-        )
         began = time.perf_counter()
         # Every host<->device copy in the loop is explicit (big_vision): an implicit one is a bug.
         # The batch's copy, the metrics' pull and the checkpoint's copy are the explicit ones.
@@ -335,7 +350,7 @@ class Trainer:
                     log.pull()  # before saving: a non-finite state is never checkpointed
                 if save:
                     metadata = {"total_steps": train_config.steps, "train_set": str(train_set_dir),
-                                "loss": log.history[-1]["loss"]}
+                                "loss": log.history[-1]["loss"], "loss_curve": log.loss_curve}
                     ckpt.save(done, state, metadata=metadata, data_iterator=iterator)
         seconds = time.perf_counter() - began
         return state.params, {
@@ -343,8 +358,9 @@ class Trainer:
             "steps": train_config.steps,
             "loss": log.history[-1]["loss"],
             "history": log.history,
+            "loss_curve": log.loss_curve,
             "train_seconds": seconds,
-            "samples_per_s": (train_config.steps - start) * per_step / seconds,
+            "samples_per_s": (train_config.steps - start) * log.examples_per_step / seconds,
             "compile_seconds": self.compile_seconds,
         }
 

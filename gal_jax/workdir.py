@@ -11,6 +11,7 @@ This module is the one owner of the layout; every other module asks it for paths
   DIR/rounds/<r>/checkpoints/     orbax training states; deleted once unet/ is written (unless
                                   train.keep_training_state)
   DIR/rounds/<r>/unet/            the round's fine-tuned UNet, diffusers layout (config.json + safetensors)
+  DIR/rounds/<r>/train_loss.json  the round's training loss curve (written just before unet/)
   DIR/rounds/<r>/images/          generated PNGs, p<prompt_id>_s<seed>.png
   DIR/rounds/<r>/generated.json   the index of the generated images (written after the last PNG)
   DIR/rounds/<r>/scores.json      CLIP similarities of every generated image
@@ -30,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
+import json
 import os
 import shutil
 import sys
@@ -76,6 +78,10 @@ class RoundPaths:
     @property
     def checkpoints(self) -> Path:
         return self.dir / "checkpoints"
+
+    @property
+    def train_loss(self) -> Path:
+        return self.dir / "train_loss.json"
 
     @property
     def unet(self) -> Path:
@@ -222,6 +228,13 @@ class Workdir:
             raise WorkdirError(f"{err}; delete it and rerun (it is rewritten)") from None
         return status if isinstance(status, dict) else {}
 
+    def complete_message(self, status: dict) -> str:
+        """Returns the line that tells a finished run is complete and where its results are."""
+        model, report = (self.resolve(status.get(key, default)) for key, default in
+                         (("model", "model"), ("report", "report.html")))
+        return (f"{self.root}: complete, nothing to do (final model from round "
+                f"{status.get('final_round', '?')}). Model: {model}  Report: {report}")
+
     def write_status(self, status: dict) -> None:
         """Writes DIR/run.json: where the run stands, for people and scripts."""
         io_utils.write_json(self.status, status)
@@ -271,6 +284,52 @@ class Workdir:
     def lock(self, command: str = "gal-jax run") -> "WorkdirLock":
         """Returns the workdir's lock (a context manager; acquired on enter, without waiting)."""
         return WorkdirLock(self.lock_file, command)
+
+
+def config_changes(previous: dict, current: dict) -> list[str]:
+    """Returns the changed fields between a saved and the current config, as "name (old -> new)".
+
+    A field that is new since the workdir was started is no change when it has its default value
+    (configs/common.py): workdirs of earlier versions resume.
+    """
+    from configs import common
+
+    defaults = json.loads(common.get_config().to_json_best_effort(sort_keys=True))
+    changes = _diff_keys(previous, current, defaults)
+    # Fields that cannot change what the run computes: benchmarks, and evaluation while it is off.
+    eval_off = not (previous.get("eval") or {}).get("enabled") and not (current.get("eval") or {}).get("enabled")
+    return [c for c in changes if not c.startswith("bench.") and not (eval_off and c.startswith("eval."))]
+
+
+def _diff_keys(old: dict, new: dict, defaults: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        left, right, default = old.get(key), new.get(key), (defaults or {}).get(key)
+        if isinstance(left, dict) and isinstance(right, dict):
+            keys += _diff_keys(left, right, default if isinstance(default, dict) else {}, f"{prefix}{key}.")
+        elif key not in old and right == default:
+            continue
+        elif left != right:
+            keys.append(f"{prefix}{key} ({left!r} -> {right!r})")
+    return keys
+
+
+def completed_run(root: Path | str, config) -> dict | None:
+    """Returns DIR/run.json when the run in DIR is complete and was started with `config`, else None.
+
+    Cheap (no JAX, no model): a rerun of a finished workdir answers at once.
+    """
+    workdir = Workdir(root)
+    if not (workdir.status.is_file() and workdir.config.is_file()):
+        return None
+    try:
+        status, saved = workdir.read_status(), io_utils.read_json(workdir.config)
+    except ValueError:
+        return None  # the full run names the damaged file
+    current = json.loads(config.to_json_best_effort(sort_keys=True))
+    if status.get("status") != "complete" or config_changes(saved, current):
+        return None
+    return status
 
 
 class WorkdirLock:

@@ -5,7 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+# setuptools warns on every editable install that a folder named like the package may shadow it
+# (it is the package); pip warns about index locations this machine's config names but lacks.
+export PYTHONWARNINGS="ignore:Editable installation"
+pip_install() {
+  .venv/bin/python -m pip install -q "$@" 2> >(grep -v "^WARNING: Location 'file://" >&2)
+}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[cpu,torch,test]"
+pip_install --upgrade pip
+pip_install "torch==2.13.0"
+pip_install -e ".[cpu,torch,test]"

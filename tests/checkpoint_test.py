@@ -101,6 +101,9 @@ def test_killed_round_resumes_at_the_same_step_with_identical_params(round_setup
 
     resumed, metrics = trainer.train_round(params, train_set, tmp_path / "killed", progress=False)
     assert metrics["start_step"] == 4 and [h["step"] for h in metrics["history"]] == [6]
+    # The loss curve survives the kill: the checkpoints carry the part before it.
+    assert metrics["loss_curve"] == finished_run[2]["loss_curve"]
+    assert [p["step"] for p in metrics["loss_curve"]] == [2, 4, 6]
     chex.assert_trees_all_equal(jax.device_get(resumed), jax.device_get(uninterrupted))
     with checkpoint.Checkpointer(tmp_path / "killed") as ckpt:
         assert ckpt.all_steps() == [4, 6]
@@ -114,6 +117,7 @@ def test_finished_round_returns_its_last_checkpoint_without_training(round_setup
     again, metrics = trainer.train_round(params, train_set, directory, progress=False)
     assert metrics["start_step"] == 6 and metrics["history"] == []
     assert metrics["loss"] == pytest.approx(first["loss"])
+    assert metrics["loss_curve"] == first["loss_curve"]
     chex.assert_trees_all_equal(jax.device_get(again), jax.device_get(trained))
 
 

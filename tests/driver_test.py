@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -158,17 +159,34 @@ def test_style_concept_runs_without_prior(tiny_assets, tmp_path):
         assert_record_follows_acquisition_math(first)
 
 
-def test_random_feedback_is_deterministic_given_its_seed(tiny_assets, tmp_path):
-    selections = []
-    for name in ("a", "b"):
-        config = small_config(tiny_assets, gal__feedback="random", gal__rounds=2)
-        driver.run(config, tmp_path / name)
-        records = read_records(tmp_path / name)
-        selections.append([(s["prompt_id"], s["image"]) for s in records[0]["selected"]])
-        assert len(records[0]["selected"]) == config.gal.k
-    assert selections[0] == selections[1]
-    chosen = [prompt_id for prompt_id, _ in selections[0]]
-    assert chosen == acquisition.random_directions(18, 2, 0, 1)
+def test_random_feedback_takes_a_seeded_random_image_or_with_best_the_highest_sim_anchor(tiny_assets, tmp_path):
+    """The paper's random baseline: k random directions, one random image each (fixed by gal.seed,
+    round and direction), recomputed here from the record and the seed; `random_image="best"` keeps
+    the directions and takes each one's highest-sim_anchor image instead."""
+    first_rounds = {}
+    for rule in ("random", "best"):
+        config = small_config(tiny_assets, gal__feedback="random", gal__rounds=2, gal__seed=5,
+                              gal__random_image=rule)
+        driver.run(config, tmp_path / rule)
+        first = read_records(tmp_path / rule)[0]
+        assert first["tie_break"] == "pool order"
+        assert first["image_rule"] == ("random (seed 5)" if rule == "random" else "highest sim_anchor")
+        directions = first["directions"]
+        assert len(directions) == 18 and first["openness"] == pytest.approx(
+            first["lambda"] * np.mean([d["entropy"] for d in directions]))
+        chosen = acquisition.random_directions(len(directions), config.gal.k, 5, first["round"])
+        expected = []
+        for d in chosen:
+            images = directions[d]["images"]
+            if rule == "random":
+                picked = acquisition.random_image(len(images), 5, first["round"], directions[d]["prompt_id"])
+            else:
+                picked = int(np.argmax([image["sim_anchor"] for image in images]))
+            expected.append((directions[d]["prompt_id"], images[picked]["path"]))
+        assert [(s["prompt_id"], s["image"]) for s in first["selected"]] == expected
+        first_rounds[rule] = first
+    # Same seed, same generated grid and scores: only the image rule differs.
+    assert first_rounds["random"]["directions"] == first_rounds["best"]["directions"]
 
 
 def test_none_feedback_is_one_round_of_plain_dreambooth(tiny_assets, tmp_path):
@@ -252,6 +270,12 @@ def test_evaluation_after_each_round_is_recorded_and_reported(tiny_assets, tmp_p
     results = json.loads((tmp_path / "rounds" / "1" / "eval.json").read_text())
     assert [r["round"] for r in results] == [1]
     assert {"txt_aln", "img_aln", "ovf"} <= set(results[0])
+    # config.eval's protocol, not the loop's sampler (config.sample: ddim, 2 steps, seed 0).
+    e = config.eval
+    assert results[0]["settings"] == {"txt_scale": 1.0, "num_per_prompt": e.num_per_prompt, "seed": 8888,
+                                      "sampler": "pndm", "steps": e.steps, "guidance_scale": 7.5}
+    assert results[0]["settings"] == driver.eval_settings(config)  # what a resume checks the cache against
+    assert results[0]["counts"]["images"] == results[0]["counts"]["prompts"] * e.num_per_prompt
     assert 0.0 <= results[0]["ovf"] <= 1.0
     assert "txt_aln" in (tmp_path / "report.html").read_text()
 
@@ -312,6 +336,21 @@ def test_a_cache_file_that_does_not_match_its_round_is_refused(tiny_assets, tmp_
         driver.run(config, tmp_path)
 
 
+def test_an_eval_json_made_under_another_protocol_is_refused(tmp_path):
+    config = small_config({"root": tmp_path}, eval__enabled=True)
+    settings = driver.eval_settings(config)
+    driver._check_eval_settings([{"settings": settings}], settings, tmp_path / "eval.json")
+    old = {"txt_scale": 1.0, "num_per_prompt": 1, "seed": 0}  # before config.eval had its own sampler
+    with pytest.raises(driver.WorkdirError, match="eval.json: evaluated with settings .*delete it"):
+        driver._check_eval_settings([{"settings": settings}, {"settings": old}], settings, tmp_path / "eval.json")
+
+
+def test_an_unknown_random_image_rule_is_refused_before_any_model_loads(tiny_assets, tmp_path, monkeypatch):
+    monkeypatch.setattr(driver, "load_sd", lambda *args: pytest.fail("a model was loaded"))
+    with pytest.raises(ValueError, match="config.gal.random_image='first'"):
+        driver.run(small_config(tiny_assets, gal__feedback="random", gal__random_image="first"), tmp_path)
+
+
 def test_a_second_run_on_a_locked_workdir_exits_naming_the_holder(tiny_assets, tmp_path):
     from gal_jax.workdir import Workdir, WorkdirBusyError
 
@@ -347,3 +386,27 @@ def test_a_workdir_of_the_first_landing_resumes_and_exports_from_its_checkpoint(
     changed = small_config(tiny_assets, gal__feedback="none", train__save_dtype="bfloat16")
     with pytest.raises(driver.ConfigChangedError, match=r"train.save_dtype \(None -> 'bfloat16'\)"):
         driver.run(changed, tmp_path)
+
+
+def readme_workdir_paths() -> list[str]:
+    """Returns the paths README's "What a run leaves in DIR" block names (the always-present ones)."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## What a run leaves in `DIR`", 1)[1]
+    block = section.split("```", 2)[1]
+    paths = []
+    for line in block.splitlines():
+        if line and not line.startswith(" "):
+            names = line.split("  ", 1)[0]
+            first, *others = [name.strip() for name in names.split(",")]
+            folder = first.rsplit("/", 1)[0] + "/" if "/" in first.rstrip("/") else ""
+            paths += [first, *(folder + other for other in others)]
+    return paths
+
+
+def test_every_path_the_readme_names_exists_after_the_tiny_run(uncertainty_run):
+    _, workdir, _ = uncertainty_run
+    names = readme_workdir_paths()
+    assert "model/" in names and "rounds/<r>/record.json" in names and len(names) >= 12
+    for name in names:
+        pattern = name.replace("<r>", "1").rstrip("/")
+        assert list(workdir.glob(pattern)), f"README names {name}, absent after the tiny run"

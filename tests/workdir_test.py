@@ -39,7 +39,9 @@ def test_a_first_landing_record_reads_as_schema_1_and_writes_back_as_the_current
     assert record.schema_version == 1
     assert record.openness_lambda == 0.005 and record.directions[0].images[1].overfit is True
     assert record.directions[0].images[0].sim_plain == (0.2,)
-    assert record.to_json() == {**V1_RECORD, "schema_version": 1}
+    # Fields added since read with the first landing's behaviour: pool-order ties, best image, no curve.
+    assert record.to_json() == {**V1_RECORD, "schema_version": 1, "tie_break": "pool order",
+                                "image_rule": "highest sim_anchor", "train_loss": []}
     fresh = RoundRecord(**{**record.__dict__, "schema_version": SCHEMA_VERSION})
     assert fresh.to_json()["schema_version"] == SCHEMA_VERSION == 2
 
