@@ -360,7 +360,7 @@ def evaluate_round(runtime: Runtime, round_index: int, unet_params, paths: Round
             # A concepts list without reference images is scored against the run's own originals.
             None if concept.reference_images else [r.image for r in runtime.concept.references],
             num_per_prompt=config.eval.num_per_prompt, seed=config.eval.seed,
-            txt_scale=config.eval.txt_scale,
+            txt_scale=config.eval.txt_scale, desc=f"round {round_index} evaluate {concept.name}",
         )}
         for concept in runtime.eval_concepts
     ]

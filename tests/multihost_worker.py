@@ -177,7 +177,7 @@ def run_driver(process_id: int, port: int, workdir: Path, num_processes: int) ->
     config.gal.rounds = 2
     report = driver.run(config, workdir / "run")
     return {"process_index": jax.process_index(), "report": str(report),
-            "records": driver.read_records(workdir / "run")}
+            "records": [r.to_json() for r in driver.read_records(workdir / "run")]}
 
 
 def main(argv: list[str]) -> None:
