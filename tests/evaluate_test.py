@@ -116,8 +116,9 @@ class FakeGenerator:
     def __init__(self, vectors: dict[str, tuple]):
         self.vectors, self.calls = vectors, []
 
-    def generate(self, params, prompts, prompt_ids, round_index, num_per_prompt, base_seed):
+    def generate(self, params, prompts, prompt_ids, round_index, num_per_prompt, base_seed, desc="generate"):
         self.calls.append((list(prompts), list(prompt_ids), round_index, num_per_prompt, base_seed))
+        self.desc = desc
         return painted(*[self.vectors[p] for p in prompts for _ in range(num_per_prompt)])
 
 
