@@ -31,10 +31,12 @@ setup(
     description="Generative Active Learning for image synthesis personalization (Stable Diffusion DreamBooth) in JAX",
     python_requires=">=3.11",
     packages=find_packages(include=["gal_jax", "gal_jax.*", "configs"]),
-    package_data={"gal_jax": ["assets/*"]},
+    # The BPE vocabulary and the trained tiny world's models (clip/, sd/<part>/, tiny_train.json).
+    package_data={"gal_jax": ["assets/*", "assets/tiny_world/*", "assets/tiny_world/*/*", "assets/tiny_world/*/*/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        # PyTorch builds the tiny default models (make-tiny) and is the reference in parity tests.
+        # PyTorch writes the tiny models' folders (make-tiny --train; the random-init test models)
+        # and is the reference in parity tests; the default run needs none of it.
         # Install torch==2.13.0 first on CPU machines: a bare `torch` pulls several GB of CUDA.
         "torch": ["torch==2.13.0"],
         "cpu": ["jax[cpu]==0.10.2"],

@@ -428,10 +428,11 @@ def _config_name(data_dir: Path) -> str:
 def open_training_set(data_dir: Path | str) -> tuple[Sequence[dict[str, Any]], dict[str, Any]]:
     """Returns (random-access records, metadata) of the training set written under `data_dir`."""
     data_dir = Path(data_dir).expanduser().absolute()
-    name = f"{_BUILDER_NAME}/{_config_name(data_dir)}"
-    source = tfds.data_source(name, split="train", data_dir=str(data_dir), download=False)
-    metadata = dict(tfds.builder(name, data_dir=str(data_dir)).info.metadata)
-    return source, metadata
+    versions = sorted((data_dir / _BUILDER_NAME / _config_name(data_dir)).iterdir())
+    # Built from the folder's own dataset_info, so the features (the token length of the
+    # tokenizer that wrote the set) are the written ones, not the builder class's defaults.
+    builder = tfds.builder_from_directory(str(versions[-1]))
+    return builder.as_data_source(split="train"), dict(builder.info.metadata)
 
 
 def num_records(data_dir: Path | str) -> int:

@@ -110,11 +110,12 @@ def _existing(config, name: str, *, is_dir: bool) -> Path:
 def _tiny_paths(config) -> RunPaths:
     from gal_jax import tiny
 
-    root = Path(config.model.tiny_dir or tiny.DEFAULT_TINY_DIR).expanduser()
+    trained = bool(config.model.get("tiny_world", False))
+    root = Path(config.model.tiny_dir or tiny.default_dir(trained)).expanduser()
     if io_utils.is_primary():
-        tiny.make_tiny(root)
+        tiny.make_tiny(root, trained=trained)
     io_utils.sync("make_tiny")
-    parts = tiny.make_tiny_paths(root)
+    parts = tiny.make_tiny_paths(root, trained=trained)
     is_object = config.data.kind == "object"
     return RunPaths(
         sd=parts["sd"],

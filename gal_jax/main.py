@@ -7,6 +7,8 @@ r"""The `gal-jax` command line.
                                                                        # images from a run's model
   gal-jax sample --config=... --prompts=FILE --num_per_prompt=N --out=DIR   # images from a base model
   gal-jax make-tiny [--out=DIR]                                        # build the tiny default models/data
+  gal-jax make-tiny --train --out=DIR [--seed=S] [--recipe=default|smoke] [--num_train=N]
+                                                                       # retrain the tiny world's models
   gal-jax evaluate --workdir=DIR                                       # TXT-ALN / IMG-ALN / OVF per round
   gal-jax evaluate --workdir=DIR --images=D --prompts=F --references=D --captions=F --clip_path=D
   gal-jax review --workdir=DIR --round=R                               # serve the human-feedback page
@@ -54,6 +56,11 @@ _CLIP_PATH = flags.DEFINE_string("clip_path", None, "evaluate: CLIP model folder
 _ROUND = flags.DEFINE_integer("round", None, "Round to review, export or sample from (default: the last).")
 _PORT = flags.DEFINE_integer("port", 0, "Port for `review` (0 picks a free one).")
 _FORCE = flags.DEFINE_bool("force", False, "make-tiny: rebuild even if present.")
+_TRAIN = flags.DEFINE_bool("train", False, "make-tiny: retrain the tiny CLIP, VAE and UNet on the tiny world.")
+_SEED = flags.DEFINE_integer("seed", 0, "make-tiny --train: seed of the world and of the training.")
+_RECIPE = flags.DEFINE_enum("recipe", "default", ["default", "smoke"],
+                            "make-tiny --train: model sizes and schedules (smoke: a few steps of small models).")
+_NUM_TRAIN = flags.DEFINE_integer("num_train", None, "make-tiny --train: pretraining pictures (default 10000).")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Multi-host: call jax.distributed.initialize (auto-detects TPU pods and SLURM)."
 )
@@ -107,6 +114,18 @@ def _cmd_export(args):
 def _cmd_make_tiny(args):
     from gal_jax import tiny
 
+    if _TRAIN.value:
+        from gal_jax import tiny_build, tiny_train
+
+        out = Path(_require(_OUT, "out", "make-tiny --train"))
+        num_train = _NUM_TRAIN.value or tiny_build.NUM_TRAIN
+        if num_train < 1:
+            raise UsageError(f"--num_train={num_train} must be >= 1")
+        report = tiny_build.train_tiny_world(out, seed=_SEED.value, recipe=tiny_train.RECIPES[_RECIPE.value],
+                                             num_train=num_train)
+        print(report.summary())
+        print(f"Models: {out / 'clip'}, {out / 'sd'}; figures: {out / tiny_build.REPORT_FILE}")
+        return
     paths = tiny.make_tiny(_OUT.value or tiny.DEFAULT_TINY_DIR, force=_FORCE.value)
     for name, path in paths.items():
         print(f"{name}: {path}")

@@ -1,13 +1,22 @@
-"""Builds the embedded tiny default: a random-init Stable Diffusion and CLIP in their real layouts.
+"""The embedded tiny default: a small Stable Diffusion and CLIP in their real layouts.
 
-The models are created with PyTorch diffusers/transformers from fixed seeds and saved exactly as
-users' downloaded models are (diffusers pipeline folder; transformers CLIPModel folder; safetensors),
-so the default run and the tests go through the same loading code as real weights. The tokenizer
-uses the real CLIP BPE vocabulary shipped in `gal_jax/assets/`, so token ids are the real ones.
+`make_tiny(root, trained=...)` puts a tiny default's models and data under `root`:
+- random (`trained=False`, the default run's today): random-init models built here with PyTorch
+  diffusers/transformers from fixed seeds, and the simple concept set of `tiny_data`: fast and
+  arbitrary, they exercise the machinery and show nothing about the method.
+- trained (`--config.model.tiny_world=true`): the tiny SD and CLIP trained on the procedural
+  tiny world (`tiny_world`, `tiny_train`), shipped in `gal_jax/assets/tiny_world/` and copied into
+  place, with the world's concepts written by `tiny_world.write_world`. No PyTorch, no download.
+
+Both are saved exactly as users' downloaded models are (diffusers pipeline folder; transformers
+CLIPModel folder; safetensors), so the default run and the tests go through the same loading code
+as real weights. The tokenizer uses the real CLIP BPE vocabulary shipped in `gal_jax/assets/`, so
+token ids are the real ones.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import os
@@ -20,8 +29,19 @@ from gal_jax import tiny_data
 
 ASSETS = Path(__file__).parent / "assets"
 BPE_FILE = ASSETS / "bpe_simple_vocab_16e6.txt.gz"
+# The trained tiny models (`gal-jax make-tiny --train --out=...` writes them): clip/, sd/ and the
+# build's figures in tiny_train.json.
+SHIPPED_MODELS = ASSETS / "tiny_world"
 TINY_VERSION = "tiny-v2"
-DEFAULT_TINY_DIR = Path(os.environ.get("GAL_JAX_CACHE", "~/.cache/gal_jax")).expanduser() / TINY_VERSION
+TINY_WORLD_VERSION = "tiny-world-v1"
+CACHE_DIR = Path(os.environ.get("GAL_JAX_CACHE", "~/.cache/gal_jax")).expanduser()
+DEFAULT_TINY_DIR = CACHE_DIR / TINY_VERSION
+DEFAULT_TINY_WORLD_DIR = CACHE_DIR / TINY_WORLD_VERSION
+
+
+def default_dir(trained: bool) -> Path:
+    """Returns where the tiny default of that kind is built when the config names no tiny_dir."""
+    return DEFAULT_TINY_WORLD_DIR if trained else DEFAULT_TINY_DIR
 
 # SD 1.x noise schedule and sampler (the PNDM config SD 1.5 ships with).
 SD1_SCHEDULER = {
@@ -211,27 +231,78 @@ def write_tiny_clip(folder: Path, *, seed: int = 14) -> Path:
     return folder
 
 
-def make_tiny(root: Path | str = DEFAULT_TINY_DIR, *, force: bool = False) -> dict[str, Path]:
+def make_tiny(root: Path | str = DEFAULT_TINY_DIR, *, force: bool = False, trained: bool | None = None
+              ) -> dict[str, Path]:
     """Builds (once) the tiny SD, tiny CLIP and tiny concept data under `root`; returns their paths.
 
-    Each part is written to a temporary folder and renamed into place, so a killed build never
-    leaves a half-written model behind.
+    `trained`: True, the shipped models trained on the tiny world and the world's concepts; False,
+    random-init models and the `tiny_data` concepts; None, the kind `root` already holds (random
+    for a new root). Each
+    part is written to a temporary folder and renamed into place, so a killed build never leaves a
+    half-written model behind; a root holding the other kind is refused.
     """
     root = Path(root).expanduser()
     root.mkdir(parents=True, exist_ok=True)
-    paths = make_tiny_paths(root)
-    for name, writer in (("sd", write_tiny_stable_diffusion), ("clip", write_tiny_clip)):
+    trained = _is_trained(root, trained)
+    _claim_kind(root, "trained" if trained else "random")
+    paths = make_tiny_paths(root, trained=trained)
+    writers = {"sd": write_tiny_stable_diffusion, "clip": write_tiny_clip}
+    if trained:
+        writers = {name: functools.partial(_copy_shipped, name) for name in writers}
+    for name, writer in writers.items():
         if force and paths[name].exists():
             shutil.rmtree(paths[name])
         if not paths[name].exists():
             with tempfile.TemporaryDirectory(dir=root, prefix=f".{name}-") as tmp:
                 writer(Path(tmp) / name)
                 os.replace(Path(tmp) / name, paths[name])
-    tiny_data.make_tiny_concepts(root / "data")
+    if trained:
+        from gal_jax import tiny_world
+
+        tiny_world.write_world(root / "data", num_train=0)
+    else:
+        tiny_data.make_tiny_concepts(root / "data")
     return paths
 
 
-def make_tiny_paths(root: Path) -> dict[str, Path]:
+_KIND_MARKER = ".tiny_kind"
+
+
+def _is_trained(root: Path, trained: bool | None) -> bool:
+    """Returns `trained`, or for None whether `root` holds the trained kind."""
+    if trained is not None:
+        return trained
+    marker = root / _KIND_MARKER
+    return marker.is_file() and marker.read_text().strip() == "trained"
+
+
+def _claim_kind(root: Path, kind: str) -> None:
+    """Records which kind of tiny default `root` holds; raises FileExistsError for the other kind."""
+    marker = root / _KIND_MARKER
+    if marker.is_file() and marker.read_text().strip() != kind:
+        raise FileExistsError(f"{root}: holds the {marker.read_text().strip()} tiny default, not the {kind} one; "
+                              "use another folder")
+    if not marker.is_file():
+        marker.write_text(kind + "\n")
+
+
+def _copy_shipped(name: str, folder: Path) -> Path:
+    """Copies the shipped trained model `name` (sd or clip) to `folder`."""
+    source = SHIPPED_MODELS / name
+    if not (source / "config.json").is_file() and not (source / "model_index.json").is_file():
+        raise FileNotFoundError(f"{source}: the trained tiny {name} is missing from the package; "
+                                "rebuild it with `gal-jax make-tiny --train --out=gal_jax/assets/tiny_world`")
+    shutil.copytree(source, folder)
+    return folder
+
+
+def make_tiny_paths(root: Path, *, trained: bool | None = None) -> dict[str, Path]:
     """Returns where make_tiny puts each part of the tiny default under `root` (builds nothing)."""
     root = Path(root).expanduser()
-    return {"root": root, "sd": root / "sd", "clip": root / "clip", **tiny_data.concept_paths(root / "data")}
+    if _is_trained(root, trained):
+        from gal_jax import tiny_world
+
+        data = tiny_world.world_paths(root / "data")
+    else:
+        data = tiny_data.concept_paths(root / "data")
+    return {"root": root, "sd": root / "sd", "clip": root / "clip", **data}

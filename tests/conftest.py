@@ -28,10 +28,20 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory) -> dict[str, Path]:
-    """Paths of the whole embedded tiny default (models and concept data), built by make_tiny."""
+    """Paths of a random-init tiny default (models and concept data), built by make_tiny: fast
+    models whose judgments are arbitrary, for tests of the machinery."""
     from gal_jax import tiny
 
-    return tiny.make_tiny(tmp_path_factory.mktemp("tiny_assets"))
+    return tiny.make_tiny(tmp_path_factory.mktemp("tiny_assets"), trained=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_world_assets(tmp_path_factory) -> dict[str, Path]:
+    """Paths of the tiny world default (config.model.tiny_world): the shipped trained models and
+    the tiny world's concepts."""
+    from gal_jax import tiny
+
+    return tiny.make_tiny(tmp_path_factory.mktemp("tiny_world_assets"), trained=True)
 
 
 @pytest.fixture(scope="session")

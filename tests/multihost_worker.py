@@ -81,7 +81,7 @@ def write_models(shared: Path) -> dict[str, Path]:
     from gal_jax import tiny, tiny_data
 
     if jax.process_index() == 0:
-        tiny.make_tiny(shared)
+        tiny.make_tiny(shared, trained=False)
     barrier("tiny models written")
     return {"sd": shared / "sd", "clip": shared / "clip", **tiny_data.concept_paths(shared / "data")}
 

@@ -1,0 +1,284 @@
+"""Builds the tiny world's trained models: CLIP, VAE and the text-to-image UNet, as users' folders.
+
+`build_trained_tiny(out, images, captions, seed=...)` takes plain inputs (uint8 images (N, H, W, 3)
+and one caption each), trains CLIP and the VAE (`tiny_train`) and then the UNet, from scratch, by
+our own DreamBooth step (`trainer.Trainer`, unit weights, no prior) on an SD folder made of the
+trained VAE, the CLIP's text tower as the text encoder (as SD 2 uses OpenCLIP's), the tokenizer and
+SD 1.x's noise schedule. It writes `out/clip` (a transformers CLIPModel folder) and `out/sd` (a
+diffusers Stable Diffusion folder). `train_tiny_world` does it on the tiny world and measures
+`tiny_figures`' figures 1 and 2. PyTorch is used only to write the folders (`tiny_train_io`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from gal_jax import data, export, io_utils, models, score, sharding, tiny_train_io
+from gal_jax.tiny_train import (
+    DEFAULT_RECIPE, LOG_EVERY, ClipData, Params, Recipe, caption_groups, init_clip, init_vae,
+    latent_scaling_factor, retrieval_accuracy, split_held_out, train_clip, train_vae, vae_psnr,
+    world_dataset,
+)
+
+NUM_TRAIN = 10_000  # pretraining pictures of the shipped models
+REPORT_FILE = "tiny_train.json"
+FIGURE_IMAGES = 1_000  # held-out pictures for the zero-shot figure
+FIGURE_PER_CONTEXT = 8  # base-model pictures per anchor context
+
+# ---------------------------------------------------------------------------------------------
+# The UNet, by our own DreamBooth step
+# ---------------------------------------------------------------------------------------------
+
+
+def unet_train_config(recipe: Recipe, seed: int) -> ml_collections.ConfigDict:
+    """Returns the experiment config whose train.* and data.* make Trainer pretrain the UNet:
+    unit weights, no prior, no augmentation (latents encoded once), cosine schedule."""
+    from configs import common
+
+    schedule = recipe.unet_schedule
+    config = common.get_config()
+    config.data.resolution = int(recipe.vae["sample_size"])
+    config.data.random_crop = config.data.flip = False
+    config.train.update(schedule.train_config())
+    config.train.update(
+        with_prior=False, cache_latents=True, log_every=LOG_EVERY,
+        checkpoint_every=schedule.steps, seed=seed,
+    )
+    return config
+
+
+def write_unet_training_set(folder: Path, images: np.ndarray, captions: Sequence[str], tokenize,
+                            caption_dropout: float, seed: int) -> Path:
+    """Writes the images as PNGs and, with data.write_training_set, the DreamBooth set of them:
+    every image with its caption at weight 1, a random `caption_dropout` share once more with
+    the empty caption. Returns the set's folder."""
+    image_dir = folder / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    references = []
+    for i, (image, caption) in enumerate(zip(images, captions)):
+        io_utils.write_png(image_dir / f"{i:06d}.png", image)
+        references.append(data.Reference(image_dir / f"{i:06d}.png", caption, None, 1.0, "tiny world"))
+    dropped = np.random.default_rng(seed).permutation(len(references))[: round(len(references) * caption_dropout)]
+    references += [dataclasses.replace(references[i], prompt="") for i in np.sort(dropped)]
+    return data.write_training_set(references, [], None, folder / "train_set", tokenize,
+                                   resolution=images.shape[1])
+
+
+def train_unet(sd_dir: Path, images: np.ndarray, captions: Sequence[str], recipe: Recipe, seed: int,
+               work_dir: Path, progress: bool = True) -> dict[str, Any]:
+    """Trains the UNet of the SD folder from its (random) weights with trainer.Trainer and writes
+    it back with export.save_unet; returns the round's metrics."""
+    from gal_jax import trainer
+
+    sd, sd_params = models.load_stable_diffusion(sd_dir)
+    train_set = write_unet_training_set(work_dir, images, captions, sd.tokenize, recipe.caption_dropout, seed)
+    mesh = sharding.make_mesh()
+    unet_params, metrics = trainer.Trainer(unet_train_config(recipe, seed), sd, mesh).train_round(
+        sd_params, train_set, progress=progress, desc="UNet"
+    )
+    export.save_unet(sd, jax.device_get(unet_params), sd_dir / "unet", dtype=recipe.dtype)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole build
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class BuildReport:
+    """What a build measured: losses, CLIP retrieval accuracy, VAE PSNR, timings, sizes."""
+
+    seed: int
+    num_train: int
+    num_held_out: int
+    clip_loss: float = math.nan
+    clip_train_accuracy: float = math.nan
+    clip_held_out_accuracy: float = math.nan
+    vae_loss: float = math.nan
+    vae_train_psnr: float = math.nan
+    vae_held_out_psnr: float = math.nan
+    vae_scaling_factor: float = math.nan
+    unet_loss: float = math.nan
+    # tiny_figures' figure 1 (CLIP zero-shot, judge agreement) and 2 (base model's contexts)
+    figures: dict[str, Any] = dataclasses.field(default_factory=dict)
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    megabytes: dict[str, float] = dataclasses.field(default_factory=dict)
+    loss_curves: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+
+    def summary(self) -> str:
+        """Returns the figures as a few readable lines."""
+        seconds = ", ".join(f"{k} {v:.0f}s" for k, v in self.seconds.items())
+        sizes = ", ".join(f"{k} {v:.1f} MB" for k, v in self.megabytes.items())
+        return "\n".join([
+            f"CLIP: loss {self.clip_loss:.3f}, top-1 caption retrieval {self.clip_train_accuracy:.1%} "
+            f"train / {self.clip_held_out_accuracy:.1%} held-out",
+            f"VAE: loss {self.vae_loss:.4f}, PSNR {self.vae_train_psnr:.1f} dB train / "
+            f"{self.vae_held_out_psnr:.1f} dB held-out, scaling_factor {self.vae_scaling_factor:.4f}",
+            f"UNet: loss {self.unet_loss:.4f}",
+            *self._figure_lines(),
+            f"time: {seconds}",
+            f"size: {sizes}",
+        ])
+
+
+    def _figure_lines(self) -> list[str]:
+        lines = []
+        zero_shot = self.figures.get("clip_zero_shot")
+        if zero_shot:
+            parts = [f"{name} {zero_shot[name]['clip_accuracy']:.1%} (judge agrees {zero_shot[name]['judge_agrees_with_clip']:.1%})"
+                     for name in ("context", "object", "colour")]
+            lines.append(f"CLIP zero-shot on {zero_shot['images']} held-out pictures: " + ", ".join(parts))
+        following = self.figures.get("base_context_following")
+        if following:
+            worst = min(following["per_context"], key=following["per_context"].get)
+            lines.append(f"base SD draws the prompt's context: mean {following['mean']:.1%}, lowest "
+                         f"{following['min']:.1%} ({worst!r}), {following['images_per_context']} pictures each")
+        return lines
+
+
+def train_tiny_world(out: Path | str, *, seed: int = 0, recipe: Recipe = DEFAULT_RECIPE,
+                     num_train: int = NUM_TRAIN, progress: bool = True) -> "BuildReport":
+    """Trains the tiny default's models on `num_train` pictures of the tiny world from `seed`,
+    writes out/clip and out/sd, measures figures 1 and 2 (`tiny_figures`) and returns the report
+    (also in out/tiny_train.json)."""
+    images, captions = world_dataset(num_train, seed)
+    report = build_trained_tiny(out, images, captions, seed=seed, recipe=recipe, progress=progress)
+    with _timed(report, "figures"):
+        report.figures = measure_figures(Path(out).expanduser().absolute(), progress=progress,
+                                         held_out=FIGURE_IMAGES if recipe is DEFAULT_RECIPE else 32,
+                                         per_context=FIGURE_PER_CONTEXT if recipe is DEFAULT_RECIPE else 1)
+    io_utils.write_json(Path(out).expanduser().absolute() / REPORT_FILE, dataclasses.asdict(report))
+    return report
+
+
+def measure_figures(out: Path, *, held_out: int, per_context: int, progress: bool = True) -> dict[str, Any]:
+    """Returns tiny_figures' figures 1 and 2 for the models in out/clip and out/sd."""
+    from gal_jax import sample, tiny_figures
+
+    mesh = sharding.make_mesh()
+    clip, clip_params = models.load_clip(out / "clip")
+    scorer = score.Scorer(clip, clip_params, mesh)
+    figures = {"clip_zero_shot": tiny_figures.clip_zero_shot(scorer, tiny_figures.held_out_scenes(held_out))}
+    sd, sd_params = models.load_stable_diffusion(out / "sd")
+    generator = sample.Generator(sd, mesh, sampler="ddim", steps=25, guidance_scale=5.0, max_images_per_device=64)
+    figures["base_context_following"] = tiny_figures.base_context_following(generator, sd_params, per_context)
+    return figures
+
+
+def build_trained_tiny(out: Path | str, images: np.ndarray, captions: Sequence[str], *, seed: int = 0,
+                       recipe: Recipe = DEFAULT_RECIPE, progress: bool = True) -> BuildReport:
+    """Trains CLIP, VAE and UNet from `seed` on the captioned images; writes out/clip and out/sd.
+
+    A random `recipe.held_out_fraction` of the images is held out to measure CLIP and the VAE.
+    Both folders are built beside their targets and renamed into place only when all three
+    models are done, so a killed build leaves the previous ones. Returns what it measured (also
+    written to out/REPORT_FILE).
+    """
+    images = _checked_images(images, captions, recipe)
+    out = Path(out).expanduser().absolute()
+    report = BuildReport(seed=seed, num_train=0, num_held_out=0)
+    train_rows, held_rows = split_held_out(len(images), recipe.held_out_fraction, seed)
+    report.num_train, report.num_held_out = len(train_rows), len(held_rows)
+    staging = io_utils.temporary_dir_beside(out / "sd")
+    try:
+        tokenizer = tiny_train_io.load_tokenizer(
+            tiny_train_io.write_tokenizer(staging / "tokenizer", recipe.max_length))
+        ids = tiny_train_io.tokenize_captions(tokenizer, captions)
+        groups = caption_groups(captions)
+        with _timed(report, "clip"):
+            model, clip_params = _build_clip(report, images, ids, groups, train_rows, held_rows, recipe,
+                                             seed, progress)
+            tiny_train_io.save_clip(staging / "clip", model.config, clip_params, recipe.dtype)
+        with _timed(report, "vae"):
+            vae, vae_params = _build_vae(report, images, train_rows, held_rows, recipe, seed + 1, progress)
+        sd_dir = _write_untrained_sd(staging / "sd", staging / "clip", recipe, vae_params,
+                                     report.vae_scaling_factor, seed + 2)
+        with _timed(report, "unet"):
+            metrics = train_unet(sd_dir, images[train_rows], [captions[i] for i in train_rows], recipe,
+                                 seed + 3, staging / "unet_data", progress)
+        report.unet_loss, report.loss_curves["unet"] = metrics["loss"], [p["loss"] for p in metrics["loss_curve"]]
+        for name in ("clip", "sd"):
+            report.megabytes[name] = _folder_megabytes(staging / name)
+            io_utils.replace_dir(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    io_utils.write_json(out / REPORT_FILE, dataclasses.asdict(report))
+    return report
+
+
+def _build_clip(report, images, ids, groups, train_rows, held_rows, recipe, seed, progress):
+    model, params = init_clip(recipe, seed)
+    clip_data = ClipData(jnp.asarray(images[train_rows]), jnp.asarray(ids[train_rows]),
+                         jnp.asarray(groups[train_rows]))
+    params, losses = train_clip(model, params, clip_data, recipe.clip_schedule, seed, progress)
+    if recipe.clip_locked_schedule is not None:
+        params, more = train_clip(model, params, clip_data, recipe.clip_locked_schedule, seed + 100, progress,
+                                  locked_text=True)
+        losses = losses + more
+    probe = train_rows[: len(held_rows)]  # as many training images as held-out ones: comparable
+    report.clip_loss, report.loss_curves["clip"] = losses[-1], losses
+    report.clip_train_accuracy = retrieval_accuracy(model, params, images[probe], ids[probe], groups[probe])
+    report.clip_held_out_accuracy = retrieval_accuracy(model, params, images[held_rows], ids[held_rows],
+                                                       groups[held_rows])
+    return model, params
+
+
+def _build_vae(report, images, train_rows, held_rows, recipe, seed, progress):
+    vae, params = init_vae(recipe, seed)
+    params, losses = train_vae(vae, params, jnp.asarray(images[train_rows]), recipe, seed, progress)
+    probe = train_rows[: len(held_rows)]
+    report.vae_loss, report.loss_curves["vae"] = losses[-1], losses
+    report.vae_train_psnr = vae_psnr(vae, params, images[probe])
+    report.vae_held_out_psnr = vae_psnr(vae, params, images[held_rows])
+    report.vae_scaling_factor = latent_scaling_factor(vae, params, images[train_rows[:2048]], seed)
+    return vae, params
+
+
+def _write_untrained_sd(folder: Path, clip_dir: Path, recipe: Recipe, vae_params: Params,
+                        scaling_factor: float, seed: int) -> Path:
+    """Writes the SD folder to pretrain: trained VAE, the CLIP's text tower, a random UNet."""
+    tiny_train_io.save_vae(folder / "vae", dict(recipe.vae), vae_params, scaling_factor, recipe.dtype)
+    tiny_train_io.save_text_encoder(folder / "text_encoder", clip_dir, recipe.dtype)
+    tiny_train_io.write_tokenizer(folder / "tokenizer", recipe.max_length)
+    tiny_train_io.save_random_unet(folder / "unet", dict(recipe.unet), seed)
+    tiny_train_io.write_pipeline_files(folder)
+    return folder
+
+
+def _checked_images(images, captions: Sequence[str], recipe: Recipe) -> np.ndarray:
+    """Returns the images as uint8 (N, S, S, 3) at the VAE's sample size S, or raises ValueError."""
+    images = np.asarray(images)
+    size = int(recipe.vae["sample_size"])
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, 3):
+        raise ValueError(f"images must be uint8 (N, {size}, {size}, 3), got {images.dtype} {images.shape}")
+    if len(captions) != len(images):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    return images
+
+
+class _timed:
+    """Adds the seconds its block took to report.seconds[name]."""
+
+    def __init__(self, report: BuildReport, name: str):
+        self.report, self.name = report, name
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc_info):
+        self.report.seconds[self.name] = time.perf_counter() - self.start
+
+
+def _folder_megabytes(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20

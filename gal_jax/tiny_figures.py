@@ -1,0 +1,227 @@
+"""The tiny world's figures: what its trained models can do, and what GAL does with them.
+
+Measured on the embedded tiny default (`tiny.make_tiny`), reported in README and checked by the
+slow test `tests/tiny_figures_test.py`:
+
+1. `clip_zero_shot`: the tiny CLIP names the context, object and colour of held-out world
+   pictures, zero-shot (the best of every plain caption of the world), and the rule-based judge
+   (`tiny_world_judge`) agrees with it.
+2. `base_context_following`: the base tiny SD draws the context its prompt names, per anchor
+   context, as the judge sees it.
+3-4. `evaluate_run`: per finished round of a GAL run, the paper's TXT-ALN, IMG-ALN and OVF on the
+   concept's test prompts (the same noise every round), and the share of images the judge sees in
+   the prompt's context. `table` lays rounds and feedback modes out as the paper's Table 1.
+
+Pure measurement: models are passed in or loaded from a run's workdir; nothing is trained here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from gal_jax import evaluate, export, outputs, sample, tiny_world, tiny_world_judge
+from gal_jax.workdir import Workdir
+
+ATTRIBUTES = ("context", "object", "colour")
+HELD_OUT_SEED = 20_261_130  # held-out pictures: never the pretraining set's (seed, index) streams
+FIGURE_SEED = 4_242  # generation noise of the base model's pictures
+
+
+def held_out_scenes(count: int, seed: int = HELD_OUT_SEED) -> list[tiny_world.Scene]:
+    """Returns `count` unstyled random scenes drawn apart from the pretraining set."""
+    rng = np.random.default_rng([seed, count])
+    return [tiny_world.sample_scene(rng) for _ in range(count)]
+
+
+def caption_grid() -> tuple[list[str], tuple[int, int, int]]:
+    """Returns every plain caption of the world, context-major, and the grid's shape
+    (contexts, objects, colours)."""
+    grid = itertools.product(tiny_world.CONTEXTS, tiny_world.OBJECTS, tiny_world.COLOURS)
+    captions = [tiny_world.caption(obj, colour, "plain", context) for context, obj, colour in grid]
+    return captions, (len(tiny_world.CONTEXTS), len(tiny_world.OBJECTS), len(tiny_world.COLOURS))
+
+
+LABELS = {"context": tiny_world.CONTEXTS, "object": tiny_world.OBJECTS, "colour": tiny_world.COLOURS}
+
+
+def clip_zero_shot(scorer, scenes: Sequence[tiny_world.Scene]) -> dict[str, Any]:
+    """Returns figure 1: per attribute the CLIP's top-1 accuracy, the judge's accuracy, and how
+    often the two agree, on `scenes` (with their true attributes).
+
+    Zero-shot over the caption template: each picture is matched with every plain caption of the
+    world ("a {colour} {object} {context}", `caption_grid`); the attributes of the most similar
+    caption are the CLIP's answer.
+    """
+    images = np.stack([s.image for s in scenes])
+    image_emb = np.asarray(scorer.image_embeddings(images))
+    captions, shape = caption_grid()
+    text_emb = np.asarray(scorer.text_embeddings(captions))
+    best = np.unravel_index(np.argmax(image_emb @ text_emb.T, axis=1), shape)
+    judged = [tiny_world_judge.judge_scene(s.image) for s in scenes]
+    result: dict[str, Any] = {"images": len(scenes), "protocol": "best of every plain caption"}
+    for name, indices in zip(ATTRIBUTES, best):
+        predicted = [LABELS[name][i] for i in indices]
+        truth = [getattr(s, name) for s in scenes]
+        judge = [j[name] for j in judged]
+        result[name] = {
+            "clip_accuracy": _share(predicted, truth),
+            "judge_accuracy": _share(judge, truth),
+            "judge_agrees_with_clip": _share(judge, predicted),
+        }
+    return result
+
+
+def _share(a: Sequence, b: Sequence) -> float:
+    return float(np.mean([x == y for x, y in zip(a, b, strict=True)]))
+
+
+def context_prompts(contexts: Sequence[str], per_context: int, seed: int = FIGURE_SEED) -> list[str]:
+    """Returns `per_context` prompts "a {colour} {object} {context}" per context (random colour and
+    object, seeded), context-major."""
+    rng = np.random.default_rng(seed)
+    return [
+        tiny_world.caption(tiny_world.OBJECTS[rng.integers(len(tiny_world.OBJECTS))],
+                           tiny_world.COLOURS[rng.integers(len(tiny_world.COLOURS))], "plain", context)
+        for context in contexts for _ in range(per_context)
+    ]
+
+
+def base_context_following(generator: sample.Generator, params, per_context: int,
+                           contexts: Sequence[str] = tiny_world.ANCHOR_CONTEXTS,
+                           seed: int = FIGURE_SEED) -> dict[str, Any]:
+    """Returns figure 2: per context, the share of the model's pictures of "a {colour} {object}
+    {context}" the judge sees in that context (one picture per prompt), and the lowest share."""
+    prompts = context_prompts(contexts, per_context, seed)
+    images = np.asarray(generator.generate(params, prompts, range(len(prompts)), 0, 1, seed, desc="base model"))
+    judged = [tiny_world_judge.judge_context(image) for image in images]
+    shares = {c: _share(judged[i * per_context:(i + 1) * per_context], [c] * per_context)
+              for i, c in enumerate(contexts)}
+    return {"per_context": shares, "min": min(shares.values()), "mean": float(np.mean(list(shares.values()))),
+            "images_per_context": per_context, "settings": generator.settings}
+
+
+def judged_context_accuracy(images: np.ndarray, prompts: Sequence[str]) -> float:
+    """Returns the share of images the judge sees in the context their prompt names."""
+    wanted = [tiny_world.prompt_context(p) for p in prompts]
+    if None in wanted:
+        raise ValueError(f"prompt {prompts[wanted.index(None)]!r} names no context of the tiny world")
+    return _share([tiny_world_judge.judge_context(image) for image in images], wanted)
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundFigures:
+    """A round's model on the concept's test prompts."""
+
+    round: int  # 0: the base model
+    txt_aln: float
+    img_aln: float
+    ovf: float
+    judge_context: float  # share of images in the prompt's context, by the judge
+    num_references: int  # training images of the round (references and queried images)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def evaluate_run(workdir: Path | str, *, num_per_prompt: int, seed: int = 8888,
+                 rounds: Sequence[int] | None = None, progress: bool = False) -> list[RoundFigures]:
+    """Returns figures 3-4 for the finished rounds of a GAL run on the tiny world (all, or `rounds`).
+
+    Every round generates from the same noise (round index 0, `seed`) with the run's eval sampler,
+    on the test prompts of the run's concept (tiny_world's, placeholder inserted); TXT-ALN and OVF
+    score against the prompts without it, IMG-ALN against the concept's references.
+    """
+    from gal_jax import inputs, models, score, sharding
+
+    workdir = Workdir(workdir)
+    config = outputs.run_config(workdir)
+    paths = inputs.resolve(config, need=("sd", "clip"))
+    concept = _tiny_concept(paths)
+    sd, params = outputs.load_base(config)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    generator = sample.Generator.from_config(config, sd, mesh, section="eval")
+    clip, clip_params = models.load_clip(paths.clip)
+    scorer = score.Scorer(clip, clip_params, mesh)
+    references = evaluate.load_images(concept.reference_images, clip.image_size)
+    figures = []
+    for round_index in (rounds if rounds is not None else _finished_rounds(workdir.root)):
+        unet = params.unet if round_index == 0 else export.load_unet(
+            sd, workdir.round(round_index).unet, param_dtype=config.model.param_dtype)
+        round_params = dataclasses.replace(params, unet=unet)
+        prompts = concept.generation_prompts()
+        images = np.asarray(generator.generate(round_params, prompts, range(len(prompts)),
+                                               evaluate.EVAL_ROUND_INDEX, num_per_prompt, seed,
+                                               progress=progress, desc=f"round {round_index}"))
+        scoring = [p for p in concept.scoring_prompts() for _ in range(num_per_prompt)]
+        result = evaluate.evaluate_images(scorer, images, scoring, references, concept.captions)
+        figures.append(RoundFigures(
+            round=round_index, txt_aln=result["txt_aln"], img_aln=result["img_aln"], ovf=result["ovf"],
+            judge_context=judged_context_accuracy(images, scoring),
+            num_references=_num_references(workdir, round_index),
+        ))
+    return figures
+
+
+def _tiny_concept(paths) -> evaluate.EvalConcept:
+    concepts = evaluate.read_concepts_list(paths.concepts_json)
+    if len(concepts) != 1:
+        raise ValueError(f"{paths.concepts_json}: expected the tiny world's one concept")
+    return dataclasses.replace(concepts[0], reference_images=tuple(sorted(
+        p for p in Path(paths.concept).iterdir() if p.suffix == ".png")))
+
+
+def _num_references(workdir: Workdir, round_index: int) -> int:
+    """Returns how many images round `round_index` trained on (0 for the base model)."""
+    return 0 if round_index == 0 else len(workdir.read_record(round_index).references)
+
+
+def table(runs: dict[str, Sequence[RoundFigures]]) -> str:
+    """Returns a markdown table: one row per (feedback mode, round), the paper's Table 1 columns
+    (TXT-ALN up, IMG-ALN, OVF down) and the judge's context accuracy."""
+    lines = ["| feedback | round | training images | TXT-ALN ↑ | IMG-ALN | OVF ↓ | judge: in context ↑ |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for mode, figures in runs.items():
+        for f in figures:
+            lines.append(f"| {mode} | {f.round} | {f.num_references} | {f.txt_aln:.4f} | {f.img_aln:.4f} | "
+                         f"{f.ovf:.3f} | {f.judge_context:.3f} |")
+    return "\n".join(lines)
+
+
+def run_comparison(out: Path | str, config, modes: Sequence[str] = ("none", "random", "uncertainty"), *,
+                   num_per_prompt: int = 4, progress: bool = True) -> dict[str, Any]:
+    """Runs GAL on the tiny world once per feedback mode (workdirs out/<mode>, resumable) and
+    returns figures 3-4: per mode, `evaluate_run` of the base model (round 0) and every round,
+    with the markdown `table`; also written to out/figures.json and out/figures.md."""
+    from gal_jax import driver, io_utils
+
+    out = Path(out).expanduser().absolute()
+    runs: dict[str, list[RoundFigures]] = {}
+    base: list[RoundFigures] | None = None
+    for mode in modes:
+        mode_config = config.copy_and_resolve_references()
+        mode_config.gal.feedback = mode
+        driver.run(mode_config, out / mode)
+        figures = evaluate_run(out / mode, num_per_prompt=num_per_prompt, progress=progress,
+                               rounds=None if base is not None else [0] + _finished_rounds(out / mode))
+        if base is None:
+            base, figures = figures[:1], figures[1:]
+        runs[mode] = figures
+    result = {"base": [f.as_dict() for f in base or []],
+              "runs": {mode: [f.as_dict() for f in figures] for mode, figures in runs.items()},
+              "num_per_prompt": num_per_prompt,
+              "workdirs": {mode: str(out / mode) for mode in modes},
+              "table": table({"base model": base or [], **runs})}
+    io_utils.write_json(out / "figures.json", result)
+    (out / "figures.md").write_text(result["table"] + "\n")
+    return result
+
+
+def _finished_rounds(root: Path) -> list[int]:
+    workdir = Workdir(root)
+    return [r for r in workdir.round_indices()
+            if workdir.round(r).record.is_file() and (workdir.round(r).unet / "config.json").is_file()]

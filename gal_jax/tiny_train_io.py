@@ -1,0 +1,180 @@
+"""Writes the trained tiny models as PyTorch folders: a transformers CLIPModel, an SD pipeline.
+
+The one place the tiny build needs PyTorch: transformers and diffusers write their own folder
+layouts (config.json, safetensors, tokenizer and processor files) from PyTorch modules, so the
+trained Flax weights are loaded into freshly built PyTorch modules and saved with
+`save_pretrained(safe_serialization=True)`. Every name is checked: a weight PyTorch expects and the
+Flax tree lacks (or the reverse) is an error, never a silently random weight.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flax import traverse_util
+
+from gal_jax import models, tiny
+
+Params = Any
+TORCH_DTYPES = ("float32", "float16")
+
+
+def write_tokenizer(folder: Path, max_length: int) -> Path:
+    """Writes the real-vocabulary CLIP tokenizer (tiny.write_tokenizer) padding to `max_length`."""
+    tiny.write_tokenizer(folder)
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["model_max_length"] = int(max_length)
+    config_file.write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def load_tokenizer(folder: Path):
+    """Returns the CLIPTokenizer saved in `folder`."""
+    return models.CLIPTokenizer.from_pretrained(folder)
+
+
+def tokenize_captions(tokenizer, captions) -> np.ndarray:
+    """Returns int32 ids (n, model_max_length); raises ValueError naming a caption that would be cut."""
+    limit = tokenizer.model_max_length
+    for caption in dict.fromkeys(captions):
+        if len(tokenizer(caption).input_ids) > limit:
+            raise ValueError(f"caption {caption!r} is longer than the tokenizer's {limit} tokens")
+    return models.tokenize(tokenizer, captions)
+
+
+def _torch_dtype(dtype: str):
+    import torch
+
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(TORCH_DTYPES)}")
+    return getattr(torch, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP
+# ---------------------------------------------------------------------------------------------
+
+
+def torch_clip(config, params: Params):
+    """Returns a PyTorch transformers CLIPModel holding the Flax CLIP params (float32)."""
+    from transformers import CLIPModel
+    from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model
+
+    return load_flax_weights_in_pytorch_model(CLIPModel(config).eval(), _host(params))
+
+
+def save_clip(folder: Path, config, params: Params, dtype: str = "float16") -> Path:
+    """Writes a transformers CLIPModel folder: weights in `dtype`, tokenizer padding to the text
+    tower's positions, and the image processor our Scorer and CLIPProcessor both follow.
+
+    The folder is read back with our loader: a weight the conversion missed raises ValueError.
+    """
+    from transformers import CLIPImageProcessor
+
+    torch_clip(config, params).to(_torch_dtype(dtype)).save_pretrained(folder, safe_serialization=True)
+    write_tokenizer(folder, config.text_config.max_position_embeddings)
+    size = config.vision_config.image_size
+    CLIPImageProcessor(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+        image_mean=list(models.CLIP_MEAN), image_std=list(models.CLIP_STD),
+    ).save_pretrained(folder)
+    _, loaded = models.load_clip(folder)
+    _check_same(loaded, params, dtype, folder)
+    return folder
+
+
+def _check_same(loaded: Params, params: Params, dtype: str, folder: Path) -> None:
+    """Raises ValueError unless `loaded` equals `params` rounded to `dtype`, leaf by leaf."""
+    expected = traverse_util.flatten_dict(_host(params))
+    for key, value in traverse_util.flatten_dict(loaded).items():
+        rounded = expected[key].astype(dtype).astype(np.float32)
+        if not np.array_equal(np.asarray(value, np.float32), rounded):
+            raise ValueError(f"{folder}: saved weight {'/'.join(key)} differs from the trained one")
+
+
+def save_text_encoder(folder: Path, clip_folder: Path, dtype: str = "float16") -> Path:
+    """Writes the text tower of the CLIPModel folder `clip_folder`, bit for bit, as a CLIPTextModel
+    folder (SD's text_encoder)."""
+    from transformers import CLIPModel, CLIPTextModel
+
+    clip = CLIPModel.from_pretrained(clip_folder, torch_dtype=_torch_dtype(dtype))
+    text = CLIPTextModel(clip.config.text_config).to(_torch_dtype(dtype)).eval()
+    state = {k: v for k, v in clip.state_dict().items() if k.startswith("text_model.")}
+    text.load_state_dict(state, strict=True)
+    text.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# VAE and UNet
+# ---------------------------------------------------------------------------------------------
+
+
+def torch_vae_state(torch_names: dict[str, tuple[int, ...]], params: Params) -> dict[str, np.ndarray]:
+    """Returns the PyTorch AutoencoderKL state dict (name -> float32 array) of Flax VAE params.
+
+    Each PyTorch name is mapped to its Flax key by the renaming our loader applies
+    (diffusers' rename_key_and_reshape_tensor), so the saved folder loads back to `params`.
+    """
+    from diffusers.models import modeling_flax_pytorch_utils as convert
+
+    flat = traverse_util.flatten_dict(_host(params))
+    state, used = {}, set()
+    for name, shape in torch_names.items():
+        key = tuple(convert.rename_key(name).split("."))
+        key, _ = convert.rename_key_and_reshape_tensor(key, np.empty(shape, np.float32), flat)
+        if key not in flat:
+            raise ValueError(f"VAE conversion: PyTorch weight {name} has no Flax param {'/'.join(key)}")
+        value = np.asarray(flat[key], np.float32)
+        if key[-1] == "kernel":
+            value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+        if value.shape != tuple(shape):
+            raise ValueError(f"VAE conversion: {name} is {tuple(shape)}, Flax gives {value.shape}")
+        state[name] = np.ascontiguousarray(value)
+        used.add(key)
+    unused = sorted("/".join(k) for k in flat.keys() - used)
+    if unused:
+        raise ValueError(f"VAE conversion: Flax params without a PyTorch weight: {', '.join(unused[:5])}")
+    return state
+
+
+def save_vae(folder: Path, vae_config: dict, params: Params, scaling_factor: float,
+             dtype: str = "float16") -> Path:
+    """Writes a diffusers AutoencoderKL folder of the Flax VAE params, with its scaling_factor."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(**vae_config, scaling_factor=float(scaling_factor)).eval()
+    shapes = {name: tuple(t.shape) for name, t in vae.state_dict().items()}
+    state = torch_vae_state(shapes, params)
+    vae.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
+    vae.to(_torch_dtype(dtype)).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def save_random_unet(folder: Path, unet_config: dict, seed: int) -> Path:
+    """Writes a randomly initialised diffusers UNet2DConditionModel folder (PyTorch's init)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    UNet2DConditionModel(**unet_config).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def write_pipeline_files(folder: Path) -> None:
+    """Writes SD 1.x's scheduler config and the pipeline's model_index.json into `folder`."""
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(tiny.SD1_SCHEDULER, indent=2))
+    (folder / "model_index.json").write_text(json.dumps(tiny._model_index(), indent=2))
+
+
+def _host(params: Params) -> Params:
+    """Returns the params as host numpy arrays (float32 for any float leaf)."""
+    import jax
+
+    return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x), np.float32), params)

@@ -1,0 +1,125 @@
+"""The tiny world's training code, run for a few steps on a small world (CI never retrains the
+shipped models), and the pieces it is made of."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gal_jax import models, tiny_build, tiny_train, tiny_train_io
+
+
+@pytest.fixture(scope="module")
+def smoke_build(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny_train") / "models"
+    report = tiny_build.train_tiny_world(out, seed=3, recipe=tiny_train.SMOKE_RECIPE, num_train=40, progress=False)
+    return out, report
+
+
+def test_a_smoke_build_writes_models_our_loaders_and_pytorch_read(smoke_build):
+    out, report = smoke_build
+    written = json.loads((out / tiny_build.REPORT_FILE).read_text())
+    assert written["num_train"] + written["num_held_out"] == 40 and written["seed"] == 3
+    assert np.isfinite([report.clip_loss, report.vae_loss, report.unet_loss, report.vae_scaling_factor]).all()
+    assert len(report.loss_curves["unet"]) >= 1 and set(report.seconds) >= {"clip", "vae", "unet", "figures"}
+    zero_shot = written["figures"]["clip_zero_shot"]
+    assert {"context", "object", "colour"} <= set(zero_shot) and zero_shot["images"] == 32
+    assert 0.0 <= zero_shot["context"]["judge_accuracy"] <= 1.0
+    assert len(written["figures"]["base_context_following"]["per_context"]) == 18
+    # Our loaders read both folders; the text tower is the CLIP's, bit for bit.
+    sd, sd_params = models.load_stable_diffusion(out / "sd")
+    clip, clip_params = models.load_clip(out / "clip")
+    assert sd.max_length == clip.tokenizer.model_max_length == tiny_train.SMOKE_RECIPE.max_length == 32
+    text_tower = jax.tree_util.tree_leaves(clip_params["text_model"])
+    np.testing.assert_array_equal(np.concatenate([np.ravel(x) for x in text_tower]),
+                                  np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(sd_params.text_encoder)]))
+    # PyTorch reads them as users' downloaded models.
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPModel
+
+    pipe = StableDiffusionPipeline.from_pretrained(out / "sd", safety_checker=None, requires_safety_checker=False)
+    assert pipe.vae.config.scaling_factor == pytest.approx(report.vae_scaling_factor, rel=1e-6)
+    assert CLIPModel.from_pretrained(out / "clip").config.projection_dim == tiny_train.SMOKE_RECIPE.projection_dim
+
+
+def test_the_summary_names_every_figure(smoke_build):
+    summary = smoke_build[1].summary()
+    for words in ("CLIP:", "VAE:", "PSNR", "UNet:", "zero-shot", "judge agrees", "base SD draws", "time:", "size:"):
+        assert words in summary
+
+
+def test_contrastive_loss_does_not_push_apart_equal_captions():
+    eye = jnp.eye(4)
+    together = jnp.stack([eye[0], eye[0], eye[2], eye[3]])  # examples 0 and 1 share one caption
+    apart = together.at[1].set(jnp.array([0.8, 0.6, 0.0, 0.0]))  # example 1 moved off example 0
+    scale = jnp.log(100.0)
+
+    def loss(embeddings, groups):
+        return float(tiny_train.contrastive_loss(embeddings, embeddings, scale, jnp.asarray(groups)))
+
+    # As distinct captions, moving the pair apart pays; as one caption group, it does not.
+    assert loss(apart, [0, 1, 2, 3]) < loss(together, [0, 1, 2, 3])
+    assert loss(apart, [0, 0, 2, 3]) > loss(together, [0, 0, 2, 3])
+    assert loss(eye, [0, 1, 2, 3]) < 1e-3
+
+
+def test_each_epoch_visits_every_example_once():
+    key = jax.random.key(0)
+    epoch = np.concatenate([np.asarray(tiny_train.epoch_batch_indices(key, jnp.int32(s), 12, 4)) for s in range(3)])
+    assert sorted(epoch) == list(range(12))
+    next_epoch = np.concatenate([np.asarray(tiny_train.epoch_batch_indices(key, jnp.int32(s), 12, 4)) for s in range(3, 6)])
+    assert sorted(next_epoch) == list(range(12)) and not np.array_equal(epoch, next_epoch)
+
+
+def test_caption_groups_and_held_out_split():
+    assert tiny_train.caption_groups(["a", "b", "a"]).tolist() == [0, 1, 0]
+    train, held = tiny_train.split_held_out(50, 0.1, seed=0)
+    assert len(held) == 5 and not set(train) & set(held) and len(train) + len(held) == 50
+
+
+def test_the_vae_conversion_matches_pytorch_numerically():
+    import torch
+    from diffusers import AutoencoderKL
+
+    recipe = tiny_train.SMOKE_RECIPE
+    vae, params = tiny_train.init_vae(recipe, seed=0)
+    torch_vae = AutoencoderKL(**recipe.vae).eval()
+    shapes = {name: tuple(t.shape) for name, t in torch_vae.state_dict().items()}
+    state = tiny_train_io.torch_vae_state(shapes, params)
+    torch_vae.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
+    images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    _, decoded = tiny_train._encode_decode(vae, params, jnp.asarray(images))
+    pixels = torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0)
+    with torch.no_grad():
+        expected = torch_vae.decode(torch_vae.encode(pixels).latent_dist.mean).sample.numpy()
+    np.testing.assert_allclose(np.asarray(decoded), expected, atol=2e-3, rtol=2e-3)
+
+
+def test_bad_training_images_are_named():
+    recipe = tiny_train.SMOKE_RECIPE
+    with pytest.raises(ValueError, match="uint8"):
+        tiny_build._checked_images(np.zeros((4, 32, 32, 3), np.uint8), ["a"] * 4, recipe)
+    with pytest.raises(ValueError, match="3 captions"):
+        tiny_build._checked_images(np.zeros((4, 64, 64, 3), np.uint8), ["a"] * 3, recipe)
+
+
+def test_a_caption_longer_than_the_text_tower_is_refused(tmp_path):
+    tokenizer = tiny_train_io.load_tokenizer(tiny_train_io.write_tokenizer(tmp_path / "tok", 8))
+    with pytest.raises(ValueError, match="longer than"):
+        tiny_train_io.tokenize_captions(tokenizer, ["a striped yellow flower next to a volcano in watercolor style"])
+
+
+def test_the_locked_stage_leaves_the_text_tower_exactly_as_it_was(tmp_path):
+    recipe = tiny_train.SMOKE_RECIPE
+    model, params = tiny_train.init_clip(recipe, seed=0)
+    images, captions = tiny_train.world_dataset(16, seed=0)
+    tokenizer_dir = tiny_train_io.write_tokenizer(tmp_path / "tokenizer", recipe.max_length)
+    ids = tiny_train_io.tokenize_captions(tiny_train_io.load_tokenizer(tokenizer_dir), captions)
+    data = tiny_train.ClipData(jnp.asarray(images), jnp.asarray(ids), jnp.asarray(tiny_train.caption_groups(captions)))
+    trained, _ = tiny_train.train_clip(model, params, data, recipe.clip_locked_schedule, 0, False, locked_text=True)
+    for part in ("text_model", "text_projection", "vision_model"):
+        same = jax.tree_util.tree_all(jax.tree_util.tree_map(lambda a, b: bool(jnp.array_equal(a, b)),
+                                                             params[part], trained[part]))
+        assert same == (part == "text_model"), part

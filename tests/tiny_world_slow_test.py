@@ -1,0 +1,86 @@
+"""The tiny world's five claims, measured on the shipped models (slow: about 30 minutes on 2 cores).
+
+    .venv/bin/python -m pytest -m slow tests/tiny_world_slow_test.py
+
+The thresholds are the issue's, not tuned to the figures: a failure here means the shipped models
+no longer show what README says they show.
+"""
+
+import time
+
+import numpy as np
+import pytest
+
+from gal_jax import models, sample, score, sharding, tiny_figures, tiny_world
+
+pytestmark = pytest.mark.slow
+
+# Strict: when a retrained model meets a claim, the XPASS fails the run until README and this
+# mark are updated.
+NOT_YET = "README 'The tiny world': not met by the shipped models ({})"
+
+
+@pytest.mark.xfail(strict=True, reason=NOT_YET.format("object kinds 46%; context 99%, colour 92%"))
+def test_1_the_tiny_clip_names_context_object_and_colour_and_the_judge_agrees(tiny_world_assets):
+    clip, params = models.load_clip(tiny_world_assets["clip"])
+    result = tiny_figures.clip_zero_shot(score.Scorer(clip, params, sharding.make_mesh()),
+                                         tiny_figures.held_out_scenes(1000))
+    for name in tiny_figures.ATTRIBUTES:
+        assert result[name]["clip_accuracy"] >= 0.9, (name, result[name])
+    assert result["context"]["judge_agrees_with_clip"] >= 0.9, result["context"]
+
+
+@pytest.mark.xfail(strict=True, reason=NOT_YET.format("the base SD draws the prompt's context 17% of the time"))
+def test_2_the_base_sd_draws_every_anchor_context(tiny_world_assets):
+    sd, params = models.load_stable_diffusion(tiny_world_assets["sd"])
+    generator = sample.Generator(sd, sharding.make_mesh(), sampler="ddim", steps=25, guidance_scale=5.0,
+                                 max_images_per_device=64)
+    result = tiny_figures.base_context_following(generator, params, per_context=10)
+    assert result["min"] >= 0.8, result["per_context"]
+
+
+@pytest.fixture(scope="module")
+def comparison(tiny_world_assets, tmp_path_factory):
+    from configs import tiny_cpu
+
+    config = tiny_cpu.get_config()
+    config.model.tiny_dir = str(tiny_world_assets["root"])
+    config.model.tiny_world = True
+    config.gal.rounds = 4
+    config.eval.steps = 25
+    return tiny_figures.run_comparison(tmp_path_factory.mktemp("gal"), config, num_per_prompt=4, progress=False)
+
+
+@pytest.mark.xfail(strict=True, reason=NOT_YET.format("the base SD does not follow prompts, so no overfitting to undo"))
+def test_3_plain_dreambooth_overfits_with_mixed_round_1_rates(comparison):
+    from gal_jax.workdir import Workdir
+
+    base, none = comparison["base"][0], comparison["runs"]["none"][0]
+    assert none["ovf"] >= base["ovf"] + 0.2, (base, none)
+    assert none["judge_context"] <= base["judge_context"] - 0.2, (base, none)
+    rates = [d.overfit_rate for d in Workdir(comparison["workdirs"]["none"]).read_record(1).directions]
+    assert sum(0 < r < 1 for r in rates) >= 3, rates  # enough uncertain directions for k = 3
+
+
+@pytest.mark.xfail(strict=True, reason=NOT_YET.format("the base SD does not follow prompts, so no overfitting to undo"))
+def test_4_gal_lowers_ovf_and_raises_text_alignment_over_its_rounds(comparison):
+    rounds = comparison["runs"]["uncertainty"]
+    first, last = rounds[0], rounds[-1]
+    assert len(rounds) >= 2
+    assert last["ovf"] < first["ovf"] and last["txt_aln"] > first["txt_aln"], rounds
+    assert abs(last["img_aln"] - first["img_aln"]) <= 0.05, rounds
+    random_last = comparison["runs"]["random"][-1]
+    assert random_last["num_references"] == last["num_references"]
+    assert last["ovf"] < comparison["runs"]["none"][0]["ovf"] and last["ovf"] < random_last["ovf"], comparison["table"]
+
+
+def test_5_the_readme_command_runs_within_3_minutes(tiny_world_assets, tmp_path):
+    from configs import tiny_cpu
+    from gal_jax import driver
+
+    config = tiny_cpu.get_config()
+    config.model.tiny_dir = str(tiny_world_assets["root"])
+    config.model.tiny_world = True
+    start = time.perf_counter()
+    driver.run(config, tmp_path / "run")
+    assert time.perf_counter() - start <= 180
