@@ -118,7 +118,7 @@ def _cmd_make_tiny(args):
         from gal_jax import tiny_build, tiny_train
 
         out = Path(_require(_OUT, "out", "make-tiny --train"))
-        num_train = _NUM_TRAIN.value or tiny_build.NUM_TRAIN
+        num_train = tiny_build.NUM_TRAIN if _NUM_TRAIN.value is None else _NUM_TRAIN.value
         if num_train < 1:
             raise UsageError(f"--num_train={num_train} must be >= 1")
         report = tiny_build.train_tiny_world(out, seed=_SEED.value, recipe=tiny_train.RECIPES[_RECIPE.value],

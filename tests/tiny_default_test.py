@@ -100,8 +100,15 @@ def test_the_default_run_on_the_shipped_models_queries_and_reports(tiny_world_as
     assert record.plain_prompts == ("a teapot on a table",)
 
 
-def test_make_tiny_train_needs_an_output_folder(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "gal_jax.main", "make-tiny", "--train"], cwd=REPO,
+@pytest.mark.parametrize("flags, message", [
+    ([], "`gal-jax make-tiny --train` needs --out"),
+    (["--out={tmp}/m", "--num_train=0"], "--num_train=0 must be >= 1"),
+    (["--out={tmp}/m", "--recipe=big"], "flag --recipe=big: value should be one of <default|smoke>"),
+])
+def test_make_tiny_train_refuses_bad_flags_before_training(tmp_path, flags, message):
+    args = [f.format(tmp=tmp_path) for f in flags]
+    result = subprocess.run([sys.executable, "-m", "gal_jax.main", "make-tiny", "--train", *args], cwd=REPO,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
-    assert "gal-jax make-tiny: error: `gal-jax make-tiny --train` needs --out" in result.stderr
+    assert f"gal-jax make-tiny: error: {message}" in result.stderr
+    assert not (tmp_path / "m").exists()
