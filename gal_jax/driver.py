@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import json
 import shutil
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -279,10 +278,10 @@ def run_round(runtime: Runtime, round_index: int, rounds: int, records: list[Rou
     references = current_references(concept, records, workdir)
     timings: dict[str, float] = {}
 
-    with _timed(timings, "train"):
+    with io_utils.timed(timings, "train"):
         unet_params, train_loss = train_round(runtime, references, paths)
     if runtime.eval_concepts:
-        with _timed(timings, "evaluate"):
+        with io_utils.timed(timings, "evaluate"):
             evaluate_round(runtime, round_index, unet_params, paths)
     pool = remaining_pool(concept, records)
     if round_index == rounds or len(pool) < config.gal.k:
@@ -403,7 +402,7 @@ def query_round(runtime, round_index, unet_params, pool, paths: RoundPaths, timi
     config, concept = runtime.config, runtime.concept
     prompts = [concept.anchor_prompts[i] for i in pool]
     images, index = generate_images(runtime, round_index, unet_params, pool, paths, timings)
-    with _timed(timings, "score"):
+    with io_utils.timed(timings, "score"):
         sims = score_images(runtime, images, prompts, paths)
     num = config.sample.num_per_prompt
     sim_anchor = np.asarray(sims["sim_anchor"]).reshape(len(pool), num)
@@ -491,13 +490,13 @@ def generate_images(runtime, round_index, unet_params, pool, paths: RoundPaths, 
         return io_utils.read_images([workdir.resolve(e["path"]) for e in index]), index
     params = dataclasses.replace(runtime.sd_params, unet=unet_params)
     prompts = [concept.anchor_prompts[i] for i in pool]
-    with _timed(timings, "generate"):
+    with io_utils.timed(timings, "generate"):
         images = runtime.generator.generate(
             params, prompts, pool, round_index, config.sample.num_per_prompt, config.sample.seed,
             desc=f"round {round_index} generate",
         )
         images.block_until_ready()
-    with _timed(timings, "write"):
+    with io_utils.timed(timings, "write"):
         host = sample.to_host(images, config.sample.num_per_prompt).reshape(-1, *images.shape[1:])
         for n, entry in enumerate(expected):
             io_utils.write_png(workdir.resolve(entry["path"]), host[n])
@@ -568,19 +567,6 @@ def export_final_model(runtime: Runtime, round_index: int) -> Path:
             export.write_pipeline(runtime.paths.sd, paths.unet, workdir.model_dir, dtype=config.export.dtype)
         io_utils.sync("export")
     return workdir.model_dir
-
-
-class _timed:
-    """Adds the wall time of a `with` block to timings[name]."""
-
-    def __init__(self, timings: dict, name: str):
-        self.timings, self.name = timings, name
-
-    def __enter__(self):
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.timings[self.name] = self.timings.get(self.name, 0.0) + time.perf_counter() - self.start
 
 
 def _timing_line(round_index: int, timings: dict) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import shutil
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -154,7 +153,7 @@ def train_tiny_world(out: Path | str, *, seed: int = 0, recipe: Recipe = DEFAULT
     (also in out/tiny_train.json)."""
     images, captions = world_dataset(num_train, seed)
     report = build_trained_tiny(out, images, captions, seed=seed, recipe=recipe, progress=progress)
-    with _timed(report, "figures"):
+    with io_utils.timed(report.seconds, "figures"):
         report.figures = measure_figures(Path(out).expanduser().absolute(), progress=progress,
                                          held_out=FIGURE_IMAGES if recipe is DEFAULT_RECIPE else 32,
                                          per_context=FIGURE_PER_CONTEXT if recipe is DEFAULT_RECIPE else 1)
@@ -196,15 +195,15 @@ def build_trained_tiny(out: Path | str, images: np.ndarray, captions: Sequence[s
             tiny_train_io.write_tokenizer(staging / "tokenizer", recipe.max_length))
         ids = tiny_train_io.tokenize_captions(tokenizer, captions)
         groups = caption_groups(captions)
-        with _timed(report, "clip"):
+        with io_utils.timed(report.seconds, "clip"):
             model, clip_params = _build_clip(report, images, ids, groups, train_rows, held_rows, recipe,
                                              seed, progress)
             tiny_train_io.save_clip(staging / "clip", model.config, clip_params, recipe.dtype)
-        with _timed(report, "vae"):
+        with io_utils.timed(report.seconds, "vae"):
             vae, vae_params = _build_vae(report, images, train_rows, held_rows, recipe, seed + 1, progress)
         sd_dir = _write_untrained_sd(staging / "sd", staging / "clip", recipe, vae_params,
                                      report.vae_scaling_factor, seed + 2)
-        with _timed(report, "unet"):
+        with io_utils.timed(report.seconds, "unet"):
             metrics = train_unet(sd_dir, images[train_rows], [captions[i] for i in train_rows], recipe,
                                  seed + 3, staging / "unet_data", progress)
         report.unet_loss, report.loss_curves["unet"] = metrics["loss"], [p["loss"] for p in metrics["loss_curve"]]
@@ -265,19 +264,6 @@ def _checked_images(images, captions: Sequence[str], recipe: Recipe) -> np.ndarr
     if len(captions) != len(images):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
     return images
-
-
-class _timed:
-    """Adds the seconds its block took to report.seconds[name]."""
-
-    def __init__(self, report: BuildReport, name: str):
-        self.report, self.name = report, name
-
-    def __enter__(self):
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc_info):
-        self.report.seconds[self.name] = time.perf_counter() - self.start
 
 
 def _folder_megabytes(folder: Path) -> float:

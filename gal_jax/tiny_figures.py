@@ -171,8 +171,10 @@ def _tiny_concept(paths) -> evaluate.EvalConcept:
     concepts = evaluate.read_concepts_list(paths.concepts_json)
     if len(concepts) != 1:
         raise ValueError(f"{paths.concepts_json}: expected the tiny world's one concept")
-    return dataclasses.replace(concepts[0], reference_images=tuple(sorted(
-        p for p in Path(paths.concept).iterdir() if p.suffix == ".png")))
+    from gal_jax import data
+
+    references = tuple(r.image for r in data.load_concept(paths.concept))
+    return dataclasses.replace(concepts[0], reference_images=references)
 
 
 def _num_references(workdir: Workdir, round_index: int) -> int:

@@ -473,9 +473,17 @@ def draw_balcony(pen: Pen, rng, p) -> None:
         pen.ellipse(x + 0.0125, (top + floor_top) / 2, 0.018, 0.04, rail)
         x += gap
     floor = shade(rng, p["floor"], 8)
-    pen.rect(0, floor_top, 1, 1, floor)
-    for i in range(9):
-        pen.line([(0.5 + (i - 4) * 0.1, floor_top), (0.5 + (i - 4) * 0.2, 1)], scaled(floor, 0.8), 0.006)
+    _board_floor(pen, floor_top, floor, boards=9, spacing=0.1, darkness=0.8, width=0.006)
+
+
+def _board_floor(pen: Pen, top: float, colour, *, boards: int, spacing: float, darkness: float,
+                 width: float) -> None:
+    """Paints a floor from `top` down, its board seams widening towards the viewer."""
+    pen.rect(0, top, 1, 1, colour)
+    middle = boards // 2
+    for i in range(boards):
+        pen.line([(0.5 + (i - middle) * spacing, top), (0.5 + (i - middle) * 2 * spacing, 1)],
+                 scaled(colour, darkness), width)
 
 
 def draw_table(pen: Pen, rng, p) -> None:
@@ -553,9 +561,7 @@ def draw_boat(pen: Pen, rng, p) -> None:
     for x in np.arange(rng.uniform(0, 0.1), 1, 0.12):
         pen.rect(x, deck - 0.07, x + 0.015, deck, (245, 245, 245))
     wood = shade(rng, p["deck"], 8)
-    pen.rect(0, deck, 1, 1, wood)
-    for i in range(12):
-        pen.line([(0.5 + (i - 6) * 0.08, deck), (0.5 + (i - 6) * 0.16, 1)], scaled(wood, 0.75), 0.008)
+    _board_floor(pen, deck, wood, boards=12, spacing=0.08, darkness=0.75, width=0.008)
 
 
 def draw_autumn(pen: Pen, rng, p) -> None:
