@@ -23,6 +23,9 @@ COMPILATION_CACHE = Path(os.environ.get("GAL_JAX_CACHE", "~/.cache/gal_jax")).ex
 
 TEMP_PREFIX = ".tmp-"
 _TEMPORARY = re.compile(r"^\.tmp-.*$")
+# A temporary's name carries its maker: ".tmp-<target>.<host>-<pid>.<random>", so leftovers of a
+# killed process are told from the work of one still running (outside a locked workdir).
+_OWNED_TEMPORARY = re.compile(r"^\.tmp-(?P<target>.*)\.(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)\.[^.]+$")
 
 
 def is_primary() -> bool:
@@ -44,6 +47,55 @@ def is_temporary_name(name: str) -> bool:
     return bool(_TEMPORARY.match(name))
 
 
+def _owner_tag() -> str:
+    """Returns "<host>-<pid>" for temporary names (the host with anything but [A-Za-z0-9_-] as _)."""
+    import socket
+
+    return f"{re.sub(r'[^A-Za-z0-9_-]', '_', socket.gethostname())}-{os.getpid()}"
+
+
+def _temporary_prefix(target_name: str) -> str:
+    return f"{TEMP_PREFIX}{target_name}.{_owner_tag()}."
+
+
+def remove_dead_temporaries(parent: Path, target_name: str | None = None) -> list[Path]:
+    """Deletes the temp files and folders in `parent` (those for `target_name`, or all) that a
+    process of this host made and that is no longer running: what a kill -9 left behind. Others'
+    temporaries, and those of other hosts, are kept. Returns what was removed."""
+    import shutil
+    import socket
+
+    parent = Path(parent)
+    if not parent.is_dir():
+        return []
+    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())
+    removed = []
+    for entry in parent.iterdir():
+        owned = _OWNED_TEMPORARY.match(entry.name)
+        if owned is None or owned["host"] != host or _is_running(int(owned["pid"])):
+            continue
+        if target_name is not None and owned["target"] != target_name:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def _is_running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def sync(name: str) -> None:
     """Waits until every process reaches this point (after process 0 wrote what they will read)."""
     import jax
@@ -61,7 +113,7 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMP_PREFIX}{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path.name))
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
@@ -87,11 +139,12 @@ def fsync_dir(folder: Path) -> None:
 
 
 def temporary_dir_beside(target: Path) -> Path:
-    """Returns a new empty folder next to `target` (same filesystem), named as a temporary, so a
-    killed run's leftovers are found and removed on the next start."""
+    """Returns a new empty folder next to `target` (same filesystem), named as a temporary of this
+    process, so a killed run's leftovers are found and removed on the next start (by a workdir's
+    sweep, or `remove_dead_temporaries`)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{TEMP_PREFIX}{target.name}."))
+    folder = Path(tempfile.mkdtemp(dir=target.parent, prefix=_temporary_prefix(target.name)))
     folder.chmod(0o755)  # mkdtemp's 0o700 would become the finished folder's permissions
     return folder
 

@@ -21,11 +21,10 @@ import gzip
 import json
 import os
 import shutil
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-from gal_jax import tiny_data
+from gal_jax import io_utils, tiny_data
 
 ASSETS = Path(__file__).parent / "assets"
 BPE_FILE = ASSETS / "bpe_simple_vocab_16e6.txt.gz"
@@ -253,9 +252,13 @@ def make_tiny(root: Path | str = DEFAULT_TINY_DIR, *, force: bool = False, train
         if force and paths[name].exists():
             shutil.rmtree(paths[name])
         if not paths[name].exists():
-            with tempfile.TemporaryDirectory(dir=root, prefix=f".{name}-") as tmp:
-                writer(Path(tmp) / name)
-                os.replace(Path(tmp) / name, paths[name])
+            io_utils.remove_dead_temporaries(root, name)
+            tmp = io_utils.temporary_dir_beside(paths[name])
+            try:
+                writer(tmp / name)
+                os.replace(tmp / name, paths[name])
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
     if trained:
         from gal_jax import tiny_world
 

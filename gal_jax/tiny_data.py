@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from gal_jax import io_utils
 
 OBJECT_CONCEPT = "teapot"
 PLACEHOLDER = "<tiny-teapot>"
@@ -63,9 +64,8 @@ def make_tiny_concepts(root: Path | str, resolution: int = 64, seed: int = 0) ->
     wanted = {"version": _FORMAT_VERSION, "resolution": resolution, "seed": seed}
     if _is_complete(root, wanted):
         return concept_paths(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.tmp-"))
-    tmp.chmod(0o755)  # mkdtemp's 0o700 would otherwise become the set's permissions
+    io_utils.remove_dead_temporaries(root.parent, root.name)
+    tmp = io_utils.temporary_dir_beside(root)
     try:
         _write_all(tmp, resolution, np.random.default_rng(seed))
         (tmp / _MARKER).write_text(json.dumps(wanted, sort_keys=True))

@@ -201,3 +201,27 @@ def test_run_status_round_trips_and_a_damaged_one_is_named(tmp_path):
     workdir.status.write_text("{")
     with pytest.raises(WorkdirError, match="run.json: not valid JSON"):
         workdir.read_status()
+
+
+def test_temporaries_of_killed_processes_are_removed_and_live_ones_kept(tmp_path):
+    """Outside a locked workdir (the tiny caches, make-tiny --train) a leftover is removed only
+    when the process that made it is gone: here a real child made one and was killed with -9."""
+    target = tmp_path / "sd"
+    script = textwrap.dedent(f"""
+        import os, signal
+        from pathlib import Path
+        from gal_jax import io_utils
+        folder = io_utils.temporary_dir_beside(Path({str(target)!r}))
+        (folder / "half.safetensors").write_text("x")
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1])
+    assert result.returncode == -9
+    [dead] = list(tmp_path.iterdir())
+    live = io_utils.temporary_dir_beside(target)  # this process: running
+    other_target = io_utils.temporary_dir_beside(tmp_path / "clip")
+    foreign = tmp_path / ".tmp-sd.some-other-host-1.abc"  # another host's: cannot tell, kept
+    foreign.mkdir()
+    assert io_utils.remove_dead_temporaries(tmp_path, "sd") == [dead]
+    assert not dead.exists() and live.is_dir() and other_target.is_dir() and foreign.is_dir()
+    assert io_utils.remove_dead_temporaries(tmp_path / "missing") == []
