@@ -64,6 +64,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.prior_loss_weight = 1.0
     config.train.grad_accum_steps = 1
     config.train.remat = False
+    # Min-SNR-gamma loss weighting (diffusers' --snr_gamma; 5 is their suggestion); 0: plain MSE
+    # (the paper, the authors' code). Applies to instance and class examples alike.
+    config.train.snr_gamma = 0.0
     config.train.cache_latents = True  # only used without random augmentation
     config.train.checkpoint_every = 200
     config.train.keep_checkpoints = 2

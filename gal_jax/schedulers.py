@@ -150,6 +150,29 @@ def velocity_target(schedule: NoiseSchedule, x0: jax.Array, noise: jax.Array, t:
     return (signal * noise - noise_scale * x0).astype(x0.dtype)
 
 
+def signal_to_noise(schedule: NoiseSchedule, t: jax.Array) -> jax.Array:
+    """Returns SNR(t) = alpha_bar_t / (1 - alpha_bar_t), float32, shaped like t."""
+    alpha_bar = schedule.alphas_cumprod[jnp.asarray(t)].astype(jnp.float32)
+    return alpha_bar / (1.0 - alpha_bar)
+
+
+def min_snr_weight(schedule: NoiseSchedule, t: jax.Array, gamma: float, prediction_type: str) -> jax.Array:
+    """Returns the Min-SNR-gamma loss weight of each timestep (Hang et al. 2023), as diffusers'
+    training scripts apply it with `--snr_gamma`: min(SNR, gamma) / SNR for epsilon prediction,
+    min(SNR, gamma) / (SNR + 1) for v-prediction, min(SNR, gamma) for sample prediction. It turns
+    the MSE on the target into the (clipped) MSE on x0, so the low-noise steps, whose loss is easy,
+    stop dominating the gradient."""
+    snr = signal_to_noise(schedule, t)
+    clipped = jnp.minimum(snr, gamma)
+    if prediction_type == "epsilon":
+        return clipped / snr
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1.0)
+    if prediction_type == "sample":
+        return clipped
+    raise SchedulerConfigError(f"prediction_type {prediction_type!r} is not one of {PREDICTION_TYPES}")
+
+
 def training_target(
     schedule: NoiseSchedule, x0: jax.Array, noise: jax.Array, t: jax.Array, prediction_type: str
 ) -> jax.Array:

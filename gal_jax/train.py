@@ -60,6 +60,7 @@ class StepConfig:
     prior_loss_weight: float = 1.0
     grad_accum_steps: int = 1
     remat: bool = False
+    snr_gamma: float = 0.0  # > 0: Min-SNR-gamma weighting of every example's loss (0: plain MSE)
 
     @classmethod
     def from_config(cls, train_config) -> StepConfig:
@@ -68,10 +69,14 @@ class StepConfig:
             raise ValueError(
                 f"train.prior_loss_weight must be >= 0, got {train_config.prior_loss_weight}"
             )
+        snr_gamma = float(train_config.get("snr_gamma", 0.0))
+        if not snr_gamma >= 0:
+            raise ValueError(f"train.snr_gamma must be >= 0 (0: off; diffusers' scripts suggest 5), got {snr_gamma}")
         return cls(
             prior_loss_weight=float(train_config.prior_loss_weight),
             grad_accum_steps=int(train_config.grad_accum_steps),
             remat=bool(train_config.remat),
+            snr_gamma=snr_gamma,
         )
 
 
@@ -195,8 +200,11 @@ def dreambooth_loss(
     noisy = schedulers.add_noise(schedule, latents, batch["noise"], t)
     target = schedulers.training_target(schedule, latents, batch["noise"], t, sd.prediction_type)
     prediction = sd.apply_unet(unet_params, noisy, t, context, remat=config.remat)
+    per_example = per_example_mse(prediction, target)
+    if config.snr_gamma > 0:
+        per_example = per_example * schedulers.min_snr_weight(schedule, t, config.snr_gamma, sd.prediction_type)
     return weighted_dreambooth_loss(
-        per_example_mse(prediction, target),
+        per_example,
         batch["weight"],
         batch["is_prior"],
         config.prior_loss_weight,

@@ -183,6 +183,21 @@ def test_converting_the_training_target_recovers_x0_and_noise(prediction_type):
     chex.assert_trees_all_close((pred_x0, pred_noise), (x0, noise), atol=2e-3)
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weight_matches_diffusers_training_scripts(prediction_type):
+    """diffusers' train_text_to_image.py: min(compute_snr, gamma) / snr (epsilon) or / (snr + 1)."""
+    from diffusers.training_utils import compute_snr
+
+    t = np.array([0, 3, 120, 500, 981, 999], np.int64)
+    snr = compute_snr(DDPMScheduler.from_config(SD15), torch.from_numpy(t))
+    clipped = torch.minimum(snr, torch.full_like(snr, 5.0))
+    expected = clipped / snr if prediction_type == "epsilon" else clipped / (snr + 1)
+    schedule = schedulers.make_noise_schedule(SD15)
+    actual = schedulers.min_snr_weight(schedule, jnp.asarray(t), 5.0, prediction_type)
+    np.testing.assert_allclose(np.asarray(actual), expected.numpy(), rtol=1e-4)  # float32 SNR at t=0
+    assert np.asarray(actual)[0] < 0.01  # the nearly clean steps count little
+
+
 def test_training_target_rejects_unknown_prediction_type():
     x0, noise, t = (jnp.asarray(a) for a in _training_batch())
     with pytest.raises(ValueError, match="flow"):

@@ -13,7 +13,7 @@ import torch
 from flax import traverse_util
 
 from configs import tiny_cpu
-from gal_jax import data, models, sharding, train, trainer as trainer_lib
+from gal_jax import data, models, schedulers, sharding, train, trainer as trainer_lib
 
 BATCH_SIZE = 4  # instance examples a step: 8 rows with their class images, one per fake device
 
@@ -316,6 +316,22 @@ def test_training_lowers_the_loss_of_a_fixed_batch(loaded, trainer, train_set, f
     assert float(loss(jax.device_get(first_round[0]))) < 0.9 * float(loss(jax.device_get(params.unet)))
 
 
+def test_min_snr_gamma_weights_each_example_loss_by_its_timestep(loaded, trainer, train_set):
+    """With train.snr_gamma every example's MSE is scaled by min(SNR, gamma) / SNR of its own
+    timestep before the absolute weights: one example alone in the batch shows it exactly."""
+    sd, params = loaded
+    frozen = train.place_frozen(params, sd, trainer.mesh)
+    batch = next(data.make_train_iterator(train_set, global_batch_size=2, seed=1, resolution=64))
+    batch = {**batch, **train.draw_step_randomness(jax.random.key(3), sd, batch, 1000)}
+    batch = {k: v[:1] for k, v in batch.items()}  # one instance example
+    batch["timesteps"] = np.array([40])  # SNR(40) is far above 5: the weight is small
+    loss = jax.jit(lambda gamma: train.dreambooth_loss(
+        params.unet, batch, frozen, sd=sd, config=train.StepConfig(snr_gamma=gamma))[0], static_argnums=0)
+    weight = schedulers.min_snr_weight(frozen.noise_schedule, jnp.array([40]), 5.0, sd.prediction_type)
+    assert float(weight[0]) < 0.2
+    np.testing.assert_allclose(float(loss(5.0)), float(loss(0.0)) * float(weight[0]), rtol=1e-5)
+
+
 def test_rounds_restart_from_base_weights_without_recompiling(loaded, trainer, train_set, first_round):
     _, params = loaded
     base = jax.device_get(params.unet)
@@ -353,6 +369,7 @@ def test_batch_not_divisible_by_the_data_axes_is_rejected(loaded, train_set):
         ("lr_schedule", "linear", "train.lr_schedule 'linear' is not one of"),
         ("warmup_steps", 50, r"train.warmup_steps=50 must lie in \[0, train.steps=12\]"),
         ("prior_loss_weight", -1.0, "train.prior_loss_weight must be >= 0"),
+        ("snr_gamma", -5.0, "train.snr_gamma must be >= 0"),
     ],
 )
 def test_bad_train_config_is_rejected(loaded, field, value, message):
