@@ -4,9 +4,10 @@
 and one caption each), trains CLIP and the VAE (`tiny_train`) and then the UNet, from scratch, by
 our own DreamBooth step (`trainer.Trainer`, unit weights, no prior) on an SD folder made of the
 trained VAE, the CLIP's text tower as the text encoder (as SD 2 uses OpenCLIP's), the tokenizer and
-SD 1.x's noise schedule. It writes `out/clip` (a transformers CLIPModel folder) and `out/sd` (a
-diffusers Stable Diffusion folder). `train_tiny_world` does it on the tiny world and measures
-`tiny_figures`' figures 1 and 2. PyTorch is used only to write the folders (`tiny_train_io`).
+SD 1.x's noise schedule, predicting `recipe.prediction_type` (v, as SD 2.x). It writes `out/clip`
+(a transformers CLIPModel folder) and `out/sd` (a diffusers Stable Diffusion folder).
+`train_tiny_world` does it on the tiny world and measures `tiny_figures`' figures 1 and 2.
+PyTorch is used only to write the folders (`tiny_train_io`).
 """
 
 from __future__ import annotations
@@ -253,7 +254,7 @@ def _write_untrained_sd(folder: Path, clip_dir: Path, recipe: Recipe, vae_params
     tiny_train_io.save_text_encoder(folder / "text_encoder", clip_dir, recipe.dtype)
     tiny_train_io.write_tokenizer(folder / "tokenizer", recipe.max_length)
     tiny_train_io.save_random_unet(folder / "unet", dict(recipe.unet), seed)
-    tiny_train_io.write_pipeline_files(folder)
+    tiny_train_io.write_pipeline_files(folder, recipe.prediction_type)
     return folder
 
 

@@ -166,10 +166,12 @@ def save_random_unet(folder: Path, unet_config: dict, seed: int) -> Path:
     return folder
 
 
-def write_pipeline_files(folder: Path) -> None:
-    """Writes SD 1.x's scheduler config and the pipeline's model_index.json into `folder`."""
+def write_pipeline_files(folder: Path, prediction_type: str = "epsilon") -> None:
+    """Writes SD's scheduler config (SD 1.x's noise schedule, the given prediction type) and the
+    pipeline's model_index.json into `folder`."""
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(tiny.SD1_SCHEDULER, indent=2))
+    scheduler = dict(tiny.SD1_SCHEDULER, prediction_type=prediction_type)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
     (folder / "model_index.json").write_text(json.dumps(tiny._model_index(), indent=2))
 
 

@@ -32,6 +32,7 @@ def test_a_smoke_build_writes_models_our_loaders_and_pytorch_read(smoke_build):
     sd, sd_params = models.load_stable_diffusion(out / "sd")
     clip, clip_params = models.load_clip(out / "clip")
     assert sd.max_length == clip.tokenizer.model_max_length == tiny_train.SMOKE_RECIPE.max_length == 32
+    assert sd.prediction_type == tiny_train.SMOKE_RECIPE.prediction_type == "v_prediction"
     text_tower = jax.tree_util.tree_leaves(clip_params["text_model"])
     np.testing.assert_array_equal(np.concatenate([np.ravel(x) for x in text_tower]),
                                   np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(sd_params.text_encoder)]))
