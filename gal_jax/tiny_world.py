@@ -199,7 +199,7 @@ TEST_CONTEXTS: tuple[str, ...] = HELD_OUT_CONTEXTS + (
 CONCEPTS_JSON = "concepts_list_tiny.json"
 STYLE_CONCEPTS_JSON = "concepts_list_style_tiny.json"
 _MARKER = ".tiny_world.json"  # written last: its presence means the world is complete
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: test prompts start with 'a'
 
 
 def world_paths(root: Path | str) -> dict[str, Path]:
@@ -257,7 +257,8 @@ def _write_all(root: Path, seed: int, num_train: int, resolution: int, num_class
     _write_class_images(paths["reg_dir"], part_rng(2), resolution, num_class_images)
     style_caption = _write_style_concept(paths["style_concept"], root, part_rng(3), resolution)
     paths["test_prompts"].parent.mkdir(parents=True)
-    paths["test_prompts"].write_text("".join(f"{OBJECT_CONCEPT} {c}\n" for c in TEST_CONTEXTS))
+    # Worded as the world's captions ("a teapot underwater"): the tiny text encoder knows no other form.
+    paths["test_prompts"].write_text("".join(f"a {OBJECT_CONCEPT} {c}\n" for c in TEST_CONTEXTS))
     style_prompts = (f"a {obj} {context}\n" for obj, context in zip(OBJECTS * 2, TEST_CONTEXTS))
     paths["style_test_prompts"].write_text("".join(style_prompts))
     _write_json(paths["concepts_json"], [{

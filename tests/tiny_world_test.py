@@ -192,7 +192,7 @@ def test_concepts_list_and_test_prompts_take_the_placeholder(world):
     assert not set(tiny_world.HELD_OUT_CONTEXTS) & set(tiny_world.ANCHOR_CONTEXTS)
     for prompt, generation in zip(concept.test_prompts, concept.generation_prompts()):
         assert generation == metrics.insert_placeholder(prompt, "teapot", "<tiny-teapot>")
-        assert generation.startswith("<tiny-teapot> teapot ")
+        assert generation.startswith("a <tiny-teapot> teapot ")
     (style,) = evaluate.read_concepts_list(world["style_concepts_json"])
     assert style.kind == "style" and style.style_descriptor == "in stained glass style"
     assert all(p.endswith(" in stained glass style") for p in style.scoring_prompts())
