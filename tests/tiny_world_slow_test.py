@@ -30,7 +30,7 @@ def test_1_the_tiny_clip_names_context_object_and_colour_and_the_judge_agrees(ti
     assert result["context"]["judge_agrees_with_clip"] >= 0.9, result["context"]
 
 
-@pytest.mark.xfail(strict=True, reason=NOT_YET.format("the base SD draws the prompt's context 17% of the time"))
+@pytest.mark.xfail(strict=True, reason=NOT_YET.format("17 of 18 anchor contexts 100%, 'in park' 37.5%"))
 def test_2_the_base_sd_draws_every_anchor_context(tiny_world_assets):
     sd, params = models.load_stable_diffusion(tiny_world_assets["sd"])
     generator = sample.Generator(sd, sharding.make_mesh(), sampler="ddim", steps=25, guidance_scale=5.0,
@@ -41,17 +41,15 @@ def test_2_the_base_sd_draws_every_anchor_context(tiny_world_assets):
 
 @pytest.fixture(scope="module")
 def comparison(tiny_world_assets, tmp_path_factory):
-    from configs import tiny_cpu
+    from configs import tiny_world as tiny_world_config
 
-    config = tiny_cpu.get_config()
+    config = tiny_world_config.get_config()  # uncertainty + balance, 4 rounds, as the issue asks
     config.model.tiny_dir = str(tiny_world_assets["root"])
-    config.model.tiny_world = True
-    config.gal.rounds = 4
-    config.eval.steps = 25
     return tiny_figures.run_comparison(tmp_path_factory.mktemp("gal"), config, num_per_prompt=4, progress=False)
 
 
-@pytest.mark.xfail(strict=True, reason=NOT_YET.format("the base SD does not follow prompts, so no overfitting to undo"))
+@pytest.mark.xfail(strict=True, reason=NOT_YET.format(
+    "OVF rises 0.175 -> 0.45, but the judge finds the base model's placeholder prompts in context only 12.5%"))
 def test_3_plain_dreambooth_overfits_with_mixed_round_1_rates(comparison):
     from gal_jax.workdir import Workdir
 
@@ -62,7 +60,7 @@ def test_3_plain_dreambooth_overfits_with_mixed_round_1_rates(comparison):
     assert sum(0 < r < 1 for r in rates) >= 3, rates  # enough uncertain directions for k = 3
 
 
-@pytest.mark.xfail(strict=True, reason=NOT_YET.format("the base SD does not follow prompts, so no overfitting to undo"))
+@pytest.mark.xfail(strict=True, reason=NOT_YET.format("GAL's rounds do not lower OVF on this world yet"))
 def test_4_gal_lowers_ovf_and_raises_text_alignment_over_its_rounds(comparison):
     rounds = comparison["runs"]["uncertainty"]
     first, last = rounds[0], rounds[-1]
