@@ -47,15 +47,15 @@ def is_temporary_name(name: str) -> bool:
     return bool(_TEMPORARY.match(name))
 
 
-def _owner_tag() -> str:
-    """Returns "<host>-<pid>" for temporary names (the host with anything but [A-Za-z0-9_-] as _)."""
+def _host_tag() -> str:
+    """Returns this host's name as temporary names carry it (anything but [A-Za-z0-9_-] as _)."""
     import socket
 
-    return f"{re.sub(r'[^A-Za-z0-9_-]', '_', socket.gethostname())}-{os.getpid()}"
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())
 
 
 def _temporary_prefix(target_name: str) -> str:
-    return f"{TEMP_PREFIX}{target_name}.{_owner_tag()}."
+    return f"{TEMP_PREFIX}{target_name}.{_host_tag()}-{os.getpid()}."
 
 
 def remove_dead_temporaries(parent: Path, target_name: str | None = None) -> list[Path]:
@@ -63,12 +63,11 @@ def remove_dead_temporaries(parent: Path, target_name: str | None = None) -> lis
     process of this host made and that is no longer running: what a kill -9 left behind. Others'
     temporaries, and those of other hosts, are kept. Returns what was removed."""
     import shutil
-    import socket
 
     parent = Path(parent)
     if not parent.is_dir():
         return []
-    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())
+    host = _host_tag()
     removed = []
     for entry in parent.iterdir():
         owned = _OWNED_TEMPORARY.match(entry.name)
@@ -140,10 +139,11 @@ def fsync_dir(folder: Path) -> None:
 
 def temporary_dir_beside(target: Path) -> Path:
     """Returns a new empty folder next to `target` (same filesystem), named as a temporary of this
-    process, so a killed run's leftovers are found and removed on the next start (by a workdir's
-    sweep, or `remove_dead_temporaries`)."""
+    process. What dead processes of this host left for the same target (a kill -9 mid-build) is
+    removed first; a workdir's sweep removes the rest of a killed run's leftovers."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_temporaries(target.parent, target.name)
     folder = Path(tempfile.mkdtemp(dir=target.parent, prefix=_temporary_prefix(target.name)))
     folder.chmod(0o755)  # mkdtemp's 0o700 would become the finished folder's permissions
     return folder

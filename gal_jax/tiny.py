@@ -252,7 +252,6 @@ def make_tiny(root: Path | str = DEFAULT_TINY_DIR, *, force: bool = False, train
         if force and paths[name].exists():
             shutil.rmtree(paths[name])
         if not paths[name].exists():
-            io_utils.remove_dead_temporaries(root, name)
             tmp = io_utils.temporary_dir_beside(paths[name])
             try:
                 writer(tmp / name)

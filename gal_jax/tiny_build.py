@@ -190,8 +190,9 @@ def build_trained_tiny(out: Path | str, images: np.ndarray, captions: Sequence[s
     report = BuildReport(seed=seed, num_train=0, num_held_out=0)
     train_rows, held_rows = split_held_out(len(images), recipe.held_out_fraction, seed)
     report.num_train, report.num_held_out = len(train_rows), len(held_rows)
-    for name in ("sd", "clip"):  # what a killed build left (the staging folder, replace_dir's)
-        io_utils.remove_dead_temporaries(out, name)
+    # What a killed build left: its staging folder goes when the new one is made beside out/sd,
+    # replace_dir's holder of the old out/clip here.
+    io_utils.remove_dead_temporaries(out, "clip")
     staging = io_utils.temporary_dir_beside(out / "sd")
     try:
         tokenizer = tiny_train_io.load_tokenizer(

@@ -64,7 +64,6 @@ def make_tiny_concepts(root: Path | str, resolution: int = 64, seed: int = 0) ->
     wanted = {"version": _FORMAT_VERSION, "resolution": resolution, "seed": seed}
     if _is_complete(root, wanted):
         return concept_paths(root)
-    io_utils.remove_dead_temporaries(root.parent, root.name)
     tmp = io_utils.temporary_dir_beside(root)
     try:
         _write_all(tmp, resolution, np.random.default_rng(seed))

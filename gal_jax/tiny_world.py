@@ -237,7 +237,6 @@ def write_world(
         return world_paths(root)
     if root.exists() and not marker.is_file() and any(root.iterdir()):
         raise FileExistsError(f"{root}: exists, is not empty and is not a tiny world; not replacing it")
-    io_utils.remove_dead_temporaries(root.parent, root.name)
     tmp = io_utils.temporary_dir_beside(root)
     try:
         _write_all(tmp, seed, num_train, resolution, num_class_images)

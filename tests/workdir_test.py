@@ -215,13 +215,19 @@ def test_temporaries_of_killed_processes_are_removed_and_live_ones_kept(tmp_path
         (folder / "half.safetensors").write_text("x")
         os.kill(os.getpid(), signal.SIGKILL)
     """)
-    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1])
-    assert result.returncode == -9
-    [dead] = list(tmp_path.iterdir())
     live = io_utils.temporary_dir_beside(target)  # this process: running
     other_target = io_utils.temporary_dir_beside(tmp_path / "clip")
     foreign = tmp_path / ".tmp-sd.some-other-host-1.abc"  # another host's: cannot tell, kept
     foreign.mkdir()
+    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1])
+    assert result.returncode == -9
+    [dead] = set(tmp_path.iterdir()) - {live, other_target, foreign}
     assert io_utils.remove_dead_temporaries(tmp_path, "sd") == [dead]
     assert not dead.exists() and live.is_dir() and other_target.is_dir() and foreign.is_dir()
     assert io_utils.remove_dead_temporaries(tmp_path / "missing") == []
+    # The next folder made for the same target sweeps what a killed maker left, and only that.
+    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1])
+    assert result.returncode == -9
+    [dead] = set(tmp_path.iterdir()) - {live, other_target, foreign}
+    again = io_utils.temporary_dir_beside(target)
+    assert not dead.exists() and {live, other_target, foreign, again} == set(tmp_path.iterdir())
