@@ -1,0 +1,281 @@
+"""Layers the model families share: the attention dispatch, fp32 LayerNorm, MLP and Dense.
+
+Parameters carry logical axis names (MaxText style, through `nn.with_logical_partitioning`); a
+rule table maps them onto the mesh. The names used:
+
+  "vocab"       rows of a token embedding table
+  "embed"       the model (residual stream) width
+  "heads"       the flattened heads x head_dim axis of attention projections (row-major, so
+                sharding it splits whole heads when the mesh size divides the head count)
+  "mlp"         the hidden width of an MLP
+  "projection"  the width of a CLIP-style output projection
+  None          never sharded (positions, patch kernel spatial and channel axes)
+
+Compute dtype (`dtype`) and parameter dtype (`param_dtype`) are separate; normalisations and the
+attention softmax run in float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Literal
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+from flax import linen as nn
+from jax.extend import backend as jax_backend
+
+AttentionImplementation = Literal["xla", "cudnn", "auto"]
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto")
+_CUDNN_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
+
+default_kernel_init = nn.initializers.normal(stddev=0.02)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------
+
+
+def choose_attention_implementation(
+    requested: AttentionImplementation,
+    *,
+    platform: str,
+    dtype,
+    head_dim: int,
+    seq_lengths: tuple[int, int],
+    has_bias: bool = False,
+    max_cudnn_head_dim: int = 128,
+) -> tuple[str, str]:
+    """Returns (implementation, reason): "auto" resolved to "cudnn" or "xla", others kept.
+
+    "auto" picks cuDNN's fused kernel on a CUDA GPU when its constraints hold (fp16/bf16, head dim
+    a multiple of 8 and at most `max_cudnn_head_dim`, even sequence lengths when there is a bias);
+    XLA otherwise. `platform` is "cuda" for an NVIDIA GPU, else the backend's name.
+    """
+    if requested not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attention implementation {requested!r}: expected one of {ATTENTION_IMPLEMENTATIONS}"
+        )
+    if requested != "auto":
+        return requested, "requested"
+    if platform != "cuda":
+        return "xla", f"platform {platform} has no cuDNN"
+    if jnp.dtype(dtype) not in _CUDNN_DTYPES:
+        return "xla", f"cuDNN attention needs float16/bfloat16, not {jnp.dtype(dtype).name}"
+    if head_dim % 8 or head_dim > max_cudnn_head_dim:
+        return "xla", f"cuDNN attention needs head_dim % 8 == 0 and <= {max_cudnn_head_dim}, not {head_dim}"
+    if has_bias and any(length % 2 for length in seq_lengths):
+        return "xla", f"cuDNN attention with a bias needs even sequence lengths, not {seq_lengths}"
+    return "cudnn", f"CUDA GPU, {jnp.dtype(dtype).name}, head_dim {head_dim}"
+
+
+def current_platform() -> tuple[str, int]:
+    """Returns ("cuda" or the backend name, the largest head dim cuDNN's fused kernel takes here)."""
+    backend = jax_backend.get_backend()
+    if backend.platform != "gpu" or "cuda" not in backend.platform_version.lower():
+        return backend.platform, 128
+    capability = getattr(jax.local_devices()[0], "compute_capability", "0.0")
+    hopper_or_later = tuple(int(part) for part in capability.split(".")[:2]) >= (9, 0)
+    return "cuda", 256 if hopper_or_later else 128
+
+
+@functools.cache
+def _log_attention_choice(implementation: str, reason: str) -> None:
+    """Logs the attention implementation "auto" resolved to, once per distinct choice."""
+    logging.info("attention: auto -> %s (%s)", implementation, reason)
+
+
+def dot_product_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    is_causal: bool = False,
+    implementation: AttentionImplementation = "xla",
+) -> jax.Array:
+    """Returns softmax(q k^T / sqrt(head_dim) + bias, masked) v, shaped (B, T, N, H) like `query`.
+
+    query (B, T, N, H), key and value (B, S, N, H); `mask` is boolean and broadcastable to
+    (B, N, T, S), True where attention is allowed; `is_causal` adds a lower-triangular mask.
+    Both implementations compute the softmax in float32. "auto" is resolved by
+    `choose_attention_implementation` at trace time and the choice is logged once.
+    """
+    if implementation == "auto":
+        platform, max_head_dim = current_platform()
+        implementation, reason = choose_attention_implementation(
+            "auto",
+            platform=platform,
+            dtype=query.dtype,
+            head_dim=query.shape[-1],
+            seq_lengths=(query.shape[1], key.shape[1]),
+            has_bias=bias is not None,
+            max_cudnn_head_dim=max_head_dim,
+        )
+        _log_attention_choice(implementation, reason)
+    elif implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attention implementation {implementation!r}: expected one of {ATTENTION_IMPLEMENTATIONS}"
+        )
+    return jax.nn.dot_product_attention(
+        query, key, value, bias=bias, mask=mask, is_causal=is_causal, implementation=implementation
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense, LayerNorm, MLP
+# ---------------------------------------------------------------------------------------------
+
+
+def partitioned_dense(
+    features: int,
+    axes: tuple[str | None, str | None],
+    *,
+    dtype,
+    param_dtype,
+    use_bias: bool = True,
+    name: str | None = None,
+) -> nn.Dense:
+    """Returns an nn.Dense whose kernel carries logical `axes` (in, out) and bias (out,)."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(default_kernel_init, axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]),
+        name=name,
+    )
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis computed in float32, as torch.nn.LayerNorm (biased variance).
+
+    Returns the normalised input in `dtype`; `scale` and `bias` carry the logical axis "embed".
+    """
+
+    epsilon: float = 1e-5
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+            (features,), self.param_dtype,
+        )
+        bias = self.param(
+            "bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+            (features,), self.param_dtype,
+        )
+        x = x.astype(jnp.float32)
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        centred = x - mean
+        variance = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
+        normalised = centred * jax.lax.rsqrt(variance + self.epsilon)
+        return (normalised * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """Returns x * sigmoid(1.702 x): OpenAI CLIP's GELU approximation."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """Returns the exact (erf) GELU, as torch.nn.functional.gelu's default."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {"quick_gelu": quick_gelu, "gelu": gelu}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """Returns the activation function a transformers/diffusers config calls `name`."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation {name!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class Mlp(nn.Module):
+    """Two Dense layers, `fc1` (embed -> mlp) and `fc2` (mlp -> embed), with an activation between.
+
+    Returns the output in `dtype`, the width of the input.
+    """
+
+    hidden_features: int
+    activation: str
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dense = functools.partial(partitioned_dense, dtype=self.dtype, param_dtype=self.param_dtype)
+        hidden = dense(self.hidden_features, ("embed", "mlp"), name="fc1")(x)
+        hidden = activation(self.activation)(hidden)
+        return dense(x.shape[-1], ("mlp", "embed"), name="fc2")(hidden)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention probabilities, rematerialisation, param trees
+# ---------------------------------------------------------------------------------------------
+
+
+def attention_probabilities(query: jax.Array, key: jax.Array) -> jax.Array:
+    """Returns softmax(q k^T / sqrt(head_dim)) in float32, shaped (B, N, T, S).
+
+    query (B, T, N, H), key (B, S, N, H): the probabilities `dot_product_attention` weighs the
+    values with (unmasked, unbiased), computed explicitly so that they can be inspected.
+    """
+    logits = jnp.einsum("btnh,bsnh->bnts", query, key, preferred_element_type=jnp.float32)
+    return jax.nn.softmax(logits * query.shape[-1] ** -0.5, axis=-1)
+
+
+REMAT_POLICIES = ("none", "block", "dots_saveable")
+
+
+@functools.cache
+def remat(module_class: type[nn.Module], policy: str) -> type[nn.Module]:
+    """Returns `module_class` rematerialised under `policy`: "none" (unchanged), "block" (only
+    the block's inputs are saved for the backward pass) or "dots_saveable" (matmul and conv
+    outputs are saved, the rest recomputed). Call arguments must be arrays or None.
+    """
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"remat policy {policy!r}: expected one of {REMAT_POLICIES}")
+    if policy == "none":
+        return module_class
+    checkpoint_policy = jax.checkpoint_policies.dots_saveable if policy == "dots_saveable" else None
+    return nn.remat(module_class, policy=checkpoint_policy)
+
+
+BoxedInit = Callable[[jax.Array], dict]
+
+
+def init_params(boxed_init: BoxedInit, key: jax.Array):
+    """Returns fresh params (plain arrays, default device) of a model whose `boxed_init(key)`
+    returns its params boxed with logical axes (`model.init(key, ...)["params"]`).
+
+    The params are drawn from an "rbg" key derived from `key`: XLA:CPU compiles one
+    RngBitGenerator per param several times faster than a threefry chain, which dominated the
+    init of the convolutional models (a tiny VAE: 18 s -> 8 s on a loaded 2-core machine).
+    """
+
+    def init(key):
+        rbg_key = jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl="rbg")
+        return nn.unbox(boxed_init(rbg_key))
+
+    return jax.jit(init)(key)
+
+
+def abstract_params(boxed_init: BoxedInit):
+    """Returns the param tree of `boxed_init`'s model as jax.ShapeDtypeStructs (nothing computed)."""
+    return nn.unbox(jax.eval_shape(lambda: boxed_init(jax.random.key(0))))
+
+
+def logical_partition_specs(boxed_init: BoxedInit):
+    """Returns the tree of logical PartitionSpecs of `boxed_init`'s model's params."""
+    return nn.get_partition_spec(jax.eval_shape(lambda: boxed_init(jax.random.key(0))))
