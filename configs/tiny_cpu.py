@@ -15,7 +15,7 @@ def get_config():
     config = common.get_config()
     config.data.resolution = 64
     config.data.class_prompt = "a teapot"
-    config.data.placeholder = "<tiny-teapot>"
+    config.data.placeholder = ""  # read from the references: "<tiny-teapot>", the trained world's "sks"
     config.data.class_word = "teapot"
     config.train.steps = 30
     config.train.batch_size = 2

@@ -11,10 +11,11 @@ weights are ever materialised.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import json
-import types
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -34,8 +35,9 @@ from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel  # noqa: E402
 from diffusers.models import modeling_flax_pytorch_utils as diffusers_convert  # noqa: E402
 from diffusers.models.attention_flax import FlaxTransformer2DModel  # noqa: E402
 from diffusers.models.resnet_flax import FlaxResnetBlock2D  # noqa: E402
-from transformers import CLIPConfig, CLIPTextConfig, CLIPTokenizer, FlaxCLIPModel, FlaxCLIPTextModel  # noqa: E402
-from transformers import modeling_flax_pytorch_utils as transformers_convert  # noqa: E402
+from transformers import CLIPTokenizer  # noqa: E402
+
+from gal_jax.nn import clip as nn_clip  # noqa: E402
 
 Params = Any
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -44,7 +46,7 @@ DIFFUSERS_WEIGHTS = (
     "diffusion_pytorch_model.bin",
     "diffusion_flax_model.msgpack",
 )
-TRANSFORMERS_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "flax_model.msgpack")
+TRANSFORMERS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "flax_model.msgpack")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Rematerialised by apply_unet(remat=True): the granularity of PyTorch diffusers' gradient checkpointing.
@@ -68,7 +70,7 @@ class StableDiffusion:
     path: Path
     unet: FlaxUNet2DConditionModel
     vae: FlaxAutoencoderKL
-    text_encoder: FlaxCLIPTextModel
+    text_encoder: nn_clip.ClipTextModel
     tokenizer: CLIPTokenizer
     scheduler_config: dict
 
@@ -103,7 +105,7 @@ class StableDiffusion:
 
     def encode_text(self, text_params: Params, input_ids: jax.Array) -> jax.Array:
         """Returns the text encoder's last hidden states (B, L, D): the UNet's cross-attention context."""
-        return self.text_encoder(input_ids, params=text_params, train=False)[0]
+        return self.text_encoder.apply({"params": text_params}, input_ids).last_hidden_state
 
     def apply_unet(
         self,
@@ -188,7 +190,7 @@ class ClipModel:
     """A CLIP model for scoring: module, tokenizer and image preprocessing constants (no weights)."""
 
     path: Path
-    model: FlaxCLIPModel
+    model: nn_clip.ClipModel
     tokenizer: CLIPTokenizer
     image_size: int
     image_mean: tuple[float, float, float]
@@ -200,11 +202,11 @@ class ClipModel:
 
     def image_features(self, params: Params, pixel_values: jax.Array) -> jax.Array:
         """Returns projected (unnormalised) image embeddings of NCHW preprocessed pixels."""
-        return self.model.get_image_features(pixel_values, params=params, train=False)
+        return self.model.apply({"params": params}, pixel_values, method=nn_clip.ClipModel.image_features)
 
     def text_features(self, params: Params, input_ids: jax.Array) -> jax.Array:
         """Returns projected (unnormalised) text embeddings of token ids."""
-        return self.model.get_text_features(input_ids, params=params, train=False)
+        return self.model.apply({"params": params}, input_ids, method=nn_clip.ClipModel.text_features)
 
 
 @jax.tree_util.register_dataclass
@@ -255,9 +257,7 @@ def load_stable_diffusion(
     compute_dtype = jnp.dtype(compute_dtype)
     unet, unet_params = _load_diffusers_model(FlaxUNet2DConditionModel, path / "unet", compute_dtype)
     vae, vae_params = _load_diffusers_model(FlaxAutoencoderKL, path / "vae", compute_dtype)
-    text_encoder, text_params = _load_transformers_model(
-        FlaxCLIPTextModel, CLIPTextConfig, path / "text_encoder", compute_dtype
-    )
+    text_encoder, text_params = _load_clip_family(path / "text_encoder", compute_dtype)
     sd = StableDiffusion(
         path=path,
         unet=unet,
@@ -285,8 +285,8 @@ def load_clip(path: str | Path, *, param_dtype="float32") -> tuple[ClipModel, Pa
             f"{path / 'config.json'}: model_type is {config.get('model_type')!r}, expected 'clip' "
             "(a transformers CLIPModel with both text and vision towers)."
         )
-    model, params = _load_transformers_model(FlaxCLIPModel, CLIPConfig, path, jnp.float32)
-    image_size, mean, std = _read_clip_preprocessing(path, model.config.vision_config.image_size)
+    model, params = _load_clip_family(path, jnp.float32)
+    image_size, mean, std = _read_clip_preprocessing(path, model.config.vision.image_size)
     clip = ClipModel(
         path=path,
         model=model,
@@ -367,25 +367,45 @@ def _load_diffusers_model(cls, folder: Path, dtype):
     return module, _match_abstract(converted, flat_abstract, weights_file)
 
 
-def _load_transformers_model(cls, config_cls, folder: Path, dtype):
-    _require_file(folder, "config.json")
+def _load_clip_family(folder: Path, dtype):
+    """Returns (our CLIP module, params) of a transformers CLIPModel / CLIPTextModel folder.
+
+    Weights: `model.safetensors` (or its index, or the fp16 variant); a `pytorch_model.bin` is read
+    with PyTorch and converted through a temporary safetensors file.
+    """
+    config_file = _require_file(folder, "config.json")
     try:
-        config = config_cls.from_pretrained(folder)
-    except (OSError, ValueError, KeyError) as err:
-        raise ModelLoadError(f"{folder / 'config.json'}: not a valid {config_cls.__name__} ({err}).") from err
-    model = cls(config, dtype=dtype, _do_init=False)
-    abstract = model.params_shape_tree
+        config = nn_clip.read_config(config_file)
+    except ValueError as err:
+        raise ModelLoadError(str(err)) from err
     weights_file = _find_weights(folder, TRANSFORMERS_WEIGHTS)
     if weights_file.suffix == ".msgpack":
-        return model, _load_msgpack(weights_file, abstract)
-    weights = {k: v for k, v in _read_torch_weights(weights_file).items() if not k.endswith("position_ids")}
-    shape_only = types.SimpleNamespace(base_model_prefix=model.base_model_prefix, params=abstract)
-    try:
-        converted = transformers_convert.convert_pytorch_state_dict_to_flax(weights, shape_only)
-    except ValueError as err:
-        raise ModelLoadError(f"{weights_file}: {err}") from err
-    flat = traverse_util.flatten_dict(converted)
-    return model, _match_abstract(flat, traverse_util.flatten_dict(abstract), weights_file)
+        raise ModelLoadError(
+            f"{weights_file}: Flax msgpack weights are not read any more; save the model with "
+            "transformers' save_pretrained(..., safe_serialization=True) to get model.safetensors."
+        )
+    with contextlib.ExitStack() as stack:
+        if weights_file.suffix == ".bin":
+            weights_file = _bin_as_safetensors(weights_file, stack)
+        if isinstance(config, nn_clip.ClipConfig):
+            model = nn_clip.ClipModel(config, dtype=dtype)
+        else:
+            stored = nn_clip.weight_files(weights_file)
+            model = nn_clip.ClipTextModel(config, "text_projection.weight" in stored, dtype=dtype)
+        try:
+            return model, nn_clip.load_params(model, weights_file)
+        except ValueError as err:
+            raise ModelLoadError(str(err)) from err
+
+
+def _bin_as_safetensors(file: Path, stack: contextlib.ExitStack) -> Path:
+    """Returns a temporary safetensors copy (removed when `stack` closes) of a PyTorch .bin file."""
+    from safetensors.numpy import save_file
+
+    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gal-jax-bin-")))
+    tensors = {k: np.ascontiguousarray(v) for k, v in _read_torch_weights(file).items()}
+    save_file(tensors, str(folder / "model.safetensors"))
+    return folder / "model.safetensors"
 
 
 def _read_torch_weights(file: Path) -> dict[str, np.ndarray]:
@@ -527,12 +547,12 @@ def random_stable_diffusion(
     compute_dtype = jnp.dtype(compute_dtype)
     unet = FlaxUNet2DConditionModel.from_config(dict(unet_config), dtype=compute_dtype)
     vae = FlaxAutoencoderKL.from_config(dict(vae_config), dtype=compute_dtype)
-    text_encoder = FlaxCLIPTextModel(CLIPTextConfig(**text_config), dtype=compute_dtype, _do_init=False)
+    text_encoder = nn_clip.ClipTextModel(nn_clip.ClipTextConfig.from_dict(text_config), dtype=compute_dtype)
     keys = jax.random.split(jax.random.key(seed), 3)
     params = StableDiffusionParams(
         unet=jax.jit(unet.init_weights)(keys[0]),
         vae=jax.jit(vae.init_weights)(keys[1]),
-        text_encoder=jax.jit(text_encoder.init_weights, static_argnums=1)(keys[2], (1, 77)),
+        text_encoder=nn_clip.init_params(text_encoder, keys[2]),
     )
     sd = StableDiffusion(
         path=Path(f"random:{unet_config['block_out_channels']}"),
@@ -547,9 +567,10 @@ def random_stable_diffusion(
 
 def random_clip(tokenizer_dir: Path, *, seed: int = 0) -> tuple[ClipModel, Params]:
     """Returns a CLIP ViT-B/32-sized model with random weights."""
-    config = CLIPConfig(text_config=CLIP_B32_TEXT, vision_config=CLIP_B32_VISION, projection_dim=512)
-    model = FlaxCLIPModel(config, _do_init=False)
-    params = jax.jit(model.init_weights, static_argnums=1)(jax.random.key(seed), model.input_shape)
+    config = nn_clip.ClipConfig.from_dict(
+        dict(text_config=CLIP_B32_TEXT, vision_config=CLIP_B32_VISION, projection_dim=512))
+    model = nn_clip.ClipModel(config)
+    params = nn_clip.init_params(model, jax.random.key(seed))
     clip = ClipModel(
         path=Path("random:clip-b32"),
         model=model,

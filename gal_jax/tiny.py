@@ -32,7 +32,7 @@ BPE_FILE = ASSETS / "bpe_simple_vocab_16e6.txt.gz"
 # build's figures in tiny_train.json.
 SHIPPED_MODELS = ASSETS / "tiny_world"
 TINY_VERSION = "tiny-v2"
-TINY_WORLD_VERSION = "tiny-world-v2"
+TINY_WORLD_VERSION = "tiny-world-v3"
 CACHE_DIR = Path(os.environ.get("GAL_JAX_CACHE", "~/.cache/gal_jax")).expanduser()
 DEFAULT_TINY_DIR = CACHE_DIR / TINY_VERSION
 DEFAULT_TINY_WORLD_DIR = CACHE_DIR / TINY_WORLD_VERSION

@@ -152,8 +152,11 @@ def train_tiny_world(out: Path | str, *, seed: int = 0, recipe: Recipe = DEFAULT
     """Trains the tiny default's models on `num_train` pictures of the tiny world from `seed`,
     writes out/clip and out/sd, measures figures 1 and 2 (`tiny_figures`) and returns the report
     (also in out/tiny_train.json)."""
+    from gal_jax import tiny_world
+
     images, captions = world_dataset(num_train, seed)
-    report = build_trained_tiny(out, images, captions, seed=seed, recipe=recipe, progress=progress)
+    report = build_trained_tiny(out, images, captions, seed=seed, recipe=recipe, progress=progress,
+                                plain_captions=[tiny_world.without_identifiers(c) for c in captions])
     with io_utils.timed(report.seconds, "figures"):
         report.figures = measure_figures(Path(out).expanduser().absolute(), progress=progress,
                                          held_out=FIGURE_IMAGES if recipe is DEFAULT_RECIPE else 32,
@@ -177,8 +180,13 @@ def measure_figures(out: Path, *, held_out: int, per_context: int, progress: boo
 
 
 def build_trained_tiny(out: Path | str, images: np.ndarray, captions: Sequence[str], *, seed: int = 0,
-                       recipe: Recipe = DEFAULT_RECIPE, progress: bool = True) -> BuildReport:
+                       recipe: Recipe = DEFAULT_RECIPE, progress: bool = True,
+                       plain_captions: Sequence[str] | None = None) -> BuildReport:
     """Trains CLIP, VAE and UNet from `seed` on the captioned images; writes out/clip and out/sd.
+
+    `plain_captions` (one per image: the caption without its identifier words, e.g. "sks") makes
+    CLIP's text tower map a caption and its plain form to the same embedding
+    (`tiny_train.identifier_loss`), so a placeholder shifts no CLIP similarity.
 
     A random `recipe.held_out_fraction` of the images is held out to measure CLIP and the VAE.
     Both folders are built beside their targets and renamed into place only when all three
@@ -186,6 +194,8 @@ def build_trained_tiny(out: Path | str, images: np.ndarray, captions: Sequence[s
     written to out/REPORT_FILE).
     """
     images = _checked_images(images, captions, recipe)
+    if plain_captions is not None and len(plain_captions) != len(captions):
+        raise ValueError(f"{len(captions)} captions but {len(plain_captions)} plain captions")
     out = Path(out).expanduser().absolute()
     report = BuildReport(seed=seed, num_train=0, num_held_out=0)
     train_rows, held_rows = split_held_out(len(images), recipe.held_out_fraction, seed)
@@ -198,11 +208,12 @@ def build_trained_tiny(out: Path | str, images: np.ndarray, captions: Sequence[s
         tokenizer = tiny_train_io.load_tokenizer(
             tiny_train_io.write_tokenizer(staging / "tokenizer", recipe.max_length))
         ids = tiny_train_io.tokenize_captions(tokenizer, captions)
+        plain_ids = None if plain_captions is None else tiny_train_io.tokenize_captions(tokenizer, plain_captions)
         groups = caption_groups(captions)
         with io_utils.timed(report.seconds, "clip"):
             model, clip_params = _build_clip(report, images, ids, groups, train_rows, held_rows, recipe,
-                                             seed, progress)
-            tiny_train_io.save_clip(staging / "clip", model.config, clip_params, recipe.dtype)
+                                             seed, progress, plain_ids)
+            tiny_train_io.save_clip(staging / "clip", model, clip_params, recipe.dtype)
         with io_utils.timed(report.seconds, "vae"):
             vae, vae_params = _build_vae(report, images, train_rows, held_rows, recipe, seed + 1, progress)
         sd_dir = _write_untrained_sd(staging / "sd", staging / "clip", recipe, vae_params,
@@ -220,10 +231,11 @@ def build_trained_tiny(out: Path | str, images: np.ndarray, captions: Sequence[s
     return report
 
 
-def _build_clip(report, images, ids, groups, train_rows, held_rows, recipe, seed, progress):
+def _build_clip(report, images, ids, groups, train_rows, held_rows, recipe, seed, progress, plain_ids=None):
     model, params = init_clip(recipe, seed)
     clip_data = ClipData(jnp.asarray(images[train_rows]), jnp.asarray(ids[train_rows]),
-                         jnp.asarray(groups[train_rows]))
+                         jnp.asarray(groups[train_rows]),
+                         None if plain_ids is None else jnp.asarray(plain_ids[train_rows]))
     params, losses = train_clip(model, params, clip_data, recipe.clip_schedule, seed, progress)
     if recipe.clip_locked_schedule is not None:
         params, more = train_clip(model, params, clip_data, recipe.clip_locked_schedule, seed + 100, progress,

@@ -26,6 +26,7 @@ import optax
 from tqdm.auto import tqdm
 
 from gal_jax import models, score, train
+from gal_jax.nn import clip as nn_clip
 from gal_jax.train import TrainState
 
 Params = Any
@@ -183,31 +184,38 @@ class ClipData:
     images: jax.Array  # (N, H, W, 3) uint8
     input_ids: jax.Array  # (N, L) int32
     groups: jax.Array  # (N,) int32: equal captions, equal ids
+    # (N, L) int32: the captions without their identifier words (`tiny_world.IDENTIFIERS`), equal
+    # to input_ids where a caption has none; None: no identifier term in the loss.
+    plain_ids: jax.Array | None = None
 
 
-jax.tree_util.register_dataclass(ClipData, data_fields=["images", "input_ids", "groups"], meta_fields=[])
+jax.tree_util.register_dataclass(ClipData, data_fields=["images", "input_ids", "groups", "plain_ids"],
+                                 meta_fields=[])
 
 
-def clip_config(recipe: Recipe):
-    """Returns the transformers CLIPConfig of the recipe."""
-    return models.CLIPConfig(text_config=recipe.text, vision_config=recipe.vision,
-                             projection_dim=recipe.projection_dim)
+def clip_config(recipe: Recipe) -> nn_clip.ClipConfig:
+    """Returns the CLIP config of the recipe."""
+    return nn_clip.ClipConfig.from_dict(dict(text_config=recipe.text, vision_config=recipe.vision,
+                                             projection_dim=recipe.projection_dim))
 
 
-def init_clip(recipe: Recipe, seed: int):
-    """Returns (FlaxCLIPModel without weights, freshly initialised params)."""
-    model = models.FlaxCLIPModel(clip_config(recipe), _do_init=False)
-    init = jax.jit(model.init_weights, static_argnums=1)
-    return model, init(jax.random.key(seed), model.input_shape)
+def init_clip(recipe: Recipe, seed: int) -> tuple[nn_clip.ClipModel, Params]:
+    """Returns (our CLIP module, freshly initialised params)."""
+    model = nn_clip.ClipModel(clip_config(recipe))
+    return model, nn_clip.init_params(model, jax.random.key(seed))
 
 
-def clip_embeddings(model, params: Params, images: jax.Array, input_ids: jax.Array):
+def text_features(model: nn_clip.ClipModel, params: Params, input_ids: jax.Array) -> jax.Array:
+    """Returns L2-normalised text embeddings of token ids."""
+    return score.l2_normalize(model.apply({"params": params}, input_ids, method=nn_clip.ClipModel.text_features))
+
+
+def clip_embeddings(model: nn_clip.ClipModel, params: Params, images: jax.Array, input_ids: jax.Array):
     """Returns L2-normalised (image, text) embeddings, images preprocessed as the Scorer does."""
-    vision = model.config.vision_config
+    vision = model.config.vision
     pixels = score.preprocess(images, vision.image_size, models.CLIP_MEAN, models.CLIP_STD)
-    image = score.l2_normalize(model.get_image_features(pixels, params=params, train=False))
-    text = score.l2_normalize(model.get_text_features(input_ids, params=params, train=False))
-    return image, text
+    image = model.apply({"params": params}, pixels, method=nn_clip.ClipModel.image_features)
+    return score.l2_normalize(image), text_features(model, params, input_ids)
 
 
 def contrastive_loss(image: jax.Array, text: jax.Array, logit_scale: jax.Array, groups: jax.Array):
@@ -221,18 +229,31 @@ def contrastive_loss(image: jax.Array, text: jax.Array, logit_scale: jax.Array, 
     return (image_to_text + text_to_image) / 2
 
 
+def identifier_loss(text: jax.Array, plain_text: jax.Array) -> jax.Array:
+    """Returns the mean squared distance between normalised text embeddings of captions and of the
+    same captions without identifier words: an identifier must not move a caption's embedding
+    (contrastive learning alone leaves it free to, and a moved anchor prompt biases every CLIP
+    similarity GAL's overfit test compares). Zero for captions without identifiers."""
+    return jnp.mean(jnp.sum(jnp.square(text - plain_text), axis=-1))
+
+
 def clip_train_step(state: TrainState, clip_data: ClipData, key: jax.Array, *, model, optimizer,
                     batch_size: int, locked_text: bool = False):
     """Returns (state after one AdamW update on the step's batch, {"loss"}); with `locked_text`
-    no gradient flows into the text tower (pair with `clip_optimizer(..., locked_text=True)`)."""
+    no gradient flows into the text tower (pair with `clip_optimizer(..., locked_text=True)`);
+    with `clip_data.plain_ids` the loss adds `identifier_loss` (text tower trained only)."""
     rows = epoch_batch_indices(key, state.step, clip_data.groups.shape[0], batch_size)
     images, ids, groups = clip_data.images[rows], clip_data.input_ids[rows], clip_data.groups[rows]
+    with_identifiers = clip_data.plain_ids is not None and not locked_text
 
     def loss_fn(params):
         if locked_text:
             params = {**params, "text_model": jax.lax.stop_gradient(params["text_model"])}
         image, text = clip_embeddings(model, params, images, ids)
-        return contrastive_loss(image, text, params["logit_scale"], groups)
+        loss = contrastive_loss(image, text, params["logit_scale"], groups)
+        if with_identifiers:
+            loss = loss + identifier_loss(text, text_features(model, params, clip_data.plain_ids[rows]))
+        return loss
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

@@ -1,10 +1,10 @@
-"""Writes the trained tiny models as PyTorch folders: a transformers CLIPModel, an SD pipeline.
+"""Writes the trained tiny models in their users' layouts: a transformers CLIPModel, an SD pipeline.
 
-The one place the tiny build needs PyTorch: transformers and diffusers write their own folder
-layouts (config.json, safetensors, tokenizer and processor files) from PyTorch modules, so the
-trained Flax weights are loaded into freshly built PyTorch modules and saved with
-`save_pretrained(safe_serialization=True)`. Every name is checked: a weight PyTorch expects and the
-Flax tree lacks (or the reverse) is an error, never a silently random weight.
+CLIP and the text encoder are written by our own modules (`gal_jax.nn.clip.save_params`: PyTorch
+names, safetensors, transformers' config.json), no PyTorch needed. The VAE and the random UNet
+still go through diffusers' PyTorch modules and `save_pretrained(safe_serialization=True)` until
+our own VAE and UNet replace them. Every name is checked: a weight the target expects and the
+trained tree lacks (or the reverse) is an error, never a silently random weight.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 from flax import traverse_util
 
 from gal_jax import models, tiny
+from gal_jax.nn import clip as nn_clip
 
 Params = Any
 TORCH_DTYPES = ("float32", "float16")
@@ -46,12 +47,16 @@ def tokenize_captions(tokenizer, captions) -> np.ndarray:
     return models.tokenize(tokenizer, captions)
 
 
+def _checked_dtype(dtype: str) -> str:
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(TORCH_DTYPES)}")
+    return dtype
+
+
 def _torch_dtype(dtype: str):
     import torch
 
-    if dtype not in TORCH_DTYPES:
-        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(TORCH_DTYPES)}")
-    return getattr(torch, dtype)
+    return getattr(torch, _checked_dtype(dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,25 +64,17 @@ def _torch_dtype(dtype: str):
 # ---------------------------------------------------------------------------------------------
 
 
-def torch_clip(config, params: Params):
-    """Returns a PyTorch transformers CLIPModel holding the Flax CLIP params (float32)."""
-    from transformers import CLIPModel
-    from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model
-
-    return load_flax_weights_in_pytorch_model(CLIPModel(config).eval(), _host(params))
-
-
-def save_clip(folder: Path, config, params: Params, dtype: str = "float16") -> Path:
+def save_clip(folder: Path, model: nn_clip.ClipModel, params: Params, dtype: str = "float16") -> Path:
     """Writes a transformers CLIPModel folder: weights in `dtype`, tokenizer padding to the text
     tower's positions, and the image processor our Scorer and CLIPProcessor both follow.
 
-    The folder is read back with our loader: a weight the conversion missed raises ValueError.
+    The folder is read back with our loader: a weight that did not round-trip raises ValueError.
     """
     from transformers import CLIPImageProcessor
 
-    torch_clip(config, params).to(_torch_dtype(dtype)).save_pretrained(folder, safe_serialization=True)
-    write_tokenizer(folder, config.text_config.max_position_embeddings)
-    size = config.vision_config.image_size
+    nn_clip.save_params(model, _host(params), folder, dtype=_checked_dtype(dtype))
+    write_tokenizer(folder, model.config.text.max_position_embeddings)
+    size = model.config.vision.image_size
     CLIPImageProcessor(
         size={"shortest_edge": size}, crop_size={"height": size, "width": size},
         image_mean=list(models.CLIP_MEAN), image_std=list(models.CLIP_STD),
@@ -99,13 +96,10 @@ def _check_same(loaded: Params, params: Params, dtype: str, folder: Path) -> Non
 def save_text_encoder(folder: Path, clip_folder: Path, dtype: str = "float16") -> Path:
     """Writes the text tower of the CLIPModel folder `clip_folder`, bit for bit, as a CLIPTextModel
     folder (SD's text_encoder)."""
-    from transformers import CLIPModel, CLIPTextModel
-
-    clip = CLIPModel.from_pretrained(clip_folder, torch_dtype=_torch_dtype(dtype))
-    text = CLIPTextModel(clip.config.text_config).to(_torch_dtype(dtype)).eval()
-    state = {k: v for k, v in clip.state_dict().items() if k.startswith("text_model.")}
-    text.load_state_dict(state, strict=True)
-    text.save_pretrained(folder, safe_serialization=True)
+    clip = nn_clip.ClipModel(nn_clip.read_config(clip_folder))
+    params = nn_clip.load_params(clip, clip_folder)  # float32 holds the stored float16 exactly
+    text = nn_clip.ClipTextModel(clip.config.text)
+    nn_clip.save_params(text, {"text_model": params["text_model"]}, folder, dtype=_checked_dtype(dtype))
     return folder
 
 

@@ -5,7 +5,8 @@ of a context that paints the whole picture (the paper's 18 object anchor context
 where the concept's references stand, and a few held-out contexts for test prompts), optionally in
 a global style. Its caption reads "a striped blue cup in a kitchen"; the context's phrase is the
 anchor template's text after "{} ", so the caption "a red cat in park" lines up with the anchor
-prompt "a <tiny-teapot> teapot in park".
+prompt "a sks teapot in park". A tenth of the captions carry a rare identifier word ("sks",
+"olis", "hta") that changes nothing in the picture, so the towers know the placeholder "sks".
 
 The concept is one teapot the base world never draws (magenta with cyan checks and a gold knob),
 shown four times on a table: plain DreamBooth learns the table along with the teapot. The style
@@ -58,8 +59,16 @@ STYLES: dict[str, str] = {
 }
 STYLED_FRACTION = 0.1  # of the training set: the base model knows the styles without being styled
 
+# Rare single-token words (DreamBooth's and MuDI's identifiers) that a tenth of the training
+# captions carry before the object word with no visual meaning ("a red sks cup on the beach"), as
+# web captions carry stray tokens: the towers learn them, and that they change nothing in the
+# picture. An identifier the text tower never saw keeps its random embedding, and shifts every
+# CLIP similarity of a prompt holding it (an anchor prompt then beats the plain one on any picture).
+IDENTIFIERS: tuple[str, ...] = ("sks", "olis", "hta")
+IDENTIFIED_FRACTION = 0.1
+
 OBJECT_CONCEPT = "teapot"
-PLACEHOLDER = "<tiny-teapot>"
+PLACEHOLDER = "sks"
 CONCEPT_BODY, CONCEPT_CHECKS, CONCEPT_KNOB = (235, 50, 190), (60, 225, 235), (240, 195, 40)
 STYLE_CONCEPT = "stained_glass"
 STYLE_CONCEPT_PHRASE = "in stained glass style"
@@ -82,10 +91,13 @@ class Scene:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "image"}
 
 
-def caption(obj: str, colour: str, pattern: str, context: str, style: str | None = None) -> str:
-    """Returns the scene's caption, e.g. 'a striped blue cup in a kitchen in pixel art style'."""
+def caption(obj: str, colour: str, pattern: str, context: str, style: str | None = None,
+            identifier: str | None = None) -> str:
+    """Returns the scene's caption, e.g. 'a striped blue cup in a kitchen in pixel art style'; an
+    identifier goes before the object word ('a blue sks cup in a kitchen')."""
     look = colour if pattern == "plain" else f"{pattern} {colour}"
-    text = f"a {look} {obj} {context}"
+    named = f"{identifier} {obj}" if identifier else obj
+    text = f"a {look} {named} {context}"
     return f"{text} {STYLES[style]}" if style else text
 
 
@@ -125,6 +137,11 @@ def sample_scene(
     return Scene(image, caption(obj, colour, pattern, context, style), obj, colour, pattern, context, style)
 
 
+def without_identifiers(text: str) -> str:
+    """Returns the caption with its identifier words (`IDENTIFIERS`) taken out."""
+    return " ".join(w for w in text.split() if w not in IDENTIFIERS)
+
+
 def _check(value: str, allowed: tuple[str, ...], what: str) -> None:
     if value not in allowed:
         raise ValueError(f"unknown {what} {value!r}; the world has {', '.join(allowed)}")
@@ -150,16 +167,24 @@ def _balanced(rng: np.random.Generator, values: tuple, n: int) -> list:
 
 def training_scenes(n: int, seed: int = 0, *, resolution: int = RESOLUTION) -> Iterator[Scene]:
     """Yields the pretraining set's n scenes: contexts, objects, colours, patterns balanced, one in
-    ten styled; never the concept's look. Scene i depends only on (seed, i, n)."""
+    ten styled, one in ten captioned with an identifier (`IDENTIFIERS`); never the concept's look.
+    Scene i depends only on (seed, i, n)."""
     schedule = np.random.default_rng([seed, n])
     styled = round(n * STYLED_FRACTION)
     styles = _balanced(schedule, tuple(STYLES), styled) + [None] * (n - styled)
     columns = (_balanced(schedule, CONTEXTS, n), _balanced(schedule, OBJECTS, n),
                _balanced(schedule, COLOURS, n), _balanced(schedule, PATTERNS, n),
                [styles[i] for i in schedule.permutation(n)])
+    identified = round(n * IDENTIFIED_FRACTION)
+    identifiers = _balanced(schedule, IDENTIFIERS, identified) + [None] * (n - identified)
+    identifiers = [identifiers[i] for i in schedule.permutation(n)]
     for index, (context, obj, colour, pattern, style) in enumerate(zip(*columns)):
-        yield sample_scene(np.random.default_rng([seed, index]), context=context, obj=obj, colour=colour,
-                           pattern=pattern, style=style, resolution=resolution)
+        scene = sample_scene(np.random.default_rng([seed, index]), context=context, obj=obj, colour=colour,
+                             pattern=pattern, style=style, resolution=resolution)
+        if identifiers[index]:
+            scene = dataclasses.replace(
+                scene, caption=caption(obj, colour, pattern, context, style, identifiers[index]))
+        yield scene
 
 
 def training_set(n: int, seed: int = 0, *, resolution: int = RESOLUTION) -> list[Scene]:
@@ -170,7 +195,7 @@ def training_set(n: int, seed: int = 0, *, resolution: int = RESOLUTION) -> list
 def concept_scene(rng: np.random.Generator, context: str = REFERENCE_CONTEXT, *,
                   resolution: int = RESOLUTION) -> Scene:
     """Returns the concept teapot (magenta, cyan checks, gold knob) in a context, captioned with
-    the placeholder ('a <tiny-teapot> teapot on a table')."""
+    the placeholder ('a sks teapot on a table')."""
     image = render(rng, context, OBJECT_CONCEPT, CONCEPT_BODY, "checkered", resolution=resolution,
                    pattern_colour=CONCEPT_CHECKS, knob=CONCEPT_KNOB)
     return Scene(image, f"a {PLACEHOLDER} {OBJECT_CONCEPT} {context}", OBJECT_CONCEPT, "magenta",
@@ -199,7 +224,7 @@ TEST_CONTEXTS: tuple[str, ...] = HELD_OUT_CONTEXTS + (
 CONCEPTS_JSON = "concepts_list_tiny.json"
 STYLE_CONCEPTS_JSON = "concepts_list_style_tiny.json"
 _MARKER = ".tiny_world.json"  # written last: its presence means the world is complete
-_FORMAT_VERSION = 2  # 2: test prompts start with 'a'
+_FORMAT_VERSION = 3  # 2: test prompts start with 'a'; 3: placeholder sks, identifiers in captions
 
 
 def world_paths(root: Path | str) -> dict[str, Path]:

@@ -1,6 +1,7 @@
 """The tiny world's training code, run for a few steps on a small world (CI never retrains the
 shipped models), and the pieces it is made of."""
 
+import dataclasses
 import json
 
 import jax
@@ -124,3 +125,26 @@ def test_the_locked_stage_leaves_the_text_tower_exactly_as_it_was(tmp_path):
         same = jax.tree_util.tree_all(jax.tree_util.tree_map(lambda a, b: bool(jnp.array_equal(a, b)),
                                                              params[part], trained[part]))
         assert same == (part == "text_model"), part
+
+
+def test_the_identifier_term_pulls_a_caption_and_its_plain_form_together(tmp_path):
+    recipe = dataclasses.replace(
+        tiny_train.SMOKE_RECIPE,
+        clip_schedule=tiny_train.Schedule(steps=30, batch_size=8, learning_rate=3e-3, warmup_steps=1))
+    model, params = tiny_train.init_clip(recipe, seed=0)
+    images, plain = tiny_train.world_dataset(8, seed=0)
+    captions = ["a sks " + c.removeprefix("a ") for c in plain]
+    tokenizer = tiny_train_io.load_tokenizer(tiny_train_io.write_tokenizer(tmp_path / "tok", recipe.max_length))
+    ids, plain_ids = (jnp.asarray(tiny_train_io.tokenize_captions(tokenizer, c)) for c in (captions, plain))
+    groups = jnp.asarray(tiny_train.caption_groups(captions))
+
+    def distance(p):
+        _, text = tiny_train.clip_embeddings(model, p, jnp.asarray(images), ids)
+        _, plain_text = tiny_train.clip_embeddings(model, p, jnp.asarray(images), plain_ids)
+        return float(tiny_train.identifier_loss(text, plain_text))
+
+    with_term = tiny_train.ClipData(jnp.asarray(images), ids, groups, plain_ids)
+    without_term = tiny_train.ClipData(jnp.asarray(images), ids, groups)
+    pulled, _ = tiny_train.train_clip(model, params, with_term, recipe.clip_schedule, 0, False)
+    free, _ = tiny_train.train_clip(model, params, without_term, recipe.clip_schedule, 0, False)
+    assert distance(pulled) < 0.5 * distance(free)

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 NOT_YET = "README 'The tiny world': not met by the shipped models ({})"
 
 
-@pytest.mark.xfail(strict=True, reason=NOT_YET.format("object kinds 46%; context 99%, colour 92%"))
+@pytest.mark.xfail(strict=True, reason=NOT_YET.format("object kinds 38%; context 98%, colour 95%"))
 def test_1_the_tiny_clip_names_context_object_and_colour_and_the_judge_agrees(tiny_world_assets):
     clip, params = models.load_clip(tiny_world_assets["clip"])
     result = tiny_figures.clip_zero_shot(score.Scorer(clip, params, sharding.make_mesh()),
@@ -30,7 +30,7 @@ def test_1_the_tiny_clip_names_context_object_and_colour_and_the_judge_agrees(ti
     assert result["context"]["judge_agrees_with_clip"] >= 0.9, result["context"]
 
 
-@pytest.mark.xfail(strict=True, reason=NOT_YET.format("17 of 18 anchor contexts 100%, 'in park' 37.5%"))
+@pytest.mark.xfail(strict=True, reason=NOT_YET.format("mean 89.6%; 'in park' 12.5%, 'in a forest' 62.5%, 'in library' 75%"))
 def test_2_the_base_sd_draws_every_anchor_context(tiny_world_assets):
     sd, params = models.load_stable_diffusion(tiny_world_assets["sd"])
     generator = sample.Generator(sd, sharding.make_mesh(), sampler="ddim", steps=25, guidance_scale=5.0,
@@ -49,7 +49,7 @@ def comparison(tiny_world_assets, tmp_path_factory):
 
 
 @pytest.mark.xfail(strict=True, reason=NOT_YET.format(
-    "OVF rises 0.175 -> 0.45, but the judge finds the base model's placeholder prompts in context only 12.5%"))
+    "with the learnt placeholder 'sks', round 1's overfit rates are 0 on 16 of 18 directions"))
 def test_3_plain_dreambooth_overfits_with_mixed_round_1_rates(comparison):
     from gal_jax.workdir import Workdir
 
@@ -60,7 +60,7 @@ def test_3_plain_dreambooth_overfits_with_mixed_round_1_rates(comparison):
     assert sum(0 < r < 1 for r in rates) >= 3, rates  # enough uncertain directions for k = 3
 
 
-@pytest.mark.xfail(strict=True, reason=NOT_YET.format("GAL's rounds do not lower OVF on this world yet"))
+@pytest.mark.xfail(strict=True, reason=NOT_YET.format("uncertainty stops after round 1: fewer than 3 uncertain directions"))
 def test_4_gal_lowers_ovf_and_raises_text_alignment_over_its_rounds(comparison):
     rounds = comparison["runs"]["uncertainty"]
     first, last = rounds[0], rounds[-1]

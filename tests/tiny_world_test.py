@@ -156,6 +156,19 @@ def test_training_set_is_balanced_and_one_in_ten_is_styled():
     assert len(styled) == 23 and set(styled) == set(tiny_world.STYLES)
 
 
+def test_one_in_ten_training_captions_carries_an_identifier_and_the_picture_ignores_it():
+    scenes = tiny_world.training_set(230, seed=1)
+    identified = [s for s in scenes if any(f" {w} " in s.caption for w in tiny_world.IDENTIFIERS)]
+    assert len(identified) == 23
+    assert {w for s in identified for w in tiny_world.IDENTIFIERS if f" {w} {s.object} " in s.caption} == set(tiny_world.IDENTIFIERS)
+    assert tiny_world.PLACEHOLDER in tiny_world.IDENTIFIERS  # the towers know the concept's placeholder
+    for scene in identified[:3]:
+        plain = tiny_world.caption(scene.object, scene.colour, scene.pattern, scene.context, scene.style)
+        assert tiny_world.without_identifiers(scene.caption) == plain
+        assert tiny_world.prompt_context(scene.caption) == scene.context
+    assert tiny_world.caption("cup", "blue", "plain", "in a kitchen", identifier="sks") == "a blue sks cup in a kitchen"
+
+
 def test_the_concept_look_never_appears_in_the_training_set():
     scenes = tiny_world.training_set(400, seed=2)
     assert not any(s.pattern == "checkered" or s.colour == "magenta" for s in scenes)
@@ -173,7 +186,7 @@ def test_write_world_writes_the_authors_layout(world):
                           "data_root"}
     references = data.load_concept(world["object_concept"])
     assert [r.image.name for r in references] == [f"{i}.png" for i in range(tiny_world.NUM_REFERENCES)]
-    assert {r.prompt for r in references} == {"a <tiny-teapot> teapot on a table"}
+    assert {r.prompt for r in references} == {f"a {tiny_world.PLACEHOLDER} teapot on a table"}
     assert {r.plain_prompt for r in references} == {"a teapot on a table"}
     images = np.stack([np.asarray(Image.open(r.image)) for r in references])
     assert all(tiny_world.judge_context(image) == "on a table" for image in images)
@@ -185,14 +198,14 @@ def test_write_world_writes_the_authors_layout(world):
 
 def test_concepts_list_and_test_prompts_take_the_placeholder(world):
     (concept,) = evaluate.read_concepts_list(world["concepts_json"])
-    assert (concept.class_prompt, concept.placeholder) == ("teapot", "<tiny-teapot>")
+    assert (concept.class_prompt, concept.placeholder) == ("teapot", tiny_world.PLACEHOLDER)
     assert concept.captions == ("a teapot on a table",)
     assert [tiny_world.prompt_context(p) for p in concept.test_prompts] == list(tiny_world.TEST_CONTEXTS)
     assert set(tiny_world.HELD_OUT_CONTEXTS) <= set(tiny_world.TEST_CONTEXTS)
     assert not set(tiny_world.HELD_OUT_CONTEXTS) & set(tiny_world.ANCHOR_CONTEXTS)
     for prompt, generation in zip(concept.test_prompts, concept.generation_prompts()):
-        assert generation == metrics.insert_placeholder(prompt, "teapot", "<tiny-teapot>")
-        assert generation.startswith("a <tiny-teapot> teapot ")
+        assert generation == metrics.insert_placeholder(prompt, "teapot", tiny_world.PLACEHOLDER)
+        assert generation.startswith(f"a {tiny_world.PLACEHOLDER} teapot ")
     (style,) = evaluate.read_concepts_list(world["style_concepts_json"])
     assert style.kind == "style" and style.style_descriptor == "in stained glass style"
     assert all(p.endswith(" in stained glass style") for p in style.scoring_prompts())
