@@ -2,21 +2,21 @@
 
 What a run leaves must load in PyTorch diffusers (`UNet2DConditionModel.from_pretrained`,
 `StableDiffusionPipeline.from_pretrained`) and in our own loader (`models.load_stable_diffusion`).
-The Flax -> PyTorch naming is a pure function of a param's Flax path and rank (`torch_name`,
-`torch_axes`); files are written with safetensors' numpy API (no torch), every folder built beside
-its target and renamed into place, so a killed export never leaves a half-written folder.
+The naming is our UNet's own (`gal_jax.nn.weights.diffusers_key`: every param sits at the path
+of the PyTorch module it reproduces); files are written with safetensors' numpy API (no torch),
+every folder built beside its target and renamed into place, so a killed export never leaves a
+half-written folder.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Callable, Sequence
 
-import diffusers
 import jax
 import numpy as np
 from flax import traverse_util
@@ -24,6 +24,8 @@ from safetensors import safe_open
 from safetensors import numpy as safetensors_numpy
 
 from gal_jax import faults, io_utils, models
+from gal_jax.nn import unet as nn_unet
+from gal_jax.nn import weights as nn_weights
 
 CONFIG = "config.json"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -34,14 +36,6 @@ DTYPES = {
     "bfloat16": np.dtype(jax.numpy.bfloat16),
 }
 _SAFETENSORS_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-# PyTorch's ModuleList/Sequential children are `resnets.0`; Flax names the same submodule `resnets_0`.
-# Other names ending in _<digit> (time_embedding.linear_1) are plain attributes in both.
-_LIST_MODULES = (
-    "down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers", "transformer_blocks",
-    "net", "to_out",
-)
-_INDEXED = re.compile(rf"^({'|'.join(_LIST_MODULES)})_(\d+)$")
-_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
 
 class ExportError(ValueError):
@@ -54,22 +48,10 @@ class ExportError(ValueError):
 
 
 def torch_name(path: Sequence[str]) -> str:
-    """Returns the PyTorch diffusers state-dict name of the Flax UNet param at `path`."""
-    *modules, leaf = path
-    if leaf not in _TORCH_LEAF:
-        raise ExportError(f"{'/'.join(path)}: no PyTorch name for a Flax param called {leaf!r}.")
-    return ".".join([_INDEXED.sub(r"\1.\2", m) for m in modules] + [_TORCH_LEAF[leaf]])
-
-
-def torch_axes(path: Sequence[str], ndim: int) -> tuple[int, ...]:
-    """Returns the transpose that takes the Flax param at `path` (of rank `ndim`) to PyTorch's layout.
-
-    Flax kernels are (*spatial, in, out) (conv HWIO, linear in x out); PyTorch's weights are
-    (out, in, *spatial) (conv OIHW, linear out x in). Everything else keeps its layout.
-    """
-    if path[-1] == "kernel" and ndim >= 2:
-        return (ndim - 1, ndim - 2, *range(ndim - 2))
-    return tuple(range(ndim))
+    """Returns the PyTorch diffusers state-dict name of our UNet's param at `path`."""
+    if path[-1] not in ("kernel", "scale", "embedding", "bias"):
+        raise ExportError(f"{'/'.join(path)}: no PyTorch name for a param called {path[-1]!r}.")
+    return nn_weights.diffusers_key(tuple(path))
 
 
 def torch_state_dict(unet_params: models.Params, dtype: str = "float32") -> dict[str, np.ndarray]:
@@ -82,7 +64,7 @@ def torch_state_dict(unet_params: models.Params, dtype: str = "float32") -> dict
         if name in state:
             raise ExportError(f"{'/'.join(path)}: maps to PyTorch name {name}, which another param has.")
         array = np.asarray(value).astype(np_dtype, copy=False)
-        state[name] = np.ascontiguousarray(array.transpose(torch_axes(path, array.ndim)))
+        state[name] = np.ascontiguousarray(nn_weights.to_torch_layout(path, array))
     return state
 
 
@@ -134,15 +116,18 @@ def unet_config(sd: models.StableDiffusion) -> dict:
     if base_config.is_file():
         config = io_utils.read_json(base_config)
     else:
-        config = {k: v for k, v in dict(sd.unet.config).items() if not k.startswith("_")}
-        config["_diffusers_version"] = diffusers.__version__
+        config = sd.unet.config.to_dict()
+        try:
+            config["_diffusers_version"] = importlib.metadata.version("diffusers")
+        except importlib.metadata.PackageNotFoundError:  # diffusers is not needed to write its layout
+            pass
     # A Flax base names its class FlaxUNet2DConditionModel; what we write is the PyTorch layout.
-    config["_class_name"] = "UNet2DConditionModel"
+    config["_class_name"] = nn_unet.CLASS_NAME
     return config
 
 
 def _check_matches_model(sd: models.StableDiffusion, unet_params: models.Params, where: Path) -> None:
-    expected = traverse_util.flatten_dict(jax.eval_shape(sd.unet.init_weights, jax.random.key(0)))
+    expected = traverse_util.flatten_dict(nn_unet.abstract_params(sd.unet))
     actual = traverse_util.flatten_dict(unet_params)
     if expected.keys() != actual.keys():
         names = sorted("/".join(k) for k in expected.keys() ^ actual.keys())

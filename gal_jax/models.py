@@ -1,57 +1,52 @@
 """Loading Stable Diffusion and CLIP from their on-disk layouts into Flax modules + param trees.
 
-This is the only module that touches the Flax model classes of diffusers and transformers (their
-last releases with Flax are pinned; see STACK.md). Everything else sees `StableDiffusion` and
-`ClipModel`: static objects with pure `apply`-style methods taking param trees.
+Everything else sees `StableDiffusion` and `ClipModel`: static objects with pure `apply`-style
+methods taking param trees. The modules are our own (`gal_jax.nn`: UNet, VAE, CLIP); the only
+library classes used here are transformers' CLIP tokenizer.
 
-Weights are read as PyTorch safetensors (fast path: numpy, no torch), PyTorch `.bin` (needs torch) or
-Flax msgpack, and renamed to Flax names against an abstract (`jax.eval_shape`) param tree, so no random
-weights are ever materialised.
+Weights are read by their PyTorch names from safetensors (single, sharded by an index, or the fp16
+variant; numpy, no torch) or from a PyTorch `.bin` (needs torch; converted through a temporary
+safetensors file), straight into the shapes of an abstract (`jax.eval_shape`) param tree, so no
+random weights are ever materialised. Flax msgpack weights are refused with a clear error.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 import json
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
-from flax import serialization, traverse_util
 
-import diffusers
 import transformers
 
-diffusers.utils.logging.set_verbosity_error()
 transformers.utils.logging.set_verbosity_error()
 
-from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel  # noqa: E402
-from diffusers.models import modeling_flax_pytorch_utils as diffusers_convert  # noqa: E402
-from diffusers.models.attention_flax import FlaxTransformer2DModel  # noqa: E402
-from diffusers.models.resnet_flax import FlaxResnetBlock2D  # noqa: E402
 from transformers import CLIPTokenizer  # noqa: E402
 
 from gal_jax.nn import clip as nn_clip  # noqa: E402
+from gal_jax.nn import unet as nn_unet  # noqa: E402
+from gal_jax.nn import vae as nn_vae  # noqa: E402
 
 Params = Any
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 DIFFUSERS_WEIGHTS = (
     "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.safetensors.index.json",
     "diffusion_pytorch_model.bin",
     "diffusion_flax_model.msgpack",
 )
 TRANSFORMERS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "flax_model.msgpack")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# Rematerialised by apply_unet(remat=True): the granularity of PyTorch diffusers' gradient checkpointing.
-REMAT_BLOCKS = (FlaxResnetBlock2D, FlaxTransformer2DModel)
-_INSIDE_REMAT_BLOCK = contextvars.ContextVar("inside_remat_block", default=False)
+# apply_unet(remat=True) rematerialises every resnet and transformer block: the granularity of
+# PyTorch diffusers' gradient checkpointing.
+REMAT_POLICY = "block"
 
 
 class ModelLoadError(ValueError):
@@ -65,22 +60,26 @@ class ModelLoadError(ValueError):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class StableDiffusion:
-    """The static parts of a Stable Diffusion model: modules, tokenizer and configs (no weights)."""
+    """The static parts of a Stable Diffusion model: modules, tokenizer and configs (no weights).
+
+    The VAE module works in NHWC (images and latents); the UNet takes and returns NCHW latents, as
+    diffusers' does, so the latents every caller sees are NCHW.
+    """
 
     path: Path
-    unet: FlaxUNet2DConditionModel
-    vae: FlaxAutoencoderKL
+    unet: nn_unet.UNet2DConditionModel
+    vae: nn_vae.AutoencoderKL
     text_encoder: nn_clip.ClipTextModel
     tokenizer: CLIPTokenizer
     scheduler_config: dict
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return self.vae.config.downsampling_factor
 
     @property
     def latent_scale(self) -> float:
-        return float(getattr(self.vae.config, "scaling_factor", 0.18215))
+        return float(self.vae.config.scaling_factor)
 
     @property
     def latent_channels(self) -> int:
@@ -89,7 +88,10 @@ class StableDiffusion:
     @property
     def resolution(self) -> int:
         """Native image resolution: the UNet's sample size times the VAE's downsampling."""
-        return int(self.unet.config.sample_size) * self.vae_scale_factor
+        size = self.unet.config.sample_size
+        if size is None:  # diffusers leaves it out for some models; the VAE's is in pixels
+            return int(self.vae.config.sample_size)
+        return int(size[0] if isinstance(size, (tuple, list)) else size) * self.vae_scale_factor
 
     @property
     def prediction_type(self) -> str:
@@ -119,17 +121,12 @@ class StableDiffusion:
         """Returns the UNet's prediction (epsilon, v or x0) for NCHW latents.
 
         With `remat`, every resnet and transformer block is recomputed in the backward pass
-        instead of stored (SD UNets have no dropout, so inference mode is exact).
+        instead of stored (SD UNets have no dropout, so `train` changes nothing and is kept for
+        callers that say which pass they run).
         """
-        if not remat:
-            return self._unet_sample(unet_params, latents, timesteps, context, train)
-        with nn.intercept_methods(_remat_blocks):
-            return self._unet_sample(unet_params, latents, timesteps, context, train)
-
-    def _unet_sample(self, unet_params: Params, latents, timesteps, context, train: bool):
-        return self.unet.apply(
-            {"params": unet_params}, latents, timesteps, context, train=train
-        ).sample
+        del train
+        unet = self.unet.clone(remat=REMAT_POLICY) if remat and self.unet.remat == "none" else self.unet
+        return unet.apply({"params": unet_params}, latents, timesteps, context)
 
     def encode_images(self, vae_params: Params, pixels: jax.Array, key: jax.Array) -> jax.Array:
         """Returns scaled NCHW latents sampled from the VAE posterior of NHWC pixels in [-1, 1]."""
@@ -149,40 +146,14 @@ class StableDiffusion:
 
         return scaled_nchw(posterior.mean), scaled_nchw(posterior.std)
 
-    def _posterior(self, vae_params: Params, pixels: jax.Array):
+    def _posterior(self, vae_params: Params, pixels: jax.Array) -> nn_vae.DiagonalGaussian:
         """Returns the VAE's diagonal Gaussian posterior (NHWC) of NHWC pixels."""
-        return self.vae.apply(
-            {"params": vae_params}, jnp.transpose(pixels, (0, 3, 1, 2)), method=self.vae.encode
-        ).latent_dist
+        return self.vae.apply({"params": vae_params}, pixels, method=nn_vae.AutoencoderKL.encode)
 
     def decode_latents(self, vae_params: Params, latents: jax.Array) -> jax.Array:
         """Returns NHWC images in [-1, 1] (unclipped) decoded from scaled NCHW latents."""
-        images = self.vae.apply(
-            {"params": vae_params}, latents / self.latent_scale, method=self.vae.decode
-        ).sample
-        return jnp.transpose(images, (0, 2, 3, 1))
-
-
-def _remat_blocks(next_fun, args, kwargs, context):
-    """Flax method interceptor: runs the __call__ of REMAT_BLOCKS under nn.remat."""
-    module = context.module
-    if (
-        _INSIDE_REMAT_BLOCK.get()
-        or context.method_name != "__call__"
-        or not isinstance(module, REMAT_BLOCKS)
-    ):
-        return next_fun(*args, **kwargs)
-    static = tuple(i + 1 for i, arg in enumerate(args) if not isinstance(arg, jax.Array))
-
-    def block(remat_module, *block_args):
-        # The remat'ed clone's call comes back through this interceptor: let it run plainly.
-        token = _INSIDE_REMAT_BLOCK.set(True)
-        try:
-            return remat_module(*block_args, **kwargs)
-        finally:
-            _INSIDE_REMAT_BLOCK.reset(token)
-
-    return nn.remat(block, static_argnums=static)(module, *args)
+        latents = jnp.transpose(latents, (0, 2, 3, 1)) / self.latent_scale
+        return self.vae.apply({"params": vae_params}, latents, method=nn_vae.AutoencoderKL.decode)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -255,8 +226,8 @@ def load_stable_diffusion(
     path = _existing_dir(path)
     _check_sd_layout(path)
     compute_dtype = jnp.dtype(compute_dtype)
-    unet, unet_params = _load_diffusers_model(FlaxUNet2DConditionModel, path / "unet", compute_dtype)
-    vae, vae_params = _load_diffusers_model(FlaxAutoencoderKL, path / "vae", compute_dtype)
+    unet, unet_params = _load_diffusers_model(_UNET, path / "unet", compute_dtype)
+    vae, vae_params = _load_diffusers_model(_VAE, path / "vae", compute_dtype)
     text_encoder, text_params = _load_clip_family(path / "text_encoder", compute_dtype)
     sd = StableDiffusion(
         path=path,
@@ -347,24 +318,59 @@ def _variant(file: Path, variant: str) -> Path:
     return file.with_name(f"{file.stem}.{variant}{file.suffix}")
 
 
-def _load_diffusers_model(cls, folder: Path, dtype):
-    config = _read_json(_require_file(folder, "config.json"))
-    if "_class_name" in config and not cls.__name__.endswith(config["_class_name"]):
-        raise ModelLoadError(
-            f"{folder / 'config.json'}: holds a {config['_class_name']}, expected {cls.__name__[4:]}."
-        )
-    module = cls.from_config(config, dtype=dtype)
-    abstract = jax.eval_shape(module.init_weights, jax.random.key(0))
+@dataclasses.dataclass(frozen=True)
+class _DiffusersFamily:
+    """How to build and load one of our diffusers model families."""
+
+    class_name: str
+    read_config: Callable[[Path], Any]
+    build: Callable[[Any, Any], Any]  # (config, compute dtype) -> module
+    load_params: Callable[..., Params]
+
+
+_UNET = _DiffusersFamily(
+    nn_unet.CLASS_NAME, nn_unet.read_config,
+    lambda config, dtype: nn_unet.UNet2DConditionModel(config, dtype=dtype), nn_unet.load_params,
+)
+# NHWC: the facade's images are NHWC, and latents are transposed once, at the UNet's boundary.
+_VAE = _DiffusersFamily(
+    nn_vae.CLASS_NAME, nn_vae.read_config,
+    lambda config, dtype: nn_vae.AutoencoderKL(config, dtype=dtype, layout="NHWC"), nn_vae.load_params,
+)
+
+
+def _load_diffusers_model(family: _DiffusersFamily, folder: Path, dtype):
+    """Returns (module, float32 params) of a diffusers model folder of `family`."""
+    config_file = _require_file(folder, "config.json")
+    try:
+        module = family.build(family.read_config(config_file), dtype)
+    except ValueError as err:  # wrong _class_name, unsupported options: the message names the file
+        message = str(err)
+        raise ModelLoadError(message if str(config_file) in message else f"{config_file}: {message}") from err
     weights_file = _find_weights(folder, DIFFUSERS_WEIGHTS)
     if weights_file.suffix == ".msgpack":
-        return module, _load_msgpack(weights_file, abstract)
-    flat_abstract = traverse_util.flatten_dict(abstract)
-    converted = {}
-    for name, tensor in _read_torch_weights(weights_file).items():
-        key = tuple(diffusers_convert.rename_key(name).split("."))
-        key, tensor = diffusers_convert.rename_key_and_reshape_tensor(key, tensor, flat_abstract)
-        converted[key] = tensor
-    return module, _match_abstract(converted, flat_abstract, weights_file)
+        raise ModelLoadError(
+            f"{weights_file}: Flax msgpack weights are not read any more; save the model with "
+            "diffusers' save_pretrained(..., safe_serialization=True) to get "
+            "diffusion_pytorch_model.safetensors."
+        )
+    with contextlib.ExitStack() as stack:
+        if weights_file.suffix == ".bin":
+            weights_file = _bin_as_safetensors(weights_file, stack, "diffusion_pytorch_model.safetensors")
+        return module, _read_params(family.load_params, module, weights_file)
+
+
+def _read_params(load_params: Callable[..., Params], module, weights_file: Path) -> Params:
+    """Returns load_params(module, weights_file), its errors as ModelLoadError naming the file."""
+    try:
+        return load_params(module, weights_file)
+    except ValueError as err:
+        message = str(err)
+        raise ModelLoadError(message if str(weights_file) in message else f"{weights_file}: {message}") from err
+    except Exception as err:  # safetensors raises several unrelated types for damaged files
+        raise ModelLoadError(
+            f"{weights_file}: unreadable or truncated weights file ({type(err).__name__}: {err})."
+        ) from err
 
 
 def _load_clip_family(folder: Path, dtype):
@@ -392,20 +398,17 @@ def _load_clip_family(folder: Path, dtype):
         else:
             stored = nn_clip.weight_files(weights_file)
             model = nn_clip.ClipTextModel(config, "text_projection.weight" in stored, dtype=dtype)
-        try:
-            return model, nn_clip.load_params(model, weights_file)
-        except ValueError as err:
-            raise ModelLoadError(str(err)) from err
+        return model, _read_params(nn_clip.load_params, model, weights_file)
 
 
-def _bin_as_safetensors(file: Path, stack: contextlib.ExitStack) -> Path:
+def _bin_as_safetensors(file: Path, stack: contextlib.ExitStack, name: str = "model.safetensors") -> Path:
     """Returns a temporary safetensors copy (removed when `stack` closes) of a PyTorch .bin file."""
     from safetensors.numpy import save_file
 
     folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gal-jax-bin-")))
     tensors = {k: np.ascontiguousarray(v) for k, v in _read_torch_weights(file).items()}
-    save_file(tensors, str(folder / "model.safetensors"))
-    return folder / "model.safetensors"
+    save_file(tensors, str(folder / name))
+    return folder / name
 
 
 def _read_torch_weights(file: Path) -> dict[str, np.ndarray]:
@@ -423,35 +426,6 @@ def _read_torch_weights(file: Path) -> dict[str, np.ndarray]:
         raise ModelLoadError(f"{file}: reading .bin weights needs PyTorch ({err}).") from err
     except Exception as err:  # safetensors/torch raise several unrelated types for bad files
         raise ModelLoadError(f"{file}: unreadable or truncated weights file ({type(err).__name__}: {err}).") from err
-
-
-def _load_msgpack(file: Path, abstract: Params) -> Params:
-    try:
-        state = serialization.msgpack_restore(file.read_bytes())
-    except Exception as err:  # msgpack raises several types for bad bytes
-        raise ModelLoadError(f"{file}: unreadable or truncated msgpack ({err}).") from err
-    flat_abstract = traverse_util.flatten_dict(abstract)
-    return _match_abstract(traverse_util.flatten_dict(state), flat_abstract, file)
-
-
-def _match_abstract(flat: dict, flat_abstract: dict, source: Path) -> Params:
-    """Returns the nested param tree, checking every expected key is present with its shape."""
-    missing = [k for k in flat_abstract if k not in flat]
-    if missing:
-        shown = ", ".join("/".join(k) for k in missing[:5])
-        raise ModelLoadError(
-            f"{source}: {len(missing)} weights missing for this config (e.g. {shown}); the weights do "
-            "not belong to the config.json beside them."
-        )
-    params = {}
-    for key, spec in flat_abstract.items():
-        value = np.asarray(flat[key])
-        if value.shape != spec.shape:
-            raise ModelLoadError(
-                f"{source}: weight {'/'.join(key)} has shape {value.shape}, config expects {spec.shape}."
-            )
-        params[key] = jnp.asarray(value, dtype=spec.dtype)
-    return traverse_util.unflatten_dict(params)
 
 
 def _load_tokenizer(folder: Path) -> CLIPTokenizer:
@@ -480,7 +454,7 @@ def load_unet_params(folder: str | Path, *, compute_dtype="float32", param_dtype
     Weights stored in another float dtype (e.g. a float16 export) are cast to `param_dtype`.
     """
     folder = _existing_dir(folder)
-    _, params = _load_diffusers_model(FlaxUNet2DConditionModel, folder, jnp.dtype(compute_dtype))
+    _, params = _load_diffusers_model(_UNET, folder, jnp.dtype(compute_dtype))
     return cast_params(params, param_dtype)
 
 
@@ -545,13 +519,13 @@ def random_stable_diffusion(
 ) -> tuple[StableDiffusion, StableDiffusionParams]:
     """Returns an SD model of the given architecture (SD 1.5 by default) with random weights."""
     compute_dtype = jnp.dtype(compute_dtype)
-    unet = FlaxUNet2DConditionModel.from_config(dict(unet_config), dtype=compute_dtype)
-    vae = FlaxAutoencoderKL.from_config(dict(vae_config), dtype=compute_dtype)
+    unet = _UNET.build(nn_unet.UNetConfig.from_dict(unet_config), compute_dtype)
+    vae = _VAE.build(nn_vae.VaeConfig.from_dict(vae_config), compute_dtype)
     text_encoder = nn_clip.ClipTextModel(nn_clip.ClipTextConfig.from_dict(text_config), dtype=compute_dtype)
     keys = jax.random.split(jax.random.key(seed), 3)
     params = StableDiffusionParams(
-        unet=jax.jit(unet.init_weights)(keys[0]),
-        vae=jax.jit(vae.init_weights)(keys[1]),
+        unet=nn_unet.init_params(unet, keys[0]),
+        vae=nn_vae.init_params(vae, keys[1]),
         text_encoder=nn_clip.init_params(text_encoder, keys[2]),
     )
     sd = StableDiffusion(

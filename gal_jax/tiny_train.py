@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from gal_jax import models, score, train
 from gal_jax.nn import clip as nn_clip
+from gal_jax.nn import vae as nn_vae
 from gal_jax.train import TrainState
 
 Params = Any
@@ -308,15 +309,20 @@ def retrieval_accuracy(model, params: Params, images: np.ndarray, input_ids: np.
 # ---------------------------------------------------------------------------------------------
 
 
+def vae_module(recipe: Recipe) -> nn_vae.AutoencoderKL:
+    """Returns the recipe's VAE, NHWC in and out (images and latents)."""
+    return nn_vae.AutoencoderKL(nn_vae.VaeConfig.from_dict(recipe.vae), layout="NHWC")
+
+
 def init_vae(recipe: Recipe, seed: int):
-    """Returns (FlaxAutoencoderKL, freshly initialised params)."""
-    vae = models.FlaxAutoencoderKL.from_config(dict(recipe.vae))
-    return vae, jax.jit(vae.init_weights)(jax.random.key(seed))
+    """Returns (our AutoencoderKL (NHWC), freshly initialised params)."""
+    vae = vae_module(recipe)
+    return vae, nn_vae.init_params(vae, jax.random.key(seed))
 
 
 def to_unit_range(images: jax.Array) -> jax.Array:
-    """Returns uint8 NHWC images as float32 NCHW in [-1, 1], as the VAE reads pixels."""
-    return jnp.transpose(images.astype(jnp.float32) / 127.5 - 1.0, (0, 3, 1, 2))
+    """Returns uint8 NHWC images as float32 NHWC in [-1, 1], as the VAE reads pixels."""
+    return images.astype(jnp.float32) / 127.5 - 1.0
 
 
 def _image_gradients(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -328,8 +334,8 @@ def vae_loss(params: Params, images: jax.Array, key: jax.Array, *, vae, kl_weigh
     """Returns (loss, parts): pixel MSE of a posterior sample's reconstruction, plus
     edge_weight * MSE of its image gradients, plus kl_weight * KL per latent element."""
     pixels = to_unit_range(images)
-    posterior = vae.apply({"params": params}, pixels, method=vae.encode).latent_dist
-    decoded = vae.apply({"params": params}, posterior.sample(key), method=vae.decode).sample
+    posterior = vae.apply({"params": params}, pixels, method=nn_vae.AutoencoderKL.encode)
+    decoded = vae.apply({"params": params}, posterior.sample(key), method=nn_vae.AutoencoderKL.decode)
     mse = jnp.mean(jnp.square(decoded - pixels))
     edge = sum(jnp.mean(jnp.square(a - b)) for a, b in
                zip(_image_gradients(decoded), _image_gradients(pixels)))
@@ -365,8 +371,8 @@ def train_vae(vae, params: Params, images: jax.Array, recipe: Recipe, seed: int,
 
 
 def _encode_decode(vae, params, images):
-    posterior = vae.apply({"params": params}, to_unit_range(images), method=vae.encode).latent_dist
-    return posterior, vae.apply({"params": params}, posterior.mean, method=vae.decode).sample
+    posterior = vae.apply({"params": params}, to_unit_range(images), method=nn_vae.AutoencoderKL.encode)
+    return posterior, vae.apply({"params": params}, posterior.mean, method=nn_vae.AutoencoderKL.decode)
 
 
 def vae_psnr(vae, params: Params, images: np.ndarray, batch_size: int = 64) -> float:
@@ -375,7 +381,7 @@ def vae_psnr(vae, params: Params, images: np.ndarray, batch_size: int = 64) -> f
     errors = []
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size]
-        decoded = np.asarray(run(params, batch)).transpose(0, 2, 3, 1)
+        decoded = np.asarray(run(params, batch))
         restored = np.clip(np.round((decoded + 1.0) * 127.5), 0, 255)
         errors.append(np.square(restored - batch.astype(np.float64)).reshape(len(batch), -1).mean(1))
     mse = float(np.mean(np.concatenate(errors)))

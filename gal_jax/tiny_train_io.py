@@ -1,10 +1,9 @@
 """Writes the trained tiny models in their users' layouts: a transformers CLIPModel, an SD pipeline.
 
-CLIP and the text encoder are written by our own modules (`gal_jax.nn.clip.save_params`: PyTorch
-names, safetensors, transformers' config.json), no PyTorch needed. The VAE and the random UNet
-still go through diffusers' PyTorch modules and `save_pretrained(safe_serialization=True)` until
-our own VAE and UNet replace them. Every name is checked: a weight the target expects and the
-trained tree lacks (or the reverse) is an error, never a silently random weight.
+Every model is written by our own modules (`gal_jax.nn.<family>.save_params`: PyTorch names,
+safetensors, transformers' or diffusers' config.json), no PyTorch needed. Every name is checked:
+a weight the target expects and the trained tree lacks (or the reverse) is an error, never a
+silently random weight.
 """
 
 from __future__ import annotations
@@ -18,6 +17,8 @@ from flax import traverse_util
 
 from gal_jax import models, tiny
 from gal_jax.nn import clip as nn_clip
+from gal_jax.nn import unet as nn_unet
+from gal_jax.nn import vae as nn_vae
 
 Params = Any
 TORCH_DTYPES = ("float32", "float16")
@@ -51,12 +52,6 @@ def _checked_dtype(dtype: str) -> str:
     if dtype not in TORCH_DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(TORCH_DTYPES)}")
     return dtype
-
-
-def _torch_dtype(dtype: str):
-    import torch
-
-    return getattr(torch, _checked_dtype(dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,55 +103,20 @@ def save_text_encoder(folder: Path, clip_folder: Path, dtype: str = "float16") -
 # ---------------------------------------------------------------------------------------------
 
 
-def torch_vae_state(torch_names: dict[str, tuple[int, ...]], params: Params) -> dict[str, np.ndarray]:
-    """Returns the PyTorch AutoencoderKL state dict (name -> float32 array) of Flax VAE params.
-
-    Each PyTorch name is mapped to its Flax key by the renaming our loader applies
-    (diffusers' rename_key_and_reshape_tensor), so the saved folder loads back to `params`.
-    """
-    from diffusers.models import modeling_flax_pytorch_utils as convert
-
-    flat = traverse_util.flatten_dict(_host(params))
-    state, used = {}, set()
-    for name, shape in torch_names.items():
-        key = tuple(convert.rename_key(name).split("."))
-        key, _ = convert.rename_key_and_reshape_tensor(key, np.empty(shape, np.float32), flat)
-        if key not in flat:
-            raise ValueError(f"VAE conversion: PyTorch weight {name} has no Flax param {'/'.join(key)}")
-        value = np.asarray(flat[key], np.float32)
-        if key[-1] == "kernel":
-            value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
-        if value.shape != tuple(shape):
-            raise ValueError(f"VAE conversion: {name} is {tuple(shape)}, Flax gives {value.shape}")
-        state[name] = np.ascontiguousarray(value)
-        used.add(key)
-    unused = sorted("/".join(k) for k in flat.keys() - used)
-    if unused:
-        raise ValueError(f"VAE conversion: Flax params without a PyTorch weight: {', '.join(unused[:5])}")
-    return state
-
-
 def save_vae(folder: Path, vae_config: dict, params: Params, scaling_factor: float,
              dtype: str = "float16") -> Path:
-    """Writes a diffusers AutoencoderKL folder of the Flax VAE params, with its scaling_factor."""
-    import torch
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL(**vae_config, scaling_factor=float(scaling_factor)).eval()
-    shapes = {name: tuple(t.shape) for name, t in vae.state_dict().items()}
-    state = torch_vae_state(shapes, params)
-    vae.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
-    vae.to(_torch_dtype(dtype)).save_pretrained(folder, safe_serialization=True)
+    """Writes a diffusers AutoencoderKL folder of our VAE's params, with its scaling_factor."""
+    config = nn_vae.VaeConfig.from_dict(dict(vae_config, scaling_factor=float(scaling_factor)))
+    nn_vae.save_params(nn_vae.AutoencoderKL(config), _host(params), folder, dtype=_checked_dtype(dtype))
     return folder
 
 
 def save_random_unet(folder: Path, unet_config: dict, seed: int) -> Path:
-    """Writes a randomly initialised diffusers UNet2DConditionModel folder (PyTorch's init)."""
-    import torch
-    from diffusers import UNet2DConditionModel
+    """Writes a randomly initialised diffusers UNet2DConditionModel folder (our modules' init)."""
+    import jax
 
-    torch.manual_seed(seed)
-    UNet2DConditionModel(**unet_config).save_pretrained(folder, safe_serialization=True)
+    model = nn_unet.UNet2DConditionModel(nn_unet.UNetConfig.from_dict(unet_config))
+    nn_unet.save_params(model, _host(nn_unet.init_params(model, jax.random.key(seed))), folder)
     return folder
 
 

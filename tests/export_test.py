@@ -13,6 +13,7 @@ import pytest
 from flax import traverse_util
 
 from gal_jax import export, models, tiny
+from gal_jax.nn import unet as nn_unet
 
 LAYOUTS = {"tiny": tiny.TINY_UNET, "tiny_sd2": tiny.TINY_UNET_SD2, "sd15": models.SD15_UNET}
 # Relative to the output's scale: float32 Flax vs float32 PyTorch, and PyTorch computing in float16.
@@ -108,18 +109,16 @@ def stored_dtypes(file: Path) -> set[str]:
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_names_and_shapes_equal_pytorch_state_dict(layout):
     import torch
-    from diffusers import FlaxUNet2DConditionModel, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     config = LAYOUTS[layout]
-    flax_unet = FlaxUNet2DConditionModel.from_config(dict(config))
-    abstract = traverse_util.flatten_dict(jax.eval_shape(flax_unet.init_weights, jax.random.key(0)))
-    ours = {
-        export.torch_name(path): tuple(spec.shape[i] for i in export.torch_axes(path, spec.ndim))
-        for path, spec in abstract.items()
-    }
+    unet = nn_unet.UNet2DConditionModel(nn_unet.UNetConfig.from_dict(config))
+    state = export.torch_state_dict(jax.tree_util.tree_map(
+        lambda spec: np.zeros(spec.shape, spec.dtype), nn_unet.abstract_params(unet)))
+    ours = {name: value.shape for name, value in state.items()}
     with torch.device("meta"):
         theirs = {k: tuple(v.shape) for k, v in UNet2DConditionModel(**config).state_dict().items()}
-    assert len(ours) == len(abstract), "two Flax params got the same PyTorch name"
+    assert len(ours) == len(traverse_util.flatten_dict(nn_unet.abstract_params(unet)))
     assert sorted(ours.keys() ^ theirs.keys()) == []
     assert {k: v for k, v in ours.items() if theirs[k] != v} == {}
 
@@ -129,9 +128,12 @@ def test_torch_layout_transposes_kernels_and_renames_lists():
     assert export.torch_name(path) == "up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0.weight"
     assert export.torch_name(("time_embedding", "linear_1", "kernel")) == "time_embedding.linear_1.weight"
     assert export.torch_name(("conv_norm_out", "scale")) == "conv_norm_out.weight"
-    assert export.torch_axes(("conv_in", "kernel"), 4) == (3, 2, 0, 1)
-    assert export.torch_axes(("proj_in", "kernel"), 2) == (1, 0)
-    assert export.torch_axes(("conv_in", "bias"), 1) == (0,)
+    conv = np.arange(2 * 3 * 4 * 5).reshape(2, 3, 4, 5)  # HWIO
+    state = export.torch_state_dict({"conv_in": {"kernel": conv, "bias": np.arange(5.0)},
+                                     "proj_in": {"kernel": conv[0, 0]}})
+    np.testing.assert_array_equal(state["conv_in.weight"], conv.transpose(3, 2, 0, 1))  # OIHW
+    np.testing.assert_array_equal(state["proj_in.weight"], conv[0, 0].T)  # (out, in)
+    np.testing.assert_array_equal(state["conv_in.bias"], np.arange(5.0))
     with pytest.raises(export.ExportError, match="no PyTorch name"):
         export.torch_name(("conv_in", "mystery"))
 
@@ -163,12 +165,12 @@ def test_half_precision_round_trip_equals_params_cast(loaded_sd, finetuned, tmp_
 def sd2(loaded_sd, tmp_path_factory):
     """(StableDiffusion, UNet params) of the SD2-style tiny UNet, with no model folder on disk."""
     import torch
-    from diffusers import FlaxUNet2DConditionModel, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     torch.manual_seed(3)
     folder = tmp_path_factory.mktemp("sd2") / "unet"
     UNet2DConditionModel(**tiny.TINY_UNET_SD2).save_pretrained(folder, safe_serialization=True)
-    unet = FlaxUNet2DConditionModel.from_config(dict(tiny.TINY_UNET_SD2))
+    unet = nn_unet.UNet2DConditionModel(nn_unet.UNetConfig.from_dict(tiny.TINY_UNET_SD2))
     sd = dataclasses.replace(loaded_sd[0], path=Path("random:tiny-sd2"), unet=unet)
     return sd, models.load_unet_params(folder)
 

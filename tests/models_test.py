@@ -52,11 +52,9 @@ def test_vae_encode_and_decode_match_pytorch(tiny_models, loaded_sd):
         # A zero-std sample is the mean: compare the deterministic part of the posterior.
         mean = posterior.mean.numpy() * sd.latent_scale
         decoded = torch_vae.decode(posterior.mean).sample.permute(0, 2, 3, 1).numpy()
-    ours_posterior = sd.vae.apply(
-        {"params": params.vae}, jnp.asarray(pixels).transpose(0, 3, 1, 2), method=sd.vae.encode
-    ).latent_dist
-    ours_mean = np.asarray(ours_posterior.mean).transpose(0, 3, 1, 2) * sd.latent_scale
-    assert np.abs(ours_mean - mean).max() <= 1e-4
+    ours_mean, ours_std = sd.encode_posterior(params.vae, jnp.asarray(pixels))
+    np.testing.assert_allclose(np.asarray(ours_std), posterior.std.numpy() * sd.latent_scale, rtol=1e-4, atol=1e-6)
+    assert np.abs(np.asarray(ours_mean) - mean).max() <= 1e-4
     ours_decoded = sd.decode_latents(params.vae, jnp.asarray(mean))
     assert ours_decoded.shape == (2, 64, 64, 3)
     assert np.abs(np.asarray(ours_decoded) - decoded).max() <= 1e-4
@@ -185,7 +183,7 @@ def test_wrong_component_class_is_refused(tiny_models, tmp_path):
     folder = _copy(tiny_models, tmp_path)
     shutil.rmtree(folder / "unet")
     shutil.copytree(folder / "vae", folder / "unet")
-    with pytest.raises(models.ModelLoadError, match=r"unet/config.json: holds a AutoencoderKL"):
+    with pytest.raises(models.ModelLoadError, match=r"unet/config.json: _class_name is .AutoencoderKL., expected .UNet2DConditionModel."):
         models.load_stable_diffusion(folder)
 
 

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+from flax import traverse_util
 
 from gal_jax import models, tiny_build, tiny_train, tiny_train_io
 
@@ -81,22 +83,33 @@ def test_caption_groups_and_held_out_split():
     assert len(held) == 5 and not set(train) & set(held) and len(train) + len(held) == 50
 
 
-def test_the_vae_conversion_matches_pytorch_numerically():
-    import torch
+def test_the_saved_vae_matches_pytorch_numerically(tmp_path):
     from diffusers import AutoencoderKL
 
     recipe = tiny_train.SMOKE_RECIPE
     vae, params = tiny_train.init_vae(recipe, seed=0)
-    torch_vae = AutoencoderKL(**recipe.vae).eval()
-    shapes = {name: tuple(t.shape) for name, t in torch_vae.state_dict().items()}
-    state = tiny_train_io.torch_vae_state(shapes, params)
-    torch_vae.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
+    tiny_train_io.save_vae(tmp_path / "vae", dict(recipe.vae), params, scaling_factor=0.5, dtype="float32")
+    torch_vae = AutoencoderKL.from_pretrained(tmp_path / "vae").eval()
+    assert torch_vae.config.scaling_factor == 0.5
     images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
     _, decoded = tiny_train._encode_decode(vae, params, jnp.asarray(images))
     pixels = torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0)
     with torch.no_grad():
         expected = torch_vae.decode(torch_vae.encode(pixels).latent_dist.mean).sample.numpy()
-    np.testing.assert_allclose(np.asarray(decoded), expected, atol=2e-3, rtol=2e-3)
+    np.testing.assert_allclose(np.asarray(decoded).transpose(0, 3, 1, 2), expected, atol=2e-3, rtol=2e-3)
+
+
+def test_the_random_unet_folder_loads_in_pytorch_and_in_ours(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    recipe = tiny_train.SMOKE_RECIPE
+    tiny_train_io.save_random_unet(tmp_path / "unet", dict(recipe.unet), seed=3)
+    torch_unet = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
+    assert tuple(torch_unet.config.block_out_channels) == tuple(recipe.unet["block_out_channels"])
+    params = models.load_unet_params(tmp_path / "unet")
+    stored = traverse_util.flatten_dict(params)
+    assert all(np.isfinite(np.asarray(v)).all() for v in stored.values())
+    assert any(float(np.abs(np.asarray(v)).max()) > 0 for k, v in stored.items() if k[-1] == "kernel")
 
 
 def test_bad_training_images_are_named():

@@ -1,7 +1,6 @@
 """Weighted DreamBooth training: the loss by hand, gradients against PyTorch, sharded steps, rounds."""
 
 import dataclasses
-import functools
 import re
 
 import chex
@@ -13,6 +12,7 @@ import torch
 from flax import traverse_util
 
 from configs import tiny_cpu
+from gal_jax.nn import weights as nn_weights
 from gal_jax import data, models, schedulers, sharding, train, trainer as trainer_lib
 
 BATCH_SIZE = 4  # instance examples a step: 8 rows with their class images, one per fake device
@@ -199,15 +199,12 @@ def test_example_weight_scales_its_unet_gradient_exactly(loaded, unet_grad):
     assert all(not np.any(g) for g in jax.tree_util.tree_leaves(jax.device_get(gradient(0.0))))
 
 
-def _torch_dreambooth_grads(sd_dir, batch, align_flax_port: bool):
-    """Returns the PyTorch diffusers UNet's gradient (Flax names and layouts) of the same loss."""
+def _torch_dreambooth_grads(sd_dir, batch):
+    """Returns the PyTorch diffusers UNet's gradient of the same loss, by diffusers name."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
-    from diffusers.models import modeling_flax_pytorch_utils as convert
     from transformers import CLIPTextModel
 
     unet = UNet2DConditionModel.from_pretrained(sd_dir / "unet").double()
-    if align_flax_port:
-        _align_with_flax_port(unet)
     text_encoder = CLIPTextModel.from_pretrained(sd_dir / "text_encoder").eval()
     scheduler = DDPMScheduler.from_pretrained(sd_dir / "scheduler")
     as_torch = lambda k: torch.from_numpy(np.asarray(batch[k])).double()
@@ -220,42 +217,20 @@ def _torch_dreambooth_grads(sd_dir, batch, align_flax_port: bool):
     mse = ((prediction - as_torch("noise")) ** 2).mean(dim=(1, 2, 3))
     weighted, prior = as_torch("weight") * mse, torch.from_numpy(batch["is_prior"])
     (weighted[~prior].sum() / (~prior).sum() + weighted[prior].sum() / prior.sum()).backward()
-    return {name: p.grad.numpy() for name, p in unet.named_parameters()}, convert
+    return {name: p.grad.numpy() for name, p in unet.named_parameters()}
 
 
-def _align_with_flax_port(unet):
-    """Gives the PyTorch UNet the two approximations diffusers' Flax port makes (tanh GELU in
-    GEGLU, epsilon 1e-5 in the transformer GroupNorm), to show they are the only difference."""
-    from diffusers.models.activations import GEGLU
-    from diffusers.models.transformers.transformer_2d import Transformer2DModel
-
-    for module in unet.modules():
-        if isinstance(module, Transformer2DModel):
-            module.norm.eps = 1e-5
-        if isinstance(module, GEGLU):
-            module.forward = functools.partial(_tanh_geglu, module)
-
-
-def _tanh_geglu(module, hidden_states, *args, **kwargs):
-    hidden, gate = module.proj(hidden_states).chunk(2, dim=-1)
-    return hidden * torch.nn.functional.gelu(gate, approximate="tanh")
-
-
-@pytest.mark.parametrize("align_flax_port, tolerance", [(False, 1e-4), (True, 1e-5)])
-def test_unet_gradient_matches_pytorch_diffusers(tiny_assets, loaded, unet_grad, align_flax_port, tolerance):
+def test_unet_gradient_matches_pytorch_diffusers(tiny_assets, loaded, unet_grad):
     sd, params = loaded
     batch = with_randomness(sd, synthetic_batch(sd, 1, weights=[0.7]))
     loss, grads = unet_grad(batch)
-    torch_grads, convert = _torch_dreambooth_grads(tiny_assets["sd"], batch, align_flax_port)
+    torch_grads = _torch_dreambooth_grads(tiny_assets["sd"], batch)
     flat = traverse_util.flatten_dict(jax.device_get(grads))
-    reference = {}
-    for name, grad in torch_grads.items():
-        key = tuple(convert.rename_key(name).split("."))
-        key, grad = convert.rename_key_and_reshape_tensor(key, grad, flat)
-        reference[key] = grad
-    assert reference.keys() == flat.keys()
+    reference = {path: nn_weights.from_torch_layout(path, torch_grads[nn_weights.diffusers_key(path)])
+                 for path in flat}
+    assert sorted(map(nn_weights.diffusers_key, flat)) == sorted(torch_grads)
     assert np.sqrt(sum(np.sum(g**2) for g in reference.values())) > 0.1
-    assert relative_error(flat, reference) <= tolerance
+    assert relative_error(flat, reference) <= 1e-5
 
 
 # ---------------------------------------------------------------------------------------------

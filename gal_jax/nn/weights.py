@@ -52,6 +52,11 @@ def to_torch_layout(param_path: ParamPath, value: np.ndarray) -> np.ndarray:
     return np.transpose(value, np.argsort(_torch_axes(param_path, value.ndim)))
 
 
+def from_torch_layout(param_path: ParamPath, value: np.ndarray) -> np.ndarray:
+    """Returns the PyTorch tensor `value` of our param at `param_path` rearranged in our layout."""
+    return np.transpose(value, _torch_axes(param_path, value.ndim))
+
+
 def torch_shape(param_path: ParamPath, shape: tuple[int, ...]) -> tuple[int, ...]:
     """Returns the shape the PyTorch tensor of our param (of `shape`) has."""
     shape_in_torch = [0] * len(shape)
@@ -99,7 +104,7 @@ def _open_safetensors(file: Path):
     try:
         handle = safetensors.safe_open(str(file), framework="np")
     except Exception as err:  # safetensors raises its own and OS errors for bad files
-        raise ValueError(f"{file}: unreadable safetensors ({type(err).__name__}: {err})") from err
+        raise ValueError(f"{file}: unreadable or truncated safetensors ({type(err).__name__}: {err})") from err
     with handle:
         yield handle
 
@@ -238,7 +243,10 @@ def read_diffusers_config(path: str | Path, class_name: str) -> dict[str, Any]:
         values = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"{file}: not a readable config.json ({err})") from err
-    if values.get("_class_name") != class_name:
+    if not isinstance(values, dict):
+        raise ValueError(f"{file}: not a diffusers config (expected a JSON object)")
+    # A config without _class_name (hand-written, or an old export) is read as `class_name`.
+    if values.get("_class_name", class_name) != class_name:
         raise ValueError(f"{file}: _class_name is {values.get('_class_name')!r}, expected {class_name!r}")
     return values
 
