@@ -47,6 +47,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1
     config.mesh.fsdp = 1
+    # Parameter sharding over 'fsdp': (logical axis, mesh axis or None) pairs in priority order;
+    # None or () takes gal_jax.sharding.DEFAULT_LOGICAL_RULES. Logical axes: gal_jax/nn/layers.py.
+    config.mesh.rules = None
 
     # DreamBooth training, from the base weights every round.
     config.train = ml_collections.ConfigDict()

@@ -159,8 +159,8 @@ def bench_train(config, sd, sd_params, mesh) -> dict:
     start = time.perf_counter()
     compiled = trainer.compile_for(sd_params, rows)
     compile_s = time.perf_counter() - start
-    state = train.init_train_state(sd_params.unet, trainer.optimizer, mesh)
-    frozen = train.place_frozen(sd_params, sd, mesh)
+    state = train.init_train_state(sd_params.unet, trainer.optimizer, mesh, sd.logical_axes().unet, trainer.rules)
+    frozen = train.place_frozen(sd_params, sd, mesh, trainer.rules)
     batch = _synthetic_batch(
         train.abstract_batch(sd, mesh, num_examples=rows, resolution=config.data.resolution,
                              cached_latents=trainer.cache_latents)

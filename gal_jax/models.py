@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import tempfile
 from pathlib import Path
@@ -105,6 +106,11 @@ class StableDiffusion:
         """Returns int32 token ids (len(prompts), max_length), padded and truncated."""
         return tokenize(self.tokenizer, prompts)
 
+    def logical_axes(self) -> StableDiffusionParams:
+        """Returns each component's tree of logical PartitionSpecs ("embed", "conv_out", ...), the
+        names `sharding.param_shardings` maps onto a mesh. Computed abstractly (no weights)."""
+        return _logical_axes(self.unet, self.vae, self.text_encoder)
+
     def encode_text(self, text_params: Params, input_ids: jax.Array) -> jax.Array:
         """Returns the text encoder's last hidden states (B, L, D): the UNet's cross-attention context."""
         return self.text_encoder.apply({"params": text_params}, input_ids).last_hidden_state
@@ -188,6 +194,15 @@ class StableDiffusionParams:
     unet: Params
     vae: Params
     text_encoder: Params
+
+
+@functools.lru_cache(maxsize=8)
+def _logical_axes(unet, vae, text_encoder) -> StableDiffusionParams:
+    return StableDiffusionParams(
+        unet=nn_unet.logical_partition_specs(unet),
+        vae=nn_vae.logical_partition_specs(vae),
+        text_encoder=nn_clip.logical_partition_specs(text_encoder),
+    )
 
 
 def tokenize(tokenizer: CLIPTokenizer, prompts: Sequence[str]) -> np.ndarray:

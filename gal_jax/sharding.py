@@ -2,14 +2,18 @@
 
 The mesh has two axes: 'data' (batch parallelism, params replicated) and 'fsdp' (batch parallelism
 with parameters and optimizer state sharded, ZeRO-3 style). Batches are sharded over both axes.
-Parameters are sharded by regex rules on their path names (big_vision style); a rule's spec shards
-the *largest* dimension divisible by the fsdp size, so one rule serves convolutions and dense layers.
+
+Parameters are sharded by their logical axis names (MaxText style): every param of our models
+(`gal_jax.nn`) names its axes ("embed", "mlp", "heads", "conv_out", ...; `nn.layers` lists them), and
+a rule table maps logical names onto mesh axes in priority order. A dimension whose size the mesh
+axis does not divide stays unsharded (the next rule may then take the mesh axis), and small arrays
+(norms, biases) stay replicated. Optimizer states mirror the params, so a state leaf takes the axes
+of the param whose path ends its own.
 """
 
 from __future__ import annotations
 
-import re
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -19,12 +23,22 @@ DATA_AXES = ("data", "fsdp")
 BATCH = P(DATA_AXES)
 REPLICATED = P()
 
-# (regex on 'a/b/c' param paths, how to shard). 'fsdp' shards the largest divisible dimension;
-# None replicates. First match wins. Small tensors (norms, biases) are never worth sharding.
-DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
-    (r".*/(scale|bias)$", None),
-    (r".*", "fsdp"),
+# (logical axis, mesh axis or None), in priority order: the first rule that names one of an array's
+# logical axes, whose mesh axis is still free and divides that dimension, shards it.
+LogicalRules = Sequence[tuple[str, "str | None"]]
+DEFAULT_LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
+    ("embed", "fsdp"),
+    ("mlp", "fsdp"),
+    ("heads", "fsdp"),
+    ("conv_out", "fsdp"),
+    ("conv_in", "fsdp"),
+    ("vocab", "fsdp"),
+    ("time_embed", "fsdp"),
+    ("text_time", "fsdp"),
+    ("projection", "fsdp"),
+    ("norm", None),
 )
+# Arrays smaller than this stay replicated: gathering them would cost more than they save.
 MIN_SHARDED_SIZE = 2**14
 
 
@@ -61,37 +75,82 @@ def check_batch_divisible(global_batch: int, mesh: Mesh, what: str = "train.batc
         )
 
 
-def _path_name(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+def _path_names(path) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
-def spec_for(name: str, shape: tuple[int, ...], fsdp_size: int,
-             rules: Sequence[tuple[str, str | None]] = DEFAULT_RULES) -> P:
-    """Returns the PartitionSpec the first matching rule gives a param of this name and shape."""
-    for pattern, how in rules:
-        if re.fullmatch(pattern, name):
-            break
-    else:
+def spec_for(logical_axes: Sequence[str | None], shape: tuple[int, ...], mesh_shape: Mapping[str, int],
+             rules: LogicalRules = DEFAULT_LOGICAL_RULES) -> P:
+    """Returns the PartitionSpec the rules give an array of this shape and these logical axes.
+
+    Rules are tried in order; a rule applies when its logical name is one of the array's axes,
+    that dimension is not yet sharded, its mesh axis is unused and larger than 1, and the mesh
+    axis's size divides the dimension (an uneven dimension stays whole).
+    """
+    logical_axes = tuple(logical_axes)
+    if len(logical_axes) != len(shape):
+        raise ValueError(f"sharding: logical axes {logical_axes} do not match the shape {shape}")
+    spec: list[str | None] = [None] * len(shape)
+    if int(np.prod(shape)) < MIN_SHARDED_SIZE:
         return REPLICATED
-    if how is None or fsdp_size == 1 or int(np.prod(shape)) < MIN_SHARDED_SIZE:
-        return REPLICATED
-    candidates = [d for d in np.argsort(shape)[::-1] if shape[d] % fsdp_size == 0]
-    if not candidates:
-        return REPLICATED
-    spec = [None] * len(shape)
-    spec[int(candidates[0])] = "fsdp"
+    used: set[str] = set()
+    for logical, mesh_axis in rules:
+        if mesh_axis is None or logical not in logical_axes or mesh_axis in used:
+            continue
+        if mesh_axis not in mesh_shape:
+            raise ValueError(f"sharding rule ({logical!r}, {mesh_axis!r}): the mesh has no axis {mesh_axis!r}")
+        dim = logical_axes.index(logical)
+        size = mesh_shape[mesh_axis]
+        if spec[dim] is None and size > 1 and shape[dim] % size == 0:
+            spec[dim] = mesh_axis
+            used.add(mesh_axis)
     return P(*spec)
 
 
-def param_shardings(abstract_params: Any, mesh: Mesh,
-                    rules: Sequence[tuple[str, str | None]] = DEFAULT_RULES) -> Any:
-    """Returns a tree of NamedShardings for a (possibly abstract) param tree."""
-    fsdp_size = mesh.shape["fsdp"]
+def logical_rules(rules: Any) -> tuple[tuple[str, str | None], ...]:
+    """Returns `rules` (config.mesh.rules: pairs of logical axis and mesh axis or None) checked,
+    or DEFAULT_LOGICAL_RULES for None or empty. Raises ValueError naming a malformed rule."""
+    if not rules:
+        return DEFAULT_LOGICAL_RULES
+    checked = []
+    for rule in rules:
+        if (not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str)
+                or not (rule[1] is None or rule[1] in DATA_AXES)):
+            raise ValueError(
+                f"mesh.rules: {rule!r} is not a (logical axis, mesh axis) pair; mesh axes are {DATA_AXES} or None"
+            )
+        checked.append((rule[0], rule[1]))
+    return tuple(checked)
+
+
+def logical_axes_by_path(logical_specs: Any) -> dict[tuple[str, ...], tuple[str | None, ...]]:
+    """Returns {param path: logical axes} of a tree of logical PartitionSpecs (e.g.
+    `nn.unet.logical_partition_specs(model)`; PartitionSpecs are leaves)."""
+    leaves = jax.tree_util.tree_leaves_with_path(logical_specs, is_leaf=lambda x: isinstance(x, P))
+    return {_path_names(path): tuple(spec) for path, spec in leaves}
+
+
+def param_shardings(abstract_tree: Any, mesh: Mesh, logical_specs: Any,
+                    rules: LogicalRules = DEFAULT_LOGICAL_RULES) -> Any:
+    """Returns a tree of NamedShardings for a (possibly abstract) tree holding params.
+
+    Each leaf takes the logical axes of the param in `logical_specs` whose path is the longest
+    suffix of its own (so params, AdamW moments and a subtree of a bigger state all match);
+    leaves that match none (step counters, schedules) are replicated.
+    """
+    by_path = logical_axes_by_path(logical_specs)
+    longest = max((len(path) for path in by_path), default=0)
+    mesh_shape = dict(mesh.shape)
 
     def sharding(path, leaf):
-        return NamedSharding(mesh, spec_for(_path_name(path), tuple(leaf.shape), fsdp_size, rules))
+        names = _path_names(path)
+        for start in range(max(len(names) - longest, 0), len(names)):
+            axes = by_path.get(names[start:])
+            if axes is not None and len(axes) == len(leaf.shape):
+                return NamedSharding(mesh, spec_for(axes, tuple(leaf.shape), mesh_shape, rules))
+        return NamedSharding(mesh, REPLICATED)
 
-    return jax.tree_util.tree_map_with_path(sharding, abstract_params)
+    return jax.tree_util.tree_map_with_path(sharding, abstract_tree)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -308,22 +308,25 @@ def shardings_of(tree: Any) -> Any:
 
 
 def abstract_train_state(
-    unet_params: Params, optimizer: optax.GradientTransformation, mesh: Mesh
+    unet_params: Params, optimizer: optax.GradientTransformation, mesh: Mesh, logical_axes: Params,
+    rules: sharding.LogicalRules = sharding.DEFAULT_LOGICAL_RULES,
 ) -> TrainState:
     """Returns the TrainState as ShapeDtypeStructs carrying their shardings (nothing allocated).
 
-    `unet_params` may be abstract. Params and AdamW moments (whose path names end in the param
-    names) are sharded by the partition rules of `sharding`; scalars are replicated.
+    `unet_params` may be abstract; `logical_axes` is their tree of logical PartitionSpecs
+    (`sd.logical_axes().unet`). Params and AdamW moments (whose paths end in the param paths) are
+    sharded by those axes and `rules`; scalars are replicated.
     """
     abstract = jax.eval_shape(functools.partial(_new_state, optimizer=optimizer), unet_params)
-    return _with_shardings(abstract, sharding.param_shardings(abstract, mesh))
+    return _with_shardings(abstract, sharding.param_shardings(abstract, mesh, logical_axes, rules))
 
 
 def init_train_state(
-    unet_params: Params, optimizer: optax.GradientTransformation, mesh: Mesh
+    unet_params: Params, optimizer: optax.GradientTransformation, mesh: Mesh, logical_axes: Params,
+    rules: sharding.LogicalRules = sharding.DEFAULT_LOGICAL_RULES,
 ) -> TrainState:
     """Returns a fresh TrainState (step 0, copied params, zero AdamW moments) laid out on `mesh`."""
-    state_shardings = shardings_of(abstract_train_state(unet_params, optimizer, mesh))
+    state_shardings = shardings_of(abstract_train_state(unet_params, optimizer, mesh, logical_axes, rules))
     init = jax.jit(
         functools.partial(_new_state, optimizer=optimizer),
         in_shardings=(state_shardings.params,),
@@ -340,23 +343,39 @@ def _frozen_inputs(base_params: StableDiffusionParams, sd: StableDiffusion) -> F
     )
 
 
+def frozen_shardings(
+    frozen: FrozenInputs, sd: StableDiffusion, mesh: Mesh,
+    rules: sharding.LogicalRules = sharding.DEFAULT_LOGICAL_RULES,
+) -> FrozenInputs:
+    """Returns the shardings of (possibly abstract) FrozenInputs: each component's params by its
+    logical axes and `rules`, the noise schedule replicated."""
+    axes = sd.logical_axes()
+    return FrozenInputs(
+        vae=sharding.param_shardings(frozen.vae, mesh, axes.vae, rules),
+        text_encoder=sharding.param_shardings(frozen.text_encoder, mesh, axes.text_encoder, rules),
+        noise_schedule=jax.tree_util.tree_map(lambda _: sharding.replicated(mesh), frozen.noise_schedule),
+    )
+
+
 def place_frozen(
-    base_params: StableDiffusionParams, sd: StableDiffusion, mesh: Mesh
+    base_params: StableDiffusionParams, sd: StableDiffusion, mesh: Mesh,
+    rules: sharding.LogicalRules = sharding.DEFAULT_LOGICAL_RULES,
 ) -> FrozenInputs:
     """Returns the frozen VAE and text encoder weights and the noise schedule, on `mesh`."""
     frozen = _frozen_inputs(base_params, sd)
-    return jax.device_put(frozen, sharding.param_shardings(frozen, mesh))
+    return jax.device_put(frozen, frozen_shardings(frozen, sd, mesh, rules))
 
 
 def abstract_frozen_inputs(
-    base_params: StableDiffusionParams, sd: StableDiffusion, mesh: Mesh
+    base_params: StableDiffusionParams, sd: StableDiffusion, mesh: Mesh,
+    rules: sharding.LogicalRules = sharding.DEFAULT_LOGICAL_RULES,
 ) -> FrozenInputs:
     """Returns the FrozenInputs as ShapeDtypeStructs carrying the shardings of `place_frozen`.
 
     `base_params` may be abstract.
     """
     frozen = jax.eval_shape(functools.partial(_frozen_inputs, sd=sd), base_params)
-    return _with_shardings(frozen, sharding.param_shardings(frozen, mesh))
+    return _with_shardings(frozen, frozen_shardings(frozen, sd, mesh, rules))
 
 
 def abstract_batch(
@@ -414,7 +433,7 @@ def compile_train_step(
         state_shardings,
         sharding.batch_sharding(mesh),
         replicated,
-        sharding.param_shardings(abstract_frozen, mesh),
+        shardings_of(abstract_frozen),
     )
     step = jax.jit(
         functools.partial(train_step, sd=sd, config=config, optimizer=optimizer),

@@ -162,6 +162,8 @@ class Trainer:
     def __init__(self, config, sd: StableDiffusion, mesh: Mesh):
         _check_train_config(config.train)
         self.config, self.sd, self.mesh = config, sd, mesh
+        # How params and AdamW moments are laid out on the mesh: the UNet's logical axes, the rules.
+        self.unet_axes, self.rules = sd.logical_axes().unet, sharding.logical_rules(config.mesh.get("rules"))
         self.optimizer = train.make_optimizer(config.train)
         self.step_config = train.StepConfig.from_config(config.train)
         augment = config.data.random_crop or config.data.flip
@@ -194,7 +196,7 @@ class Trainer:
         """
         train_set_dir = Path(train_set_dir)
         self.check_train_set(train_set_dir)
-        frozen = train.place_frozen(base_params, self.sd, self.mesh)
+        frozen = train.place_frozen(base_params, self.sd, self.mesh, self.rules)
         iterator = self._data_iterator(train_set_dir)
         ckpt = None
         if checkpoint_dir is not None:
@@ -245,8 +247,8 @@ class Trainer:
     ) -> jax.stages.Compiled:
         """Returns the step compiled for `base_params` (arrays or ShapeDtypeStructs) and global
         batches of `num_examples` rows, without reading data: for benchmarks."""
-        state = train.abstract_train_state(base_params.unet, self.optimizer, self.mesh)
-        frozen = train.abstract_frozen_inputs(base_params, self.sd, self.mesh)
+        state = train.abstract_train_state(base_params.unet, self.optimizer, self.mesh, self.unet_axes, self.rules)
+        frozen = train.abstract_frozen_inputs(base_params, self.sd, self.mesh, self.rules)
         batch = train.abstract_batch(
             self.sd, self.mesh, num_examples=num_examples, resolution=self.config.data.resolution,
             cached_latents=self.cache_latents,
@@ -285,8 +287,8 @@ class Trainer:
         """Returns (state, the metadata saved with it): the latest checkpoint's, moving `iterator`
         to the position saved with it, or a fresh state and {}."""
         if ckpt is None or ckpt.latest_step() is None:
-            return train.init_train_state(unet_params, self.optimizer, self.mesh), {}
-        abstract = train.abstract_train_state(unet_params, self.optimizer, self.mesh)
+            return train.init_train_state(unet_params, self.optimizer, self.mesh, self.unet_axes, self.rules), {}
+        abstract = train.abstract_train_state(unet_params, self.optimizer, self.mesh, self.unet_axes, self.rules)
         restored = ckpt.restore(abstract, data_iterator=iterator)
         total = restored.metadata.get("total_steps")
         if total != self.config.train.steps:

@@ -5,15 +5,19 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from configs import tiny_cpu
 from gal_jax import checkpoint, data, models, sharding, train, trainer as trainer_lib
 
 
+LOGICAL_AXES = {"dense": {"kernel": P("embed", "mlp"), "bias": P("mlp")}}
+
+
 def small_state(mesh):
     params = {"dense": {"kernel": jnp.arange(64 * 512, dtype=jnp.float32).reshape(64, 512), "bias": jnp.ones(512)}}
     optimizer = optax.adamw(1e-3)
-    return params, optimizer, train.init_train_state(params, optimizer, mesh)
+    return params, optimizer, train.init_train_state(params, optimizer, mesh, LOGICAL_AXES)
 
 
 def test_sharded_state_round_trips_with_its_shardings(tmp_path):
@@ -23,7 +27,7 @@ def test_sharded_state_round_trips_with_its_shardings(tmp_path):
     with checkpoint.Checkpointer(tmp_path / "ckpt") as ckpt:
         ckpt.save(7, state, metadata={"total_steps": 10})
     with checkpoint.Checkpointer(tmp_path / "ckpt") as ckpt:
-        restored = ckpt.restore(train.abstract_train_state(params, optimizer, mesh))
+        restored = ckpt.restore(train.abstract_train_state(params, optimizer, mesh, LOGICAL_AXES))
     assert restored.step == 7 and restored.metadata == {"total_steps": 10, "step": 7}
     assert isinstance(restored.state, train.TrainState)
     chex.assert_trees_all_equal(jax.device_get(restored.state), jax.device_get(state))
@@ -47,7 +51,7 @@ def test_restoring_an_empty_folder_names_it(tmp_path):
     params, optimizer, _ = small_state(mesh)
     with checkpoint.Checkpointer(tmp_path / "empty") as ckpt:
         with pytest.raises(checkpoint.CheckpointError, match="empty: no checkpoint to restore"):
-            ckpt.restore(train.abstract_train_state(params, optimizer, mesh))
+            ckpt.restore(train.abstract_train_state(params, optimizer, mesh, LOGICAL_AXES))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -239,7 +239,7 @@ def test_unet_gradient_matches_pytorch_diffusers(tiny_assets, loaded, unet_grad)
 
 def _one_step(trainer, sd, params, host_batch):
     mesh = trainer.mesh
-    state = train.init_train_state(params.unet, trainer.optimizer, mesh)
+    state = train.init_train_state(params.unet, trainer.optimizer, mesh, sd.logical_axes().unet)
     frozen = train.place_frozen(params, sd, mesh)
     batch = sharding.global_batch_from_local(host_batch, mesh)
     rng = jax.device_put(jax.random.key(0), sharding.replicated(mesh))
@@ -260,7 +260,7 @@ def test_train_step_on_mesh_equals_single_device(loaded, trainer, mesh_shape):
     np.testing.assert_allclose(metrics["loss"], expected_metrics["loss"], rtol=1e-5)
     np.testing.assert_allclose(metrics["grad_norm"], expected_metrics["grad_norm"], rtol=1e-5)
     assert int(state.step) == 1
-    expected_shardings = sharding.param_shardings(state.params, sharded.mesh)
+    expected_shardings = sharding.param_shardings(state.params, sharded.mesh, sd.logical_axes().unet)
     for leaf, want in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(expected_shardings)):
         assert leaf.sharding.is_equivalent_to(want, leaf.ndim)
     specs = {leaf.sharding.spec for leaf in jax.tree_util.tree_leaves(state.params)}

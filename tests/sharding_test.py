@@ -1,0 +1,101 @@
+"""Parameter shardings from logical axis names: the rule table, uneven axes, optimizer states."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import traverse_util
+from jax.sharding import PartitionSpec as P
+
+from gal_jax import models, sharding, train
+
+MESH_SHAPE = {"data": 2, "fsdp": 4}
+
+
+def test_the_first_applicable_rule_shards_its_dimension():
+    rules = (("embed", "fsdp"), ("mlp", "fsdp"))
+    assert sharding.spec_for(("embed", "mlp"), (256, 1024), MESH_SHAPE, rules) == P("fsdp", None)
+    assert sharding.spec_for(("mlp", "embed"), (1024, 256), MESH_SHAPE, rules) == P(None, "fsdp")
+    # Rules are tried in their order, not the array's.
+    assert sharding.spec_for(("embed", "mlp"), (256, 1024), MESH_SHAPE, rules[::-1]) == P(None, "fsdp")
+
+
+def test_an_uneven_dimension_stays_whole_and_the_next_rule_takes_the_axis():
+    rules = (("embed", "fsdp"), ("mlp", "fsdp"))
+    assert sharding.spec_for(("embed", "mlp"), (250, 1024), MESH_SHAPE, rules) == P(None, "fsdp")
+    assert sharding.spec_for(("embed", "mlp"), (250, 1022), MESH_SHAPE, rules) == P(None, None)
+
+
+def test_small_arrays_unnamed_axes_and_a_mesh_axis_of_one_stay_replicated():
+    rules = sharding.DEFAULT_LOGICAL_RULES
+    assert sharding.spec_for(("embed",), (320,), MESH_SHAPE, rules) == P()
+    assert sharding.spec_for((None, None), (1024, 1024), MESH_SHAPE, rules) == P(None, None)
+    assert sharding.spec_for(("norm", "embed"), (1024, 1024), MESH_SHAPE, (("norm", None),)) == P(None, None)
+    assert sharding.spec_for(("embed", "mlp"), (256, 1024), {"data": 8, "fsdp": 1}, rules) == P(None, None)
+
+
+def test_bad_rules_are_refused_naming_the_rule():
+    assert sharding.logical_rules(None) == sharding.DEFAULT_LOGICAL_RULES
+    assert sharding.logical_rules([["embed", "data"]]) == (("embed", "data"),)
+    with pytest.raises(ValueError, match=r"mesh.rules: \('embed', 'tensor'\) is not a"):
+        sharding.logical_rules((("embed", "tensor"),))
+    with pytest.raises(ValueError, match="mesh.rules: 'embed' is not a"):
+        sharding.logical_rules(("embed",))
+    with pytest.raises(ValueError, match="the mesh has no axis 'fsdp'"):
+        sharding.spec_for(("embed",), (1 << 16,), {"data": 8}, (("embed", "fsdp"),))
+    with pytest.raises(ValueError, match="do not match the shape"):
+        sharding.spec_for(("embed",), (4, 4), MESH_SHAPE)
+
+
+def test_unet_params_and_their_adam_moments_share_shardings_from_logical_axes(loaded_sd):
+    sd, params = loaded_sd
+    mesh = sharding.make_mesh(2, 4)
+    axes = sd.logical_axes().unet
+    state = train.abstract_train_state(params.unet, optax.adamw(1e-4), mesh, axes)
+    flat_axes = sharding.logical_axes_by_path(axes)
+    flat_params = traverse_util.flatten_dict(state.params)
+    sharded = 0
+    for path, leaf in flat_params.items():
+        expected = sharding.spec_for(flat_axes[path], leaf.shape, dict(mesh.shape))
+        assert leaf.sharding.spec == expected, path
+        sharded += "fsdp" in expected
+        for dim, name in zip(leaf.shape, expected):
+            assert name is None or dim % 4 == 0
+    assert sharded >= 10
+    # Each AdamW moment sits where its param sits; the step counters are replicated.
+    mu, nu = state.opt_state[0].mu, state.opt_state[0].nu
+    for moments in (mu, nu):
+        for path, leaf in traverse_util.flatten_dict(moments).items():
+            assert leaf.sharding == flat_params[path].sharding
+    assert state.step.sharding.spec == P() and state.opt_state[0].count.sharding.spec == P()
+    conv = flat_params[("down_blocks_1", "resnets_0", "conv1", "kernel")]
+    assert flat_axes[("down_blocks_1", "resnets_0", "conv1", "kernel")][-1] == "conv_out"
+    assert conv.sharding.spec == P(None, None, None, "fsdp")
+
+
+def test_frozen_inputs_shard_the_vae_and_text_encoder_by_their_own_axes(loaded_sd):
+    sd, params = loaded_sd
+    mesh = sharding.make_mesh(2, 4)
+    frozen = train.abstract_frozen_inputs(params, sd, mesh)
+    table = frozen.text_encoder["text_model"]["embeddings"]["token_embedding"]["embedding"]
+    assert table.sharding.spec == P(None, "fsdp")  # "embed" (32 wide) comes before "vocab" in the rules
+    vae_axes = sharding.logical_axes_by_path(sd.logical_axes().vae)
+    for path, leaf in traverse_util.flatten_dict(frozen.vae).items():  # the tiny VAE is too small to shard
+        assert leaf.sharding.spec == sharding.spec_for(vae_axes[path], leaf.shape, dict(mesh.shape))
+    assert all(leaf.sharding.spec == P() for leaf in jax.tree_util.tree_leaves(frozen.noise_schedule))
+    placed = train.place_frozen(params, sd, mesh)
+    for leaf, want in zip(jax.tree_util.tree_leaves(placed), jax.tree_util.tree_leaves(frozen)):
+        assert leaf.sharding.is_equivalent_to(want.sharding, leaf.ndim)
+    np.testing.assert_array_equal(np.asarray(placed.vae["decoder"]["conv_out"]["kernel"]),
+                                  np.asarray(params.vae["decoder"]["conv_out"]["kernel"]))
+
+
+def test_logical_axes_cover_every_param(loaded_sd):
+    sd, params = loaded_sd
+    axes = sd.logical_axes()
+    for name in ("unet", "vae", "text_encoder"):
+        by_path = sharding.logical_axes_by_path(getattr(axes, name))
+        flat = traverse_util.flatten_dict(getattr(params, name))
+        assert by_path.keys() == flat.keys()
+        assert all(len(by_path[p]) == flat[p].ndim for p in flat)
+    assert isinstance(sd, models.StableDiffusion)
