@@ -1,4 +1,8 @@
-"""Our Flax DINOv2 (gal_jax.nn.dino) against transformers' PyTorch Dinov2Model on tiny random models."""
+"""Our Flax DINOv2 (gal_jax.nn.dino) against transformers' PyTorch Dinov2Model on tiny random models;
+our numpy/PIL preprocessing against transformers' slow BitImageProcessor; the whole DinoEmbedder
+against the authors' PyTorch pipeline; clear errors for folders it cannot read."""
+
+import json
 
 import jax
 import jax.numpy as jnp
@@ -7,12 +11,18 @@ import pytest
 import torch
 import transformers
 
+from gal_jax import dino as gal_dino
 from gal_jax.nn import dino
 
 TOLERANCE = 1e-5  # relative to the reference's largest magnitude, float32
+PREPROCESSING_TOLERANCE = 1e-6
 # image_size 56 with 14-pixel patches: a 4 x 4 grid of position embeddings.
 TINY = dict(
     hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2, patch_size=14, image_size=56
+)
+DINOV2_PREPROCESSOR = dict(
+    size={"shortest_edge": 64}, crop_size={"height": 56, "width": 56}, resample=3,
+    image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
 )
 
 
@@ -145,3 +155,138 @@ def test_saved_params_load_in_transformers_and_back(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, loaded, params)
     specs = dino.logical_partition_specs(model)
     assert tuple(specs["encoder"]["layer_0"]["attention"]["attention"]["query"]["kernel"]) == ("embed", "heads")
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing against transformers' slow BitImageProcessor
+
+
+@pytest.mark.parametrize(
+    "processor_kwargs",
+    [
+        DINOV2_PREPROCESSOR,
+        dict(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}),  # facebook/dinov2-*
+        dict(size={"height": 50, "width": 90}, crop_size={"height": 60, "width": 40}),  # crop pads rows
+        dict(size={"shortest_edge": 20}, crop_size={"height": 33, "width": 31}),  # crop pads both sides
+    ],
+    ids=["tiny", "dinov2", "fixed-size", "padded-crop"],
+)
+def test_preprocessing_matches_the_slow_bit_image_processor(tmp_path, processor_kwargs):
+    processor = transformers.BitImageProcessor(**processor_kwargs)
+    processor.save_pretrained(tmp_path)
+    preprocessing = gal_dino.read_preprocessing(tmp_path)
+    rng = np.random.default_rng(5)
+    for shape in [(37, 61), (300, 200), (64, 64), (45, 17)]:
+        images = rng.integers(0, 256, (2, *shape, 3), dtype=np.uint8)
+        expected = transformers.BitImageProcessor.from_pretrained(tmp_path, use_fast=False)(
+            images=list(images), return_tensors="np"
+        )["pixel_values"]
+        ours = gal_dino.preprocess(images, preprocessing)
+        assert ours.dtype == np.float32
+        _assert_parity(ours, expected, f"preprocess {shape}", PREPROCESSING_TOLERANCE)
+
+
+@pytest.mark.parametrize(
+    "height, width, expected",
+    [(37, 61, (64, 105)), (300, 200, (96, 64)), (64, 64, (64, 64)), (65, 64, (65, 64))],
+)
+def test_shortest_edge_size_truncates_the_longer_side(height, width, expected):
+    assert gal_dino.shortest_edge_size(height, width, 64) == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole embedder against the authors' pipeline (slow processor + PyTorch model, mean-pooled)
+
+
+@pytest.fixture(scope="module")
+def dino_folder(tmp_path_factory):
+    """A tiny DINOv2 whose config grid (5 x 5, image_size 70) differs from the crop's (4 x 4),
+    as facebook/dinov2-base's (37 x 37) differs from its 224-pixel crop's (16 x 16)."""
+    folder, _ = _tiny_torch_dino(tmp_path_factory.mktemp("dino_embedder"), image_size=70)
+    transformers.BitImageProcessor(**DINOV2_PREPROCESSOR).save_pretrained(folder)
+    return folder
+
+
+def test_dino_embedder_matches_the_torch_pipeline(dino_folder, monkeypatch):
+    traced_shapes = []
+
+    def traced(model, params, pixel_values):
+        traced_shapes.append(pixel_values.shape)
+        return mean_token_embeddings(model, params, pixel_values)
+
+    mean_token_embeddings = gal_dino.mean_token_embeddings
+    monkeypatch.setattr(gal_dino, "mean_token_embeddings", traced)
+    images = np.random.default_rng(6).integers(0, 256, (5, 61, 83, 3), dtype=np.uint8)
+    embedder = gal_dino.DinoEmbedder(dino_folder, batch_size=2)
+    embeddings = embedder.image_embeddings(images)
+    model = transformers.Dinov2Model.from_pretrained(dino_folder).eval()
+    processor = transformers.BitImageProcessor.from_pretrained(dino_folder, use_fast=False)
+    with torch.no_grad():
+        hidden = model(**processor(images=list(images), return_tensors="pt")).last_hidden_state.numpy()
+    pooled = hidden.mean(axis=1).astype(np.float64)
+    expected = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+    assert embeddings.shape == (5, 32) and embeddings.dtype == np.float64
+    _assert_parity(embeddings, expected, "DinoEmbedder")
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-12)
+    assert traced_shapes == [(2, 3, 56, 56)]  # one compile: the last batch (1 image) was padded to 2
+    assert embedder.image_embeddings(images[:0]).shape == (0, 32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Folders it cannot read
+
+
+def _write_json(file, values) -> None:
+    file.write_text(json.dumps(values))
+
+
+def test_dino_embedder_names_each_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"config\.json, preprocessor_config\.json"):
+        gal_dino.DinoEmbedder(tmp_path)
+
+
+def test_dino_embedder_names_a_malformed_preprocessor_config(dino_folder, tmp_path):
+    (tmp_path / "config.json").write_text((dino_folder / "config.json").read_text())
+    (tmp_path / "preprocessor_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"preprocessor_config\.json: not a readable"):
+        gal_dino.DinoEmbedder(tmp_path)
+    _write_json(tmp_path / "preprocessor_config.json", {"image_processor_type": "CLIPImageProcessor"})
+    message = r"preprocessor_config\.json: image_processor_type is 'CLIPImageProcessor'"
+    with pytest.raises(ValueError, match=message):
+        gal_dino.DinoEmbedder(tmp_path)
+    _write_json(tmp_path / "preprocessor_config.json", {"size": {"longest_edge": 5}})
+    with pytest.raises(ValueError, match=r"preprocessor_config\.json: unsupported .*size"):
+        gal_dino.DinoEmbedder(tmp_path)
+
+
+def test_dino_embedder_names_a_malformed_or_unsupported_config(dino_folder, tmp_path):
+    preprocessor = "preprocessor_config.json"
+    (tmp_path / preprocessor).write_text((dino_folder / preprocessor).read_text())
+    (tmp_path / "config.json").write_text("[1, 2")
+    with pytest.raises(ValueError, match=r"config\.json: not a readable config\.json"):
+        gal_dino.DinoEmbedder(tmp_path)
+    _write_json(tmp_path / "config.json", {"model_type": "clip"})
+    with pytest.raises(ValueError, match=r"config\.json: model_type is 'clip', expected 'dinov2'"):
+        gal_dino.DinoEmbedder(tmp_path)
+    _write_json(tmp_path / "config.json", {"model_type": "dinov2_with_registers", "num_register_tokens": 4})
+    with pytest.raises(ValueError, match=r"config\.json: DINOv2 with registers .* not supported"):
+        gal_dino.DinoEmbedder(tmp_path)
+    _write_json(tmp_path / "config.json", {"model_type": "dinov2", "hidden_act": "relu"})
+    with pytest.raises(ValueError, match=r"config\.json: unsupported DINOv2 config .*relu"):
+        gal_dino.DinoEmbedder(tmp_path)
+
+
+def test_dino_embedder_names_missing_or_mismatched_weights(dino_folder, tmp_path):
+    for name in ("config.json", "preprocessor_config.json"):
+        (tmp_path / name).write_text((dino_folder / name).read_text())
+    with pytest.raises(ValueError, match=r"no weights \(looked for model\.safetensors"):
+        gal_dino.DinoEmbedder(tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin is not read"):
+        gal_dino.DinoEmbedder(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes((dino_folder / "model.safetensors").read_bytes())
+    config = json.loads((dino_folder / "config.json").read_text())
+    _write_json(tmp_path / "config.json", {**config, "mlp_ratio": 3})
+    message = r"model\.safetensors: weight 'encoder\.layer\.0\.mlp\.fc1\.(weight|bias)' has shape"
+    with pytest.raises(ValueError, match=message):
+        gal_dino.DinoEmbedder(tmp_path)
