@@ -23,8 +23,9 @@ guidance 7.5, seed 8888) with the paper's 8 images per test prompt, whatever sam
 uses. Each result's `settings` records that protocol.
 
 The metric math is `metrics.py`; this module gathers embeddings (a `score.Scorer`, optionally a
-DINOv2 `dino.DinoEmbedder`) and files. DINO runs PyTorch transformers on the host, as the authors'
-evaluator does; it is an optional extra beside IMG-ALN.
+DINOv2 `dino.DinoEmbedder`) and files. DINO reproduces the authors' evaluator (transformers' slow
+BitImageProcessor, DINOv2's last hidden state mean-pooled) on our Flax DINOv2 (`gal_jax.nn.dino`)
+under jit, without PyTorch; it is an optional extra beside IMG-ALN.
 """
 
 from __future__ import annotations
