@@ -1,8 +1,8 @@
 """The embedded tiny default: a small Stable Diffusion and CLIP in their real layouts.
 
 `make_tiny(root, trained=...)` puts a tiny default's models and data under `root`:
-- random (`trained=False`, the default run's today): random-init models built here with PyTorch
-  diffusers/transformers from fixed seeds, and the simple concept set of `tiny_data`: fast and
+- random (`trained=False`, the default run's today): random-init models built here from our own
+  modules (`gal_jax.nn`) and fixed seeds, and the simple concept set of `tiny_data`: fast and
   arbitrary, they exercise the machinery and show nothing about the method.
 - trained (`--config.model.tiny_world=true`): the tiny SD and CLIP trained on the procedural
   tiny world (`tiny_world`, `tiny_train`), shipped in `gal_jax/assets/tiny_world/` and copied into
@@ -31,7 +31,9 @@ BPE_FILE = ASSETS / "bpe_simple_vocab_16e6.txt.gz"
 # The trained tiny models (`gal-jax make-tiny --train --out=...` writes them): clip/, sd/ and the
 # build's figures in tiny_train.json.
 SHIPPED_MODELS = ASSETS / "tiny_world"
-TINY_VERSION = "tiny-v2"
+TINY_VERSION = "tiny-v3"
+# The random tiny CLIP's seed (see write_tiny_clip).
+TINY_CLIP_SEED = 8
 TINY_WORLD_VERSION = "tiny-world-v3"
 CACHE_DIR = Path(os.environ.get("GAL_JAX_CACHE", "~/.cache/gal_jax")).expanduser()
 DEFAULT_TINY_DIR = CACHE_DIR / TINY_VERSION
@@ -173,24 +175,34 @@ def write_tokenizer(folder: Path) -> None:
 
 
 def write_tiny_stable_diffusion(folder: Path, *, seed: int = 0, unet_config: dict = TINY_UNET) -> Path:
-    """Writes a random-init tiny SD 1.x pipeline folder in the diffusers layout; returns it."""
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """Writes a random-init tiny SD 1.x pipeline folder in the diffusers layout; returns it.
+
+    The models are ours (`gal_jax.nn`), initialised from `seed` and written with diffusers' names
+    and configs, so PyTorch diffusers and our loader read the folder alike; no PyTorch needed.
+    """
+    import jax
+
+    from gal_jax import tiny_train_io
+    from gal_jax.nn import clip as nn_clip, vae as nn_vae
 
     folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    UNet2DConditionModel(**unet_config).save_pretrained(folder / "unet", safe_serialization=True)
-    torch.manual_seed(seed + 1)
-    AutoencoderKL(**TINY_VAE).save_pretrained(folder / "vae", safe_serialization=True)
-    torch.manual_seed(seed + 2)
-    text_config = CLIPTextConfig(**TINY_TEXT)
-    CLIPTextModel(text_config).save_pretrained(folder / "text_encoder", safe_serialization=True)
+    tiny_train_io.save_random_unet(folder / "unet", unet_config, seed)
+    vae = nn_vae.AutoencoderKL(nn_vae.VaeConfig.from_dict(TINY_VAE))
+    nn_vae.save_params(vae, _on_host(nn_vae.init_params(vae, jax.random.key(seed + 1))), folder / "vae")
+    text = nn_clip.ClipTextModel(nn_clip.ClipTextConfig.from_dict(TINY_TEXT))
+    (folder / "text_encoder").mkdir(exist_ok=True)
+    nn_clip.save_params(text, _on_host(nn_clip.init_params(text, jax.random.key(seed + 2))), folder / "text_encoder")
     write_tokenizer(folder / "tokenizer")
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD1_SCHEDULER, indent=2))
     (folder / "model_index.json").write_text(json.dumps(_model_index(), indent=2))
     return folder
+
+
+def _on_host(params):
+    import jax
+
+    return jax.device_get(params)
 
 
 def _model_index() -> dict:
@@ -208,7 +220,70 @@ def _model_index() -> dict:
     }
 
 
-def write_tiny_clip(folder: Path, *, seed: int = 14) -> Path:
+def write_clip_preprocessor(folder: Path, size: int) -> Path:
+    """Writes the `preprocessor_config.json` of a transformers CLIPImageProcessor (bicubic resize of
+    the shortest edge to `size`, centre crop, rescale, OpenAI CLIP's normalisation), as its
+    save_pretrained does; our Scorer reads the same file."""
+    from gal_jax.models import CLIP_MEAN, CLIP_STD
+
+    config = {
+        "crop_size": {"height": size, "width": size},
+        "do_center_crop": True,
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": list(CLIP_MEAN),
+        "image_processor_type": "CLIPImageProcessor",
+        "image_std": list(CLIP_STD),
+        "resample": 3,
+        "rescale_factor": 1 / 255,
+        "size": {"shortest_edge": size},
+    }
+    file = folder / "preprocessor_config.json"
+    file.write_text(json.dumps(config, indent=2) + "\n")
+    return file
+
+
+def _with_transformers_clip_scales(params, config, seed: int):
+    """Returns `params` with the attention, MLP, class-embedding and projection kernels redrawn
+    at the scales transformers' CLIPPreTrainedModel._init_weights gives them (our modules draw
+    every kernel at 0.02, which leaves a random tower's CLS output nearly blind to the image)."""
+    import numpy as np
+    from flax import traverse_util
+
+    rng = np.random.default_rng(seed)
+    towers = {"text_model": config.text, "vision_model": config.vision}
+
+    def scale(path) -> float | None:
+        tower = towers.get(path[0])
+        name = path[-2] if path[-1] == "kernel" else path[-1]
+        if path == ("text_projection", "kernel"):
+            return config.text.hidden_size**-0.5
+        if path == ("visual_projection", "kernel"):
+            return config.vision.hidden_size**-0.5
+        if tower is None:
+            return None
+        width, depth = tower.hidden_size, tower.num_hidden_layers
+        return {
+            "q_proj": width**-0.5 * (2 * depth) ** -0.5,
+            "k_proj": width**-0.5 * (2 * depth) ** -0.5,
+            "v_proj": width**-0.5 * (2 * depth) ** -0.5,
+            "out_proj": width**-0.5,
+            "fc1": (2 * width) ** -0.5,
+            "fc2": width**-0.5 * (2 * depth) ** -0.5,
+            "class_embedding": width**-0.5,
+        }.get(name)
+
+    flat = traverse_util.flatten_dict(params)
+    for path in sorted(flat):
+        std = scale(path) if path[-1] in ("kernel", "class_embedding") else None
+        if std is not None:
+            flat[path] = (rng.standard_normal(flat[path].shape) * std).astype(flat[path].dtype)
+    return traverse_util.unflatten_dict(flat)
+
+
+def write_tiny_clip(folder: Path, *, seed: int = TINY_CLIP_SEED) -> Path:
     """Writes a random-init tiny CLIPModel folder (weights, tokenizer, processor); returns it.
 
     A random CLIP's judgments are arbitrary and mostly driven by the text side: with many seeds
@@ -216,17 +291,21 @@ def write_tiny_clip(folder: Path, *, seed: int = 14) -> Path:
     and GAL stops after round 1. The default seed is one whose overfit rates are mixed, so the
     tiny default exercises the whole loop; it says nothing about the method's merit.
     """
-    import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    import jax
+
+    from gal_jax.nn import clip as nn_clip
 
     folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    config = CLIPConfig(text_config=TINY_TEXT, vision_config=TINY_VISION, projection_dim=32)
-    CLIPModel(config).save_pretrained(folder, safe_serialization=True)
+    config = nn_clip.ClipConfig(
+        text=nn_clip.ClipTextConfig.from_dict(TINY_TEXT),
+        vision=nn_clip.ClipVisionConfig.from_dict(TINY_VISION),
+        projection_dim=TINY_TEXT["projection_dim"],
+    )
+    model = nn_clip.ClipModel(config)
+    params = _with_transformers_clip_scales(_on_host(nn_clip.init_params(model, jax.random.key(seed))), config, seed)
+    nn_clip.save_params(model, params, folder)
     write_tokenizer(folder)
-    CLIPImageProcessor(
-        size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}
-    ).save_pretrained(folder)
+    write_clip_preprocessor(folder, TINY_VISION["image_size"])
     return folder
 
 

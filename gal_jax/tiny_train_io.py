@@ -65,15 +65,9 @@ def save_clip(folder: Path, model: nn_clip.ClipModel, params: Params, dtype: str
 
     The folder is read back with our loader: a weight that did not round-trip raises ValueError.
     """
-    from transformers import CLIPImageProcessor
-
     nn_clip.save_params(model, _host(params), folder, dtype=_checked_dtype(dtype))
     write_tokenizer(folder, model.config.text.max_position_embeddings)
-    size = model.config.vision.image_size
-    CLIPImageProcessor(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-        image_mean=list(models.CLIP_MEAN), image_std=list(models.CLIP_STD),
-    ).save_pretrained(folder)
+    tiny.write_clip_preprocessor(folder, model.config.vision.image_size)
     _, loaded = models.load_clip(folder)
     _check_same(loaded, params, dtype, folder)
     return folder
