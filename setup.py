@@ -2,22 +2,20 @@
 
 from setuptools import find_packages, setup
 
-# Versions that work together (../shared/STACK.md): diffusers 0.39 and transformers 4.57 are the last
-# releases with Flax models; JAX 0.10.2 is the newest for Python 3.11.
+# Ranges the code is written for; launch/constraints.txt pins the combination CI tests (STACK.md).
+# transformers is only the CLIP tokenizer here (4.57 and 5.x both work); the models are ours
+# (gal_jax.nn), so neither diffusers nor PyTorch is needed to run anything.
 INSTALL_REQUIRES = [
-    "jax==0.10.2",
-    "flax==0.12.8",
-    "optax==0.2.8",
-    "orbax-checkpoint==0.12.8",
-    "ml_collections==1.1.0",
-    "diffusers==0.39.0",
-    "transformers==4.57.6",
-    "huggingface_hub<1.0",
-    "tensorflow-datasets==4.9.10",
-    "array_record==0.8.6",
-    "grain==0.2.18",
-    "safetensors",
-    "chex",
+    "jax>=0.10.2,<0.12",
+    "flax>=0.12.8",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12.8",
+    "ml_collections>=1.1.0",
+    "transformers>=4.57.6,<6",
+    "tensorflow-datasets>=4.9.10",
+    "array_record>=0.8.6",
+    "grain>=0.2.18",
+    "safetensors>=0.4",
     "absl-py",
     "pillow",
     "importlib_resources",
@@ -35,14 +33,13 @@ setup(
     package_data={"gal_jax": ["assets/*", "assets/tiny_world/*", "assets/tiny_world/*/*", "assets/tiny_world/*/*/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        # PyTorch writes the tiny models' folders (make-tiny --train; the random-init test models)
-        # and is the reference in parity tests; the default run needs none of it.
-        # Install torch==2.13.0 first on CPU machines: a bare `torch` pulls several GB of CUDA.
-        "torch": ["torch==2.13.0"],
-        "cpu": ["jax[cpu]==0.10.2"],
-        "cuda": ["jax[cuda12]==0.10.2"],
-        "tpu": ["jax[tpu]==0.10.2"],
-        "test": ["pytest", "chex", "selenium"],  # selenium drives Debian chromium in the review-page test
+        "cpu": ["jax[cpu]>=0.10.2,<0.12"],
+        "cuda": ["jax[cuda12]>=0.10.2,<0.12"],
+        "tpu": ["jax[tpu]>=0.10.2,<0.12"],
+        # The references: PyTorch diffusers/transformers in parity and export tests and in
+        # `gal-jax bench --compare-torch`. Install torch==2.13.0 first on CPU machines: a bare
+        # `torch` pulls several GB of CUDA. selenium drives Debian chromium in the browser tests.
+        "test": ["pytest", "chex", "selenium", "torch>=2.11", "diffusers>=0.39.0"],
     },
     entry_points={"console_scripts": ["gal-jax=gal_jax.main:run"]},
 )

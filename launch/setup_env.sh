@@ -13,5 +13,6 @@ pip_install() {
 }
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 pip_install --upgrade pip
-pip_install "torch==2.13.0"
-pip_install -e ".[cpu,torch,test]"
+pip_install -c launch/constraints.txt "torch==2.13.0"
+# The package and the test extra (pytest, the PyTorch references), at the tested pins.
+pip_install -c launch/constraints.txt -e ".[cpu,test]"
