@@ -120,9 +120,126 @@ def dot_product_attention(
         raise ValueError(
             f"attention implementation {implementation!r}: expected one of {ATTENTION_IMPLEMENTATIONS}"
         )
+    if implementation == "xla":
+        return xla_attention(query, key, value, mask=mask, bias=bias, is_causal=is_causal)
     return jax.nn.dot_product_attention(
         query, key, value, bias=bias, mask=mask, is_causal=is_causal, implementation=implementation
     )
+
+
+# Added to masked-out logits: finite, so a fully masked row stays finite (uniform weights), and far
+# below any real logit, so a masked key gets exactly zero weight after the exp.
+_MASKED_LOGIT = -1e30
+
+
+def xla_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    is_causal: bool = False,
+) -> jax.Array:
+    """`dot_product_attention` for XLA, written for its CPU and GPU code generators.
+
+    Two things make it faster than jax.nn.dot_product_attention's XLA path (2x forward, 2x
+    gradient on the tiny UNet on CPU, `gal-jax bench unet`): the softmax is normalised after the
+    second matmul, dividing the (T, H) output instead of the (T, S) weights, and the gradient is
+    written by hand (flash attention's backward without tiling: the weights are recomputed from
+    the saved log-sum-exp, and no (T, S) intermediate of the softmax's own autodiff is kept).
+    Logits, softmax and the weighted sum accumulate in float32; the output has `query`'s dtype.
+    """
+    q, k, v = (jnp.swapaxes(x, 1, 2) for x in (query, key, value))  # (B, N, T|S, H)
+    bias = _combined_bias(bias, mask, is_causal, q.shape[2], k.shape[2])
+    return jnp.swapaxes(_attention(q, k, v, bias), 1, 2)
+
+
+def _combined_bias(bias, mask, is_causal: bool, queries: int, keys: int):
+    """Returns one float32 additive bias for `bias`, `mask` and causality (None if none of them)."""
+    if mask is None and not is_causal:
+        return None if bias is None else bias.astype(jnp.float32)
+    allowed = jnp.ones((1, 1, queries, keys), bool) if mask is None else mask
+    if is_causal:
+        allowed = allowed & jnp.tril(jnp.ones((queries, keys), bool))
+    masked = jnp.where(allowed, 0.0, _MASKED_LOGIT).astype(jnp.float32)
+    return masked if bias is None else masked + bias.astype(jnp.float32)
+
+
+def _logits(q, k, bias):
+    logits = jnp.matmul(q, jnp.swapaxes(k, -1, -2), preferred_element_type=jnp.float32)
+    logits = logits * q.shape[-1] ** -0.5
+    return logits if bias is None else logits + bias
+
+
+@jax.custom_vjp
+def _attention(q, k, v, bias):
+    return _attention_forward(q, k, v, bias)[0]
+
+
+def _attention_forward(q, k, v, bias):
+    logits = _logits(q, k, bias)
+    peak = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    weights = jnp.exp(logits - peak)
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    out = jnp.matmul(weights.astype(v.dtype), v, preferred_element_type=jnp.float32) / total
+    log_sum_exp = peak + jnp.log(total)
+    out = out.astype(q.dtype)
+    return out, (q, k, v, bias, out, log_sum_exp)
+
+
+# On CPU the backward runs over groups of batch rows whose (heads, T, S) float32 weights fit in
+# about this many bytes (cache): memory traffic, not FLOPs, bounds it there (2x on the tiny UNet).
+_CPU_BACKWARD_BYTES = 1 << 20
+
+
+def _attention_backward(residuals, grad_out):
+    q, k, v, bias, out, log_sum_exp = residuals
+    batch, heads, queries, keys = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    rows = _cpu_row_group(batch, heads * queries * keys * 4)
+    if rows is None or bias is not None:
+        return _attention_backward_rows(residuals, grad_out)
+    group = lambda x: x.reshape(batch // rows, rows, *x.shape[1:])
+    grads = jax.lax.map(
+        lambda args: _attention_backward_rows((*args[:3], None, *args[3:5]), args[5])[:3],
+        tuple(group(x) for x in (q, k, v, out, log_sum_exp, grad_out)),
+    )
+    return (*(g.reshape(batch, *g.shape[2:]) for g in grads), None)
+
+
+def _cpu_row_group(batch: int, bytes_per_row: int) -> int | None:
+    """Returns how many batch rows the CPU backward takes at a time (a divisor of `batch`), or
+    None off CPU or where one group would be the whole batch."""
+    if jax_backend.get_backend().platform != "cpu":
+        return None
+    rows = max((d for d in range(1, batch + 1) if batch % d == 0 and d * bytes_per_row <= _CPU_BACKWARD_BYTES),
+               default=1)
+    return None if rows == batch else rows
+
+
+def _attention_backward_rows(residuals, grad_out):
+    q, k, v, bias, out, log_sum_exp = residuals
+    weights = jnp.exp(_logits(q, k, bias) - log_sum_exp)  # the softmax, recomputed
+    grad_out32 = grad_out.astype(jnp.float32)
+    grad_v = jnp.matmul(jnp.swapaxes(weights, -1, -2), grad_out32)
+    grad_weights = jnp.matmul(grad_out32, jnp.swapaxes(v, -1, -2).astype(jnp.float32))
+    row = jnp.sum(grad_out32 * out.astype(jnp.float32), axis=-1, keepdims=True)
+    grad_logits = weights * (grad_weights - row)
+    scale = q.shape[-1] ** -0.5
+    grad_q = jnp.matmul(grad_logits, k.astype(jnp.float32)) * scale
+    grad_k = jnp.matmul(jnp.swapaxes(grad_logits, -1, -2), q.astype(jnp.float32)) * scale
+    grad_bias = None if bias is None else _sum_to_shape(grad_logits, bias.shape)
+    return grad_q.astype(q.dtype), grad_k.astype(k.dtype), grad_v.astype(v.dtype), grad_bias
+
+
+def _sum_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Returns `x` summed over the axes a broadcast from `shape` expanded."""
+    lead = x.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(i + lead for i, n in enumerate(shape) if n == 1 and x.shape[i + lead] != 1)
+    return jnp.sum(x, axis=axes, keepdims=True).reshape(shape)
+
+
+_attention.defvjp(_attention_forward, _attention_backward)
 
 
 # ---------------------------------------------------------------------------------------------
