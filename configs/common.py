@@ -19,7 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict()
     config.model.sd_path = ""
     config.model.clip_path = ""
-    config.model.tiny_dir = ""  # '' -> $GAL_JAX_CACHE/tiny-v2, or tiny-world-v3 with tiny_world
+    config.model.tiny_dir = ""  # '' -> $GAL_JAX_CACHE/tiny-v3, or tiny-world-v3 with tiny_world
     # The tiny default's kind: random-init models (false) or the models trained on the tiny world
     # (true; gal_jax/assets/tiny_world, `gal-jax make-tiny --train`).
     config.model.tiny_world = False
@@ -27,6 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
     # The authors train in float32 (no --mixed_precision) and the paper names no precision. The sd15
     # configs compute in 'bfloat16' on GPU/TPU for speed (weights and AdamW stay float32).
     config.model.compute_dtype = "float32"
+    # Attention kernel of every model: 'auto' (cuDNN's fused kernel on CUDA GPUs where dtype and
+    # head size allow, XLA elsewhere; the choice is logged), 'xla' or 'cudnn'.
+    config.model.attention = "auto"
 
     # The concept: the authors' layout (reference_images/<kind>/<concept>/init.json, reg_data/<concept>).
     config.data = ml_collections.ConfigDict()

@@ -1,4 +1,6 @@
-"""`gal-jax bench train|sample|score`: compile time, steady throughput, MFU and peak memory.
+"""`gal-jax bench train|sample|score|unet`: compile time, steady throughput, MFU and peak memory.
+
+`unet` times our UNet beside the classes it replaced (diffusers' Flax UNet, PyTorch diffusers).
 
 Each benchmark compiles the same function the GAL loop runs, times `bench.iters` calls after
 `bench.warmup`, and reads the FLOPs of one call from XLA's cost analysis. MFU divides achieved
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from gal_jax import io_utils, models, sharding
@@ -108,13 +111,15 @@ def build_models(config, target: str) -> tuple[Any, Any]:
         with tempfile.TemporaryDirectory(prefix="gal_jax_tokenizer_") as tokenizer_dir:
             tiny.write_tokenizer(Path(tokenizer_dir))
             if target == "score":
-                return models.random_clip(Path(tokenizer_dir))
-            return models.random_stable_diffusion(
+                clip, params = models.random_clip(Path(tokenizer_dir))
+                return clip.with_attention(config.model.attention), params
+            sd, params = models.random_stable_diffusion(
                 Path(tokenizer_dir), tiny.SD1_SCHEDULER,
                 param_dtype=config.model.param_dtype, compute_dtype=config.model.compute_dtype,
             )
+            return sd.with_attention(config.model.attention), params
     if target == "score":
-        return models.load_clip(inputs.resolve(config, need=("clip",)).clip)
+        return models.load_clip(inputs.resolve(config, need=("clip",)).clip, attention=config.model.attention)
     from gal_jax import driver
 
     return driver.load_sd(config, inputs.resolve(config, need=("sd",)).sd)
@@ -179,6 +184,100 @@ def bench_train(config, sd, sd_params, mesh) -> dict:
     return result
 
 
+def bench_unet(config, sd, sd_params, mesh) -> dict:
+    """Returns our UNet's forward (the sampler's CFG batch) and DreamBooth-gradient times beside
+    the classes it replaced, on the same weights and one device: diffusers' Flax UNet (0.39, the
+    last release with Flax; from the test extra) and, where installed, PyTorch diffusers eager
+    (CPU threads or CUDA). Each reference is skipped, saying why, when it cannot be imported."""
+    del mesh  # one device: the comparison is per kernel, not per mesh
+    device = jax.local_devices()[0]
+    rows = 2 * config.sample.max_images_per_device  # conditional + unconditional rows
+    size = sd.resolution // sd.vae_scale_factor
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((rows, sd.latent_channels, size, size)).astype(np.float32)
+    timesteps = rng.integers(0, 1000, rows).astype(np.int32)
+    context = rng.standard_normal((rows, sd.max_length, sd.unet.config.cross_attention_dim)).astype(np.float32)
+    inputs = jax.device_put((latents, timesteps, context), device)
+    params = jax.device_put(sd_params.unet, device)
+    iters, warmup = config.bench.iters, config.bench.warmup
+    result = {"benchmark": "unet", "device": f"1 x {device.device_kind}", "rows": rows, "latent_size": size,
+              "compute_dtype": str(jnp.dtype(sd.unet.dtype))}
+
+    def timed(name: str, apply) -> None:
+        forward = jax.jit(apply)
+        grad = jax.jit(jax.grad(lambda p, x, t, c: jnp.mean(jnp.square(apply(p, x, t, c).astype(jnp.float32) - x))))
+        for kind, fn in (("forward", forward), ("grad", grad)):
+            start = time.perf_counter()
+            compiled = fn.lower(params, *inputs).compile()
+            result[f"{name}_{kind}_compile_s"] = round(time.perf_counter() - start, 3)
+            times = time_calls(lambda: compiled(params, *inputs), iters, warmup)
+            result[f"{name}_{kind}_s"] = round(statistics.median(times), 5)
+
+    timed("ours", lambda p, x, t, c: sd.apply_unet(p, x, t, c))
+    old = _diffusers_flax_unet(sd)
+    if isinstance(old, str):
+        result["diffusers_flax"] = old
+    else:
+        timed("diffusers_flax", lambda p, x, t, c: old.apply({"params": p}, x, t, c).sample)
+        for kind in ("forward", "grad"):
+            result[f"ours_vs_diffusers_flax_{kind}"] = round(
+                result[f"diffusers_flax_{kind}_s"] / result[f"ours_{kind}_s"], 2)
+    torch_times = _torch_unet_times(sd, sd_params, (latents, timesteps, context), iters, warmup)
+    if isinstance(torch_times, str):
+        result["torch"] = torch_times
+    else:
+        result.update(torch_times)
+        for kind in ("forward", "grad"):
+            result[f"ours_vs_torch_{kind}"] = round(result[f"torch_{kind}_s"] / result[f"ours_{kind}_s"], 2)
+    result["note"] = "x_vs_y: y's time / ours (above 1: ours is faster)"
+    return result
+
+
+def _diffusers_flax_unet(sd):
+    """Returns diffusers' FlaxUNet2DConditionModel of `sd.unet`'s config (its param tree is ours),
+    or why it cannot be had."""
+    try:
+        from diffusers import FlaxUNet2DConditionModel
+    except ImportError as err:
+        return f"skipped: diffusers' Flax UNet is not importable ({err}); it lives in diffusers<=0.39"
+    config = {k: v for k, v in sd.unet.config.to_dict().items() if not k.startswith("_")}
+    config = {k: v for k, v in config.items() if k in FlaxUNet2DConditionModel.__dataclass_fields__}
+    return FlaxUNet2DConditionModel(**config, dtype=sd.unet.dtype)
+
+
+def _torch_unet_times(sd, sd_params, inputs, iters: int, warmup: int):
+    """Returns PyTorch diffusers' eager UNet times on the same weights ({torch_forward_s,
+    torch_grad_s}), or why it cannot be run."""
+    try:
+        import torch
+        from diffusers import UNet2DConditionModel
+    except ImportError as err:
+        return f"skipped: PyTorch diffusers is not installed ({err})"
+    from gal_jax.nn import unet as nn_unet
+
+    with tempfile.TemporaryDirectory(prefix="gal_jax_bench_unet_") as folder:
+        nn_unet.save_params(sd.unet, jax.device_get(sd_params.unet), folder)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(jnp.dtype(sd.unet.dtype)), torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(folder).to(device, dtype)
+    latents, timesteps, context = (torch.from_numpy(np.asarray(x)).to(device) for x in inputs)
+    latents, context = latents.to(dtype), context.to(dtype)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def forward():
+        with torch.no_grad():
+            unet(latents, timesteps, context)
+        sync()
+
+    def grad():
+        unet.zero_grad(set_to_none=True)
+        ((unet(latents, timesteps, context).sample.float() - latents.float()) ** 2).mean().backward()
+        sync()
+
+    return {f"torch_{name}_s": round(statistics.median(time_calls(fn, iters, warmup)), 5)
+            for name, fn in (("forward", forward), ("grad", grad))}
+
+
 def _synthetic_batch(specs: dict) -> dict:
     """Returns a batch of the given shapes and shardings: unit weights, every other row a prior."""
 
@@ -194,7 +293,7 @@ def _synthetic_batch(specs: dict) -> dict:
     return {name: fill(name, spec) for name, spec in specs.items()}
 
 
-BENCHMARKS = {"sample": bench_sample, "train": bench_train, "score": bench_score}
+BENCHMARKS = {"sample": bench_sample, "train": bench_train, "score": bench_score, "unet": bench_unet}
 
 
 def run(target: str, config) -> dict:

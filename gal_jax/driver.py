@@ -115,16 +115,18 @@ def check_inputs(config, workdir: Workdir, paths: inputs.RunPaths, concept: Conc
 
 
 def load_sd(config: ml_collections.ConfigDict, path: Path):
-    """Returns (sd, params) of the SD folder at `path` with the config's param and compute dtypes."""
+    """Returns (sd, params) of the SD folder at `path` with the config's param and compute dtypes
+    and attention implementation."""
     return models.load_stable_diffusion(
-        path, param_dtype=config.model.param_dtype, compute_dtype=config.model.compute_dtype
+        path, param_dtype=config.model.param_dtype, compute_dtype=config.model.compute_dtype,
+        attention=config.model.attention,
     )
 
 
 def build_runtime(config, workdir: Workdir, paths: inputs.RunPaths, concept: Concept) -> Runtime:
     """Returns models, mesh and compiled functions for a run (built once, reused every round)."""
     sd, sd_params = load_sd(config, paths.sd)
-    clip, clip_params = models.load_clip(paths.clip)
+    clip, clip_params = models.load_clip(paths.clip, attention=config.model.attention)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     eval_concepts = _eval_concepts(config, paths)
     return Runtime(

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -24,13 +25,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import transformers
+# transformers is only the tokenizer here: its import-time advice (no PyTorch, no TensorFlow) is noise.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+import transformers  # noqa: E402
 
 transformers.utils.logging.set_verbosity_error()
 
 from transformers import CLIPTokenizer  # noqa: E402
 
 from gal_jax.nn import clip as nn_clip  # noqa: E402
+from gal_jax.nn import layers as nn_layers  # noqa: E402
 from gal_jax.nn import unet as nn_unet  # noqa: E402
 from gal_jax.nn import vae as nn_vae  # noqa: E402
 
@@ -106,6 +111,15 @@ class StableDiffusion:
         """Returns int32 token ids (len(prompts), max_length), padded and truncated."""
         return tokenize(self.tokenizer, prompts)
 
+    def with_attention(self, attention: str) -> StableDiffusion:
+        """Returns this model with every attention layer (UNet, VAE, text encoder) computed by
+        `attention`: "xla", "cudnn" (fused, CUDA GPUs) or "auto" (picks per backend and logs why)."""
+        _check_attention(attention)
+        return dataclasses.replace(
+            self, unet=self.unet.clone(attention=attention), vae=self.vae.clone(attention=attention),
+            text_encoder=self.text_encoder.clone(attention=attention),
+        )
+
     def logical_axes(self) -> StableDiffusionParams:
         """Returns each component's tree of logical PartitionSpecs ("embed", "conv_out", ...), the
         names `sharding.param_shardings` maps onto a mesh. Computed abstractly (no weights)."""
@@ -177,6 +191,12 @@ class ClipModel:
         """Returns int32 token ids (len(prompts), max_length), padded and truncated."""
         return tokenize(self.tokenizer, prompts)
 
+    def with_attention(self, attention: str) -> ClipModel:
+        """Returns this model with both towers' attention computed by `attention` (see
+        StableDiffusion.with_attention)."""
+        _check_attention(attention)
+        return dataclasses.replace(self, model=self.model.clone(attention=attention))
+
     def image_features(self, params: Params, pixel_values: jax.Array) -> jax.Array:
         """Returns projected (unnormalised) image embeddings of NCHW preprocessed pixels."""
         return self.model.apply({"params": params}, pixel_values, method=nn_clip.ClipModel.image_features)
@@ -194,6 +214,13 @@ class StableDiffusionParams:
     unet: Params
     vae: Params
     text_encoder: Params
+
+
+def _check_attention(attention: str) -> None:
+    if attention not in nn_layers.ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"model.attention={attention!r}: expected one of {', '.join(nn_layers.ATTENTION_IMPLEMENTATIONS)}"
+        )
 
 
 @functools.lru_cache(maxsize=8)
@@ -235,9 +262,11 @@ def cast_params(params: Params, dtype) -> Params:
 
 
 def load_stable_diffusion(
-    path: str | Path, *, param_dtype="float32", compute_dtype="float32"
+    path: str | Path, *, param_dtype="float32", compute_dtype="float32", attention: str = "xla"
 ) -> tuple[StableDiffusion, StableDiffusionParams]:
-    """Returns the static model and its weights from a diffusers-layout Stable Diffusion folder."""
+    """Returns the static model and its weights from a diffusers-layout Stable Diffusion folder;
+    `attention` as StableDiffusion.with_attention takes it."""
+    _check_attention(attention)
     path = _existing_dir(path)
     _check_sd_layout(path)
     compute_dtype = jnp.dtype(compute_dtype)
@@ -253,11 +282,13 @@ def load_stable_diffusion(
         scheduler_config=_read_json(_require_file(path / "scheduler", "scheduler_config.json")),
     )
     params = StableDiffusionParams(unet=unet_params, vae=vae_params, text_encoder=text_params)
-    return sd, cast_params(params, param_dtype)
+    return sd.with_attention(attention), cast_params(params, param_dtype)
 
 
-def load_clip(path: str | Path, *, param_dtype="float32") -> tuple[ClipModel, Params]:
-    """Returns the static CLIP model and its weights from a transformers-layout CLIPModel folder."""
+def load_clip(path: str | Path, *, param_dtype="float32", attention: str = "xla") -> tuple[ClipModel, Params]:
+    """Returns the static CLIP model and its weights from a transformers-layout CLIPModel folder;
+    `attention` as ClipModel.with_attention takes it."""
+    _check_attention(attention)
     path = _existing_dir(path)
     if (path / "model_index.json").exists() or (path / "unet").is_dir():
         raise ModelLoadError(
@@ -281,7 +312,7 @@ def load_clip(path: str | Path, *, param_dtype="float32") -> tuple[ClipModel, Pa
         image_mean=mean,
         image_std=std,
     )
-    return clip, cast_params(params, param_dtype)
+    return clip.with_attention(attention), cast_params(params, param_dtype)
 
 
 def _existing_dir(path: str | Path) -> Path:

@@ -95,7 +95,8 @@ def load_base(config: ml_collections.ConfigDict):
     """Returns (sd, params) of the config's Stable Diffusion with its param and compute dtypes."""
     path = inputs.resolve(config, need=("sd",)).sd
     return models.load_stable_diffusion(path, param_dtype=config.model.param_dtype,
-                                        compute_dtype=config.model.compute_dtype)
+                                        compute_dtype=config.model.compute_dtype,
+                                        attention=config.model.attention)
 
 
 def _sample(config, sd, params, prompts, num_per_prompt, out: Path) -> None:

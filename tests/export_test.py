@@ -16,26 +16,9 @@ from gal_jax import export, models, tiny
 from gal_jax.nn import unet as nn_unet
 
 LAYOUTS = {"tiny": tiny.TINY_UNET, "tiny_sd2": tiny.TINY_UNET_SD2, "sd15": models.SD15_UNET}
-# Relative to the output's scale: float32 Flax vs float32 PyTorch, and PyTorch computing in float16.
-F32_TOLERANCE = 1e-4
+# Relative to the output's scale: float32 ours vs float32 PyTorch, and PyTorch computing in float16.
+F32_TOLERANCE = 1e-5
 F16_COMPUTE_TOLERANCE = 2e-2
-# diffusers' Flax GEGLU uses the tanh approximation of GELU, its PyTorch GEGLU the exact one: the same
-# weights give outputs ~1e-4 apart (relative) on the tiny UNets. The tests run PyTorch with the
-# approximation, so what they measure is the export; STOCK_TOLERANCE bounds the stock difference.
-STOCK_TOLERANCE = 1e-3
-
-
-def use_tanh_gelu(monkeypatch) -> None:
-    """Makes PyTorch diffusers' GEGLU use the tanh GELU, as the Flax one does."""
-    import torch
-    from diffusers.models.activations import GEGLU
-
-    monkeypatch.setattr(GEGLU, "gelu", lambda self, gate: torch.nn.functional.gelu(gate, approximate="tanh"))
-
-
-@pytest.fixture
-def tanh_gelu(monkeypatch):
-    use_tanh_gelu(monkeypatch)
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +158,7 @@ def sd2(loaded_sd, tmp_path_factory):
     return sd, models.load_unet_params(folder)
 
 
-def test_unet_without_base_config_loads_in_pytorch_and_matches(sd2, unet_inputs, tmp_path, tanh_gelu):
+def test_unet_without_base_config_loads_in_pytorch_and_matches(sd2, unet_inputs, tmp_path):
     from diffusers import UNet2DConditionModel
 
     sd, params = sd2
@@ -203,21 +186,17 @@ def pipeline_fp16(tiny_models, saved_unet, tmp_path_factory) -> Path:
     return export.write_pipeline(tiny_models["sd"], saved_unet, out, dtype="float16")
 
 
-def test_pytorch_pipeline_runs_the_finetuned_unet(
-    loaded_sd, finetuned, unet_inputs, pipeline_fp32, monkeypatch
-):
+def test_pytorch_pipeline_runs_the_finetuned_unet(loaded_sd, finetuned, unet_inputs, pipeline_fp32):
     from diffusers import StableDiffusionPipeline
 
     sd, base = loaded_sd
     pipe = StableDiffusionPipeline.from_pretrained(pipeline_fp32)
     expected = flax_output(sd, finetuned, unet_inputs)
-    assert relative_error(torch_output(pipe.unet, unet_inputs), expected) < STOCK_TOLERANCE
-    use_tanh_gelu(monkeypatch)
     assert relative_error(torch_output(pipe.unet, unet_inputs), expected) < F32_TOLERANCE
-    assert relative_error(flax_output(sd, base.unet, unet_inputs), expected) > 100 * STOCK_TOLERANCE
+    assert relative_error(flax_output(sd, base.unet, unet_inputs), expected) > 1000 * F32_TOLERANCE
 
 
-def test_pytorch_pipeline_loads_float16_export(loaded_sd, finetuned, unet_inputs, pipeline_fp16, tanh_gelu):
+def test_pytorch_pipeline_loads_float16_export(loaded_sd, finetuned, unet_inputs, pipeline_fp16):
     import torch
     from diffusers import StableDiffusionPipeline
 
