@@ -27,8 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
     # The authors train in float32 (no --mixed_precision) and the paper names no precision. The sd15
     # configs compute in 'bfloat16' on GPU/TPU for speed (weights and AdamW stay float32).
     config.model.compute_dtype = "float32"
-    # Attention kernel of every model: 'auto' (cuDNN's fused kernel on CUDA GPUs where dtype and
-    # head size allow, XLA elsewhere; the choice is logged), 'xla' or 'cudnn'.
+    # Attention kernel of every model: 'auto' picks per layer and logs why: cuDNN's fused kernel on
+    # CUDA GPUs where dtype and head size allow, Pallas flash attention on TPUs for sequences in
+    # 128 blocks (not yet run on a TPU here), our XLA attention elsewhere; or 'xla', 'cudnn', 'flash'.
     config.model.attention = "auto"
 
     # The concept: the authors' layout (reference_images/<kind>/<concept>/init.json, reg_data/<concept>).

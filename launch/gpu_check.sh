@@ -58,12 +58,12 @@ step tiny_run "${T_TINY:-110}" "$PY" -m gal_jax.main run --config=configs/tiny_c
 # imitation): the guard tests and the rounds that train and save under it. Full float32 matmuls
 # (no TF32), so the tests' CPU tolerances hold.
 GUARD_TESTS="(transfer_guard and not sharded) or tiny_concept or restart or non_finite"
-GUARD_TESTS+=" or killed or finished or different_run"
+GUARD_TESTS+=" or killed or finished or different_run or cudnn"
 if "$PY" -c "import pytest" 2>/dev/null; then
   step guard_tests "${T_GUARD_TESTS:-100}" env JAX_PLATFORMS="${TEST_PLATFORMS:-cuda}" \
     JAX_DEFAULT_MATMUL_PRECISION=highest JAX_COMPILATION_CACHE_DIR="$GAL_JAX_CACHE/xla" \
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 "$PY" -m pytest -x -q -k "$GUARD_TESTS" \
-    tests/transfer_guard_test.py tests/checkpoint_test.py tests/train_test.py
+    tests/transfer_guard_test.py tests/checkpoint_test.py tests/train_test.py tests/nn_layers_test.py
 else
   echo "guard_tests skipped: no pytest" | tee -a "$OUT/summary.txt"
 fi

@@ -405,8 +405,29 @@ def test_requested_attention_is_kept_and_unknown_raises():
         "cudnn", platform="cpu", dtype=jnp.float32, head_dim=3, seq_lengths=(1, 1)
     ) == ("cudnn", "requested")
     x = jnp.zeros((1, 2, 1, 8))
-    with pytest.raises(ValueError, match="attention implementation 'flash'"):
+    with pytest.raises(ValueError, match="attention implementation 'splash'"):
+        layers.dot_product_attention(x, x, x, implementation="splash")
+
+
+@pytest.mark.parametrize(
+    "seq, has_bias, expected",
+    [((4096, 4096), False, "flash"), ((1024, 1024), False, "flash"), ((4096, 77), False, "xla"),
+     ((4096, 4096), True, "xla"), ((100, 100), False, "xla")],
+)
+def test_auto_attention_picks_flash_on_tpu_only_for_whole_blocks_without_bias(seq, has_bias, expected):
+    choice, reason = layers.choose_attention_implementation(
+        "auto", platform="tpu", dtype=jnp.bfloat16, head_dim=40, seq_lengths=seq, has_bias=has_bias
+    )
+    assert choice == expected, reason
+
+
+def test_flash_attention_refuses_what_its_kernel_cannot_take():
+    x = jnp.zeros((1, 77, 2, 8))
+    with pytest.raises(ValueError, match="not multiples of 128; use attention='xla'"):
         layers.dot_product_attention(x, x, x, implementation="flash")
+    y = jnp.zeros((1, 128, 2, 8))
+    with pytest.raises(ValueError, match="masks and biases are not supported"):
+        layers.dot_product_attention(y, y, y, mask=jnp.ones((1, 1, 128, 128), bool), implementation="flash")
 
 
 def test_layer_norm_matches_torch_in_float32_for_half_inputs():

@@ -67,3 +67,14 @@ def test_a_fully_masked_row_stays_finite():
     assert np.isfinite(np.asarray(out)).all()
     grads = _grads(layers.xla_attention, q, k, v, None, mask=mask)
     assert all(np.isfinite(np.asarray(g)).all() for g in grads)
+
+
+@pytest.mark.skipif(layers.current_platform()[0] != "cuda", reason="cuDNN attention needs a CUDA GPU (launch/gpu_check.sh)")
+def test_cudnn_attention_on_a_gpu_matches_xla_and_auto_picks_it():
+    q, k, v = (x.astype(jnp.bfloat16) for x in _inputs(4, 1024, 1024, heads=8, head_dim=64, seed=3))
+    platform, max_head_dim = layers.current_platform()
+    choice, reason = layers.choose_attention_implementation(
+        "auto", platform=platform, dtype=q.dtype, head_dim=64, seq_lengths=(1024, 1024), max_cudnn_head_dim=max_head_dim)
+    assert choice == "cudnn", reason
+    fused = layers.dot_product_attention(q, k, v, implementation="cudnn").astype(jnp.float32)
+    np.testing.assert_allclose(fused, layers.xla_attention(q, k, v).astype(jnp.float32), atol=2e-2)
