@@ -224,23 +224,14 @@ class ClipAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        batch, length, width = x.shape
-        head_dim = width // self.num_heads
-
-        def project(name):
-            dense = layers.partitioned_dense(
-                width, ("embed", "heads"), dtype=self.dtype, param_dtype=self.param_dtype, name=name
-            )
-            return dense(x).reshape(batch, length, self.num_heads, head_dim)
-
-        attended = layers.dot_product_attention(
-            project("q_proj"), project("k_proj"), project("v_proj"),
-            is_causal=self.is_causal, implementation=self.attention,
+        attended = layers.multi_head_attention(
+            self, x, num_heads=self.num_heads, names=("q_proj", "k_proj", "v_proj"),
+            is_causal=self.is_causal, attention=self.attention,
         )
         out_proj = layers.partitioned_dense(
-            width, ("heads", "embed"), dtype=self.dtype, param_dtype=self.param_dtype, name="out_proj"
+            x.shape[-1], ("heads", "embed"), dtype=self.dtype, param_dtype=self.param_dtype, name="out_proj"
         )
-        return out_proj(attended.reshape(batch, length, width))
+        return out_proj(attended)
 
 
 class ClipEncoderLayer(nn.Module):

@@ -178,21 +178,14 @@ def multi_head_attention(
     also computed explicitly and sown as `module`'s "intermediates"/"attention_probs"; the output
     still comes from `layers.dot_product_attention`, so it is the same with or without capture.
     """
-    context = x if context is None else context
-    batch, length, width = x.shape
-    head_dim = width // num_heads
-    dtypes = dict(dtype=module.dtype, param_dtype=module.param_dtype)
-
-    def project(name, inputs):
-        dense = layers.partitioned_dense(width, ("embed", "heads"), use_bias=qkv_bias, name=name, **dtypes)
-        return dense(inputs).reshape(batch, inputs.shape[1], num_heads, head_dim)
-
-    query, key, value = project("to_q", x), project("to_k", context), project("to_v", context)
-    if capture:
-        module.sow("intermediates", "attention_probs", layers.attention_probabilities(query, key))
-    attended = layers.dot_product_attention(query, key, value, implementation=attention)
-    out = layers.partitioned_dense(width, ("heads", "embed"), name="to_out_0", **dtypes)
-    return out(attended.reshape(batch, length, width))
+    attended = layers.multi_head_attention(
+        module, x, context, num_heads=num_heads, names=("to_q", "to_k", "to_v"), qkv_bias=qkv_bias,
+        attention=attention, capture=capture,
+    )
+    out = layers.partitioned_dense(
+        x.shape[-1], ("heads", "embed"), name="to_out_0", dtype=module.dtype, param_dtype=module.param_dtype
+    )
+    return out(attended)
 
 
 class SpatialSelfAttention(nn.Module):

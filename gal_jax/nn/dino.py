@@ -325,20 +325,10 @@ class Dinov2SelfAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        batch, length, width = x.shape
-        head_dim = width // self.num_heads
-
-        def project(name):
-            dense = layers.partitioned_dense(
-                width, ("embed", "heads"), dtype=self.dtype, param_dtype=self.param_dtype,
-                use_bias=self.qkv_bias, name=name,
-            )
-            return dense(x).reshape(batch, length, self.num_heads, head_dim)
-
-        attended = layers.dot_product_attention(
-            project("query"), project("key"), project("value"), implementation=self.attention
+        return layers.multi_head_attention(
+            self, x, num_heads=self.num_heads, names=("query", "key", "value"), qkv_bias=self.qkv_bias,
+            attention=self.attention,
         )
-        return attended.reshape(batch, length, width)
 
 
 class Dinov2SelfOutput(nn.Module):

@@ -189,9 +189,9 @@ def xla_attention(
     """`dot_product_attention` on plain XLA ops (measured on XLA:CPU; GPUs use cuDNN where they can).
 
     Two things make it faster than jax.nn.dot_product_attention's XLA path (the tiny UNet on CPU,
-    `gal-jax bench unet`: forward 0.87 -> 0.42 s, gradient 3.6 -> 2.4 s): the softmax is normalised after the
-    second matmul, dividing the (T, H) output instead of the (T, S) weights, and the gradient is
-    written by hand (flash attention's backward without tiling: the weights are recomputed from
+    `gal-jax bench unet`: forward 0.87 -> 0.42 s, gradient 3.6 -> 2.2-2.4 s): the softmax is
+    normalised after the second matmul, dividing the (T, H) output instead of the (T, S) weights,
+    and the gradient is written by hand (flash attention's backward without tiling: the weights are recomputed from
     the saved log-sum-exp, and no (T, S) intermediate of the softmax's own autodiff is kept).
     Logits, softmax and the weighted sum accumulate in float32; the output has `query`'s dtype.
     """
@@ -385,6 +385,43 @@ class Mlp(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Attention probabilities, rematerialisation, param trees
 # ---------------------------------------------------------------------------------------------
+
+
+def multi_head_attention(
+    module: nn.Module,
+    x: jax.Array,
+    context: jax.Array | None = None,
+    *,
+    num_heads: int,
+    names: tuple[str, str, str],
+    qkv_bias: bool = True,
+    is_causal: bool = False,
+    attention: AttentionImplementation = "xla",
+    capture: bool = False,
+) -> jax.Array:
+    """Returns the heads of tokens `x` (B, T, D) attending over `context` (B, S, E), or over `x`
+    itself when `context` is None, concatenated to (B, T, D): no output projection (each family
+    names and places its own).
+
+    Call it from `module`'s compact method: the query, key and value projections become its
+    children, named `names`. With `capture`, the attention probabilities (B, N, T, S), float32, are
+    also computed explicitly and sown as `module`'s "intermediates"/"attention_probs"; the output
+    still comes from `dot_product_attention`, so it is the same with or without capture.
+    """
+    context = x if context is None else context
+    batch, length, width = x.shape
+    head_dim = width // num_heads
+
+    def project(name, inputs):
+        dense = partitioned_dense(width, ("embed", "heads"), use_bias=qkv_bias, name=name,
+                                  dtype=module.dtype, param_dtype=module.param_dtype)
+        return dense(inputs).reshape(batch, inputs.shape[1], num_heads, head_dim)
+
+    query, key, value = project(names[0], x), project(names[1], context), project(names[2], context)
+    if capture:
+        module.sow("intermediates", "attention_probs", attention_probabilities(query, key))
+    attended = dot_product_attention(query, key, value, is_causal=is_causal, implementation=attention)
+    return attended.reshape(batch, length, width)
 
 
 def attention_probabilities(query: jax.Array, key: jax.Array) -> jax.Array:
