@@ -86,13 +86,19 @@ def _single_token_id(tokenizer, word: str) -> int:
     return int(ids[0])
 
 
+def _flat_with_table(tree: Params, table: Sequence[str], what: str, caller: str):
+    """Returns (the flattened `tree`, the table's path), raising ValueError naming `caller` when
+    `tree` has no leaf at `table`."""
+    flat, table = traverse_util.flatten_dict(tree), tuple(table)
+    if table not in flat:
+        raise ValueError(f"{caller}: no token table at {'/'.join(table)} in the {what}")
+    return flat, table
+
+
 def grow_embeddings(params: Params, new: NewTokens, *, table: Sequence[str] = TOKEN_TABLE) -> Params:
     """Returns `params` with `new.tokens`' rows appended to the token table at `table`, each a copy
     of its initialiser's row (same dtype and sharding as the table)."""
-    flat = traverse_util.flatten_dict(params)
-    table = tuple(table)
-    if table not in flat:
-        raise ValueError(f"grow_embeddings: no token table at {'/'.join(table)} in the params")
+    flat, table = _flat_with_table(params, table, "params", "grow_embeddings")
     rows = flat[table]
     if rows.shape[0] != new.old_vocab_size:
         raise ValueError(
@@ -124,10 +130,7 @@ def optimizer_labels(params: Params, *, table: Sequence[str] = TOKEN_TABLE) -> P
         optax.multi_transform({NEW_TOKENS: optax.adamw(lr), FROZEN: optax.set_to_zero()}, labels)
 
     The table's old rows still get updates from that; `freeze_old_rows` removes them."""
-    table = tuple(table)
-    flat = traverse_util.flatten_dict(params)
-    if table not in flat:
-        raise ValueError(f"optimizer_labels: no token table at {'/'.join(table)} in the params")
+    flat, table = _flat_with_table(params, table, "params", "optimizer_labels")
     return traverse_util.unflatten_dict({k: NEW_TOKENS if k == table else FROZEN for k in flat})
 
 
@@ -135,10 +138,7 @@ def freeze_old_rows(updates: Params, new: NewTokens, *, table: Sequence[str] = T
     """Returns `updates` (gradients or optimizer updates) with the token table's rows other than
     `new`'s set to zero; every other leaf is left as it is. Apply it to the optimizer's updates,
     not only to the gradients, so that weight decay or momentum cannot move the old rows."""
-    flat = traverse_util.flatten_dict(updates)
-    table = tuple(table)
-    if table not in flat:
-        raise ValueError(f"freeze_old_rows: no token table at {'/'.join(table)} in the updates")
+    flat, table = _flat_with_table(updates, table, "updates", "freeze_old_rows")
     rows = flat[table]
     if rows.shape[0] != new.new_vocab_size:
         raise ValueError(f"freeze_old_rows: the table has {rows.shape[0]} rows, expected {new.new_vocab_size}")
