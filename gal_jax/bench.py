@@ -240,8 +240,8 @@ def _diffusers_flax_unet(sd):
         from diffusers import FlaxUNet2DConditionModel
     except ImportError as err:
         return f"skipped: diffusers' Flax UNet is not importable ({err}); it lives in diffusers<=0.39"
-    config = {k: v for k, v in sd.unet.config.to_dict().items() if not k.startswith("_")}
-    config = {k: v for k, v in config.items() if k in FlaxUNet2DConditionModel.__dataclass_fields__}
+    fields = FlaxUNet2DConditionModel.__dataclass_fields__
+    config = {k: v for k, v in sd.unet.config.to_dict().items() if k in fields}
     return FlaxUNet2DConditionModel(**config, dtype=sd.unet.dtype)
 
 

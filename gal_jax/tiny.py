@@ -188,21 +188,13 @@ def write_tiny_stable_diffusion(folder: Path, *, seed: int = 0, unet_config: dic
     folder.mkdir(parents=True, exist_ok=True)
     tiny_train_io.save_random_unet(folder / "unet", unet_config, seed)
     vae = nn_vae.AutoencoderKL(nn_vae.VaeConfig.from_dict(TINY_VAE))
-    nn_vae.save_params(vae, _on_host(nn_vae.init_params(vae, jax.random.key(seed + 1))), folder / "vae")
+    nn_vae.save_params(vae, nn_vae.init_params(vae, jax.random.key(seed + 1)), folder / "vae")
     text = nn_clip.ClipTextModel(nn_clip.ClipTextConfig.from_dict(TINY_TEXT))
     (folder / "text_encoder").mkdir(exist_ok=True)
-    nn_clip.save_params(text, _on_host(nn_clip.init_params(text, jax.random.key(seed + 2))), folder / "text_encoder")
+    nn_clip.save_params(text, nn_clip.init_params(text, jax.random.key(seed + 2)), folder / "text_encoder")
     write_tokenizer(folder / "tokenizer")
-    (folder / "scheduler").mkdir(exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD1_SCHEDULER, indent=2))
-    (folder / "model_index.json").write_text(json.dumps(_model_index(), indent=2))
+    tiny_train_io.write_pipeline_files(folder)
     return folder
-
-
-def _on_host(params):
-    import jax
-
-    return jax.device_get(params)
 
 
 def _model_index() -> dict:
@@ -302,7 +294,7 @@ def write_tiny_clip(folder: Path, *, seed: int = TINY_CLIP_SEED) -> Path:
         projection_dim=TINY_TEXT["projection_dim"],
     )
     model = nn_clip.ClipModel(config)
-    params = _with_transformers_clip_scales(_on_host(nn_clip.init_params(model, jax.random.key(seed))), config, seed)
+    params = _with_transformers_clip_scales(nn_clip.init_params(model, jax.random.key(seed)), config, seed)
     nn_clip.save_params(model, params, folder)
     write_tokenizer(folder)
     write_clip_preprocessor(folder, TINY_VISION["image_size"])
