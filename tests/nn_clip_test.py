@@ -1,6 +1,7 @@
 """Our Flax CLIP (gal_jax.nn.clip) against transformers' PyTorch CLIP on tiny random models; the
 safetensors loading and saving; the attention dispatch of gal_jax.nn.layers."""
 
+import functools
 import json
 import logging
 import shutil
@@ -18,6 +19,9 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gal_jax.nn import clip, layers, weights
+
+import parity  # tests/parity.py
+from parity import errors as _errors
 
 TOLERANCE = 1e-5  # relative to the reference's largest magnitude, float32
 LEGACY_VOCAB = 99
@@ -55,22 +59,11 @@ def _token_ids(eos_token_id: int, batch: int = 3, length: int = 16) -> np.ndarra
     return ids.astype(np.int32)
 
 
-def _errors(ours, reference) -> tuple[float, float]:
-    """Returns (max abs error, max abs error / max abs reference)."""
-    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
-    assert ours.shape == reference.shape
-    error = float(np.abs(ours - reference).max())
-    return error, error / float(np.abs(reference).max())
+_assert_parity = functools.partial(parity.assert_parity, tolerance=TOLERANCE)
 
 
 def _relative_error(ours, reference) -> float:
     return _errors(ours, reference)[1]
-
-
-def _assert_parity(ours, reference, what: str) -> None:
-    absolute, relative = _errors(ours, reference)
-    print(f"parity {what}: max abs {absolute:.2e}, relative {relative:.2e}")
-    assert relative <= TOLERANCE, what
 
 
 def _saved(torch_model, folder, **save_kwargs):

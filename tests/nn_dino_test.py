@@ -2,6 +2,7 @@
 our numpy/PIL preprocessing against transformers' slow BitImageProcessor; the whole DinoEmbedder
 against the authors' PyTorch pipeline; clear errors for folders it cannot read."""
 
+import functools
 import json
 
 import jax
@@ -13,6 +14,8 @@ import transformers
 
 from gal_jax import dino as gal_dino
 from gal_jax.nn import dino
+
+import parity  # tests/parity.py
 
 TOLERANCE = 1e-5  # relative to the reference's largest magnitude, float32
 PREPROCESSING_TOLERANCE = 1e-6
@@ -26,18 +29,7 @@ DINOV2_PREPROCESSOR = dict(
 )
 
 
-def _errors(ours, reference) -> tuple[float, float]:
-    """Returns (max abs error, max abs error / max abs reference)."""
-    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
-    assert ours.shape == reference.shape
-    error = float(np.abs(ours - reference).max())
-    return error, error / float(np.abs(reference).max())
-
-
-def _assert_parity(ours, reference, what: str, tolerance: float = TOLERANCE) -> None:
-    absolute, relative = _errors(ours, reference)
-    print(f"parity {what}: max abs {absolute:.2e}, relative {relative:.2e}")
-    assert relative <= tolerance, what
+_assert_parity = functools.partial(parity.assert_parity, tolerance=TOLERANCE)
 
 
 def _randomised(torch_model: torch.nn.Module) -> torch.nn.Module:
@@ -114,7 +106,7 @@ def test_bicubic_matrix_is_torchs_bicubic_interpolate(in_size, out_size):
     ).numpy()
     matrix = dino.torch_bicubic_matrix(in_size, out_size)
     ours = np.einsum("hi,ncij,wj->nchw", matrix, grid, matrix)
-    _assert_parity(ours, expected, f"bicubic {in_size}->{out_size}", BICUBIC_TOLERANCE)
+    _assert_parity(ours, expected, f"bicubic {in_size}->{out_size}", tolerance=BICUBIC_TOLERANCE)
 
 
 def test_mask_token_is_loaded_and_replaces_masked_patches(torch_dino):
@@ -183,7 +175,7 @@ def test_preprocessing_matches_the_slow_bit_image_processor(tmp_path, processor_
         )["pixel_values"]
         ours = gal_dino.preprocess(images, preprocessing)
         assert ours.dtype == np.float32
-        _assert_parity(ours, expected, f"preprocess {shape}", PREPROCESSING_TOLERANCE)
+        _assert_parity(ours, expected, f"preprocess {shape}", tolerance=PREPROCESSING_TOLERANCE)
 
 
 @pytest.mark.parametrize(

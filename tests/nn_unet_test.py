@@ -24,6 +24,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gal_jax.nn import unet, weights
 
+import parity  # tests/parity.py
+
 TOLERANCE = 1e-4  # relative to the reference's largest magnitude, float32
 TEXT_WIDTH, TEXT_TOKENS, SDXL_POOLED_WIDTH, SDXL_TIME_WIDTH = 32, 7, 24, 8
 _TINY = dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
@@ -50,18 +52,7 @@ CONFIGS = {
 }
 
 
-def _errors(ours, reference) -> tuple[float, float]:
-    """Returns (max abs error, max abs error / max abs reference)."""
-    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
-    assert ours.shape == reference.shape
-    error = float(np.abs(ours - reference).max())
-    return error, error / float(np.abs(reference).max())
-
-
-def _assert_parity(ours, reference, what: str, tolerance: float = TOLERANCE) -> None:
-    absolute, relative = _errors(ours, reference)
-    print(f"parity {what}: max abs {absolute:.2e}, relative {relative:.2e}")
-    assert relative <= tolerance, what
+_assert_parity = functools.partial(parity.assert_parity, tolerance=TOLERANCE)
 
 
 def _torch_unet(name: str) -> diffusers.UNet2DConditionModel:

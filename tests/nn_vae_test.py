@@ -1,6 +1,7 @@
 """Our Flax AutoencoderKL (gal_jax.nn.vae) against diffusers' PyTorch AutoencoderKL on tiny random
 models; loading and saving diffusers `vae/` folders."""
 
+import functools
 import json
 
 import chex
@@ -14,6 +15,8 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from gal_jax.nn import vae
+
+import parity  # tests/parity.py
 
 TOLERANCE = 1e-4  # relative to the reference's largest magnitude, float32
 TINY_VAE = dict(
@@ -30,18 +33,7 @@ TINY_VAE = dict(
 VARIANT = dict(use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=False, layers_per_block=2)
 
 
-def _errors(ours, reference) -> tuple[float, float]:
-    """Returns (max abs error, max abs error / max abs reference)."""
-    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
-    assert ours.shape == reference.shape
-    error = float(np.abs(ours - reference).max())
-    return error, error / float(np.abs(reference).max())
-
-
-def _assert_parity(ours, reference, what: str) -> None:
-    absolute, relative = _errors(ours, reference)
-    print(f"parity {what}: max abs {absolute:.2e}, relative {relative:.2e}")
-    assert relative <= TOLERANCE, what
+_assert_parity = functools.partial(parity.assert_parity, tolerance=TOLERANCE)
 
 
 def _torch_vae(**overrides) -> diffusers.AutoencoderKL:
