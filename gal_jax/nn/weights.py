@@ -5,9 +5,10 @@ its state-dict key: list elements `layers_0` become `layers.0`, `kernel` / `scal
 become `weight`. Layouts differ only for kernels: a Linear's (out, in) is our (in, out), a Conv's
 OIHW our HWIO.
 
-Reading is lazy: each array is assembled from the slices of the memory-mapped file that this
-process's shards need, copied explicitly to their devices, so no host holds the whole model and no
-device more than its shard. fp16/bf16/fp32 stored weights are cast to the abstract tree's dtypes.
+Reading is lazy: each array is assembled from the byte ranges of the file that this process's
+shards need (`safetensors_file`, no memory map), copied explicitly to their devices, so no host
+holds the whole model and no device more than its shard. fp16/bf16/fp32 stored weights are cast to
+the abstract tree's dtypes. Writing streams one tensor at a time into a file renamed into place.
 """
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import jax
-import ml_dtypes  # noqa: F401  registers bfloat16 with numpy, which safetensors' numpy reader needs
 import numpy as np
-import safetensors
-import safetensors.numpy
 from flax import traverse_util
+
+from gal_jax.nn import safetensors_file
 
 Params = Any
 ParamPath = tuple[str, ...]
@@ -81,8 +81,7 @@ def weight_files(path: str | Path, *, stem: str, variant: str | None = None) -> 
         path = found[0]
     if path.name.endswith(".index.json"):
         return _sharded_files(path)
-    with _open_safetensors(path) as handle:
-        return {key: path for key in handle.keys()}
+    return {key: path for key in safetensors_file.keys(path)}
 
 
 def _sharded_files(index: Path) -> dict[str, Path]:
@@ -98,27 +97,15 @@ def _sharded_files(index: Path) -> dict[str, Path]:
     return files
 
 
-@contextlib.contextmanager
-def _open_safetensors(file: Path):
-    """Yields a numpy safe_open handle on `file`, naming the file when it is unreadable."""
-    try:
-        handle = safetensors.safe_open(str(file), framework="np")
-    except Exception as err:  # safetensors raises its own and OS errors for bad files
-        raise ValueError(f"{file}: unreadable or truncated safetensors ({type(err).__name__}: {err})") from err
-    with handle:
-        yield handle
-
-
-def _read_part(handle, key: str, param_path: ParamPath, index: tuple, dtype) -> np.ndarray:
+def _read_part(reader: safetensors_file.SafetensorsReader, key: str, param_path: ParamPath, index: tuple,
+               dtype) -> np.ndarray:
     """Returns the part `index` (in our layout) of the stored tensor `key`, in our layout and dtype."""
-    if not index:
-        return np.asarray(handle.get_tensor(key)).astype(dtype)
     torch_axes = _torch_axes(param_path, len(index))
     torch_index = [slice(None)] * len(index)
     for axis, torch_axis in enumerate(torch_axes):
         torch_index[torch_axis] = index[axis]
-    part = handle.get_slice(key)[tuple(torch_index)]
-    return np.ascontiguousarray(np.transpose(part, torch_axes)).astype(dtype)
+    part = np.transpose(reader.read(key, tuple(torch_index)), torch_axes)
+    return np.asarray(part.astype(dtype, copy=False), order="C")  # 0-d stays 0-d
 
 
 def read_params(
@@ -146,9 +133,11 @@ def read_params(
                 raise ValueError(f"{_describe(files)}: missing weight {key!r} (our {'/'.join(param_path)})")
             file = files[key]
             if file not in handles:
-                handles[file] = stack.enter_context(_open_safetensors(file))
+                handles[file] = stack.enter_context(safetensors_file.SafetensorsReader(file))
             handle = handles[file]
-            stored_shape = tuple(handle.get_slice(key).get_shape())
+            if key not in handle:
+                raise ValueError(f"{file}: missing weight {key!r} (our {'/'.join(param_path)})")
+            stored_shape = handle.shape(key)
             expected = torch_shape(param_path, spec.shape)
             if stored_shape != expected:
                 raise ValueError(
@@ -203,18 +192,25 @@ def write_params(
     if set(flat) != set(flat_abstract):
         differing = sorted("/".join(path) for path in set(flat) ^ set(flat_abstract))
         raise ValueError(f"params do not match the model: {', '.join(differing[:5])} differ")
-    tensors = {}
-    for param_path, value in flat.items():
-        value = np.asarray(jax.device_get(value))
-        expected = flat_abstract[param_path].shape
-        if value.shape != expected:
-            raise ValueError(f"param {'/'.join(param_path)} has shape {value.shape}, expected {expected}")
-        if dtype is not None and jax.numpy.issubdtype(value.dtype, jax.numpy.floating):
-            value = value.astype(dtype)
-        tensors[key_of(param_path)] = np.asarray(to_torch_layout(param_path, value), order="C")
-    file = Path(file)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    safetensors.numpy.save_file(tensors, str(file), metadata={"format": "pt"})
+    keys = {key_of(param_path): param_path for param_path in flat}
+
+    def out_dtype(value) -> np.dtype:
+        floating = jax.numpy.issubdtype(value.dtype, jax.numpy.floating)
+        return np.dtype(dtype) if dtype is not None and floating else np.dtype(value.dtype)
+
+    specs = {}
+    for key, param_path in keys.items():
+        value, expected = flat[param_path], flat_abstract[param_path].shape
+        if tuple(value.shape) != tuple(expected):
+            raise ValueError(f"param {'/'.join(param_path)} has shape {tuple(value.shape)}, expected {expected}")
+        specs[key] = (torch_shape(param_path, tuple(expected)), out_dtype(value))
+
+    def produce(key):  # one param fetched and converted at a time
+        param_path = keys[key]
+        value = np.asarray(jax.device_get(flat[param_path]))
+        return np.asarray(to_torch_layout(param_path, value).astype(specs[key][1], copy=False), order="C")
+
+    file = safetensors_file.write(Path(file), specs, produce, metadata={"format": "pt"})
     return file
 
 
@@ -275,6 +271,29 @@ def write_diffusers_folder(
     folder = Path(folder)
     stem = f"{DIFFUSERS_WEIGHTS_STEM}.{variant}" if variant else DIFFUSERS_WEIGHTS_STEM
     file = write_params(params, abstract, folder / f"{stem}.safetensors", dtype=dtype, key_of=diffusers_key)
+    (folder / DIFFUSERS_CONFIG_FILE).write_text(json.dumps(dict(config), indent=2) + "\n")
+    return file
+
+
+def write_random_diffusers_folder(
+    abstract: Params, config: Mapping[str, Any], folder: str | Path, rng: np.random.Generator, *, scale: float = 0.02
+) -> Path:
+    """Writes a diffusers model folder of `config` whose weights (shaped and typed as `abstract`)
+    are N(0, scale) draws, generated and written one tensor at a time; returns the weights file.
+
+    For load and throughput benchmarks of full-sized models: nothing model-sized is ever in memory.
+    """
+    folder = Path(folder)
+    flat = traverse_util.flatten_dict(abstract)
+    keys = {diffusers_key(param_path): param_path for param_path in flat}
+    specs = {key: (torch_shape(path, tuple(flat[path].shape)), np.dtype(flat[path].dtype)) for key, path in keys.items()}
+
+    def produce(key):
+        shape, dtype = specs[key]
+        return (rng.standard_normal(shape, dtype=np.float32) * scale).astype(dtype)
+
+    file = safetensors_file.write(folder / f"{DIFFUSERS_WEIGHTS_STEM}.safetensors", specs, produce,
+                                  metadata={"format": "pt"})
     (folder / DIFFUSERS_CONFIG_FILE).write_text(json.dumps(dict(config), indent=2) + "\n")
     return file
 
