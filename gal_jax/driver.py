@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import ml_collections
+from jax.sharding import Mesh
 import numpy as np
 
 from gal_jax import (
@@ -114,20 +115,22 @@ def check_inputs(config, workdir: Workdir, paths: inputs.RunPaths, concept: Conc
         io_utils.write_json(workdir.inputs, current)
 
 
-def load_sd(config: ml_collections.ConfigDict, path: Path):
+def load_sd(config: ml_collections.ConfigDict, path: Path, mesh: Mesh | None = None):
     """Returns (sd, params) of the SD folder at `path` with the config's param and compute dtypes
-    and attention implementation."""
+    and attention implementation; with a `mesh`, each weight read straight onto the sharding the
+    trainer gives it (config.mesh.rules)."""
     return models.load_stable_diffusion(
         path, param_dtype=config.model.param_dtype, compute_dtype=config.model.compute_dtype,
-        attention=config.model.attention,
+        attention=config.model.attention, mesh=mesh, rules=sharding.logical_rules(config.mesh.rules),
     )
 
 
 def build_runtime(config, workdir: Workdir, paths: inputs.RunPaths, concept: Concept) -> Runtime:
     """Returns models, mesh and compiled functions for a run (built once, reused every round)."""
-    sd, sd_params = load_sd(config, paths.sd)
-    clip, clip_params = models.load_clip(paths.clip, attention=config.model.attention)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    sd, sd_params = load_sd(config, paths.sd, mesh)
+    # Scoring is data parallel: CLIP is read straight onto every device (no rules: replicated).
+    clip, clip_params = models.load_clip(paths.clip, attention=config.model.attention, mesh=mesh, rules=())
     eval_concepts = _eval_concepts(config, paths)
     return Runtime(
         config=config,

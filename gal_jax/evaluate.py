@@ -406,8 +406,10 @@ def evaluate_folder(
     paths, prompts = _images_and_prompts(images_dir, prompts_file)
     if placeholder:
         prompts = [" ".join(p.replace(placeholder.strip(), " ").split()) for p in prompts]
-    clip, clip_params = models.load_clip(clip_path)
-    scorer = score.Scorer(clip, clip_params, sharding.make_mesh())
+    # No run config here: the backend's fastest attention, CLIP read straight onto every device.
+    mesh = sharding.make_mesh()
+    clip, clip_params = models.load_clip(clip_path, attention="auto", mesh=mesh, rules=())
+    scorer = score.Scorer(clip, clip_params, mesh)
     references = data.list_images(references_dir)
     if not references:
         raise FileNotFoundError(f"{references_dir}: no reference images")

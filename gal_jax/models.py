@@ -34,6 +34,7 @@ transformers.utils.logging.set_verbosity_error()
 
 from transformers import CLIPTokenizer  # noqa: E402
 
+from gal_jax import sharding  # noqa: E402
 from gal_jax.nn import clip as nn_clip  # noqa: E402
 from gal_jax.nn import layers as nn_layers  # noqa: E402
 from gal_jax.nn import unet as nn_unet  # noqa: E402
@@ -136,16 +137,18 @@ class StableDiffusion:
         timesteps,
         context,
         train: bool = False,
-        remat: bool = False,
+        remat: bool | str = False,
     ):
         """Returns the UNet's prediction (epsilon, v or x0) for NCHW latents.
 
-        With `remat`, every resnet and transformer block is recomputed in the backward pass
-        instead of stored (SD UNets have no dropout, so `train` changes nothing and is kept for
-        callers that say which pass they run).
+        `remat` (a policy of nn.layers.REMAT_POLICIES, or True for "block") recomputes every
+        resnet and transformer block in the backward pass instead of storing what the policy does
+        not save (SD UNets have no dropout, so `train` changes nothing and is kept for callers that
+        say which pass they run).
         """
         del train
-        unet = self.unet.clone(remat=REMAT_POLICY) if remat and self.unet.remat == "none" else self.unet
+        policy = REMAT_POLICY if remat is True else ("none" if remat is False else remat)
+        unet = self.unet.clone(remat=policy) if policy != "none" and self.unet.remat == "none" else self.unet
         return unet.apply({"params": unet_params}, latents, timesteps, context)
 
     def encode_images(self, vae_params: Params, pixels: jax.Array, key: jax.Array) -> jax.Array:
@@ -262,17 +265,28 @@ def cast_params(params: Params, dtype) -> Params:
 
 
 def load_stable_diffusion(
-    path: str | Path, *, param_dtype="float32", compute_dtype="float32", attention: str = "xla"
+    path: str | Path,
+    *,
+    param_dtype="float32",
+    compute_dtype="float32",
+    attention: str = "xla",
+    mesh: jax.sharding.Mesh | None = None,
+    rules: sharding.LogicalRules = sharding.DEFAULT_LOGICAL_RULES,
 ) -> tuple[StableDiffusion, StableDiffusionParams]:
     """Returns the static model and its weights from a diffusers-layout Stable Diffusion folder;
-    `attention` as StableDiffusion.with_attention takes it."""
+    `attention` as StableDiffusion.with_attention takes it.
+
+    Weights are read in `param_dtype`. With a `mesh`, every array is read straight onto its
+    sharding (its params' logical axes mapped by `rules`, as the trainer lays them out): each
+    process reads only its own shards' bytes. Without one they land on the default device.
+    """
     _check_attention(attention)
     path = _existing_dir(path)
     _check_sd_layout(path)
-    compute_dtype = jnp.dtype(compute_dtype)
-    unet, unet_params = _load_diffusers_model(_UNET, path / "unet", compute_dtype)
-    vae, vae_params = _load_diffusers_model(_VAE, path / "vae", compute_dtype)
-    text_encoder, text_params = _load_clip_family(path / "text_encoder", compute_dtype)
+    target = _Target(jnp.dtype(compute_dtype), jnp.dtype(param_dtype), mesh, rules)
+    unet, unet_params = _load_diffusers_model(_UNET, path / "unet", target)
+    vae, vae_params = _load_diffusers_model(_VAE, path / "vae", target)
+    text_encoder, text_params = _load_clip_family(path / "text_encoder", target)
     sd = StableDiffusion(
         path=path,
         unet=unet,
@@ -282,12 +296,20 @@ def load_stable_diffusion(
         scheduler_config=_read_json(_require_file(path / "scheduler", "scheduler_config.json")),
     )
     params = StableDiffusionParams(unet=unet_params, vae=vae_params, text_encoder=text_params)
-    return sd.with_attention(attention), cast_params(params, param_dtype)
+    return sd.with_attention(attention), params
 
 
-def load_clip(path: str | Path, *, param_dtype="float32", attention: str = "xla") -> tuple[ClipModel, Params]:
+def load_clip(
+    path: str | Path,
+    *,
+    param_dtype="float32",
+    attention: str = "xla",
+    mesh: jax.sharding.Mesh | None = None,
+    rules: sharding.LogicalRules = sharding.DEFAULT_LOGICAL_RULES,
+) -> tuple[ClipModel, Params]:
     """Returns the static CLIP model and its weights from a transformers-layout CLIPModel folder;
-    `attention` as ClipModel.with_attention takes it."""
+    `attention` as ClipModel.with_attention takes it; `param_dtype`, `mesh` and `rules` as
+    `load_stable_diffusion` takes them."""
     _check_attention(attention)
     path = _existing_dir(path)
     if (path / "model_index.json").exists() or (path / "unet").is_dir():
@@ -302,7 +324,7 @@ def load_clip(path: str | Path, *, param_dtype="float32", attention: str = "xla"
             f"{path / 'config.json'}: model_type is {config.get('model_type')!r}, expected 'clip' "
             "(a transformers CLIPModel with both text and vision towers)."
         )
-    model, params = _load_clip_family(path, jnp.float32)
+    model, params = _load_clip_family(path, _Target(jnp.dtype(jnp.float32), jnp.dtype(param_dtype), mesh, rules))
     image_size, mean, std = _read_clip_preprocessing(path, model.config.vision.image_size)
     clip = ClipModel(
         path=path,
@@ -312,7 +334,7 @@ def load_clip(path: str | Path, *, param_dtype="float32", attention: str = "xla"
         image_mean=mean,
         image_std=std,
     )
-    return clip.with_attention(attention), cast_params(params, param_dtype)
+    return clip.with_attention(attention), params
 
 
 def _existing_dir(path: str | Path) -> Path:
@@ -365,31 +387,47 @@ def _variant(file: Path, variant: str) -> Path:
 
 
 @dataclasses.dataclass(frozen=True)
+class _Target:
+    """What loaded modules compute in, and where and in which dtype their weights go."""
+
+    compute_dtype: jnp.dtype
+    param_dtype: jnp.dtype
+    mesh: jax.sharding.Mesh | None = None
+    rules: sharding.LogicalRules = sharding.DEFAULT_LOGICAL_RULES
+
+    def shardings(self, family, module) -> Params | None:
+        """Returns the shardings of `module`'s params on the mesh (None without one); `family` is
+        the gal_jax.nn module defining it (abstract_params, logical_partition_specs)."""
+        if self.mesh is None:
+            return None
+        return sharding.param_shardings(
+            family.abstract_params(module), self.mesh, family.logical_partition_specs(module), self.rules
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class _DiffusersFamily:
     """How to build and load one of our diffusers model families."""
 
-    class_name: str
-    read_config: Callable[[Path], Any]
-    build: Callable[[Any, Any], Any]  # (config, compute dtype) -> module
-    load_params: Callable[..., Params]
+    family: Any  # the gal_jax.nn module: CLASS_NAME, read_config, load_params, abstract_params, ...
+    build: Callable[[Any, Any, Any], Any]  # (config, compute dtype, param dtype) -> module
 
 
 _UNET = _DiffusersFamily(
-    nn_unet.CLASS_NAME, nn_unet.read_config,
-    lambda config, dtype: nn_unet.UNet2DConditionModel(config, dtype=dtype), nn_unet.load_params,
+    nn_unet, lambda config, dtype, param_dtype: nn_unet.UNet2DConditionModel(config, dtype=dtype, param_dtype=param_dtype)
 )
 # NHWC: the facade's images are NHWC, and latents are transposed once, at the UNet's boundary.
 _VAE = _DiffusersFamily(
-    nn_vae.CLASS_NAME, nn_vae.read_config,
-    lambda config, dtype: nn_vae.AutoencoderKL(config, dtype=dtype, layout="NHWC"), nn_vae.load_params,
+    nn_vae,
+    lambda config, dtype, param_dtype: nn_vae.AutoencoderKL(config, dtype=dtype, param_dtype=param_dtype, layout="NHWC"),
 )
 
 
-def _load_diffusers_model(family: _DiffusersFamily, folder: Path, dtype):
-    """Returns (module, float32 params) of a diffusers model folder of `family`."""
+def _load_diffusers_model(family: _DiffusersFamily, folder: Path, target: _Target):
+    """Returns (module, params in the target's dtype and shardings) of a diffusers model folder."""
     config_file = _require_file(folder, "config.json")
     try:
-        module = family.build(family.read_config(config_file), dtype)
+        module = family.build(family.family.read_config(config_file), target.compute_dtype, target.param_dtype)
     except ValueError as err:  # wrong _class_name, unsupported options: the message names the file
         message = str(err)
         raise ModelLoadError(message if str(config_file) in message else f"{config_file}: {message}") from err
@@ -403,13 +441,14 @@ def _load_diffusers_model(family: _DiffusersFamily, folder: Path, dtype):
     with contextlib.ExitStack() as stack:
         if weights_file.suffix == ".bin":
             weights_file = _bin_as_safetensors(weights_file, stack, "diffusion_pytorch_model.safetensors")
-        return module, _read_params(family.load_params, module, weights_file)
+        return module, _read_params(family.family, module, weights_file, target)
 
 
-def _read_params(load_params: Callable[..., Params], module, weights_file: Path) -> Params:
-    """Returns load_params(module, weights_file), its errors as ModelLoadError naming the file."""
+def _read_params(family, module, weights_file: Path, target: _Target) -> Params:
+    """Returns family.load_params(module, weights_file) on the target's shardings, its errors as
+    ModelLoadError naming the file."""
     try:
-        return load_params(module, weights_file)
+        return family.load_params(module, weights_file, shardings=target.shardings(family, module))
     except ValueError as err:
         message = str(err)
         raise ModelLoadError(message if str(weights_file) in message else f"{weights_file}: {message}") from err
@@ -419,7 +458,7 @@ def _read_params(load_params: Callable[..., Params], module, weights_file: Path)
         ) from err
 
 
-def _load_clip_family(folder: Path, dtype):
+def _load_clip_family(folder: Path, target: _Target):
     """Returns (our CLIP module, params) of a transformers CLIPModel / CLIPTextModel folder.
 
     Weights: `model.safetensors` (or its index, or the fp16 variant); a `pytorch_model.bin` is read
@@ -439,12 +478,13 @@ def _load_clip_family(folder: Path, dtype):
     with contextlib.ExitStack() as stack:
         if weights_file.suffix == ".bin":
             weights_file = _bin_as_safetensors(weights_file, stack)
+        dtypes = dict(dtype=target.compute_dtype, param_dtype=target.param_dtype)
         if isinstance(config, nn_clip.ClipConfig):
-            model = nn_clip.ClipModel(config, dtype=dtype)
+            model = nn_clip.ClipModel(config, **dtypes)
         else:
             stored = nn_clip.weight_files(weights_file)
-            model = nn_clip.ClipTextModel(config, "text_projection.weight" in stored, dtype=dtype)
-        return model, _read_params(nn_clip.load_params, model, weights_file)
+            model = nn_clip.ClipTextModel(config, "text_projection.weight" in stored, **dtypes)
+        return model, _read_params(nn_clip, model, weights_file, target)
 
 
 def _bin_as_safetensors(file: Path, stack: contextlib.ExitStack, name: str = "model.safetensors") -> Path:
@@ -500,8 +540,8 @@ def load_unet_params(folder: str | Path, *, compute_dtype="float32", param_dtype
     Weights stored in another float dtype (e.g. a float16 export) are cast to `param_dtype`.
     """
     folder = _existing_dir(folder)
-    _, params = _load_diffusers_model(_UNET, folder, jnp.dtype(compute_dtype))
-    return cast_params(params, param_dtype)
+    _, params = _load_diffusers_model(_UNET, folder, _Target(jnp.dtype(compute_dtype), jnp.dtype(param_dtype)))
+    return params
 
 
 # ---------------------------------------------------------------------------------------------
@@ -565,8 +605,8 @@ def random_stable_diffusion(
 ) -> tuple[StableDiffusion, StableDiffusionParams]:
     """Returns an SD model of the given architecture (SD 1.5 by default) with random weights."""
     compute_dtype = jnp.dtype(compute_dtype)
-    unet = _UNET.build(nn_unet.UNetConfig.from_dict(unet_config), compute_dtype)
-    vae = _VAE.build(nn_vae.VaeConfig.from_dict(vae_config), compute_dtype)
+    unet = _UNET.build(nn_unet.UNetConfig.from_dict(unet_config), compute_dtype, jnp.float32)
+    vae = _VAE.build(nn_vae.VaeConfig.from_dict(vae_config), compute_dtype, jnp.float32)
     text_encoder = nn_clip.ClipTextModel(nn_clip.ClipTextConfig.from_dict(text_config), dtype=compute_dtype)
     keys = jax.random.split(jax.random.key(seed), 3)
     params = StableDiffusionParams(

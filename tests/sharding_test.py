@@ -99,3 +99,26 @@ def test_logical_axes_cover_every_param(loaded_sd):
         assert by_path.keys() == flat.keys()
         assert all(len(by_path[p]) == flat[p].ndim for p in flat)
     assert isinstance(sd, models.StableDiffusion)
+
+
+def test_facade_loads_every_weight_straight_onto_its_sharding(tiny_models, loaded_sd):
+    """load_stable_diffusion(mesh=...) puts each array where the trainer lays it out, with the
+    values of an unsharded load, and no array is first gathered on one device."""
+    sd, params = loaded_sd
+    mesh = sharding.make_mesh(1, 8)
+    with jax.transfer_guard("disallow"):  # only the explicit per-shard copies of the reader
+        _, placed = models.load_stable_diffusion(tiny_models["sd"], mesh=mesh)
+    axes = sd.logical_axes()
+    sharded = 0
+    for component in ("unet", "vae", "text_encoder"):
+        expected = sharding.param_shardings(getattr(params, component), mesh, getattr(axes, component))
+        got, want = getattr(placed, component), getattr(params, component)
+        for path, leaf in traverse_util.flatten_dict(got).items():
+            assert leaf.sharding == traverse_util.flatten_dict(expected)[path], (component, path)
+            sharded += "fsdp" in leaf.sharding.spec
+            np.testing.assert_array_equal(np.asarray(leaf), np.asarray(traverse_util.flatten_dict(want)[path]))
+    assert sharded >= 10
+    # CLIP for data-parallel scoring: no rules, every array replicated on the mesh.
+    _, clip_params = models.load_clip(tiny_models["clip"], mesh=mesh, rules=())
+    assert all(leaf.sharding.is_fully_replicated and leaf.sharding.mesh == mesh
+               for leaf in jax.tree_util.tree_leaves(clip_params))
