@@ -70,7 +70,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.with_prior = True
     config.train.prior_loss_weight = 1.0
     config.train.grad_accum_steps = 1
-    config.train.remat = False
+    # Recompute blocks in the backward pass to save memory: "none", "block" (every resnet and
+    # transformer block: diffusers' gradient checkpointing) or "dots_saveable" (keep the matmuls).
+    config.train.remat = "none"
     # Min-SNR-gamma loss weighting (diffusers' --snr_gamma; 5 is their suggestion); 0: plain MSE
     # (the paper, the authors' code). Applies to instance and class examples alike.
     config.train.snr_gamma = 0.0

@@ -59,7 +59,7 @@ class StepConfig:
 
     prior_loss_weight: float = 1.0
     grad_accum_steps: int = 1
-    remat: bool = False
+    remat: str = "none"  # a policy of nn.layers.REMAT_POLICIES
     snr_gamma: float = 0.0  # > 0: Min-SNR-gamma weighting of every example's loss (0: plain MSE)
 
     @classmethod
@@ -75,9 +75,22 @@ class StepConfig:
         return cls(
             prior_loss_weight=float(train_config.prior_loss_weight),
             grad_accum_steps=int(train_config.grad_accum_steps),
-            remat=bool(train_config.remat),
+            remat=remat_policy(train_config.remat),
             snr_gamma=snr_gamma,
         )
+
+
+def remat_policy(value: bool | str) -> str:
+    """Returns the remat policy `config.train.remat` names: "none", "block", "dots_saveable" (as
+    nn.layers.REMAT_POLICIES), True for "block", False for "none"; raises ValueError otherwise."""
+    from gal_jax.nn import layers
+
+    if isinstance(value, bool):
+        return "block" if value else "none"
+    policy = {"true": "block", "false": "none"}.get(str(value).strip().lower(), str(value).strip())
+    if policy not in layers.REMAT_POLICIES:
+        raise ValueError(f"train.remat={value!r}: expected one of {', '.join(layers.REMAT_POLICIES)} (or True/False)")
+    return policy
 
 
 # ---------------------------------------------------------------------------------------------

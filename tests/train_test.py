@@ -379,7 +379,10 @@ def test_remat_gives_the_same_gradients(loaded, trainer, unet_grad):
     sd, params = loaded
     batch = with_randomness(sd, synthetic_batch(sd, 1))
     frozen = train.place_frozen(params, sd, trainer.mesh)
-    config = train.StepConfig(remat=True)
+    config = train.StepConfig.from_config(tiny_config(remat="block").train)
+    assert config.remat == "block" and train.remat_policy(True) == "block" and train.remat_policy("False") == "none"
+    with pytest.raises(ValueError, match="train.remat='blocks': expected one of none, block, dots_saveable"):
+        train.remat_policy("blocks")
     grad = jax.jit(jax.grad(lambda p: train.dreambooth_loss(p, batch, frozen, sd=sd, config=config)[0]))
     # The tiny UNet has 8 resnet and 4 transformer blocks, each rematerialised on its own.
     assert len(re.findall(r"\bremat2?\[", str(jax.make_jaxpr(grad)(params.unet)))) == 12

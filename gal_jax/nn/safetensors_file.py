@@ -17,7 +17,7 @@ import math
 import os
 import struct
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -246,9 +246,3 @@ def write_arrays(file: str | Path, tensors: Mapping[str, np.ndarray], *, metadat
     specs = {key: (np.shape(value), np.asarray(value).dtype) for key, value in tensors.items()}
     return write(file, specs, lambda key: tensors[key], metadata=metadata)
 
-
-def iter_parts(file: str | Path) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields (key, array) of every tensor of `file`, one read at a time."""
-    with SafetensorsReader(file) as reader:
-        for key in reader.keys():
-            yield key, reader.read(key)
