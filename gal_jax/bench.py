@@ -1,17 +1,21 @@
-"""`gal-jax bench train|sample|score|unet`: compile time, steady throughput, MFU and peak memory.
+"""`gal-jax bench train|sample|score|unet|load`: compile time, steady throughput, MFU and peak memory.
 
 `unet` times our UNet beside the classes it replaced (diffusers' Flax UNet, PyTorch diffusers).
+`load` reads a UNet folder straight onto the mesh and reports its time and the peak host memory
+it took (with `bench.model='sd15'`, SD 1.5-sized random weights written to a temporary folder).
 
 Each benchmark compiles the same function the GAL loop runs, times `bench.iters` calls after
-`bench.warmup`, and reads the FLOPs of one call from XLA's cost analysis. MFU divides achieved
-FLOP/s by the detected device's peak dense bf16 FLOP/s; it reads "n/a" where the peak is unknown
-(CPU). `bench.model='sd15'` swaps in SD 1.5 / CLIP ViT-B/32-sized models with random weights.
+`bench.warmup`, and counts the matmul and convolution FLOPs of one call from its jaxpr with loops
+counted as often as they run (`gal_jax.flops`; XLA's cost analysis, shown beside it, counts a loop
+body once: a 50-step sampler as one step). MFU divides achieved FLOP/s by the detected device's
+peak dense bf16 FLOP/s; it reads "n/a" where the peak is unknown (CPU). `bench.model='sd15'` swaps in SD 1.5 / CLIP ViT-B/32-sized models with random weights.
 Each benchmark builds only the model it times (score: CLIP alone), and compiles through the
 persistent compilation cache.
 """
 
 from __future__ import annotations
 
+import functools
 import statistics
 import tempfile
 import time
@@ -22,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gal_jax import flops as flops_lib
 from gal_jax import io_utils, models, sharding
 
 # Peak dense bf16 FLOP/s per device (vendor figures), keyed by a substring of device_kind.
@@ -76,14 +81,19 @@ def time_calls(call: Callable[[], Any], iters: int, warmup: int) -> list[float]:
 
 
 def summarize(name: str, compile_s: float, times: list[float], items: int, unit: str,
-              flops: float | None, mesh) -> dict:
-    """Returns the benchmark figures: compile time, step times, throughput, MFU, memory."""
+              flops: float | None, mesh, compiled: jax.stages.Compiled | None = None) -> dict:
+    """Returns the benchmark figures: compile time, step times, throughput, MFU, memory.
+
+    `flops` is the global count of one call (`gal_jax.flops`); `compiled`, when given, adds XLA's
+    own figure for comparison (loop bodies counted once).
+    """
     step = statistics.median(times)
     devices = mesh.devices.size
     peak = peak_flops(mesh.devices.flat[0])
-    # cost_analysis of an SPMD-partitioned executable counts one device's share of the work.
-    total_flops = flops * devices if flops is not None else None
+    total_flops = flops
     mfu = total_flops / step / (peak * devices) if total_flops and peak else None
+    # cost_analysis of an SPMD-partitioned executable counts one device's share of the work.
+    xla_flops = compiled_flops(compiled) if compiled is not None else None
     return {
         "benchmark": name,
         "device": f"{devices} x {mesh.devices.flat[0].device_kind}",
@@ -94,6 +104,7 @@ def summarize(name: str, compile_s: float, times: list[float], items: int, unit:
         f"{unit}_per_step": items,
         f"{unit}_per_s": round(items / step, 3),
         "tflop_per_step": round(total_flops / 1e12, 4) if total_flops else None,
+        "xla_cost_tflop_per_step": round(xla_flops * devices / 1e12, 4) if xla_flops else None,
         "mfu": f"{100 * mfu:.1f}%" if mfu else "n/a",
         "peak_memory_gib": round(peak_memory_bytes() / 2**30, 2) if peak_memory_bytes() else "n/a",
     }
@@ -135,7 +146,8 @@ def bench_sample(config, sd, sd_params, mesh) -> dict:
     compiled, args = generator.compiled_chunk(sd_params, images)
     compile_s = time.perf_counter() - start
     times = time_calls(lambda: compiled(*args), config.bench.iters, config.bench.warmup)
-    result = summarize("sample", compile_s, times, images, "images", compiled_flops(compiled), mesh)
+    flops = flops_lib.count(generator.chunk_function, *args)
+    result = summarize("sample", compile_s, times, images, "images", flops, mesh, compiled)
     result["s_per_denoising_step"] = round(result["step_s_median"] / config.sample.steps, 5)
     return result
 
@@ -150,7 +162,8 @@ def bench_score(config, clip, clip_params, mesh) -> dict:
     compiled, args = scorer.compiled_batch(size, size)
     compile_s = time.perf_counter() - start
     times = time_calls(lambda: compiled(*args), config.bench.iters, config.bench.warmup)
-    return summarize("score", compile_s, times, scorer.batch_size, "images", compiled_flops(compiled), mesh)
+    flops = flops_lib.count(scorer.image_embedding_function, *args)
+    return summarize("score", compile_s, times, scorer.batch_size, "images", flops, mesh, compiled)
 
 
 def bench_train(config, sd, sd_params, mesh) -> dict:
@@ -177,11 +190,12 @@ def bench_train(config, sd, sd_params, mesh) -> dict:
         state, metrics = compiled(state, batch, rng, frozen)  # the state is donated: carry it
         return metrics
 
+    flops = flops_lib.count(
+        functools.partial(train.train_step, sd=sd, config=trainer.step_config, optimizer=trainer.optimizer),
+        state, batch, rng, frozen,
+    )
     times = time_calls(step, config.bench.iters, config.bench.warmup)
-    result = summarize("train", compile_s, times, rows, "samples", compiled_flops(compiled), mesh)
-    if config.train.grad_accum_steps > 1:
-        result["note"] = "tflop_per_step/mfu count one micro-batch (XLA costs a scan body once)"
-    return result
+    return summarize("train", compile_s, times, rows, "samples", flops, mesh, compiled)
 
 
 def bench_unet(config, sd, sd_params, mesh) -> dict:
@@ -296,16 +310,110 @@ def _synthetic_batch(specs: dict) -> dict:
 BENCHMARKS = {"sample": bench_sample, "train": bench_train, "score": bench_score, "unet": bench_unet}
 
 
+# ---------------------------------------------------------------------------------------------
+# Loading: time and peak host memory of reading a UNet straight onto the mesh
+# ---------------------------------------------------------------------------------------------
+
+
+def host_memory_kib(field: str) -> int | None:
+    """Returns a field of /proc/self/status in KiB (VmRSS, VmHWM), None off Linux."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_host_memory() -> bool:
+    """Resets this process's peak RSS (VmHWM) to its current RSS; False where Linux does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def write_random_unet(folder: Path, unet_config: dict, *, seed: int = 0, dtype="float32") -> Path:
+    """Writes a diffusers UNet folder of `unet_config` with random N(0, 0.02) weights, one tensor
+    generated and written at a time (an SD 1.5-sized UNet never sits in memory); returns `folder`."""
+    from gal_jax.nn import unet as nn_unet
+    from gal_jax.nn import weights
+
+    model = nn_unet.UNet2DConditionModel(nn_unet.UNetConfig.from_dict(unet_config))
+    rng = np.random.default_rng(seed)
+    abstract = jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, jnp.dtype(dtype)),
+                                      nn_unet.abstract_params(model))
+    weights.write_random_diffusers_folder(abstract, model.config.to_dict(), folder, rng)
+    return folder
+
+
+def bench_load(config, mesh) -> dict:
+    """Returns the time and peak host memory of reading the UNet weights onto `mesh` by the
+    trainer's shardings (`bench.model='sd15'`: SD 1.5-sized random weights in a temporary folder)."""
+    from gal_jax import inputs
+
+    with tempfile.TemporaryDirectory(prefix="gal_jax_bench_load_") as scratch:
+        if config.bench.model == "sd15":
+            folder = write_random_unet(Path(scratch) / "unet", models.SD15_UNET, dtype=config.model.param_dtype)
+        else:
+            folder = inputs.resolve(config, need=("sd",)).sd / "unet"
+        return load_figures(folder, mesh, config.model.param_dtype, sharding.logical_rules(config.mesh.rules))
+
+
+def load_figures(folder: Path, mesh, param_dtype, rules=sharding.DEFAULT_LOGICAL_RULES) -> dict:
+    """Returns the figures of loading the diffusers UNet `folder` onto `mesh`: seconds, GiB/s,
+    the peak host memory it added, what the devices hold, and the host overhead beyond it."""
+    from gal_jax.nn import unet as nn_unet
+
+    model = nn_unet.UNet2DConditionModel(nn_unet.read_config(folder / "config.json"), param_dtype=param_dtype)
+    shardings = sharding.param_shardings(
+        nn_unet.abstract_params(model), mesh, nn_unet.logical_partition_specs(model), rules
+    )
+    file_bytes = sum(file.stat().st_size for file in folder.glob("*.safetensors"))
+    measured = reset_peak_host_memory()
+    before = host_memory_kib("VmRSS")
+    start = time.perf_counter()
+    params = jax.block_until_ready(nn_unet.load_params(model, folder, shardings=shardings))
+    seconds = time.perf_counter() - start
+    peak = host_memory_kib("VmHWM")
+    leaves = jax.tree_util.tree_leaves(params)
+    device_bytes = sum(shard.data.nbytes for leaf in leaves for shard in leaf.addressable_shards)
+    largest = max(leaf.nbytes for leaf in leaves)
+    # On CPU the "devices" are this process's memory: what they hold is not loading overhead.
+    on_host = jax.devices()[0].platform == "cpu"
+    added = (peak - before) * 1024 if measured and peak and before else None
+    mib = lambda n: round(n / 2**20, 1) if n is not None else "n/a"  # noqa: E731
+    return {
+        "benchmark": "load",
+        "params": sum(leaf.size for leaf in leaves),
+        "weights_mib": mib(file_bytes),
+        "load_s": round(seconds, 2),
+        "mib_per_s": round(file_bytes / 2**20 / seconds, 1),
+        "devices": len(mesh.devices.flat),
+        "device_resident_mib": mib(device_bytes),
+        "peak_host_added_mib": mib(added),
+        "host_overhead_mib": mib(added - device_bytes if added is not None and on_host else added),
+        "largest_tensor_mib": mib(largest),
+    }
+
+
 def run(target: str, config) -> dict:
     """Runs one benchmark, prints its figures and returns them (also written to bench.out)."""
-    if target not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {target!r}; expected one of {', '.join(BENCHMARKS)}")
+    if target not in (*BENCHMARKS, "load"):
+        raise ValueError(f"unknown benchmark {target!r}; expected one of {', '.join((*BENCHMARKS, 'load'))}")
     # A rerun on the same machine then loads its executables instead of compiling (compile_s
     # reads the load time): device time is scarce.
     io_utils.enable_compilation_cache()
-    model, params = build_models(config, target)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-    result = BENCHMARKS[target](config, model, params, mesh)
+    if target == "load":
+        result = bench_load(config, mesh)
+    else:
+        model, params = build_models(config, target)
+        result = BENCHMARKS[target](config, model, params, mesh)
     result.update(model=config.bench.model, compilation_cache=str(io_utils.COMPILATION_CACHE))
     width = max(map(len, result))
     for key, value in result.items():

@@ -233,6 +233,11 @@ class Generator:
         return (put(context, batch), put(uncond, replicated), *(put(s, replicated) for s in scalars),
                 put(prompt_ids.astype(np.int32), batch), put(seeds.astype(np.int32), batch))
 
+    @property
+    def chunk_function(self):
+        """The jitted chunk function: (unet, vae params, *compiled_chunk's data args) -> images."""
+        return self._chunk_fn
+
     def compiled_chunk(self, params: StableDiffusionParams, num_images: int) -> tuple[jax.stages.Compiled, tuple]:
         """Returns (the compiled chunk function for a grid of `num_images`, arguments to call it with).
 

@@ -120,6 +120,11 @@ class Scorer:
             embeddings.append(self._embed_images(self.params, rows))
         return self._concat(embeddings, n)
 
+    @property
+    def image_embedding_function(self):
+        """The jitted image embedding: (params, uint8 NHWC images) -> L2-normalised embeddings."""
+        return self._embed_images
+
     def compiled_batch(self, height: int, width: int) -> tuple[jax.stages.Compiled, tuple]:
         """Returns (the compiled embedding of one batch of `batch_size` uint8 height x width images,
         arguments to call it with); `compiled.cost_analysis()` gives its FLOPs."""
