@@ -31,6 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
     # CUDA GPUs where dtype and head size allow, Pallas flash attention on TPUs for sequences in
     # 128 blocks (not yet run on a TPU here), our XLA attention elsewhere; or 'xla', 'cudnn', 'flash'.
     config.model.attention = "auto"
+    # PyTorch .bin weights are pickles: read (with torch) only when a folder has no safetensors
+    # and this is True.
+    config.model.allow_bin = False
 
     # The concept: the authors' layout (reference_images/<kind>/<concept>/init.json, reg_data/<concept>).
     config.data = ml_collections.ConfigDict()
@@ -133,6 +136,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.bench.iters = 5
     config.bench.warmup = 1
     config.bench.out = ""  # optional JSON file for the results
+    # Optional markdown file (e.g. BENCHMARKS.md) the run appends its table to, with the device,
+    # versions, date and command.
+    config.bench.record = ""
+    config.bench.latent_size = 0  # `bench unet`: latent grid side (0: the model's own)
 
     return config
 

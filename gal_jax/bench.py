@@ -16,6 +16,7 @@ persistent compilation cache.
 from __future__ import annotations
 
 import functools
+import os
 import statistics
 import tempfile
 import time
@@ -130,7 +131,8 @@ def build_models(config, target: str) -> tuple[Any, Any]:
             )
             return sd.with_attention(config.model.attention), params
     if target == "score":
-        return models.load_clip(inputs.resolve(config, need=("clip",)).clip, attention=config.model.attention)
+        return models.load_clip(inputs.resolve(config, need=("clip",)).clip, attention=config.model.attention,
+                                allow_bin=config.model.get("allow_bin", False))
     from gal_jax import driver
 
     return driver.load_sd(config, inputs.resolve(config, need=("sd",)).sd)
@@ -206,7 +208,9 @@ def bench_unet(config, sd, sd_params, mesh) -> dict:
     del mesh  # one device: the comparison is per kernel, not per mesh
     device = jax.local_devices()[0]
     rows = 2 * config.sample.max_images_per_device  # conditional + unconditional rows
-    size = sd.resolution // sd.vae_scale_factor
+    # bench.latent_size: a smaller latent grid than the model's (an SD 1.5-sized gradient at 64x64
+    # in three frameworks at once does not fit a 24 GiB host).
+    size = config.bench.get("latent_size") or sd.resolution // sd.vae_scale_factor
     rng = np.random.default_rng(0)
     latents = rng.standard_normal((rows, sd.latent_channels, size, size)).astype(np.float32)
     timesteps = rng.integers(0, 1000, rows).astype(np.int32)
@@ -420,4 +424,40 @@ def run(target: str, config) -> dict:
         print(f"{key:<{width}}  {value}")
     if config.bench.out:
         io_utils.write_json(Path(config.bench.out), result)
+    if config.bench.get("record"):
+        append_record(Path(config.bench.record), target, result)
     return result
+
+
+def record_markdown(target: str, result: dict, *, command: str | None = None) -> str:
+    """Returns one run's section for BENCHMARKS.md: a heading with the date and device, the
+    versions and command that produced it, then its figures as a table."""
+    import datetime
+    import platform
+    import sys
+    from importlib import metadata
+
+    versions = []
+    for package in ("jax", "jaxlib", "flax", "torch", "diffusers"):
+        try:
+            versions.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            continue
+    device = result.get("device") or f"{jax.device_count()} x {jax.devices()[0].device_kind}"
+    command = command or " ".join(["gal-jax", *sys.argv[1:]])
+    rows = "\n".join(f"| {key} | {value} |" for key, value in result.items())
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (
+        f"### bench {target}: {date}, {device}\n\n"
+        f"- host: {platform.machine()}, {os.cpu_count()} CPU cores; Python {platform.python_version()}; "
+        f"{', '.join(versions)}\n"
+        f"- command: `{command}`\n\n"
+        f"| figure | value |\n|---|---|\n{rows}\n"
+    )
+
+
+def append_record(file: Path, target: str, result: dict) -> None:
+    """Appends `result`'s section to the markdown `file` (created with a title if absent); the
+    file is replaced whole, so an interrupted write leaves the old records intact."""
+    old = file.read_text() if file.exists() else "# Benchmarks\n"
+    io_utils.atomic_write_bytes(file, (old.rstrip("\n") + "\n\n" + record_markdown(target, result)).encode())

@@ -122,6 +122,7 @@ def load_sd(config: ml_collections.ConfigDict, path: Path, mesh: Mesh | None = N
     return models.load_stable_diffusion(
         path, param_dtype=config.model.param_dtype, compute_dtype=config.model.compute_dtype,
         attention=config.model.attention, mesh=mesh, rules=sharding.logical_rules(config.mesh.rules),
+        allow_bin=config.model.get("allow_bin", False),
     )
 
 
@@ -130,7 +131,8 @@ def build_runtime(config, workdir: Workdir, paths: inputs.RunPaths, concept: Con
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     sd, sd_params = load_sd(config, paths.sd, mesh)
     # Scoring is data parallel: CLIP is read straight onto every device (no rules: replicated).
-    clip, clip_params = models.load_clip(paths.clip, attention=config.model.attention, mesh=mesh, rules=())
+    clip, clip_params = models.load_clip(paths.clip, attention=config.model.attention, mesh=mesh, rules=(),
+                                         allow_bin=config.model.get("allow_bin", False))
     eval_concepts = _eval_concepts(config, paths)
     return Runtime(
         config=config,

@@ -272,18 +272,20 @@ def load_stable_diffusion(
     attention: str = "xla",
     mesh: jax.sharding.Mesh | None = None,
     rules: sharding.LogicalRules = sharding.DEFAULT_LOGICAL_RULES,
+    allow_bin: bool = False,
 ) -> tuple[StableDiffusion, StableDiffusionParams]:
     """Returns the static model and its weights from a diffusers-layout Stable Diffusion folder;
     `attention` as StableDiffusion.with_attention takes it.
 
-    Weights are read in `param_dtype`. With a `mesh`, every array is read straight onto its
+    Weights are read in `param_dtype`; PyTorch `.bin` files (pickles, read with torch) only with
+    `allow_bin`. With a `mesh`, every array is read straight onto its
     sharding (its params' logical axes mapped by `rules`, as the trainer lays them out): each
     process reads only its own shards' bytes. Without one they land on the default device.
     """
     _check_attention(attention)
     path = _existing_dir(path)
     _check_sd_layout(path)
-    target = _Target(jnp.dtype(compute_dtype), jnp.dtype(param_dtype), mesh, rules)
+    target = _Target(jnp.dtype(compute_dtype), jnp.dtype(param_dtype), mesh, rules, allow_bin)
     unet, unet_params = _load_diffusers_model(_UNET, path / "unet", target)
     vae, vae_params = _load_diffusers_model(_VAE, path / "vae", target)
     text_encoder, text_params = _load_clip_family(path / "text_encoder", target)
@@ -306,10 +308,11 @@ def load_clip(
     attention: str = "xla",
     mesh: jax.sharding.Mesh | None = None,
     rules: sharding.LogicalRules = sharding.DEFAULT_LOGICAL_RULES,
+    allow_bin: bool = False,
 ) -> tuple[ClipModel, Params]:
     """Returns the static CLIP model and its weights from a transformers-layout CLIPModel folder;
-    `attention` as ClipModel.with_attention takes it; `param_dtype`, `mesh` and `rules` as
-    `load_stable_diffusion` takes them."""
+    `attention` as ClipModel.with_attention takes it; `param_dtype`, `mesh`, `rules` and
+    `allow_bin` as `load_stable_diffusion` takes them."""
     _check_attention(attention)
     path = _existing_dir(path)
     if (path / "model_index.json").exists() or (path / "unet").is_dir():
@@ -324,7 +327,9 @@ def load_clip(
             f"{path / 'config.json'}: model_type is {config.get('model_type')!r}, expected 'clip' "
             "(a transformers CLIPModel with both text and vision towers)."
         )
-    model, params = _load_clip_family(path, _Target(jnp.dtype(jnp.float32), jnp.dtype(param_dtype), mesh, rules))
+    model, params = _load_clip_family(
+        path, _Target(jnp.dtype(jnp.float32), jnp.dtype(param_dtype), mesh, rules, allow_bin)
+    )
     image_size, mean, std = _read_clip_preprocessing(path, model.config.vision.image_size)
     clip = ClipModel(
         path=path,
@@ -394,6 +399,7 @@ class _Target:
     param_dtype: jnp.dtype
     mesh: jax.sharding.Mesh | None = None
     rules: sharding.LogicalRules = sharding.DEFAULT_LOGICAL_RULES
+    allow_bin: bool = False  # read PyTorch .bin (pickle) weights when no safetensors are there
 
     def shardings(self, family, module) -> Params | None:
         """Returns the shardings of `module`'s params on the mesh (None without one); `family` is
@@ -440,6 +446,7 @@ def _load_diffusers_model(family: _DiffusersFamily, folder: Path, target: _Targe
         )
     with contextlib.ExitStack() as stack:
         if weights_file.suffix == ".bin":
+            _check_bin_allowed(weights_file, target)
             weights_file = _bin_as_safetensors(weights_file, stack, "diffusion_pytorch_model.safetensors")
         return module, _read_params(family.family, module, weights_file, target)
 
@@ -477,6 +484,7 @@ def _load_clip_family(folder: Path, target: _Target):
         )
     with contextlib.ExitStack() as stack:
         if weights_file.suffix == ".bin":
+            _check_bin_allowed(weights_file, target)
             weights_file = _bin_as_safetensors(weights_file, stack)
         dtypes = dict(dtype=target.compute_dtype, param_dtype=target.param_dtype)
         if isinstance(config, nn_clip.ClipConfig):
@@ -485,6 +493,15 @@ def _load_clip_family(folder: Path, target: _Target):
             stored = nn_clip.weight_files(weights_file)
             model = nn_clip.ClipTextModel(config, "text_projection.weight" in stored, **dtypes)
         return model, _read_params(nn_clip, model, weights_file, target)
+
+
+def _check_bin_allowed(file: Path, target: _Target) -> None:
+    if not target.allow_bin:
+        raise ModelLoadError(
+            f"{file}: PyTorch .bin weights are a pickle and are read only when asked for: pass "
+            "allow_bin=True (--config.model.allow_bin=True; needs PyTorch), or save the model with "
+            "save_pretrained(..., safe_serialization=True) to get safetensors."
+        )
 
 
 def _bin_as_safetensors(file: Path, stack: contextlib.ExitStack, name: str = "model.safetensors") -> Path:
@@ -534,13 +551,16 @@ def _read_clip_preprocessing(path: Path, default_size: int):
     return int(size), mean, std
 
 
-def load_unet_params(folder: str | Path, *, compute_dtype="float32", param_dtype="float32") -> Params:
+def load_unet_params(
+    folder: str | Path, *, compute_dtype="float32", param_dtype="float32", allow_bin: bool = False
+) -> Params:
     """Returns the Flax params of the diffusers UNet2DConditionModel folder (config.json + weights).
 
     Weights stored in another float dtype (e.g. a float16 export) are cast to `param_dtype`.
     """
     folder = _existing_dir(folder)
-    _, params = _load_diffusers_model(_UNET, folder, _Target(jnp.dtype(compute_dtype), jnp.dtype(param_dtype)))
+    target = _Target(jnp.dtype(compute_dtype), jnp.dtype(param_dtype), allow_bin=allow_bin)
+    _, params = _load_diffusers_model(_UNET, folder, target)
     return params
 
 

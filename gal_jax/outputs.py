@@ -96,7 +96,8 @@ def load_base(config: ml_collections.ConfigDict):
     path = inputs.resolve(config, need=("sd",)).sd
     return models.load_stable_diffusion(path, param_dtype=config.model.param_dtype,
                                         compute_dtype=config.model.compute_dtype,
-                                        attention=config.model.attention)
+                                        attention=config.model.attention,
+                                        allow_bin=config.model.get("allow_bin", False))
 
 
 def _sample(config, sd, params, prompts, num_per_prompt, out: Path) -> None:

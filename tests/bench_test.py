@@ -63,3 +63,15 @@ def test_bench_load_command_prints_and_writes_its_figures(tmp_path, tiny_models)
     figures = json.loads(out.read_text())
     assert figures["benchmark"] == "load" and figures["devices"] == 8 and figures["params"] > 0
     assert "load_s" in result.stdout and "host_overhead_mib" in result.stdout
+
+
+def test_records_append_to_a_markdown_file_with_device_versions_and_command(tmp_path):
+    record = tmp_path / "BENCHMARKS.md"
+    first = {"benchmark": "load", "device": "8 x cpu", "load_s": 0.5}
+    bench.append_record(record, "load", first)
+    bench.append_record(record, "sample", {"benchmark": "sample", "tflop_per_step": 0.2063})
+    text = record.read_text()
+    assert text.startswith("# Benchmarks\n")
+    assert text.count("### bench ") == 2 and "### bench load: " in text and "8 x cpu" in text
+    assert f"jax {jax.__version__}" in text and "- command: `gal-jax" in text
+    assert "| load_s | 0.5 |" in text and "| tflop_per_step | 0.2063 |" in text

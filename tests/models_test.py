@@ -136,7 +136,9 @@ def test_bin_weights_load_like_safetensors(tiny_models, loaded_sd, tmp_path):
     unet_dir = folder / "unet"
     torch.save(load_file(unet_dir / "diffusion_pytorch_model.safetensors"), unet_dir / "diffusion_pytorch_model.bin")
     (unet_dir / "diffusion_pytorch_model.safetensors").unlink()
-    _, params = models.load_stable_diffusion(folder)
+    with pytest.raises(models.ModelLoadError, match=r"unet/diffusion_pytorch_model.bin: PyTorch .bin weights are a pickle"):
+        models.load_stable_diffusion(folder)
+    _, params = models.load_stable_diffusion(folder, allow_bin=True)
     jax.tree_util.tree_map(np.testing.assert_array_equal, params.unet, loaded_sd[1].unet)
 
 
