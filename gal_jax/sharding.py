@@ -9,10 +9,16 @@ a rule table maps logical names onto mesh axes in priority order. A dimension wh
 axis does not divide stays unsharded (the next rule may then take the mesh axis), and small arrays
 (norms, biases) stay replicated. Optimizer states mirror the params, so a state leaf takes the axes
 of the param whose path ends its own.
+
+Activations carry logical axes too (`ACTIVATION_NHWC`, `ACTIVATION_TOKENS`): the models mark block
+outputs with `constrain`, which pins them (by `DEFAULT_ACTIVATION_RULES`: the batch over both mesh
+axes) only inside an `activation_sharding(mesh)` context, as the train step's compilation opens.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -105,6 +111,61 @@ def spec_for(logical_axes: Sequence[str | None], shape: tuple[int, ...], mesh_sh
             spec[dim] = mesh_axis
             used.add(mesh_axis)
     return P(*spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations: logical constraints inside the models, active only where a mesh is given
+# ---------------------------------------------------------------------------------------------
+
+# (logical activation axis, mesh axes): the batch over both data axes; everything else is left to
+# XLA (a 'tensor' axis would take activation_embed / activation_heads here).
+ActivationRules = Sequence[tuple[str, "str | tuple[str, ...]"]]
+DEFAULT_ACTIVATION_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (("activation_batch", DATA_AXES),)
+ACTIVATION_NHWC = ("activation_batch", "activation_height", "activation_width", "activation_embed")
+ACTIVATION_TOKENS = ("activation_batch", "activation_length", "activation_embed")
+_ACTIVATION_SHARDING: contextvars.ContextVar = contextvars.ContextVar("gal_jax_activation_sharding", default=None)
+
+
+def activation_spec(logical_axes: Sequence[str | None], shape: tuple[int, ...], mesh_shape: Mapping[str, int],
+                    rules: ActivationRules = DEFAULT_ACTIVATION_RULES) -> P | None:
+    """Returns the PartitionSpec pinning an activation of `shape` and these logical axes, or None
+    when no rule shards any of its dimensions (then it is left to XLA, never forced replicated).
+
+    A rule's mesh axes of size 1 are dropped; a dimension they do not divide stays unconstrained.
+    """
+    spec: list[Any] = [None] * len(shape)
+    for logical, mesh_axes in rules:
+        if logical not in logical_axes:
+            continue
+        axes = tuple(a for a in ((mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes) if mesh_shape.get(a, 1) > 1)
+        dim = tuple(logical_axes).index(logical)
+        size = int(np.prod([mesh_shape[a] for a in axes])) if axes else 1
+        if axes and spec[dim] is None and shape[dim] % size == 0:
+            spec[dim] = axes if len(axes) > 1 else axes[0]
+    return P(*spec) if any(name is not None for name in spec) else None
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: ActivationRules = DEFAULT_ACTIVATION_RULES):
+    """Within it, functions traced pin the activations the models mark with `constrain` to the
+    shardings `rules` give them on `mesh` (e.g. the train step keeps every block's output
+    batch-sharded, whatever layout the FSDP-sharded weights would suggest to XLA)."""
+    token = _ACTIVATION_SHARDING.set((mesh, tuple(rules)))
+    try:
+        yield
+    finally:
+        _ACTIVATION_SHARDING.reset(token)
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """Returns `x` with a sharding constraint from its logical axes under the active
+    `activation_sharding` context; `x` itself outside one (or where no rule applies)."""
+    active = _ACTIVATION_SHARDING.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    spec = activation_spec(logical_axes, tuple(x.shape), dict(mesh.shape), rules)
+    return x if spec is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def logical_rules(rules: Any) -> tuple[tuple[str, str | None], ...]:

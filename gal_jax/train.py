@@ -456,6 +456,7 @@ def compile_train_step(
     )
     abstract_key = jax.eval_shape(jax.random.key, 0)
     start = time.perf_counter()
-    compiled = step.lower(abstract_state, batch_spec, abstract_key, abstract_frozen).compile()
+    with sharding.activation_sharding(mesh):  # the models' activation constraints apply while tracing
+        compiled = step.lower(abstract_state, batch_spec, abstract_key, abstract_frozen).compile()
     logging.info("Compiled the train step in %.1f s.", time.perf_counter() - start)
     return compiled

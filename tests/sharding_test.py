@@ -8,6 +8,7 @@ from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
 from gal_jax import models, sharding, train
+from gal_jax.nn import unet as nn_unet
 
 MESH_SHAPE = {"data": 2, "fsdp": 4}
 
@@ -122,3 +123,41 @@ def test_facade_loads_every_weight_straight_onto_its_sharding(tiny_models, loade
     _, clip_params = models.load_clip(tiny_models["clip"], mesh=mesh, rules=())
     assert all(leaf.sharding.is_fully_replicated and leaf.sharding.mesh == mesh
                for leaf in jax.tree_util.tree_leaves(clip_params))
+
+
+def test_activation_specs_shard_the_batch_only_where_it_divides():
+    spec = sharding.activation_spec(sharding.ACTIVATION_NHWC, (16, 8, 8, 32), MESH_SHAPE)
+    assert spec == P(("data", "fsdp"), None, None, None)
+    # Axes of size 1 drop out; an uneven batch is left to XLA, never forced replicated.
+    assert sharding.activation_spec(sharding.ACTIVATION_NHWC, (16, 8, 8, 32), {"data": 1, "fsdp": 8}) == P("fsdp", None, None, None)
+    assert sharding.activation_spec(sharding.ACTIVATION_NHWC, (6, 8, 8, 32), MESH_SHAPE) is None
+    assert sharding.activation_spec(sharding.ACTIVATION_TOKENS, (16, 64, 32), {"data": 1, "fsdp": 1}) is None
+
+
+def test_unet_activations_are_pinned_batch_sharded_only_inside_the_context(loaded_sd):
+    sd, params = loaded_sd
+    mesh = sharding.make_mesh(2, 4)
+    x = jax.ShapeDtypeStruct((8, sd.latent_channels, 8, 8), np.float32)
+    context = jax.ShapeDtypeStruct((8, sd.max_length, sd.unet.config.cross_attention_dim), np.float32)
+
+    def constraints(jaxpr=None):
+        # A new function each time: make_jaxpr caches traces by function, and the context is no key.
+        forward = lambda p, x, c: sd.apply_unet(p, x, 10, c)  # noqa: E731
+        jaxpr = jaxpr or jax.make_jaxpr(forward)(params.unet, x, context).jaxpr
+        found = []
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "sharding_constraint":
+                found.append(eqn.params["sharding"].spec)
+            for value in eqn.params.values():
+                inner = getattr(value, "jaxpr", value)
+                if hasattr(inner, "eqns"):
+                    found += constraints(inner)
+        return found
+
+    assert constraints() == []
+    with sharding.activation_sharding(mesh):
+        pinned = constraints()
+    # conv_in, 4 down, mid, 4 up blocks (NHWC) and every transformer block's tokens.
+    transformers = len(nn_unet.cross_attention_layers(sd.unet.config))
+    assert len(pinned) == 1 + 2 * len(sd.unet.config.block_out_channels) + 1 + transformers
+    assert all(spec[0] == ("data", "fsdp") and set(spec[1:]) == {None} for spec in pinned)

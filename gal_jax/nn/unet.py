@@ -45,6 +45,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import traverse_util
 
+from gal_jax import sharding
 from gal_jax.nn import conv_layers, layers, weights
 from gal_jax.nn.unet_transformer import Compute, Transformer2DModel
 
@@ -392,16 +393,19 @@ class UNet2DConditionModel(nn.Module):
         temb = self._time_embedding(timesteps, x.shape[0], added_cond_kwargs)
         context = encoder_hidden_states.astype(self.dtype)
         conv = functools.partial(conv_layers.conv2d, **compute.dtypes)
-        x = conv(config.block_out_channels[0], config.conv_in_kernel, name="conv_in")(x)
+        # Block outputs are pinned batch-sharded where a mesh is active (sharding.activation_sharding).
+        pin = functools.partial(sharding.constrain, logical_axes=sharding.ACTIVATION_NHWC)
+        x = pin(conv(config.block_out_channels[0], config.conv_in_kernel, name="conv_in")(x))
         skips = [x]
         for level in range(len(config.block_out_channels)):
             x, level_skips = DownBlock(config, level, compute, name=f"down_blocks_{level}")(x, temb, context)
+            x = pin(x)
             skips += level_skips
-        x = MidBlock(config, compute, name="mid_block")(x, temb, context)
+        x = pin(MidBlock(config, compute, name="mid_block")(x, temb, context))
         for index, level in enumerate(reversed(range(len(config.block_out_channels)))):
             count = config.layers_per_level[level] + 1
             skips, block_skips = skips[:-count], tuple(skips[-count:])
-            x = UpBlock(config, index, compute, name=f"up_blocks_{index}")(x, block_skips, temb, context)
+            x = pin(UpBlock(config, index, compute, name=f"up_blocks_{index}")(x, block_skips, temb, context))
         x = conv_layers.GroupNorm(config.norm_num_groups, config.norm_eps, name="conv_norm_out", **compute.dtypes)(x)
         x = conv(config.out_channels, config.conv_out_kernel, name="conv_out")(jax.nn.silu(x))
         return jnp.transpose(x, (0, 3, 1, 2)) if self.layout == "NCHW" else x

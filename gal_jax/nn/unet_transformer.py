@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from gal_jax import sharding
 from gal_jax.nn import conv_layers, layers, weights
 
 TRANSFORMER_GROUP_NORM_EPS = 1e-6  # diffusers' Transformer2DModel fixes these
@@ -129,4 +130,5 @@ class Transformer2DModel(nn.Module):
             tokens = BasicTransformerBlock(self.num_heads, compute, name=f"transformer_blocks_{index}")(
                 tokens, context
             )
+            tokens = sharding.constrain(tokens, sharding.ACTIVATION_TOKENS)
         return project_out(tokens.reshape(batch, height, width, channels)) + x.astype(compute.dtype)
