@@ -392,6 +392,7 @@ def evaluate_folder(
     placeholder: str | None = None,
     name: str | None = None,
     dino_path: str | Path | None = None,
+    allow_bin: bool = False,
 ) -> dict:
     """Returns the metrics of existing images scored with the CLIP model at `clip_path`.
 
@@ -408,7 +409,7 @@ def evaluate_folder(
         prompts = [" ".join(p.replace(placeholder.strip(), " ").split()) for p in prompts]
     # No run config here: the backend's fastest attention, CLIP read straight onto every device.
     mesh = sharding.make_mesh()
-    clip, clip_params = models.load_clip(clip_path, attention="auto", mesh=mesh, rules=())
+    clip, clip_params = models.load_clip(clip_path, attention="auto", mesh=mesh, rules=(), allow_bin=allow_bin)
     scorer = score.Scorer(clip, clip_params, mesh)
     references = data.list_images(references_dir)
     if not references:
@@ -482,6 +483,7 @@ def evaluate_command(
             txt_scale=float(eval_config.get("txt_scale", 1.0)),
             placeholder=placeholder,
             dino_path=eval_config.get("dino_path") or None,
+            allow_bin=bool(config.model.get("allow_bin", False)) if config is not None else False,
         )]
     else:
         results = _gathered_round_results(workdir)
