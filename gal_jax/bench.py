@@ -91,8 +91,7 @@ def summarize(name: str, compile_s: float, times: list[float], items: int, unit:
     step = statistics.median(times)
     devices = mesh.devices.size
     peak = peak_flops(mesh.devices.flat[0])
-    total_flops = flops
-    mfu = total_flops / step / (peak * devices) if total_flops and peak else None
+    mfu = flops / step / (peak * devices) if flops and peak else None
     # cost_analysis of an SPMD-partitioned executable counts one device's share of the work.
     xla_flops = compiled_flops(compiled) if compiled is not None else None
     return {
@@ -104,7 +103,7 @@ def summarize(name: str, compile_s: float, times: list[float], items: int, unit:
         "step_s_max": round(max(times), 5),
         f"{unit}_per_step": items,
         f"{unit}_per_s": round(items / step, 3),
-        "tflop_per_step": round(total_flops / 1e12, 4) if total_flops else None,
+        "tflop_per_step": round(flops / 1e12, 4) if flops else None,
         "xla_cost_tflop_per_step": round(xla_flops * devices / 1e12, 4) if xla_flops else None,
         "mfu": f"{100 * mfu:.1f}%" if mfu else "n/a",
         "peak_memory_gib": round(peak_memory_bytes() / 2**30, 2) if peak_memory_bytes() else "n/a",
@@ -114,7 +113,7 @@ def summarize(name: str, compile_s: float, times: list[float], items: int, unit:
 def build_models(config, target: str) -> tuple[Any, Any]:
     """Returns (model, params) of what `target` runs: CLIP for 'score', Stable Diffusion for
     'sample' and 'train'; the config's models, or SD 1.5 / CLIP B/32-sized random ones."""
-    from gal_jax import inputs, tiny
+    from gal_jax import driver, inputs, tiny
 
     if config.bench.model not in ("config", "sd15"):
         raise ValueError(f"config.bench.model={config.bench.model!r}; expected 'config' or 'sd15'")
@@ -131,10 +130,7 @@ def build_models(config, target: str) -> tuple[Any, Any]:
             )
             return sd.with_attention(config.model.attention), params
     if target == "score":
-        return models.load_clip(inputs.resolve(config, need=("clip",)).clip, attention=config.model.attention,
-                                allow_bin=config.model.get("allow_bin", False))
-    from gal_jax import driver
-
+        return driver.load_clip(config, inputs.resolve(config, need=("clip",)).clip)
     return driver.load_sd(config, inputs.resolve(config, need=("sd",)).sd)
 
 

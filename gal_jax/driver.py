@@ -126,13 +126,18 @@ def load_sd(config: ml_collections.ConfigDict, path: Path, mesh: Mesh | None = N
     )
 
 
+def load_clip(config: ml_collections.ConfigDict, path: Path, mesh: Mesh | None = None):
+    """Returns (clip, params) of the CLIP folder at `path` with the config's attention; with a
+    `mesh`, read straight onto every device (scoring is data parallel: no rules, replicated)."""
+    return models.load_clip(path, attention=config.model.attention, mesh=mesh, rules=(),
+                            allow_bin=config.model.get("allow_bin", False))
+
+
 def build_runtime(config, workdir: Workdir, paths: inputs.RunPaths, concept: Concept) -> Runtime:
     """Returns models, mesh and compiled functions for a run (built once, reused every round)."""
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     sd, sd_params = load_sd(config, paths.sd, mesh)
-    # Scoring is data parallel: CLIP is read straight onto every device (no rules: replicated).
-    clip, clip_params = models.load_clip(paths.clip, attention=config.model.attention, mesh=mesh, rules=(),
-                                         allow_bin=config.model.get("allow_bin", False))
+    clip, clip_params = load_clip(config, paths.clip, mesh)
     eval_concepts = _eval_concepts(config, paths)
     return Runtime(
         config=config,

@@ -51,9 +51,6 @@ DIFFUSERS_WEIGHTS = (
 TRANSFORMERS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "flax_model.msgpack")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# apply_unet(remat=True) rematerialises every resnet and transformer block: the granularity of
-# PyTorch diffusers' gradient checkpointing.
-REMAT_POLICY = "block"
 
 
 class ModelLoadError(ValueError):
@@ -147,7 +144,7 @@ class StableDiffusion:
         say which pass they run).
         """
         del train
-        policy = REMAT_POLICY if remat is True else ("none" if remat is False else remat)
+        policy = nn_layers.remat_policy(remat)
         unet = self.unet.clone(remat=policy) if policy != "none" and self.unet.remat == "none" else self.unet
         return unet.apply({"params": unet_params}, latents, timesteps, context)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import ml_collections
 
-from gal_jax import export, inputs, io_utils, models, sample, sharding
+from gal_jax import driver, export, inputs, io_utils, sample, sharding
 from gal_jax.workdir import Workdir, WorkdirError
 
 
@@ -93,11 +93,7 @@ def sample_base(config: ml_collections.ConfigDict, prompts_file: Path, num_per_p
 
 def load_base(config: ml_collections.ConfigDict):
     """Returns (sd, params) of the config's Stable Diffusion with its param and compute dtypes."""
-    path = inputs.resolve(config, need=("sd",)).sd
-    return models.load_stable_diffusion(path, param_dtype=config.model.param_dtype,
-                                        compute_dtype=config.model.compute_dtype,
-                                        attention=config.model.attention,
-                                        allow_bin=config.model.get("allow_bin", False))
+    return driver.load_sd(config, inputs.resolve(config, need=("sd",)).sd)
 
 
 def _sample(config, sd, params, prompts, num_per_prompt, out: Path) -> None:

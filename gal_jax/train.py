@@ -29,6 +29,7 @@ from jax.sharding import Mesh
 
 from gal_jax import schedulers, sharding
 from gal_jax.models import StableDiffusion, StableDiffusionParams
+from gal_jax.nn import layers as nn_layers
 
 Params = Any
 Batch = dict[str, Any]
@@ -75,22 +76,9 @@ class StepConfig:
         return cls(
             prior_loss_weight=float(train_config.prior_loss_weight),
             grad_accum_steps=int(train_config.grad_accum_steps),
-            remat=remat_policy(train_config.remat),
+            remat=nn_layers.remat_policy(train_config.remat, "train.remat"),
             snr_gamma=snr_gamma,
         )
-
-
-def remat_policy(value: bool | str) -> str:
-    """Returns the remat policy `config.train.remat` names: "none", "block", "dots_saveable" (as
-    nn.layers.REMAT_POLICIES), True for "block", False for "none"; raises ValueError otherwise."""
-    from gal_jax.nn import layers
-
-    if isinstance(value, bool):
-        return "block" if value else "none"
-    policy = {"true": "block", "false": "none"}.get(str(value).strip().lower(), str(value).strip())
-    if policy not in layers.REMAT_POLICIES:
-        raise ValueError(f"train.remat={value!r}: expected one of {', '.join(layers.REMAT_POLICIES)} (or True/False)")
-    return policy
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from flax import traverse_util
 
 from configs import tiny_cpu
 from gal_jax.nn import weights as nn_weights
+from gal_jax.nn import layers as nn_layers
 from gal_jax import data, models, schedulers, sharding, train, trainer as trainer_lib
 
 BATCH_SIZE = 4  # instance examples a step: 8 rows with their class images, one per fake device
@@ -380,9 +381,9 @@ def test_remat_gives_the_same_gradients(loaded, trainer, unet_grad):
     batch = with_randomness(sd, synthetic_batch(sd, 1))
     frozen = train.place_frozen(params, sd, trainer.mesh)
     config = train.StepConfig.from_config(tiny_config(remat="block").train)
-    assert config.remat == "block" and train.remat_policy(True) == "block" and train.remat_policy("False") == "none"
+    assert config.remat == "block" and nn_layers.remat_policy(True) == "block" and nn_layers.remat_policy("False") == "none"
     with pytest.raises(ValueError, match="train.remat='blocks': expected one of none, block, dots_saveable"):
-        train.remat_policy("blocks")
+        train.StepConfig.from_config(tiny_config(remat="blocks").train)
     grad = jax.jit(jax.grad(lambda p: train.dreambooth_loss(p, batch, frozen, sd=sd, config=config)[0]))
     # The tiny UNet has 8 resnet and 4 transformer blocks, each rematerialised on its own.
     assert len(re.findall(r"\bremat2?\[", str(jax.make_jaxpr(grad)(params.unet)))) == 12

@@ -437,6 +437,18 @@ def attention_probabilities(query: jax.Array, key: jax.Array) -> jax.Array:
 REMAT_POLICIES = ("none", "block", "dots_saveable")
 
 
+def remat_policy(value: bool | str, field: str = "remat") -> str:
+    """Returns the policy of REMAT_POLICIES that `value` names; True means "block" (every block
+    recomputed: diffusers' gradient checkpointing), False "none"; strings "true"/"false" as the
+    bools. Raises ValueError naming `field` otherwise."""
+    if isinstance(value, bool):
+        return "block" if value else "none"
+    policy = {"true": "block", "false": "none"}.get(str(value).strip().lower(), str(value).strip())
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"{field}={value!r}: expected one of {', '.join(REMAT_POLICIES)} (or True/False)")
+    return policy
+
+
 @functools.cache
 def remat(module_class: type[nn.Module], policy: str) -> type[nn.Module]:
     """Returns `module_class` rematerialised under `policy`: "none" (unchanged), "block" (only

@@ -271,8 +271,12 @@ def write_diffusers_folder(
     folder = Path(folder)
     stem = f"{DIFFUSERS_WEIGHTS_STEM}.{variant}" if variant else DIFFUSERS_WEIGHTS_STEM
     file = write_params(params, abstract, folder / f"{stem}.safetensors", dtype=dtype, key_of=diffusers_key)
-    (folder / DIFFUSERS_CONFIG_FILE).write_text(json.dumps(dict(config), indent=2) + "\n")
+    _write_diffusers_config(folder, config)
     return file
+
+
+def _write_diffusers_config(folder: Path, config: Mapping[str, Any]) -> None:
+    (folder / DIFFUSERS_CONFIG_FILE).write_text(json.dumps(dict(config), indent=2) + "\n")
 
 
 def write_random_diffusers_folder(
@@ -294,7 +298,7 @@ def write_random_diffusers_folder(
 
     file = safetensors_file.write(folder / f"{DIFFUSERS_WEIGHTS_STEM}.safetensors", specs, produce,
                                   metadata={"format": "pt"})
-    (folder / DIFFUSERS_CONFIG_FILE).write_text(json.dumps(dict(config), indent=2) + "\n")
+    _write_diffusers_config(folder, config)
     return file
 
 
