@@ -140,6 +140,9 @@ def get_config() -> ml_collections.ConfigDict:
     # versions, date and command.
     config.bench.record = ""
     config.bench.latent_size = 0  # `bench unet`: latent grid side (0: the model's own)
+    # Add where the time goes: op time per kind, layer and pass, and the heaviest ops, from a
+    # profiler trace of the timed function (gal_jax/op_profile.py).
+    config.bench.profile = False
 
     return config
 

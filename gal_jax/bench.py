@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gal_jax import flops as flops_lib
-from gal_jax import io_utils, models, sharding
+from gal_jax import io_utils, models, op_profile, sharding
 
 # Peak dense bf16 FLOP/s per device (vendor figures), keyed by a substring of device_kind.
 PEAK_FLOPS = {
@@ -79,6 +79,15 @@ def time_calls(call: Callable[[], Any], iters: int, warmup: int) -> list[float]:
         jax.block_until_ready(call())
         times.append(time.perf_counter() - start)
     return times
+
+
+def profile_figures(config, prefix: str, compiled: jax.stages.Compiled, call: Callable[[], Any]) -> dict:
+    """Returns where one call's op time goes (`gal_jax.op_profile`, flattened under `prefix`) when
+    `config.bench.profile` is set, else nothing. `call` must run `compiled`."""
+    if not config.bench.get("profile"):
+        return {}
+    iters = max(1, min(config.bench.iters, 3))
+    return op_profile.flat_figures(prefix, op_profile.profile(compiled, call, iters))
 
 
 def summarize(name: str, compile_s: float, times: list[float], items: int, unit: str,
@@ -147,7 +156,7 @@ def bench_sample(config, sd, sd_params, mesh) -> dict:
     flops = flops_lib.count(generator.chunk_function, *args)
     result = summarize("sample", compile_s, times, images, "images", flops, mesh, compiled)
     result["s_per_denoising_step"] = round(result["step_s_median"] / config.sample.steps, 5)
-    return result
+    return result | profile_figures(config, "profile", compiled, lambda: compiled(*args))
 
 
 def bench_score(config, clip, clip_params, mesh) -> dict:
@@ -161,7 +170,8 @@ def bench_score(config, clip, clip_params, mesh) -> dict:
     compile_s = time.perf_counter() - start
     times = time_calls(lambda: compiled(*args), config.bench.iters, config.bench.warmup)
     flops = flops_lib.count(scorer.image_embedding_function, *args)
-    return summarize("score", compile_s, times, scorer.batch_size, "images", flops, mesh, compiled)
+    return (summarize("score", compile_s, times, scorer.batch_size, "images", flops, mesh, compiled)
+            | profile_figures(config, "profile", compiled, lambda: compiled(*args)))
 
 
 def bench_train(config, sd, sd_params, mesh) -> dict:
@@ -193,7 +203,8 @@ def bench_train(config, sd, sd_params, mesh) -> dict:
         state, batch, rng, frozen,
     )
     times = time_calls(step, config.bench.iters, config.bench.warmup)
-    return summarize("train", compile_s, times, rows, "samples", flops, mesh, compiled)
+    return (summarize("train", compile_s, times, rows, "samples", flops, mesh, compiled)
+            | profile_figures(config, "profile", compiled, step))
 
 
 def bench_unet(config, sd, sd_params, mesh) -> dict:
@@ -217,6 +228,8 @@ def bench_unet(config, sd, sd_params, mesh) -> dict:
     result = {"benchmark": "unet", "device": f"1 x {device.device_kind}", "rows": rows, "latent_size": size,
               "compute_dtype": str(jnp.dtype(sd.unet.dtype))}
 
+    profiles = {}  # appended after the comparison figures
+
     def timed(name: str, apply) -> None:
         forward = jax.jit(apply)
         grad = jax.jit(jax.grad(lambda p, x, t, c: jnp.mean(jnp.square(apply(p, x, t, c).astype(jnp.float32) - x))))
@@ -226,6 +239,9 @@ def bench_unet(config, sd, sd_params, mesh) -> dict:
             result[f"{name}_{kind}_compile_s"] = round(time.perf_counter() - start, 3)
             times = time_calls(lambda: compiled(params, *inputs), iters, warmup)
             result[f"{name}_{kind}_s"] = round(statistics.median(times), 5)
+            if name == "ours":
+                profiles.update(profile_figures(config, f"ours_{kind}_profile", compiled,
+                                                lambda: compiled(params, *inputs)))
 
     timed("ours", lambda p, x, t, c: sd.apply_unet(p, x, t, c))
     old = _diffusers_flax_unet(sd)
@@ -244,7 +260,7 @@ def bench_unet(config, sd, sd_params, mesh) -> dict:
         for kind in ("forward", "grad"):
             result[f"ours_vs_torch_{kind}"] = round(result[f"torch_{kind}_s"] / result[f"ours_{kind}_s"], 2)
     result["note"] = "x_vs_y: y's time / ours (above 1: ours is faster)"
-    return result
+    return result | profiles
 
 
 def _diffusers_flax_unet(sd):

@@ -212,8 +212,11 @@ def _combined_bias(bias, mask, is_causal: bool, queries: int, keys: int):
 
 
 def _logits(q, k, bias):
+    # The 1/sqrt(H) scale goes on the (T, H) query, not the (T, S) logits: XLA:CPU materialised
+    # the scalar broadcast to the logits' full shape for its matmul fusion (the largest single op
+    # of the tiny UNet's forward).
+    q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
     logits = jnp.matmul(q, jnp.swapaxes(k, -1, -2), preferred_element_type=jnp.float32)
-    logits = logits * q.shape[-1] ** -0.5
     return logits if bias is None else logits + bias
 
 
