@@ -26,7 +26,10 @@ def _grads(attention, q, k, v, bias, **kwargs):
 @pytest.mark.parametrize("with_mask", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("is_causal", [False, True])
-def test_values_and_gradients_match_jax(with_mask, with_bias, is_causal):
+@pytest.mark.parametrize("save_log_sum_exp", [False, True], ids=["cpu", "accelerator"])
+def test_values_and_gradients_match_jax(with_mask, with_bias, is_causal, save_log_sum_exp, monkeypatch):
+    # On CPU the backward recomputes the softmax statistics; elsewhere the forward saves them.
+    monkeypatch.setattr(layers, "_on_cpu", lambda: not save_log_sum_exp)
     q, k, v = _inputs(3, 9, 9)
     rng = np.random.default_rng(1)
     kwargs = {"is_causal": is_causal}
@@ -46,6 +49,8 @@ def test_the_cpu_backward_in_row_groups_equals_the_whole_batch():
     # (2 heads, 256 x 256) float32 weights are 512 KiB a row: the backward takes 2 rows at a time.
     q, k, v = _inputs(4, 256, 256, seed=2)
     assert layers._cpu_row_group(4, 2 * 256 * 256 * 4) == 2
+    _, residuals = layers._attention_forward(*(jnp.swapaxes(x, 1, 2) for x in (q, k, v)), None)
+    assert residuals[-1] is None  # the log-sum-exp is recomputed per row group, not saved
     for mine, reference in zip(_grads(layers.xla_attention, q, k, v, None),
                                _grads(jax.nn.dot_product_attention, q, k, v, None)):
         np.testing.assert_allclose(mine, reference, atol=2e-5)

@@ -191,8 +191,8 @@ def xla_attention(
     Two things make it faster than jax.nn.dot_product_attention's XLA path (the tiny UNet on CPU,
     `gal-jax bench unet`: forward 0.87 -> 0.42 s, gradient 3.6 -> 2.2-2.4 s): the softmax is
     normalised after the second matmul, dividing the (T, H) output instead of the (T, S) weights,
-    and the gradient is written by hand (flash attention's backward without tiling: the weights are recomputed from
-    the saved log-sum-exp, and no (T, S) intermediate of the softmax's own autodiff is kept).
+    and the gradient is written by hand (flash attention's backward without tiling: the weights are
+    recomputed, and no (T, S) intermediate of the softmax's own autodiff is kept).
     Logits, softmax and the weighted sum accumulate in float32; the output has `query`'s dtype.
     """
     q, k, v = (jnp.swapaxes(x, 1, 2) for x in (query, key, value))  # (B, N, T|S, H)
@@ -231,7 +231,11 @@ def _attention_forward(q, k, v, bias):
     weights = jnp.exp(logits - peak)
     total = jnp.sum(weights, axis=-1, keepdims=True)
     out = jnp.matmul(weights.astype(v.dtype), v, preferred_element_type=jnp.float32) / total
-    log_sum_exp = peak + jnp.log(total)
+    # On CPU the backward recomputes the softmax's log-sum-exp itself (in cache-sized row groups):
+    # saving it kept XLA:CPU from fusing the forward's two matmuls, which then wrote every (T, S)
+    # logit to memory (tiny UNet gradient, op time 2.7 -> 2.25 s). Elsewhere it is saved, as flash
+    # attention does.
+    log_sum_exp = None if _on_cpu() else peak + jnp.log(total)
     out = out.astype(q.dtype)
     return out, (q, k, v, bias, out, log_sum_exp)
 
@@ -247,7 +251,7 @@ def _attention_backward(residuals, grad_out):
     rows = _cpu_row_group(batch, heads * queries * keys * 4)
     if rows is None or bias is not None:
         return _attention_backward_rows(residuals, grad_out)
-    group = lambda x: x.reshape(batch // rows, rows, *x.shape[1:])
+    group = lambda x: None if x is None else x.reshape(batch // rows, rows, *x.shape[1:])
     grads = jax.lax.map(
         lambda args: _attention_backward_rows((*args[:3], None, *args[3:5]), args[5])[:3],
         tuple(group(x) for x in (q, k, v, out, log_sum_exp, grad_out)),
@@ -255,10 +259,14 @@ def _attention_backward(residuals, grad_out):
     return (*(g.reshape(batch, *g.shape[2:]) for g in grads), None)
 
 
+def _on_cpu() -> bool:
+    return jax_backend.get_backend().platform == "cpu"
+
+
 def _cpu_row_group(batch: int, bytes_per_row: int) -> int | None:
     """Returns how many batch rows the CPU backward takes at a time (a divisor of `batch`), or
     None off CPU or where one group would be the whole batch."""
-    if jax_backend.get_backend().platform != "cpu":
+    if not _on_cpu():
         return None
     rows = max((d for d in range(1, batch + 1) if batch % d == 0 and d * bytes_per_row <= _CPU_BACKWARD_BYTES),
                default=1)
@@ -267,7 +275,10 @@ def _cpu_row_group(batch: int, bytes_per_row: int) -> int | None:
 
 def _attention_backward_rows(residuals, grad_out):
     q, k, v, bias, out, log_sum_exp = residuals
-    weights = jnp.exp(_logits(q, k, bias) - log_sum_exp)  # the softmax, recomputed
+    logits = _logits(q, k, bias)
+    if log_sum_exp is None:  # not saved by the forward (CPU)
+        log_sum_exp = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    weights = jnp.exp(logits - log_sum_exp)  # the softmax, recomputed
     grad_out32 = grad_out.astype(jnp.float32)
     grad_v = jnp.matmul(jnp.swapaxes(weights, -1, -2), grad_out32)
     grad_weights = jnp.matmul(grad_out32, jnp.swapaxes(v, -1, -2).astype(jnp.float32))
