@@ -83,3 +83,37 @@ def test_cudnn_attention_on_a_gpu_matches_xla_and_auto_picks_it():
     assert choice == "cudnn", reason
     fused = layers.dot_product_attention(q, k, v, implementation="cudnn").astype(jnp.float32)
     np.testing.assert_allclose(fused, layers.xla_attention(q, k, v).astype(jnp.float32), atol=2e-2)
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (3, 2, 0), (3, 2, ((0, 1), (0, 1))), (1, 1, 0)])
+def test_conv_kernel_gradient_by_taps_equals_xla(kernel, stride, padding):
+    from gal_jax.nn import conv_layers
+
+    conv = conv_layers.conv2d(7, kernel, dtype=jnp.float32, param_dtype=jnp.float32, stride=stride, padding=padding)
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 9, 9, 5)), jnp.float32)
+    params = conv.init(jax.random.key(0), x)
+    xla_conv = conv.clone(conv_general_dilated=jax.lax.conv_general_dilated)
+
+    def grads(module):
+        return jax.grad(lambda p, x: jnp.sum(jnp.sin(module.apply(p, x))), argnums=(0, 1))(params, x)
+
+    # On CPU the plain NHWC conv takes the custom gradient; the reference is XLA's own.
+    assert "custom_vjp" in str(jax.make_jaxpr(lambda p: conv.apply(p, x))(params))
+    np.testing.assert_allclose(conv.apply(params, x), xla_conv.apply(params, x), atol=1e-6)
+    for mine, reference in zip(jax.tree.leaves(grads(conv)), jax.tree.leaves(grads(xla_conv))):
+        np.testing.assert_allclose(mine, reference, atol=1e-4, rtol=1e-5)
+
+
+def test_conv_with_dilation_or_groups_is_left_to_xla():
+    from gal_jax.nn import conv_layers
+
+    x, kernel = jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 2, 4))
+    numbers = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
+    grouped = jax.make_jaxpr(lambda k: conv_layers.conv_general_dilated(
+        x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=numbers, feature_group_count=2))(kernel)
+    assert "custom_vjp" not in str(grouped)
+    np.testing.assert_array_equal(
+        conv_layers.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=numbers,
+                                         feature_group_count=2),
+        jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=numbers,
+                                     feature_group_count=2))
