@@ -143,6 +143,13 @@ def get_config() -> ml_collections.ConfigDict:
     # Add where the time goes: op time per kind, layer and pass, and the heaviest ops, from a
     # profiler trace of the timed function (gal_jax/op_profile.py).
     config.bench.profile = False
+    # `bench train|sample`: time PyTorch diffusers' DreamBooth step / StableDiffusionPipeline on the
+    # same weights, batch, resolution and precision, interleaved with ours (the test extra's torch),
+    # also through torch.compile with torch_compile; `authors` adds the GAL authors' workflow
+    # (float32, generation one image a call, DreamBooth at batch 1 encoding pixels every step).
+    config.bench.compare_torch = False
+    config.bench.torch_compile = True
+    config.bench.authors = False
 
     return config
 

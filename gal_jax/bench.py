@@ -156,6 +156,8 @@ def bench_sample(config, sd, sd_params, mesh) -> dict:
     flops = flops_lib.count(generator.chunk_function, *args)
     result = summarize("sample", compile_s, times, images, "images", flops, mesh, compiled)
     result["s_per_denoising_step"] = round(result["step_s_median"] / config.sample.steps, 5)
+    if config.bench.get("compare_torch") or config.bench.get("authors"):
+        result |= compare_sample(config, sd, sd_params, lambda: compiled(*args), images)
     return result | profile_figures(config, "profile", compiled, lambda: compiled(*args))
 
 
@@ -203,8 +205,111 @@ def bench_train(config, sd, sd_params, mesh) -> dict:
         state, batch, rng, frozen,
     )
     times = time_calls(step, config.bench.iters, config.bench.warmup)
-    return (summarize("train", compile_s, times, rows, "samples", flops, mesh, compiled)
-            | profile_figures(config, "profile", compiled, step))
+    result = summarize("train", compile_s, times, rows, "samples", flops, mesh, compiled)
+    if config.bench.get("compare_torch") or config.bench.get("authors"):
+        result |= compare_train(config, sd, sd_params, step, rows=rows, with_prior=with_prior,
+                                cached_latents=trainer.cache_latents)
+    return result | profile_figures(config, "profile", compiled, step)
+
+
+def _comparison(config, ours: Callable[[], Any], ours_items: int, references: dict, unit: str) -> dict:
+    """Times `ours` interleaved with each reference ({name: (call, items per call)}) and returns
+    their medians, throughputs and ratios (reference time per item / ours: above 1, ours is faster)."""
+    from gal_jax import bench_torch
+
+    calls = {"ours": ours, **{name: call for name, (call, _) in references.items()}}
+    times = bench_torch.time_interleaved(calls, config.bench.iters, config.bench.warmup, jax.block_until_ready)
+    ours_per_item = statistics.median(times["ours"]) / ours_items
+    figures = {"interleaved_ours_s": round(statistics.median(times["ours"]), 5),
+               f"interleaved_ours_{unit}_per_s": round(1 / ours_per_item, 3)}
+    for name, (_, items) in references.items():
+        median = statistics.median(times[name])
+        figures[f"{name}_s"] = round(median, 5)
+        figures[f"{name}_{unit}_per_s"] = round(items / median, 3)
+        figures[f"ours_vs_{name}"] = round(median / items / ours_per_item, 2)
+    return figures
+
+
+def _references(config, build: dict[str, Callable[[], tuple[Callable[[], Any], int]]]) -> tuple[dict, dict]:
+    """Builds each reference ({name: () -> (call, items)}); returns (references, figures) where the
+    figures hold set-up seconds and, for each reference that failed to build, why."""
+    from gal_jax import bench_torch
+
+    references, figures = {}, {}
+    for name, make in build.items():
+        try:
+            built, seconds = bench_torch.timed_start(make)
+            (call, items) = built
+            start = time.perf_counter()
+            call()  # the first call: torch.compile compiles here, CUDA warms up
+            figures[f"{name}_setup_s"] = round(seconds + time.perf_counter() - start, 3)
+            references[name] = (call, items)
+        except Exception as err:  # noqa: BLE001 - a reference that cannot run is reported, not fatal
+            figures[name] = f"skipped: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+    return references, figures
+
+
+def compare_train(config, sd, sd_params, step: Callable[[], Any], *, rows: int, with_prior: bool,
+                  cached_latents: bool) -> dict:
+    """Returns our train step's time beside PyTorch diffusers' DreamBooth step at the same batch,
+    resolution and precision (eager; torch.compile with bench.torch_compile) and, with
+    bench.authors, the authors' float32 step at batch 1 (+1 class example) encoding pixels."""
+    from gal_jax import bench_torch
+
+    why = bench_torch.unavailable()
+    if why:
+        return {"torch": why}
+    scratch = Path(tempfile.mkdtemp(prefix="gal_jax_bench_torch_"))
+    folder = bench_torch.pipeline_folder(sd, sd_params, scratch)
+    same = dict(rows=rows, with_prior=with_prior, resolution=config.data.resolution,
+                cached_latents=cached_latents, compute_dtype=config.model.compute_dtype)
+
+    def torch_step(compile_unet: bool, **settings):
+        return lambda: (bench_torch.DreamBoothStep(folder, config.train, compile=compile_unet, **settings),
+                        settings["rows"])
+
+    build = {}
+    if config.bench.get("compare_torch"):
+        build["torch_eager"] = torch_step(False, **same)
+        if config.bench.get("torch_compile"):
+            build["torch_compile"] = torch_step(True, **same)
+    if config.bench.get("authors"):
+        build["authors"] = torch_step(False, rows=2 if with_prior else 1, with_prior=with_prior,
+                                      resolution=config.data.resolution, cached_latents=False,
+                                      compute_dtype="float32")
+    references, figures = _references(config, build)
+    return {**bench_torch.versions(), **figures, **_comparison(config, step, rows, references, "samples")}
+
+
+def compare_sample(config, sd, sd_params, chunk: Callable[[], Any], images: int) -> dict:
+    """Returns our generation chunk's time beside diffusers' StableDiffusionPipeline at the same
+    scheduler, steps, guidance, resolution, batch and precision (eager; torch.compile of the UNet
+    with bench.torch_compile) and, with bench.authors, the pipeline one image a call in float32."""
+    from gal_jax import bench_torch
+
+    why = bench_torch.unavailable()
+    if why:
+        return {"torch": why}
+    scratch = Path(tempfile.mkdtemp(prefix="gal_jax_bench_torch_"))
+    folder = bench_torch.pipeline_folder(sd, sd_params, scratch)
+    settings = dict(images=images, steps=config.sample.steps, guidance_scale=config.sample.guidance_scale,
+                    resolution=sd.resolution)
+
+    def pipeline(compute_dtype: str, compile_unet: bool = False, per_image: bool = False):
+        def make():
+            pipe = bench_torch.make_pipeline(folder, config.sample.sampler, compute_dtype, compile_unet)
+            return bench_torch.pipeline_call(pipe, per_image=per_image, **settings), images
+        return make
+
+    build = {}
+    if config.bench.get("compare_torch"):
+        build["torch_pipeline"] = pipeline(config.model.compute_dtype)
+        if config.bench.get("torch_compile"):
+            build["torch_pipeline_compile"] = pipeline(config.model.compute_dtype, compile_unet=True)
+    if config.bench.get("authors"):
+        build["authors"] = pipeline("float32", per_image=True)
+    references, figures = _references(config, build)
+    return {**bench_torch.versions(), **figures, **_comparison(config, chunk, images, references, "images")}
 
 
 def bench_unet(config, sd, sd_params, mesh) -> dict:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gal_jax import sample, schedulers, sharding
+from gal_jax import bench_torch, sample, schedulers, sharding
 
 STEPS = 2
 # The anchor pool: prompt_id is the index here. Tests generate subsets in other orders.
@@ -114,12 +114,7 @@ def test_chunk_size_is_bounded_per_device_and_a_multiple_of_the_shards(loaded_sd
 # Parity with PyTorch diffusers: the scheduler + UNet trajectory with classifier-free guidance
 # ---------------------------------------------------------------------------------------------
 
-TORCH_SCHEDULERS = {
-    "ddpm": "DDPMScheduler",
-    "ddim": "DDIMScheduler",
-    "dpmsolver++": "DPMSolverMultistepScheduler",
-    "pndm": "PNDMScheduler",
-}
+TORCH_SCHEDULERS = bench_torch.TORCH_SCHEDULERS
 
 
 def _torch_trajectory(folder, scheduler_config, name, steps, latents, context, uncond, guidance, noises):
