@@ -187,29 +187,120 @@ def bench_train(config, sd, sd_params, mesh) -> dict:
     start = time.perf_counter()
     compiled = trainer.compile_for(sd_params, rows)
     compile_s = time.perf_counter() - start
-    state = train.init_train_state(sd_params.unet, trainer.optimizer, mesh, sd.logical_axes().unet, trainer.rules)
-    frozen = train.place_frozen(sd_params, sd, mesh, trainer.rules)
-    batch = _synthetic_batch(
-        train.abstract_batch(sd, mesh, num_examples=rows, resolution=config.data.resolution,
-                             cached_latents=trainer.cache_latents)
-    )
-    rng = jax.random.key(config.train.seed)
+    state, batch, rng, frozen = _train_step_inputs(config, trainer, sd, sd_params, mesh, rows)
 
     def step():
         nonlocal state
         state, metrics = compiled(state, batch, rng, frozen)  # the state is donated: carry it
         return metrics
 
-    flops = flops_lib.count(
-        functools.partial(train.train_step, sd=sd, config=trainer.step_config, optimizer=trainer.optimizer),
-        state, batch, rng, frozen,
-    )
+    flops = flops_lib.count(_train_step_function(trainer, sd), state, batch, rng, frozen)
     times = time_calls(step, config.bench.iters, config.bench.warmup)
     result = summarize("train", compile_s, times, rows, "samples", flops, mesh, compiled)
     if config.bench.get("compare_torch") or config.bench.get("authors"):
         result |= compare_train(config, sd, sd_params, step, rows=rows, with_prior=with_prior,
                                 cached_latents=trainer.cache_latents)
     return result | profile_figures(config, "profile", compiled, step)
+
+
+def _train_step_inputs(config, trainer, sd, sd_params, mesh, rows: int) -> tuple:
+    """Returns (state, synthetic batch, rng, frozen inputs) of a train step of `rows` examples."""
+    from gal_jax import train
+
+    state = train.init_train_state(sd_params.unet, trainer.optimizer, mesh, sd.logical_axes().unet, trainer.rules)
+    frozen = train.place_frozen(sd_params, sd, mesh, trainer.rules)
+    batch = _synthetic_batch(
+        train.abstract_batch(sd, mesh, num_examples=rows, resolution=config.data.resolution,
+                             cached_latents=trainer.cache_latents)
+    )
+    return state, batch, jax.random.key(config.train.seed), frozen
+
+
+def _train_step_function(trainer, sd) -> Callable:
+    from gal_jax import train
+
+    return functools.partial(train.train_step, sd=sd, config=trainer.step_config, optimizer=trainer.optimizer)
+
+
+def round_flops(config, mesh) -> dict[str, float]:
+    """Returns the FLOPs of one GAL round's work units, counted from their jaxprs (loops counted as
+    often as they run): one train step at the global batch, one generated image (all denoising
+    steps with CFG + VAE decode) and one scored image."""
+    from gal_jax import sample, score
+    from gal_jax.trainer import Trainer
+
+    sd, sd_params = build_models(config, "train")
+    trainer = Trainer(config, sd, mesh)
+    with_prior = config.train.with_prior and config.data.kind == "object"
+    rows = config.train.batch_size * config.train.grad_accum_steps * (2 if with_prior else 1)
+    step_inputs = _train_step_inputs(config, trainer, sd, sd_params, mesh, rows)
+    generator = sample.Generator.from_config(config, sd, mesh)
+    images = generator.chunk_size(config.sample.max_images_per_device * sharding.num_batch_shards(mesh))
+    _, chunk_args = generator.compiled_chunk(sd_params, images)
+    clip, clip_params = build_models(config, "score")
+    scorer = score.Scorer(clip, clip_params, mesh, batch_size=config.gal.score_batch)
+    _, score_args = scorer.compiled_batch(config.data.resolution, config.data.resolution)
+    return {
+        "train_step": flops_lib.count(_train_step_function(trainer, sd), *step_inputs),
+        "generated_image": flops_lib.count(generator.chunk_function, *chunk_args) / images,
+        "scored_image": flops_lib.count(scorer.image_embedding_function, *score_args) / scorer.batch_size,
+    }
+
+
+def _significant(value: float, digits: int = 4) -> float:
+    return float(f"{value:.{digits}g}")
+
+
+def bench_round(config, mesh) -> dict:
+    """Runs GAL for two rounds in a temporary workdir (the loop as `gal-jax run` runs it, compiles
+    included, through the persistent cache) and returns the first round's wall time per phase
+    (train, generate = denoising + VAE decode, write = PNGs, score) beside each phase's FLOPs, its
+    achieved TFLOP/s and, where the device's peak is known, its compute floor and time / floor."""
+    from gal_jax import driver
+
+    round_config = config.copy_and_resolve_references()
+    with round_config.unlocked():
+        round_config.gal.rounds = 2  # round 1 queries (generate, score); the last round only trains
+        round_config.eval.enabled = False
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="gal_jax_bench_round_") as workdir:
+        driver.run(round_config, workdir)
+        records = driver.read_records(workdir)
+    run_s = time.perf_counter() - start
+    first = next(record for record in records if record.scored)
+    images = len(first.directions) * config.sample.num_per_prompt
+    counts = round_flops(config, mesh)
+    work = {"train": counts["train_step"] * config.train.steps, "generate": counts["generated_image"] * images,
+            "score": counts["scored_image"] * images, "write": 0.0}
+    peak = peak_flops(mesh.devices.flat[0])
+    result = {"benchmark": "round", "device": f"{mesh.devices.size} x {mesh.devices.flat[0].device_kind}",
+              "run_s (2 rounds, loads and compiles included)": round(run_s, 2),
+              "round": first.round, "train_steps": config.train.steps, "images": images}
+    return result | phase_figures(first.timings, work, peak * mesh.devices.size if peak else None)
+
+
+def phase_figures(timings: dict[str, float], work: dict[str, float], peak: float | None) -> dict:
+    """Returns each phase's seconds, TFLOPs and achieved TFLOP/s and, given the mesh's peak FLOP/s,
+    its compute floor (work / peak) and time / floor, with the round's totals."""
+    result = {"round_s": round(sum(timings.values()), 2)}
+    floor_total = 0.0
+    for phase, seconds in timings.items():
+        result[f"{phase}_s"] = round(seconds, 3)
+        flops = work.get(phase)
+        if flops:
+            result[f"{phase}_tflop"] = _significant(flops / 1e12)
+            result[f"{phase}_tflop_per_s"] = _significant(flops / 1e12 / seconds)
+            if peak:
+                floor = flops / peak
+                floor_total += floor
+                result[f"{phase}_floor_s"] = _significant(floor)
+                result[f"{phase}_vs_floor"] = round(seconds / floor, 1)
+    if peak:
+        result["round_floor_s"] = _significant(floor_total)
+        result["round_vs_floor"] = round(result["round_s"] / floor_total, 1)
+    else:
+        result["floor"] = "n/a: no peak FLOP/s is known for this device (CPU); the floors need a GPU or TPU"
+    return result
 
 
 def _comparison(config, ours: Callable[[], Any], ours_items: int, references: dict, unit: str) -> dict:
@@ -524,14 +615,16 @@ def load_figures(folder: Path, mesh, param_dtype, rules=sharding.DEFAULT_LOGICAL
 
 def run(target: str, config) -> dict:
     """Runs one benchmark, prints its figures and returns them (also written to bench.out)."""
-    if target not in (*BENCHMARKS, "load"):
-        raise ValueError(f"unknown benchmark {target!r}; expected one of {', '.join((*BENCHMARKS, 'load'))}")
+    if target not in (*BENCHMARKS, "load", "round"):
+        raise ValueError(f"unknown benchmark {target!r}; expected one of {', '.join((*BENCHMARKS, 'load', 'round'))}")
     # A rerun on the same machine then loads its executables instead of compiling (compile_s
     # reads the load time): device time is scarce.
     io_utils.enable_compilation_cache()
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     if target == "load":
         result = bench_load(config, mesh)
+    elif target == "round":
+        result = bench_round(config, mesh)
     else:
         model, params = build_models(config, target)
         result = BENCHMARKS[target](config, model, params, mesh)

@@ -95,3 +95,26 @@ def test_benchmarks_time_the_loop_functions_and_add_a_profile_on_request(target,
     shares = [float(v.rstrip("%")) for k, v in result.items() if k.startswith("profile.by_kind.")]
     assert shares and sum(shares) == pytest.approx(100, abs=0.5), result
     assert "profile.top1" in result and (tmp_path / "bench.json").exists()
+
+
+def test_a_gal_round_is_split_by_phase_beside_its_flops(tiny_assets):
+    from driver_test import small_config
+
+    result = bench.run("round", small_config(tiny_assets))
+    assert result["round"] == 1 and result["train_steps"] == 3 and result["images"] > 0
+    phases = ("train", "generate", "write", "score")
+    assert all(result[f"{phase}_s"] > 0 for phase in phases)
+    assert result["round_s"] == pytest.approx(sum(result[f"{phase}_s"] for phase in phases), abs=0.02)
+    for phase in ("train", "generate", "score"):
+        assert result[f"{phase}_tflop"] > 0
+        assert result[f"{phase}_tflop_per_s"] == pytest.approx(result[f"{phase}_tflop"] / result[f"{phase}_s"], rel=0.01)
+    assert result["floor"].startswith("n/a")  # no peak is known for a CPU
+
+
+def test_phase_floors_are_the_work_over_the_peak():
+    timings = {"train": 4.0, "generate": 2.0, "write": 0.5, "score": 0.5}
+    work = {"train": 8e12, "generate": 1e12, "score": 1e11, "write": 0.0}
+    result = bench.phase_figures(timings, work, peak=1e12)
+    assert result["train_floor_s"] == 8.0 and result["train_vs_floor"] == 0.5
+    assert result["round_floor_s"] == 9.1 and result["round_vs_floor"] == round(7.0 / 9.1, 1)
+    assert "write_floor_s" not in result and result["write_s"] == 0.5
