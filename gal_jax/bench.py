@@ -258,6 +258,9 @@ def bench_round(config, mesh) -> dict:
     achieved TFLOP/s and, where the device's peak is known, its compute floor and time / floor."""
     from gal_jax import driver
 
+    if config.bench.model != "config":
+        return {"benchmark": "round", "skipped": "a round runs the config's own models and concept "
+                f"(bench.model={config.bench.model!r} swaps in random weights with nothing to personalize)"}
     round_config = config.copy_and_resolve_references()
     with round_config.unlocked():
         round_config.gal.rounds = 2  # round 1 queries (generate, score); the last round only trains
@@ -613,21 +616,36 @@ def load_figures(folder: Path, mesh, param_dtype, rules=sharding.DEFAULT_LOGICAL
     }
 
 
+# `bench all`: the loop's three compiled functions, then a whole round, in one table.
+ALL = ("train", "sample", "score", "round")
+TARGETS = (*BENCHMARKS, "load", "round", "all")
+
+
+def _run_one(target: str, config, mesh) -> dict:
+    if target == "load":
+        return bench_load(config, mesh)
+    if target == "round":
+        return bench_round(config, mesh)
+    model, params = build_models(config, target)
+    return BENCHMARKS[target](config, model, params, mesh)
+
+
 def run(target: str, config) -> dict:
-    """Runs one benchmark, prints its figures and returns them (also written to bench.out)."""
-    if target not in (*BENCHMARKS, "load", "round"):
-        raise ValueError(f"unknown benchmark {target!r}; expected one of {', '.join((*BENCHMARKS, 'load', 'round'))}")
+    """Runs one benchmark (or `all`: train, sample, score and round, their figures prefixed by the
+    benchmark's name), prints its figures and returns them (also written to bench.out)."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown benchmark {target!r}; expected one of {', '.join(TARGETS)}")
     # A rerun on the same machine then loads its executables instead of compiling (compile_s
     # reads the load time): device time is scarce.
     io_utils.enable_compilation_cache()
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-    if target == "load":
-        result = bench_load(config, mesh)
-    elif target == "round":
-        result = bench_round(config, mesh)
+    if target == "all":
+        result = {"benchmark": "all", "device": f"{mesh.devices.size} x {mesh.devices.flat[0].device_kind}"}
+        for name in ALL:
+            part = _run_one(name, config, mesh)
+            result.update({f"{name}.{key}": value for key, value in part.items() if key not in ("benchmark", "device")})
     else:
-        model, params = build_models(config, target)
-        result = BENCHMARKS[target](config, model, params, mesh)
+        result = _run_one(target, config, mesh)
     result.update(model=config.bench.model, compilation_cache=str(io_utils.COMPILATION_CACHE))
     width = max(map(len, result))
     for key, value in result.items():

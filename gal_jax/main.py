@@ -12,7 +12,7 @@ r"""The `gal-jax` command line.
   gal-jax evaluate --workdir=DIR                                       # TXT-ALN / IMG-ALN / OVF per round
   gal-jax evaluate --workdir=DIR --images=D --prompts=F --references=D --captions=F --clip_path=D
   gal-jax review --workdir=DIR --round=R                               # serve the human-feedback page
-  gal-jax bench train|sample|score|unet|load|round --config=...        # compile time, throughput, MFU, load memory, a round vs its floor
+  gal-jax bench train|sample|score|unet|load|round|all --config=...    # throughput, MFU, vs PyTorch, a round vs its floor
 
 Config fields are overridden with `--config.section.field=value` (ml_collections config_flags).
 
@@ -36,7 +36,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 COMMANDS = ("run", "export", "sample", "make-tiny", "evaluate", "review", "bench")
-BENCH_TARGETS = ("train", "sample", "score", "unet", "load", "round")
+BENCH_TARGETS = ("train", "sample", "score", "unet", "load", "round", "all")
 EXIT_ERROR, EXIT_USAGE, EXIT_AWAITING_FEEDBACK = 1, 2, 3
 
 _CONFIG = config_flags.DEFINE_config_file(

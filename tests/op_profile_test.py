@@ -97,10 +97,13 @@ def test_benchmarks_time_the_loop_functions_and_add_a_profile_on_request(target,
     assert "profile.top1" in result and (tmp_path / "bench.json").exists()
 
 
-def test_a_gal_round_is_split_by_phase_beside_its_flops(tiny_assets):
+def test_bench_all_times_the_loop_functions_and_a_round_split_by_phase_beside_its_flops(tiny_assets):
     from driver_test import small_config
 
-    result = bench.run("round", small_config(tiny_assets))
+    everything = bench.run("all", small_config(tiny_assets))
+    assert everything["benchmark"] == "all" and everything["device"] == "8 x cpu"
+    assert all(everything[f"{name}.step_s_median"] > 0 for name in ("train", "sample", "score"))
+    result = {key.removeprefix("round."): value for key, value in everything.items() if key.startswith("round.")}
     assert result["round"] == 1 and result["train_steps"] == 3 and result["images"] > 0
     phases = ("train", "generate", "write", "score")
     assert all(result[f"{phase}_s"] > 0 for phase in phases)
@@ -118,3 +121,10 @@ def test_phase_floors_are_the_work_over_the_peak():
     assert result["train_floor_s"] == 8.0 and result["train_vs_floor"] == 0.5
     assert result["round_floor_s"] == 9.1 and result["round_vs_floor"] == round(7.0 / 9.1, 1)
     assert "write_floor_s" not in result and result["write_s"] == 0.5
+
+
+def test_a_round_of_random_sd15_weights_is_skipped_with_the_reason():
+    config = tiny_cpu.get_config()
+    config.bench.model = "sd15"
+    result = bench.bench_round(config, mesh=None)
+    assert "random weights" in result["skipped"]
