@@ -427,38 +427,43 @@ def bench_unet(config, sd, sd_params, mesh) -> dict:
     result = {"benchmark": "unet", "device": f"1 x {device.device_kind}", "rows": rows, "latent_size": size,
               "compute_dtype": str(jnp.dtype(sd.unet.dtype))}
 
+    calls = {"forward": {}, "grad": {}}  # {kind: {implementation: call}}, timed interleaved
     profiles = {}  # appended after the comparison figures
 
-    def timed(name: str, apply) -> None:
+    def compile_both(name: str, apply) -> None:
         forward = jax.jit(apply)
         grad = jax.jit(jax.grad(lambda p, x, t, c: jnp.mean(jnp.square(apply(p, x, t, c).astype(jnp.float32) - x))))
         for kind, fn in (("forward", forward), ("grad", grad)):
             start = time.perf_counter()
             compiled = fn.lower(params, *inputs).compile()
             result[f"{name}_{kind}_compile_s"] = round(time.perf_counter() - start, 3)
-            times = time_calls(lambda: compiled(params, *inputs), iters, warmup)
-            result[f"{name}_{kind}_s"] = round(statistics.median(times), 5)
+            calls[kind][name] = functools.partial(compiled, params, *inputs)
             if name == "ours":
-                profiles.update(profile_figures(config, f"ours_{kind}_profile", compiled,
-                                                lambda: compiled(params, *inputs)))
+                profiles.update(profile_figures(config, f"ours_{kind}_profile", compiled, calls[kind][name]))
 
-    timed("ours", lambda p, x, t, c: sd.apply_unet(p, x, t, c))
+    compile_both("ours", lambda p, x, t, c: sd.apply_unet(p, x, t, c))
     old = _diffusers_flax_unet(sd)
     if isinstance(old, str):
         result["diffusers_flax"] = old
     else:
-        timed("diffusers_flax", lambda p, x, t, c: old.apply({"params": p}, x, t, c).sample)
-        for kind in ("forward", "grad"):
-            result[f"ours_vs_diffusers_flax_{kind}"] = round(
-                result[f"diffusers_flax_{kind}_s"] / result[f"ours_{kind}_s"], 2)
-    torch_times = _torch_unet_times(sd, sd_params, (latents, timesteps, context), iters, warmup)
-    if isinstance(torch_times, str):
-        result["torch"] = torch_times
+        compile_both("diffusers_flax", lambda p, x, t, c: old.apply({"params": p}, x, t, c).sample)
+    torch_calls = _torch_unet_calls(sd, sd_params, (latents, timesteps, context))
+    if isinstance(torch_calls, str):
+        result["torch"] = torch_calls
     else:
-        result.update(torch_times)
-        for kind in ("forward", "grad"):
-            result[f"ours_vs_torch_{kind}"] = round(result[f"torch_{kind}_s"] / result[f"ours_{kind}_s"], 2)
-    result["note"] = "x_vs_y: y's time / ours (above 1: ours is faster)"
+        for kind in calls:
+            calls[kind]["torch"] = torch_calls[kind]
+    # Interleaved (ours, Flax, torch, ours, ...): a noisy machine's drift hits all alike.
+    from gal_jax import bench_torch
+
+    for kind, implementations in calls.items():
+        times = bench_torch.time_interleaved(implementations, iters, warmup, jax.block_until_ready)
+        for name, samples in times.items():
+            result[f"{name}_{kind}_s"] = round(statistics.median(samples), 5)
+        for name in implementations:
+            if name != "ours":
+                result[f"ours_vs_{name}_{kind}"] = round(result[f"{name}_{kind}_s"] / result[f"ours_{kind}_s"], 2)
+    result["note"] = "x_vs_y: y's time / ours (above 1: ours is faster), timed interleaved"
     return result | profiles
 
 
@@ -474,9 +479,9 @@ def _diffusers_flax_unet(sd):
     return FlaxUNet2DConditionModel(**config, dtype=sd.unet.dtype)
 
 
-def _torch_unet_times(sd, sd_params, inputs, iters: int, warmup: int):
-    """Returns PyTorch diffusers' eager UNet times on the same weights ({torch_forward_s,
-    torch_grad_s}), or why it cannot be run."""
+def _torch_unet_calls(sd, sd_params, inputs):
+    """Returns PyTorch diffusers' eager UNet forward and gradient on the same weights as calls
+    ({"forward": call, "grad": call}), or why they cannot be run."""
     try:
         import torch
         from diffusers import UNet2DConditionModel
@@ -503,8 +508,7 @@ def _torch_unet_times(sd, sd_params, inputs, iters: int, warmup: int):
         ((unet(latents, timesteps, context).sample.float() - latents.float()) ** 2).mean().backward()
         sync()
 
-    return {f"torch_{name}_s": round(statistics.median(time_calls(fn, iters, warmup)), 5)
-            for name, fn in (("forward", forward), ("grad", grad))}
+    return {"forward": forward, "grad": grad}
 
 
 def _synthetic_batch(specs: dict) -> dict:

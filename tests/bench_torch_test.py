@@ -77,3 +77,14 @@ def test_interleaved_timing_runs_every_call_once_per_round():
     times = bench_torch.time_interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")},
                                          iters=2, warmup=1)
     assert order == ["a", "b"] * 3 and [len(t) for t in times.values()] == [2, 2]
+
+
+def test_bench_unet_times_ours_beside_diffusers_flax_and_torch_interleaved(tiny_models):
+    config = _config(tiny_models, profile=True)
+    result = bench.run("unet", config)
+    assert result["rows"] == 2 and result["latent_size"] == 16
+    for kind in ("forward", "grad"):
+        for name in ("diffusers_flax", "torch"):
+            assert result[f"ours_vs_{name}_{kind}"] == pytest.approx(
+                result[f"{name}_{kind}_s"] / result[f"ours_{kind}_s"], abs=0.006)
+        assert f"ours_{kind}_profile.top1" in result
