@@ -69,16 +69,25 @@ def peak_memory_bytes() -> int | None:
     return max(peaks) if peaks else None
 
 
+def time_interleaved(calls: dict[str, Callable[[], Any]], iters: int, warmup: int) -> dict[str, list[float]]:
+    """Returns each call's wall times (each blocked on) over `iters` rounds in which every call
+    runs once in turn, after `warmup` such rounds: drifts of a shared, noisy machine hit all of
+    them alike."""
+    for _ in range(warmup):
+        for call in calls.values():
+            jax.block_until_ready(call())
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(iters):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(call())
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def time_calls(call: Callable[[], Any], iters: int, warmup: int) -> list[float]:
     """Returns the wall time of `iters` calls of `call` (each blocked on), after `warmup` calls."""
-    for _ in range(warmup):
-        jax.block_until_ready(call())
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(call())
-        times.append(time.perf_counter() - start)
-    return times
+    return time_interleaved({"call": call}, iters, warmup)["call"]
 
 
 def profile_figures(config, prefix: str, compiled: jax.stages.Compiled, call: Callable[[], Any]) -> dict:
@@ -182,8 +191,7 @@ def bench_train(config, sd, sd_params, mesh) -> dict:
     from gal_jax.trainer import Trainer
 
     trainer = Trainer(config, sd, mesh)
-    with_prior = config.train.with_prior and config.data.kind == "object"
-    rows = config.train.batch_size * config.train.grad_accum_steps * (2 if with_prior else 1)
+    rows, with_prior = train_rows(config)
     start = time.perf_counter()
     compiled = trainer.compile_for(sd_params, rows)
     compile_s = time.perf_counter() - start
@@ -201,6 +209,12 @@ def bench_train(config, sd, sd_params, mesh) -> dict:
         result |= compare_train(config, sd, sd_params, step, rows=rows, with_prior=with_prior,
                                 cached_latents=trainer.cache_latents)
     return result | profile_figures(config, "profile", compiled, step)
+
+
+def train_rows(config) -> tuple[int, bool]:
+    """Returns (examples of one train step's global batch, whether half of them are class examples)."""
+    with_prior = config.train.with_prior and config.data.kind == "object"
+    return config.train.batch_size * config.train.grad_accum_steps * (2 if with_prior else 1), with_prior
 
 
 def _train_step_inputs(config, trainer, sd, sd_params, mesh, rows: int) -> tuple:
@@ -231,8 +245,7 @@ def round_flops(config, mesh) -> dict[str, float]:
 
     sd, sd_params = build_models(config, "train")
     trainer = Trainer(config, sd, mesh)
-    with_prior = config.train.with_prior and config.data.kind == "object"
-    rows = config.train.batch_size * config.train.grad_accum_steps * (2 if with_prior else 1)
+    rows, _ = train_rows(config)
     step_inputs = _train_step_inputs(config, trainer, sd, sd_params, mesh, rows)
     generator = sample.Generator.from_config(config, sd, mesh)
     images = generator.chunk_size(config.sample.max_images_per_device * sharding.num_batch_shards(mesh))
@@ -309,10 +322,8 @@ def phase_figures(timings: dict[str, float], work: dict[str, float], peak: float
 def _comparison(config, ours: Callable[[], Any], ours_items: int, references: dict, unit: str) -> dict:
     """Times `ours` interleaved with each reference ({name: (call, items per call)}) and returns
     their medians, throughputs and ratios (reference time per item / ours: above 1, ours is faster)."""
-    from gal_jax import bench_torch
-
     calls = {"ours": ours, **{name: call for name, (call, _) in references.items()}}
-    times = bench_torch.time_interleaved(calls, config.bench.iters, config.bench.warmup, jax.block_until_ready)
+    times = time_interleaved(calls, config.bench.iters, config.bench.warmup)
     ours_per_item = statistics.median(times["ours"]) / ours_items
     figures = {"interleaved_ours_s": round(statistics.median(times["ours"]), 5),
                f"interleaved_ours_{unit}_per_s": round(1 / ours_per_item, 3)}
@@ -324,23 +335,30 @@ def _comparison(config, ours: Callable[[], Any], ours_items: int, references: di
     return figures
 
 
-def _references(config, build: dict[str, Callable[[], tuple[Callable[[], Any], int]]]) -> tuple[dict, dict]:
-    """Builds each reference ({name: () -> (call, items)}); returns (references, figures) where the
-    figures hold set-up seconds and, for each reference that failed to build, why."""
+def _compare(config, sd, sd_params, ours: Callable[[], Any], ours_items: int, unit: str,
+             references: Callable[[Path], dict[str, Callable[[], tuple[Callable[[], Any], int]]]]) -> dict:
+    """Returns `ours` timed interleaved with the PyTorch references that `references(folder)` makes
+    ({name: () -> (call, items per call)}) from a diffusers folder of `sd`'s weights (written to a
+    temporary folder, removed afterwards, when `sd` does not come from one). A reference that
+    fails to build or run is reported with why, not raised."""
     from gal_jax import bench_torch
 
-    references, figures = {}, {}
-    for name, make in build.items():
-        try:
-            built, seconds = bench_torch.timed_start(make)
-            (call, items) = built
-            start = time.perf_counter()
-            call()  # the first call: torch.compile compiles here, CUDA warms up
-            figures[f"{name}_setup_s"] = round(seconds + time.perf_counter() - start, 3)
-            references[name] = (call, items)
-        except Exception as err:  # noqa: BLE001 - a reference that cannot run is reported, not fatal
-            figures[name] = f"skipped: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
-    return references, figures
+    why = bench_torch.unavailable()
+    if why:
+        return {"torch": why}
+    built, figures = {}, {}
+    with tempfile.TemporaryDirectory(prefix="gal_jax_bench_torch_") as scratch:
+        folder = bench_torch.pipeline_folder(sd, sd_params, Path(scratch))
+        for name, make in references(folder).items():
+            try:
+                start = time.perf_counter()
+                call, items = make()
+                call()  # the first call: torch.compile compiles here, CUDA warms up
+                figures[f"{name}_setup_s"] = round(time.perf_counter() - start, 3)
+                built[name] = (call, items)
+            except Exception as err:  # noqa: BLE001 - a reference that cannot run is reported, not fatal
+                figures[name] = f"skipped: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        return {**bench_torch.versions(), **figures, **_comparison(config, ours, ours_items, built, unit)}
 
 
 def compare_train(config, sd, sd_params, step: Callable[[], Any], *, rows: int, with_prior: bool,
@@ -350,29 +368,25 @@ def compare_train(config, sd, sd_params, step: Callable[[], Any], *, rows: int, 
     bench.authors, the authors' float32 step at batch 1 (+1 class example) encoding pixels."""
     from gal_jax import bench_torch
 
-    why = bench_torch.unavailable()
-    if why:
-        return {"torch": why}
-    scratch = Path(tempfile.mkdtemp(prefix="gal_jax_bench_torch_"))
-    folder = bench_torch.pipeline_folder(sd, sd_params, scratch)
-    same = dict(rows=rows, with_prior=with_prior, resolution=config.data.resolution,
-                cached_latents=cached_latents, compute_dtype=config.model.compute_dtype)
+    def references(folder: Path) -> dict:
+        def torch_step(compile_unet: bool, **settings):
+            return lambda: (bench_torch.DreamBoothStep(folder, config.train, compile=compile_unet, **settings),
+                            settings["rows"])
 
-    def torch_step(compile_unet: bool, **settings):
-        return lambda: (bench_torch.DreamBoothStep(folder, config.train, compile=compile_unet, **settings),
-                        settings["rows"])
+        same = dict(rows=rows, with_prior=with_prior, resolution=config.data.resolution,
+                    cached_latents=cached_latents, compute_dtype=config.model.compute_dtype)
+        build = {}
+        if config.bench.get("compare_torch"):
+            build["torch_eager"] = torch_step(False, **same)
+            if config.bench.get("torch_compile"):
+                build["torch_compile"] = torch_step(True, **same)
+        if config.bench.get("authors"):
+            build["authors"] = torch_step(False, rows=2 if with_prior else 1, with_prior=with_prior,
+                                          resolution=config.data.resolution, cached_latents=False,
+                                          compute_dtype="float32")
+        return build
 
-    build = {}
-    if config.bench.get("compare_torch"):
-        build["torch_eager"] = torch_step(False, **same)
-        if config.bench.get("torch_compile"):
-            build["torch_compile"] = torch_step(True, **same)
-    if config.bench.get("authors"):
-        build["authors"] = torch_step(False, rows=2 if with_prior else 1, with_prior=with_prior,
-                                      resolution=config.data.resolution, cached_latents=False,
-                                      compute_dtype="float32")
-    references, figures = _references(config, build)
-    return {**bench_torch.versions(), **figures, **_comparison(config, step, rows, references, "samples")}
+    return _compare(config, sd, sd_params, step, rows, "samples", references)
 
 
 def compare_sample(config, sd, sd_params, chunk: Callable[[], Any], images: int) -> dict:
@@ -381,29 +395,26 @@ def compare_sample(config, sd, sd_params, chunk: Callable[[], Any], images: int)
     with bench.torch_compile) and, with bench.authors, the pipeline one image a call in float32."""
     from gal_jax import bench_torch
 
-    why = bench_torch.unavailable()
-    if why:
-        return {"torch": why}
-    scratch = Path(tempfile.mkdtemp(prefix="gal_jax_bench_torch_"))
-    folder = bench_torch.pipeline_folder(sd, sd_params, scratch)
     settings = dict(images=images, steps=config.sample.steps, guidance_scale=config.sample.guidance_scale,
                     resolution=sd.resolution)
 
-    def pipeline(compute_dtype: str, compile_unet: bool = False, per_image: bool = False):
-        def make():
-            pipe = bench_torch.make_pipeline(folder, config.sample.sampler, compute_dtype, compile_unet)
-            return bench_torch.pipeline_call(pipe, per_image=per_image, **settings), images
-        return make
+    def references(folder: Path) -> dict:
+        def pipeline(compute_dtype: str, compile_unet: bool = False, per_image: bool = False):
+            def make():
+                pipe = bench_torch.make_pipeline(folder, config.sample.sampler, compute_dtype, compile_unet)
+                return bench_torch.pipeline_call(pipe, per_image=per_image, **settings), images
+            return make
 
-    build = {}
-    if config.bench.get("compare_torch"):
-        build["torch_pipeline"] = pipeline(config.model.compute_dtype)
-        if config.bench.get("torch_compile"):
-            build["torch_pipeline_compile"] = pipeline(config.model.compute_dtype, compile_unet=True)
-    if config.bench.get("authors"):
-        build["authors"] = pipeline("float32", per_image=True)
-    references, figures = _references(config, build)
-    return {**bench_torch.versions(), **figures, **_comparison(config, chunk, images, references, "images")}
+        build = {}
+        if config.bench.get("compare_torch"):
+            build["torch_pipeline"] = pipeline(config.model.compute_dtype)
+            if config.bench.get("torch_compile"):
+                build["torch_pipeline_compile"] = pipeline(config.model.compute_dtype, compile_unet=True)
+        if config.bench.get("authors"):
+            build["authors"] = pipeline("float32", per_image=True)
+        return build
+
+    return _compare(config, sd, sd_params, chunk, images, "images", references)
 
 
 def bench_unet(config, sd, sd_params, mesh) -> dict:
@@ -453,11 +464,8 @@ def bench_unet(config, sd, sd_params, mesh) -> dict:
     else:
         for kind in calls:
             calls[kind]["torch"] = torch_calls[kind]
-    # Interleaved (ours, Flax, torch, ours, ...): a noisy machine's drift hits all alike.
-    from gal_jax import bench_torch
-
-    for kind, implementations in calls.items():
-        times = bench_torch.time_interleaved(implementations, iters, warmup, jax.block_until_ready)
+    for kind, implementations in calls.items():  # interleaved: ours, Flax, torch, ours, ...
+        times = time_interleaved(implementations, iters, warmup)
         for name, samples in times.items():
             result[f"{name}_{kind}_s"] = round(statistics.median(samples), 5)
         for name in implementations:
@@ -482,21 +490,23 @@ def _diffusers_flax_unet(sd):
 def _torch_unet_calls(sd, sd_params, inputs):
     """Returns PyTorch diffusers' eager UNet forward and gradient on the same weights as calls
     ({"forward": call, "grad": call}), or why they cannot be run."""
-    try:
-        import torch
-        from diffusers import UNet2DConditionModel
-    except ImportError as err:
-        return f"skipped: PyTorch diffusers is not installed ({err})"
+    from gal_jax import bench_torch
+
+    why = bench_torch.unavailable()
+    if why:
+        return why
+    import torch
+    from diffusers import UNet2DConditionModel
+
     from gal_jax.nn import unet as nn_unet
 
+    device, dtype = bench_torch.torch_device(), bench_torch.torch_dtype(jnp.dtype(sd.unet.dtype))
     with tempfile.TemporaryDirectory(prefix="gal_jax_bench_unet_") as folder:
         nn_unet.save_params(sd.unet, jax.device_get(sd_params.unet), folder)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(jnp.dtype(sd.unet.dtype)), torch.float32)
         unet = UNet2DConditionModel.from_pretrained(folder).to(device, dtype)
     latents, timesteps, context = (torch.from_numpy(np.asarray(x)).to(device) for x in inputs)
     latents, context = latents.to(dtype), context.to(dtype)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = bench_torch.synchronize
 
     def forward():
         with torch.no_grad():

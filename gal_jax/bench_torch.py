@@ -20,7 +20,6 @@ torch and diffusers come from the `test` extra; when they are missing the compar
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -209,30 +208,6 @@ def pipeline_call(pipe, *, images: int, steps: int, guidance_scale: float, resol
         return out
 
     return call
-
-
-def time_interleaved(calls: dict[str, Callable[[], Any]], iters: int, warmup: int,
-                     block: Callable[[Any], Any] = lambda x: x) -> dict[str, list[float]]:
-    """Returns each call's wall times over `iters` rounds in which every call runs once in turn
-    (after `warmup` such rounds), so drifts of a shared, noisy machine hit all of them alike.
-    `block` waits for a call's result (jax.block_until_ready for ours)."""
-    for _ in range(warmup):
-        for call in calls.values():
-            block(call())
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(iters):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            block(call())
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-def timed_start(make: Callable[[], Any]) -> tuple[Any, float]:
-    """Returns (make(), seconds it took)."""
-    start = time.perf_counter()
-    made = make()
-    return made, time.perf_counter() - start
 
 
 def versions() -> dict[str, str]:
