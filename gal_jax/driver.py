@@ -339,8 +339,11 @@ def train_round(runtime: Runtime, references: list[data.Reference], paths: Round
                                     paths.train_set, runtime.sd.tokenize, config.data.resolution)
         io_utils.touch(paths.train_set_done)
     io_utils.sync(f"train_set {paths.dir}")
-    unet_params, metrics = runtime.trainer.train_round(runtime.sd_params, paths.train_set, paths.checkpoints,
-                                                       desc=f"round {paths.index} train")
+    # Without keep_training_state the checkpoints are deleted once unet/ is written: a final one
+    # would be written only to be deleted (~10 GB for SD 1.5).
+    unet_params, metrics = runtime.trainer.train_round(
+        runtime.sd_params, paths.train_set, paths.checkpoints, desc=f"round {paths.index} train",
+        final_checkpoint=bool(config.train.keep_training_state))
     curve = [{"step": p["step"], "loss": p["loss"]} for p in metrics["loss_curve"]]
     if config.train.save_dtype != config.model.param_dtype:
         # Continue with exactly what the file holds, so a resumed round generates the same images.

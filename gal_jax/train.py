@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any
+from typing import Any, Callable
 
 import flax.struct
 import jax
@@ -322,18 +322,31 @@ def abstract_train_state(
     return _with_shardings(abstract, sharding.param_shardings(abstract, mesh, logical_axes, rules))
 
 
-def init_train_state(
+def state_initializer(
     unet_params: Params, optimizer: optax.GradientTransformation, mesh: Mesh, logical_axes: Params,
     rules: sharding.LogicalRules = sharding.DEFAULT_LOGICAL_RULES,
-) -> TrainState:
-    """Returns a fresh TrainState (step 0, copied params, zero AdamW moments) laid out on `mesh`."""
+) -> Callable[[Params], TrainState]:
+    """Returns init(params) -> a fresh TrainState (step 0, copied params, zero AdamW moments) laid
+    out on `mesh`, for params shaped like `unet_params` (arrays or ShapeDtypeStructs).
+
+    Keep the function to initialise again: it compiles on its first call only, where a new
+    jax.jit per round would compile (or at least look up the compilation cache) every round.
+    """
     state_shardings = shardings_of(abstract_train_state(unet_params, optimizer, mesh, logical_axes, rules))
     init = jax.jit(
         functools.partial(_new_state, optimizer=optimizer),
         in_shardings=(state_shardings.params,),
         out_shardings=state_shardings,
     )
-    return init(jax.device_put(unet_params, state_shardings.params))
+    return lambda params: init(jax.device_put(params, state_shardings.params))
+
+
+def init_train_state(
+    unet_params: Params, optimizer: optax.GradientTransformation, mesh: Mesh, logical_axes: Params,
+    rules: sharding.LogicalRules = sharding.DEFAULT_LOGICAL_RULES,
+) -> TrainState:
+    """Returns a fresh TrainState (step 0, copied params, zero AdamW moments) laid out on `mesh`."""
+    return state_initializer(unet_params, optimizer, mesh, logical_axes, rules)(unet_params)
 
 
 def _frozen_inputs(base_params: StableDiffusionParams, sd: StableDiffusion) -> FrozenInputs:

@@ -170,6 +170,9 @@ class Trainer:
         self.cache_latents = bool(config.train.cache_latents) and not augment
         self.compile_seconds = 0.0
         self._compiled: dict[Any, jax.stages.Compiled] = {}
+        self._initializers: dict[Any, Callable[[Params], TrainState]] = {}
+        # Made on the mesh inside jit: device_put of a key onto devices of other processes fails.
+        self._rng = jax.jit(lambda: jax.random.key(config.train.seed), out_shardings=sharding.replicated(mesh))()
         self._encode = jax.jit(sd.encode_posterior, out_shardings=sharding.replicated(mesh))
 
     @property
@@ -184,12 +187,18 @@ class Trainer:
         checkpoint_dir: Path | None = None,
         progress: bool = True,
         desc: str = "train",
+        final_checkpoint: bool = True,
     ) -> tuple[Params, dict[str, Any]]:
         """Returns (UNet params after train.steps updates from base_params.unet, metrics).
 
         With a checkpoint_dir: saves every train.checkpoint_every steps and at the end, keeps the
         last train.keep_checkpoints, and resumes from the latest one there (params, AdamW state,
-        step, data position). `base_params` is never modified or donated. Metrics: start_step,
+        step, data position). `final_checkpoint=False` skips the save after the last step (even
+        where it is a multiple of checkpoint_every), for a caller that writes the params itself
+        and then deletes the checkpoints: a kill before that write resumes from the previous
+        checkpoint and redoes at most checkpoint_every steps, to the same params.
+
+        `base_params` is never modified or donated. Metrics: start_step,
         steps, loss (mean of the last log window), history (a dict per log step of this call),
         loss_curve ({"step", "loss"} per log step since step 0, carried across resumes by the
         checkpoints), and when steps ran, train_seconds, samples_per_s and compile_seconds.
@@ -214,7 +223,7 @@ class Trainer:
             batches = (self._device_batch(batch, cache) for batch in iterator)
             log = _MetricLog(total=self.config.train.steps, start=start, progress=progress, desc=desc,
                              loss_curve=curve, examples_per_step=self._examples_per_step(train_set_dir))
-            return self._run(state, batches, frozen, iterator, ckpt, log, train_set_dir)
+            return self._run(state, batches, frozen, iterator, ckpt, log, train_set_dir, final_checkpoint)
         finally:
             if ckpt is not None:
                 ckpt.close()
@@ -256,8 +265,7 @@ class Trainer:
         return self._compiled_for((state, batch, frozen))
 
     def _compiled_for(self, specs: tuple[TrainState, Batch, FrozenInputs]) -> jax.stages.Compiled:
-        leaves, treedef = jax.tree_util.tree_flatten(specs)
-        key = (treedef, tuple((leaf.shape, leaf.dtype) for leaf in leaves))
+        key = _shapes_key(specs)
         if key not in self._compiled:
             start = time.perf_counter()
             if jax.process_index() == 0:
@@ -287,7 +295,11 @@ class Trainer:
         """Returns (state, the metadata saved with it): the latest checkpoint's, moving `iterator`
         to the position saved with it, or a fresh state and {}."""
         if ckpt is None or ckpt.latest_step() is None:
-            return train.init_train_state(unet_params, self.optimizer, self.mesh, self.unet_axes, self.rules), {}
+            key = _shapes_key(unet_params)
+            if key not in self._initializers:
+                self._initializers[key] = train.state_initializer(
+                    unet_params, self.optimizer, self.mesh, self.unet_axes, self.rules)
+            return self._initializers[key](unet_params), {}
         abstract = train.abstract_train_state(unet_params, self.optimizer, self.mesh, self.unet_axes, self.rules)
         restored = ckpt.restore(abstract, data_iterator=iterator)
         total = restored.metadata.get("total_steps")
@@ -329,12 +341,12 @@ class Trainer:
         halves = 2 if metadata["num_class_images"] else 1
         return halves * self.config.train.batch_size * self.config.train.grad_accum_steps
 
-    def _run(self, state, batches, frozen, iterator, ckpt, log: _MetricLog, train_set_dir):
+    def _run(self, state, batches, frozen, iterator, ckpt, log: _MetricLog, train_set_dir,
+             final_checkpoint: bool):
         """Returns (params, metrics) after the steps left from state.step."""
         train_config = self.config.train
         start = int(jax.device_get(state.step))
-        # Made on the mesh inside jit: device_put of a key onto devices of other processes fails.
-        rng = jax.jit(lambda: jax.random.key(train_config.seed), out_shardings=sharding.replicated(self.mesh))()
+        rng = self._rng
         first = next(batches)
         step_fn = self.compiled_step(state, first, frozen)
         began = time.perf_counter()
@@ -347,7 +359,8 @@ class Trainer:
                 log.add(done, metrics)
                 faults.maybe_kill("train", done)
                 last = done == train_config.steps
-                save = ckpt is not None and (done % train_config.checkpoint_every == 0 or last)
+                periodic = done % train_config.checkpoint_every == 0
+                save = ckpt is not None and (final_checkpoint if last else periodic)
                 if save or last or done % train_config.log_every == 0:
                     log.pull()  # before saving: a non-finite state is never checkpointed
                 if save:
@@ -365,6 +378,12 @@ class Trainer:
             "samples_per_s": (train_config.steps - start) * log.examples_per_step / seconds,
             "compile_seconds": self.compile_seconds,
         }
+
+
+def _shapes_key(tree: Any) -> tuple:
+    """Returns a hashable key of a tree's structure, shapes and dtypes."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return treedef, tuple((leaf.shape, leaf.dtype) for leaf in leaves)
 
 
 def _check_train_config(train_config) -> None:

@@ -135,3 +135,19 @@ def test_checkpoint_of_a_different_run_length_is_refused(round_setup, finished_r
         longer.train_round(params, train_set, directory, progress=False)
     with checkpoint.Checkpointer(directory) as ckpt:
         assert ckpt.all_steps() == [4, 6]
+
+
+def test_without_a_final_checkpoint_a_kill_after_training_redoes_the_last_window(round_setup, finished_run, tmp_path):
+    """The driver writes the round's UNet itself and deletes the checkpoints: the state after the
+    last step is never saved (for SD 1.5 ~10 GB written to be deleted), so a kill before the UNet
+    is written resumes from the last periodic checkpoint and ends at the same params."""
+    trainer, params, train_set = round_setup
+    _, uninterrupted, first = finished_run
+    trained, _ = trainer.train_round(params, train_set, tmp_path / "c", progress=False, final_checkpoint=False)
+    with checkpoint.Checkpointer(tmp_path / "c") as ckpt:
+        assert ckpt.all_steps() == [2, 4], "step 6 is a multiple of checkpoint_every, yet skipped"
+    chex.assert_trees_all_equal(jax.device_get(trained), jax.device_get(uninterrupted))
+    # "Killed" after training: the rerun trains steps 5-6 again, from checkpoint 4.
+    again, metrics = trainer.train_round(params, train_set, tmp_path / "c", progress=False, final_checkpoint=False)
+    assert metrics["start_step"] == 4 and metrics["loss_curve"] == first["loss_curve"]
+    chex.assert_trees_all_equal(jax.device_get(again), jax.device_get(uninterrupted))

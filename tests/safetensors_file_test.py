@@ -102,3 +102,14 @@ def test_damaged_files_are_named_with_their_problem(tmp_path):
         with pytest.raises(ValueError, match=problem) as err:
             safetensors_file.SafetensorsReader(file)
         assert str(file) in str(err.value)
+
+
+def test_a_config_that_fails_to_serialise_leaves_the_earlier_config_whole(tmp_path):
+    from gal_jax.nn import weights
+
+    file = tmp_path / "config.json"
+    weights.write_config(file, {"sample_size": 64})
+    with pytest.raises(TypeError):
+        weights.write_config(file, {"sample_size": object()})
+    assert json.loads(file.read_text()) == {"sample_size": 64}
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"], "a temporary file was left"

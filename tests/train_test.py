@@ -316,6 +316,8 @@ def test_rounds_restart_from_base_weights_without_recompiling(loaded, trainer, t
     compiled = trainer.compile_for(abstract, num_examples=2 * BATCH_SIZE)
     assert trainer.num_compiles == 1
     assert compiled.cost_analysis()["flops"] > 0
+    # The fresh state's initializer (params copy, zero AdamW moments) is built once too.
+    assert len(trainer._initializers) == 1
     # Each round starts from the base weights: the same data and seed give the same result.
     chex.assert_trees_all_equal(jax.device_get(again), jax.device_get(first_round[0]))
     chex.assert_trees_all_equal(jax.device_get(params.unet), base)

@@ -534,7 +534,7 @@ def save_params(model: ClipModule, params: Params, folder: str | Path, *, dtype=
     folder = Path(folder)
     file = folder / f"{WEIGHTS_STEM}.safetensors"
     weights.write_params(params, abstract_params(model), file, dtype=dtype)
-    (folder / CONFIG_FILE).write_text(json.dumps(_transformers_config(model), indent=2) + "\n")
+    weights.write_config(folder / CONFIG_FILE, _transformers_config(model))
     return file
 
 

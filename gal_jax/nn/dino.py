@@ -548,7 +548,7 @@ def save_params(model: Dinov2Model, params: Params, folder: str | Path, *, dtype
     file = folder / f"{WEIGHTS_STEM}.safetensors"
     weights.write_params(params, abstract_params(model), file, dtype=dtype)
     config = {"architectures": ["Dinov2Model"], **model.config.to_dict()}
-    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    weights.write_config(folder / CONFIG_FILE, config)
     return file
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -276,7 +277,22 @@ def write_diffusers_folder(
 
 
 def _write_diffusers_config(folder: Path, config: Mapping[str, Any]) -> None:
-    (folder / DIFFUSERS_CONFIG_FILE).write_text(json.dumps(dict(config), indent=2) + "\n")
+    write_config(folder / DIFFUSERS_CONFIG_FILE, config)
+
+
+def write_config(file: str | Path, config: Mapping[str, Any]) -> None:
+    """Writes a model's `config.json` through a temporary file renamed into place, as the weights
+    are written: a kill mid-write leaves any earlier config whole."""
+    file = Path(file)
+    temporary = file.with_name(f".{file.name}.tmp-{os.getpid()}")
+    try:
+        with open(temporary, "w") as out:
+            out.write(json.dumps(dict(config), indent=2) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, file)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def write_random_diffusers_folder(
