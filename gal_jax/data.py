@@ -26,6 +26,7 @@ import io
 import json
 import math
 import shutil
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -444,29 +445,25 @@ def num_records(data_dir: Path | str) -> int:
 # The grain pipeline.
 
 
-class _CyclicSource(grain.sources.RandomAccessDataSource):
-    """The records, cycled to `length` so every process gets an equal, non-empty shard.
+class _TrainingSource(grain.sources.RandomAccessDataSource):
+    """The training set's records, named by their fingerprint for grain's check on restore."""
 
-    Without it grain's sharding drops the remainder records: with 7 references on 2 processes one
-    reference would never be trained on.
-    """
-
-    def __init__(self, source: Sequence[dict[str, Any]], length: int, fingerprint: str):
+    def __init__(self, source: Sequence[dict[str, Any]], fingerprint: str):
         self._source = source
-        self._length = length
         self._fingerprint = fingerprint
 
     def __len__(self) -> int:
-        return self._length
+        return len(self._source)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return self._source[index % len(self._source)]
+        return self._source[index]
 
     def __repr__(self) -> str:
-        # grain checks this on restore: same contents, wherever the folder now lives.
+        # grain checks this on restore: same contents, wherever the folder now lives. (`length`
+        # is kept so that iterator states saved by earlier versions still restore.)
         return (
             f"GalTrainingSet(fingerprint={self._fingerprint}, records={len(self._source)}, "
-            f"length={self._length})"
+            f"length={len(self._source)})"
         )
 
 
@@ -500,6 +497,52 @@ class _FlattenPairs(grain.transforms.Map):
         return {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
 
 
+class _GlobalBatchSlice:
+    """A grain sampler: this process's rows of every global batch of one global record order.
+
+    The order is grain's IndexSampler over all records (shuffled with the seed, a new permutation
+    each epoch, the random-augmentation rng of a record drawn from its global position), the same
+    for any process count. Global batch b holds positions [b * G, (b + 1) * G); process p reads
+    rows [p * n, (p + 1) * n) of each, n = G / process_count. So the global batches, and with them
+    training, do not depend on how many processes read them.
+    """
+
+    def __init__(self, num_records: int, *, global_batch_size: int, process_index: int,
+                 process_count: int, seed: int, num_epochs: int | None):
+        self._order = grain.samplers.IndexSampler(
+            num_records=num_records, shard_options=grain.sharding.NoSharding(), shuffle=True,
+            num_epochs=num_epochs, seed=seed,
+        )
+        self._global = global_batch_size
+        self._rows = _records_per_process(global_batch_size, process_index, process_count)
+        self._first_row = process_index * self._rows
+        full_batches = None if num_epochs is None else len(self._order) // global_batch_size
+        self._length = sys.maxsize if full_batches is None else full_batches * self._rows
+        if process_count == 1:
+            # The order grain's per-process sharding gave one process, which earlier versions
+            # used: their checkpointed iterator states restore (grain compares the reprs).
+            sharded = grain.sharding.ShardOptions(0, 1, drop_remainder=True)
+            self._describe = repr(grain.samplers.IndexSampler(
+                num_records=num_records, shard_options=sharded, shuffle=True, num_epochs=num_epochs, seed=seed))
+            return
+        self._describe = (f"GlobalBatchSlice(records={num_records}, global_batch_size={global_batch_size}, "
+                          f"rows={self._first_row}:{self._first_row + self._rows}, seed={seed}, "
+                          f"num_epochs={num_epochs})")
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int) -> grain.RecordMetadata:
+        if not 0 <= index < self._length:
+            raise IndexError(f"sampler index {index} not in [0, {self._length})")
+        batch, row = divmod(index, self._rows)
+        chosen = self._order[batch * self._global + self._first_row + row]
+        return grain.RecordMetadata(index=index, record_key=chosen.record_key, rng=chosen.rng)
+
+    def __repr__(self) -> str:
+        return self._describe
+
+
 def _records_per_process(global_batch_size: int, process_index: int, process_count: int) -> int:
     """Returns global_batch_size / process_count, checking the batch splits evenly."""
     if global_batch_size < 1 or global_batch_size % process_count:
@@ -527,8 +570,9 @@ def make_train_iterator(
 ) -> grain.DataLoaderIterator:
     """Returns a checkpointable grain iterator over this process's batches of the training set.
 
-    Shuffled with `seed` and repeated (`num_epochs=None`: forever); each process reads only its
-    shard and yields global_batch_size // process_count records a batch. Batches are dicts of
+    Shuffled with `seed` and repeated (`num_epochs=None`: forever). The global batches are the
+    same for any process count: each process reads only its global_batch_size // process_count
+    rows of each (see `_GlobalBatchSlice`). Batches are dicts of
     numpy arrays, b examples each:
       pixel_values (b, H, W, 3) float32 in [-1, 1], input_ids (b, L) int32,
       weight (b,) float32, is_prior (b,) bool,
@@ -545,16 +589,13 @@ def make_train_iterator(
             f"{data_dir}: training set was written at resolution {metadata['resolution']}, "
             f"asked for {resolution}"
         )
-    length = math.ceil(len(records) / process_count) * process_count
     loader = grain.DataLoader(
-        data_source=_CyclicSource(records, length, metadata["fingerprint"]),
-        sampler=grain.samplers.IndexSampler(
-            num_records=length,
-            shard_options=grain.sharding.ShardOptions(process_index, process_count, True),
-            shuffle=True,
-            num_epochs=num_epochs,
-            seed=seed,
+        data_source=_TrainingSource(records, metadata["fingerprint"]),
+        sampler=_GlobalBatchSlice(
+            len(records), global_batch_size=global_batch_size, process_index=process_index,
+            process_count=process_count, seed=seed, num_epochs=num_epochs,
         ),
+        shard_options=grain.sharding.NoSharding(),  # the sampler reads this process's rows
         operations=[
             _Preprocess(resolution, random_crop, flip),
             grain.transforms.Batch(records_per_process, drop_remainder=True),

@@ -396,6 +396,43 @@ def test_uneven_shards_still_train_on_every_record(tmp_path):
     assert set(seen) == {0, 1, 2}
 
 
+@pytest.mark.parametrize("process_count", [2, 3])
+def test_global_batches_do_not_depend_on_the_process_count(prior_set, process_count):
+    """Each process's rows of every global batch, augmentation included: a run on one host and on
+    several trains on the same batches (so they reach the same selections)."""
+
+    def batches(process_index, count):
+        iterator = data.make_train_iterator(
+            prior_set[0], global_batch_size=6, seed=5, resolution=RESOLUTION, random_crop=True,
+            flip=True, process_index=process_index, process_count=count,
+        )
+        return [next(iterator) for _ in range(3)]  # 18 records: 3 epochs of the 6-record set
+
+    parts = [batches(p, process_count) for p in range(process_count)]
+    # Process p holds records [p * n, (p + 1) * n) of the global batch, each as (instance, class).
+    joined = [{key: np.concatenate([part[b][key] for part in parts]) for key in parts[0][b]} for b in range(3)]
+    assert_batches_equal(batches(0, 1), joined)
+
+
+def test_one_process_reads_the_order_and_restores_the_states_of_earlier_versions(prior_set):
+    """Earlier versions sharded grain's index space per process; for one process the order, and
+    the sampler grain checks on restore, are unchanged, so their checkpoints still resume."""
+    records, metadata = data.open_training_set(prior_set[0])
+    earlier = iter(grain.DataLoader(
+        data_source=data._TrainingSource(records, metadata["fingerprint"]),
+        sampler=grain.samplers.IndexSampler(
+            num_records=len(records), shard_options=grain.sharding.ShardOptions(0, 1, True),
+            shuffle=True, num_epochs=None, seed=7),
+        operations=[data._Preprocess(RESOLUTION, True, True), grain.transforms.Batch(2, drop_remainder=True),
+                    data._FlattenPairs()],
+    ))
+    current = augmented_iterator(prior_set[0])
+    assert_batches_equal([next(earlier) for _ in range(4)], [next(current) for _ in range(4)])
+    restored = augmented_iterator(prior_set[0])
+    restored.set_state(earlier.get_state())
+    assert_batches_equal([next(earlier) for _ in range(2)], [next(restored) for _ in range(2)])
+
+
 def test_global_batch_must_divide_among_processes(prior_set):
     with pytest.raises(ValueError, match="multiple of process_count 2"):
         data.make_train_iterator(
