@@ -143,6 +143,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Add where the time goes: op time per kind, layer and pass, and the heaviest ops, from a
     # profiler trace of the timed function (gal_jax/op_profile.py).
     config.bench.profile = False
+    # `bench memory`: the GiB one device may hold; the figures then say whether the train step and
+    # a generation chunk fit (0: no budget).
+    config.bench.memory_budget_gib = 0.0
     # `bench train|sample`: time PyTorch diffusers' DreamBooth step / StableDiffusionPipeline on the
     # same weights, batch, resolution and precision, interleaved with ours (the test extra's torch),
     # also through torch.compile with torch_compile; `authors` adds the GAL authors' workflow

@@ -630,9 +630,59 @@ def load_figures(folder: Path, mesh, param_dtype, rules=sharding.DEFAULT_LOGICAL
     }
 
 
+def abstract_stable_diffusion(config) -> tuple[Any, Any]:
+    """Returns (sd, params as ShapeDtypeStructs) of the config's SD model (`bench.model='sd15'`:
+    SD 1.5-sized), in the config's dtypes and attention; nothing model-sized is allocated."""
+    from gal_jax import driver, inputs, memory, tiny
+
+    if config.bench.model == "sd15":
+        with tempfile.TemporaryDirectory(prefix="gal_jax_tokenizer_") as tokenizer_dir:
+            tiny.write_tokenizer(Path(tokenizer_dir))
+            sd, params = models.random_stable_diffusion(
+                Path(tokenizer_dir), tiny.SD1_SCHEDULER, param_dtype=config.model.param_dtype,
+                compute_dtype=config.model.compute_dtype, abstract=True,
+            )
+        return sd.with_attention(config.model.attention), params
+    sd, params = driver.load_sd(config, inputs.resolve(config, need=("sd",)).sd)
+    return sd, memory.abstract(params)
+
+
+def bench_memory(config, mesh) -> dict:
+    """Returns one device's memory need of the train step and of a generation chunk, from XLA's
+    buffer assignment of both compiled for the models' shapes (`gal_jax.memory`: nothing is
+    allocated, so SD 1.5-sized configs are checked on any host), next to bench.memory_budget_gib."""
+    from gal_jax import memory, sample
+    from gal_jax.trainer import Trainer
+
+    if config.bench.model not in ("config", "sd15"):
+        raise ValueError(f"config.bench.model={config.bench.model!r}; expected 'config' or 'sd15'")
+    sd, params = abstract_stable_diffusion(config)
+    rows, _ = train_rows(config)
+    start = time.perf_counter()
+    train_need = memory.of_compiled(Trainer(config, sd, mesh).compile_for(params, rows))
+    generator = sample.Generator.from_config(config, sd, mesh)
+    images = generator.chunk_size(config.sample.max_images_per_device * sharding.num_batch_shards(mesh))
+    sample_need = memory.of_compiled(generator.compile_abstract(params, images))
+    result = {
+        "benchmark": "memory",
+        "device": f"{mesh.devices.size} x {mesh.devices.flat[0].device_kind}",
+        "mesh": f"data={mesh.shape['data']} fsdp={mesh.shape['fsdp']}",
+        "compile_s": round(time.perf_counter() - start, 1),
+        "train_examples": rows,
+        "train_remat": config.train.remat,
+        **train_need.figures("train."),
+        "sample_images_per_chunk": images,
+        **sample_need.figures("sample."),
+    }
+    budget = float(config.bench.get("memory_budget_gib") or 0)
+    if budget:
+        result.update(budget_gib=budget, fits=memory.fits(budget, train=train_need, sample=sample_need))
+    return result
+
+
 # `bench all`: the loop's three compiled functions, then a whole round, in one table.
 ALL = ("train", "sample", "score", "round")
-TARGETS = (*BENCHMARKS, "load", "round", "all")
+TARGETS = (*BENCHMARKS, "load", "memory", "round", "all")
 
 
 def _run_one(target: str, config, mesh) -> dict:
@@ -640,6 +690,8 @@ def _run_one(target: str, config, mesh) -> dict:
         return bench_load(config, mesh)
     if target == "round":
         return bench_round(config, mesh)
+    if target == "memory":
+        return bench_memory(config, mesh)
     model, params = build_models(config, target)
     return BENCHMARKS[target](config, model, params, mesh)
 

@@ -36,7 +36,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 COMMANDS = ("run", "export", "sample", "make-tiny", "evaluate", "review", "bench")
-BENCH_TARGETS = ("train", "sample", "score", "unet", "load", "round", "all")
+BENCH_TARGETS = ("train", "sample", "score", "unet", "load", "memory", "round", "all")
 EXIT_ERROR, EXIT_USAGE, EXIT_AWAITING_FEEDBACK = 1, 2, 3
 
 _CONFIG = config_flags.DEFINE_config_file(

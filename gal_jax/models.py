@@ -619,18 +619,24 @@ def random_stable_diffusion(
     seed: int = 0,
     param_dtype="float32",
     compute_dtype="float32",
+    abstract: bool = False,
 ) -> tuple[StableDiffusion, StableDiffusionParams]:
-    """Returns an SD model of the given architecture (SD 1.5 by default) with random weights."""
+    """Returns an SD model of the given architecture (SD 1.5 by default) with random weights;
+    `abstract=True` gives their shapes and dtypes only (ShapeDtypeStructs, nothing allocated)."""
     compute_dtype = jnp.dtype(compute_dtype)
     unet = _UNET.build(nn_unet.UNetConfig.from_dict(unet_config), compute_dtype, jnp.float32)
     vae = _VAE.build(nn_vae.VaeConfig.from_dict(vae_config), compute_dtype, jnp.float32)
     text_encoder = nn_clip.ClipTextModel(nn_clip.ClipTextConfig.from_dict(text_config), dtype=compute_dtype)
-    keys = jax.random.split(jax.random.key(seed), 3)
-    params = StableDiffusionParams(
-        unet=nn_unet.init_params(unet, keys[0]),
-        vae=nn_vae.init_params(vae, keys[1]),
-        text_encoder=nn_clip.init_params(text_encoder, keys[2]),
-    )
+
+    def init(key):
+        keys = jax.random.split(key, 3)
+        return StableDiffusionParams(
+            unet=nn_unet.init_params(unet, keys[0]),
+            vae=nn_vae.init_params(vae, keys[1]),
+            text_encoder=nn_clip.init_params(text_encoder, keys[2]),
+        )
+
+    params = (jax.eval_shape if abstract else lambda f, k: f(k))(init, jax.random.key(seed))
     sd = StableDiffusion(
         path=Path(f"random:{unet_config['block_out_channels']}"),
         unet=unet,
@@ -639,6 +645,11 @@ def random_stable_diffusion(
         tokenizer=_load_tokenizer(Path(tokenizer_dir)),
         scheduler_config=dict(scheduler_config),
     )
+    if abstract:
+        dtype = jnp.dtype(param_dtype)
+        return sd, jax.tree_util.tree_map(
+            lambda leaf: jax.ShapeDtypeStruct(leaf.shape, dtype if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf.dtype),
+            params)
     return sd, cast_params(params, param_dtype)
 
 
