@@ -289,6 +289,7 @@ def run_round(runtime: Runtime, round_index: int, rounds: int, records: list[Rou
     paths.dir.mkdir(parents=True, exist_ok=True)
     references = current_references(concept, records, workdir)
     timings: dict[str, float] = {}
+    built_before = len(io_utils.executables_built())
 
     with io_utils.timed(timings, "train"):
         unet_params, train_loss = train_round(runtime, references, paths)
@@ -320,7 +321,7 @@ def run_round(runtime: Runtime, round_index: int, rounds: int, records: list[Rou
     )
     workdir.write_record(record)
     io_utils.sync(f"record {paths.dir}")
-    print(_timing_line(round_index, timings))
+    print(_timing_line(round_index, timings, len(io_utils.executables_built()) - built_before))
     return record
 
 
@@ -584,6 +585,9 @@ def export_final_model(runtime: Runtime, round_index: int) -> Path:
     return workdir.model_dir
 
 
-def _timing_line(round_index: int, timings: dict) -> str:
+def _timing_line(round_index: int, timings: dict, executables: int) -> str:
     parts = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in timings.items())
-    return f"Round {round_index} done in {sum(timings.values()):.1f}s ({parts})"
+    # Executables compiled or loaded from the compilation cache: after round 1, only the few
+    # small ones whose shapes follow the number of images (the grid shrinks as prompts are queried).
+    return (f"Round {round_index} done in {sum(timings.values()):.1f}s ({parts}; "
+            f"{executables} XLA executables built)")

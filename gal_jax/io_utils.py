@@ -232,6 +232,35 @@ def enable_compilation_cache(directory: Path = COMPILATION_CACHE) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+class _ExecutableLog:
+    """Names of the XLA executables this process built (compiled, or loaded from the persistent
+    cache), from jax.monitoring's backend-compile events; one listener for the process."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        self.names: list[str] = []
+        import jax
+
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, event: str, duration: float, **kwargs) -> None:
+        del duration
+        if event == self.EVENT:
+            self.names.append(str(kwargs.get("fun_name", "?")))
+
+
+_executable_log: _ExecutableLog | None = None
+
+
+def executables_built() -> list[str]:
+    """Returns the names of the executables built so far (counting starts at the first call)."""
+    global _executable_log
+    if _executable_log is None:
+        _executable_log = _ExecutableLog()
+    return list(_executable_log.names)
+
+
 @contextlib.contextmanager
 def timed(timings: dict, name: str):
     """Adds the wall time of a `with` block to timings[name] (seconds, summed over blocks)."""

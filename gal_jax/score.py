@@ -169,7 +169,9 @@ class Scorer:
             return np.zeros((0,), np.float32), np.zeros((0, len(plain_prompts)), np.float32)
         image_embeddings = self.image_embeddings(images)
         texts = self.text_embeddings(list(anchor_prompts) + list(plain_prompts))
-        sims = np.asarray(image_embeddings @ texts.T)
+        # On the host: both are small and replicated, and a device matmul would compile anew for
+        # every grid size (the grid shrinks each round).
+        sims = np.asarray(image_embeddings) @ np.asarray(texts).T
         sim_anchor = sims[np.arange(len(anchor_index)), anchor_index]
         return sim_anchor, sims[:, len(anchor_prompts) :]
 

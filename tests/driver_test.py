@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from configs import tiny_cpu
-from gal_jax import acquisition, driver
+from gal_jax import acquisition, driver, io_utils
 
 
 def small_config(tiny_assets, **overrides):
@@ -66,8 +66,39 @@ def assert_record_follows_acquisition_math(record):
 def uncertainty_run(tiny_assets, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("uncertainty")
     config = small_config(tiny_assets)
-    report = driver.run(config, workdir)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(driver, "run_round", counting_executables(driver.run_round, BUILT_PER_ROUND))
+        report = driver.run(config, workdir)
     return config, workdir, report
+
+
+BUILT_PER_ROUND: dict[int, list[str]] = {}  # the uncertainty run's XLA executables, by round
+
+
+def counting_executables(run_round, built: dict):
+    """Wraps driver.run_round to keep the names of the executables each round built."""
+
+    def run(runtime, round_index, *args, **kwargs):
+        before = len(io_utils.executables_built())
+        record = run_round(runtime, round_index, *args, **kwargs)
+        built[round_index] = io_utils.executables_built()[before:]
+        return record
+
+    return run
+
+
+def test_the_loops_functions_compile_once_for_the_whole_run(uncertainty_run):
+    """Train step, state init, latent and text encoders, the sampler chunk and CLIP's batch are
+    built in round 1 only; later rounds rebuild only the small helpers whose shapes follow the
+    image grid, which shrinks as prompts are queried; the last round (training only) builds none."""
+    heavy = {"jit(train_step)", "jit(_new_state)", "jit(encode_posterior)", "jit(encode_text)",
+             "jit(_chunk)", "jit(_traced_embed_images)"}
+    assert sorted(BUILT_PER_ROUND) == [1, 2, 3]
+    every = [name for names in BUILT_PER_ROUND.values() for name in names]
+    assert {"jit(train_step)", "jit(_chunk)"} <= set(BUILT_PER_ROUND[1])
+    assert all(every.count(name) <= 1 for name in heavy), BUILT_PER_ROUND
+    assert not heavy & set(BUILT_PER_ROUND[2]), BUILT_PER_ROUND[2]
+    assert BUILT_PER_ROUND[3] == [], BUILT_PER_ROUND[3]
 
 
 def test_tiny_uncertainty_balance_run_writes_consistent_records(uncertainty_run):
