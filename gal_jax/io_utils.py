@@ -222,12 +222,20 @@ def relative_if_inside(root: Path, path: Path) -> str:
         return str(path)
 
 
-def enable_compilation_cache(directory: Path = COMPILATION_CACHE) -> None:
-    """Turns on JAX's persistent compilation cache, so reruns skip XLA compiles."""
+# The persistent cache's size limit: past it, the least recently used executables are deleted
+# (an SD 1.5 run stores a few hundred MB; tests and benchmarks of many shapes add up).
+COMPILATION_CACHE_MAX_BYTES = int(float(os.environ.get("GAL_JAX_CACHE_MAX_GB", "8")) * 2**30)
+
+
+def enable_compilation_cache(directory: Path = COMPILATION_CACHE,
+                             max_bytes: int = COMPILATION_CACHE_MAX_BYTES) -> None:
+    """Turns on JAX's persistent compilation cache, so reruns skip XLA compiles; beyond `max_bytes`
+    the least recently used entries are deleted."""
     import jax
 
     directory.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_compilation_cache_max_size", max_bytes)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 

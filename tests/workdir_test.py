@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import jax
 import pytest
 
 from gal_jax import io_utils
@@ -231,3 +232,16 @@ def test_temporaries_of_killed_processes_are_removed_and_live_ones_kept(tmp_path
     [dead] = set(tmp_path.iterdir()) - {live, other_target, foreign}
     again = io_utils.temporary_dir_beside(target)
     assert not dead.exists() and {live, other_target, foreign, again} == set(tmp_path.iterdir())
+
+
+def test_the_persistent_compilation_cache_has_a_size_limit():
+    """Past the limit jax deletes the least recently used executables; without one, a machine that
+    benchmarks many shapes fills its disk."""
+    saved = {name: jax.config.values[name] for name in ("jax_compilation_cache_max_size",)}
+    try:
+        io_utils.enable_compilation_cache(max_bytes=3 * 2**30)
+        assert jax.config.values["jax_compilation_cache_max_size"] == 3 * 2**30
+        assert io_utils.COMPILATION_CACHE_MAX_BYTES > 0  # the default: GAL_JAX_CACHE_MAX_GB, 8 GB
+    finally:
+        for name, value in saved.items():
+            jax.config.update(name, value)
