@@ -514,8 +514,7 @@ def generate_images(runtime, round_index, unet_params, pool, paths: RoundPaths, 
         images.block_until_ready()
     with io_utils.timed(timings, "write"):
         host = sample.to_host(images, config.sample.num_per_prompt).reshape(-1, *images.shape[1:])
-        for n, entry in enumerate(expected):
-            io_utils.write_png(workdir.resolve(entry["path"]), host[n])
+        io_utils.write_pngs([workdir.resolve(entry["path"]) for entry in expected], host[: len(expected)])
         io_utils.write_json(paths.generated, expected)  # the marker that generation is finished
     io_utils.sync(f"generated {paths.dir}")
     return images, expected

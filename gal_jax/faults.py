@@ -18,10 +18,12 @@ from __future__ import annotations
 import fnmatch
 import os
 import signal
+import threading
 from pathlib import Path
 
 ENV = "GAL_JAX_KILL_AT"
 _counts: dict[str, int] = {}
+_lock = threading.Lock()
 
 
 def _target() -> tuple[str, str, int] | None:
@@ -42,6 +44,7 @@ def maybe_kill(kind: str, what: str | Path | int) -> None:
     name = Path(what).name if kind == "write" else str(what)
     if not fnmatch.fnmatchcase(name, pattern):
         return
-    _counts[pattern] = _counts.get(pattern, 0) + 1
-    if _counts[pattern] == nth:
-        os.kill(os.getpid(), signal.SIGKILL)
+    with _lock:  # writes may come from several threads (io_utils.write_pngs)
+        _counts[pattern] = _counts.get(pattern, 0) + 1
+        if _counts[pattern] == nth:
+            os.kill(os.getpid(), signal.SIGKILL)

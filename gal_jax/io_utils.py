@@ -201,6 +201,20 @@ def write_png(path: Path, image: np.ndarray) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def write_pngs(paths: Sequence[Path], images: np.ndarray, *, workers: int | None = None) -> None:
+    """Writes image i to paths[i] as write_png does, on a pool of threads (PNG compression and
+    fsync release the GIL: ~2x on 2 cores for a round's grid). The first error is raised after
+    the other writes finish; each file is whole or absent."""
+    import concurrent.futures
+
+    if len(paths) != len(images):
+        raise ValueError(f"{len(paths)} paths for {len(images)} images")
+    workers = workers or min(16, os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="write_png") as pool:
+        for future in [pool.submit(write_png, path, image) for path, image in zip(paths, images)]:
+            future.result()
+
+
 def read_images(paths: Sequence[Path]) -> np.ndarray:
     """Returns the images at `paths` stacked as uint8 (n, H, W, 3), read as every user image is
     (`images.read_rgb_array`: upright, 8-bit, transparency on white); errors name the file."""

@@ -337,13 +337,10 @@ def write_images(images, prompts: Sequence[str], seeds: Sequence[int], out_dir: 
     if not len(images) == len(prompts) == len(seeds):
         raise ValueError(f"write_images: {len(images)} images, {len(prompts)} prompts, {len(seeds)} seeds")
     out_dir, writer = Path(out_dir), jax.process_index() == 0
-    index = []
-    for i, (image, prompt, seed) in enumerate(zip(images, prompts, seeds)):
-        path = Path("images") / f"{i:05d}.png"
-        if writer:
-            io_utils.write_png(out_dir / path, image)
-        index.append({"prompt": prompt, "seed": int(seed), "path": str(path)})
+    index = [{"prompt": prompt, "seed": int(seed), "path": str(Path("images") / f"{i:05d}.png")}
+             for i, (prompt, seed) in enumerate(zip(prompts, seeds))]
     if writer:
+        io_utils.write_pngs([out_dir / entry["path"] for entry in index], images)
         io_utils.write_json(out_dir / "index.json", index)
     return index
 

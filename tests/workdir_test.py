@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 
 from gal_jax import io_utils
@@ -245,3 +246,21 @@ def test_the_persistent_compilation_cache_has_a_size_limit():
     finally:
         for name, value in saved.items():
             jax.config.update(name, value)
+
+
+def test_pngs_written_on_threads_are_whole_and_a_failure_is_raised(tmp_path):
+    from gal_jax.images import read_rgb_array
+
+    images = np.random.default_rng(0).integers(0, 256, (12, 8, 8, 3), dtype=np.uint8)
+    paths = [tmp_path / "grid" / f"{i}.png" for i in range(12)]
+    io_utils.write_pngs(paths, images, workers=4)
+    for path, image in zip(paths, images):
+        np.testing.assert_array_equal(read_rgb_array(path), image)
+    (tmp_path / "blocked").write_text("a file where a folder should be")
+    bad = paths[:5] + [tmp_path / "blocked" / "5.png"] + paths[6:]
+    with pytest.raises(OSError):
+        io_utils.write_pngs(bad, images[::-1], workers=4)
+    np.testing.assert_array_equal(read_rgb_array(paths[11]), images[0])  # the others were written
+    assert not list((tmp_path / "grid").glob(".*")), "a temporary file was left"
+    with pytest.raises(ValueError, match="12 paths for 3 images"):
+        io_utils.write_pngs(paths, images[:3])
