@@ -69,32 +69,42 @@ def build_latent_cache(
     *,
     resolution: int,
     chunk_size: int,
+    known: dict[bytes, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> LatentCache:
     """Returns the latent moments of every distinct image of the training set, each encoded once.
 
     One pass over the set through the training pipeline itself (unaugmented), so the cached
     pixels are exactly those training sees; `encode` maps (chunk_size, H, W, 3) pixels to host
-    (mean, std).
+    (mean, std). `known` ({image key: (mean, std)}, filled in here) carries moments across calls:
+    the class images and earlier references of a GAL run are encoded in its first round only.
     """
+    known = {} if known is None else known
     one_pass = data.make_train_iterator(
         train_set_dir, global_batch_size=1, seed=0, resolution=resolution, num_epochs=1
     )
-    rows: dict[bytes, int] = {}
-    pending: list[np.ndarray] = []
-    moments: list[tuple[np.ndarray, np.ndarray]] = []
+    order: dict[bytes, None] = {}
+    pending: dict[bytes, np.ndarray] = {}
+
+    def encode_pending(count: int) -> None:
+        keys = list(pending)[:count]
+        mean, std = _encode_padded(encode, [pending.pop(key) for key in keys], chunk_size)
+        known.update((key, (m, s)) for key, m, s in zip(keys, mean, std))
+
     for batch in one_pass:
         for pixels in batch["pixel_values"]:
             key = _image_key(pixels)
-            if key not in rows:
-                rows[key] = len(rows)
-                pending.append(pixels)
+            if key not in order:
+                order[key] = None
+                if key not in known:
+                    pending[key] = pixels
         if len(pending) >= chunk_size:
-            moments.append(_encode_padded(encode, pending[:chunk_size], chunk_size))
-            pending = pending[chunk_size:]
+            encode_pending(chunk_size)
     if pending:
-        moments.append(_encode_padded(encode, pending, chunk_size))
-    mean, std = (np.concatenate(parts) for parts in zip(*moments))
-    return LatentCache(rows=rows, mean=mean, std=std)
+        encode_pending(len(pending))
+    keys = list(order)
+    return LatentCache(rows={key: row for row, key in enumerate(keys)},
+                       mean=np.stack([known[key][0] for key in keys]),
+                       std=np.stack([known[key][1] for key in keys]))
 
 
 def _encode_padded(encode, images: list[np.ndarray], chunk_size: int):
@@ -174,6 +184,9 @@ class Trainer:
         # Made on the mesh inside jit: device_put of a key onto devices of other processes fails.
         self._rng = jax.jit(lambda: jax.random.key(config.train.seed), out_shardings=sharding.replicated(mesh))()
         self._encode = jax.jit(sd.encode_posterior, out_shardings=sharding.replicated(mesh))
+        # VAE moments of every training image seen this run, by pixel bytes (build_latent_cache).
+        self._latents: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
+        self._latents_vae: list[jax.Array] = []  # the VAE weights they were encoded with
 
     @property
     def num_compiles(self) -> int:
@@ -219,7 +232,7 @@ class Trainer:
                 done = {"start_step": start, "steps": start, "loss": metadata.get("loss"), "history": [],
                         "loss_curve": curve}
                 return state.params, done
-            cache = self._latent_cache(train_set_dir, frozen) if self.cache_latents else None
+            cache = self._latent_cache(train_set_dir, frozen, base_params.vae) if self.cache_latents else None
             batches = (self._device_batch(batch, cache) for batch in iterator)
             log = _MetricLog(total=self.config.train.steps, start=start, progress=progress, desc=desc,
                              loss_curve=curve, examples_per_step=self._examples_per_step(train_set_dir))
@@ -311,7 +324,11 @@ class Trainer:
         logging.info("Resuming training from %s at step %d.", ckpt.directory, restored.step)
         return restored.state, restored.metadata
 
-    def _latent_cache(self, train_set_dir: Path, frozen: FrozenInputs) -> LatentCache:
+    def _latent_cache(self, train_set_dir: Path, frozen: FrozenInputs, vae_params) -> LatentCache:
+        # Moments encoded in earlier rounds are reused while the VAE weights are the same arrays.
+        vae_leaves = jax.tree_util.tree_leaves(vae_params)
+        if len(vae_leaves) != len(self._latents_vae) or any(a is not b for a, b in zip(vae_leaves, self._latents_vae)):
+            self._latents, self._latents_vae = {}, vae_leaves
         # Encodes a training batch of images at a time, rounded up to fill every device.
         shards = sharding.num_batch_shards(self.mesh)
         images = self.config.train.batch_size * self.config.train.grad_accum_steps
@@ -323,7 +340,7 @@ class Trainer:
 
         return build_latent_cache(
             train_set_dir, encode, resolution=self.config.data.resolution,
-            chunk_size=shards * -(-images // shards),
+            chunk_size=shards * -(-images // shards), known=self._latents,
         )
 
     def _device_batch(self, batch: Batch, cache: LatentCache | None) -> Batch:

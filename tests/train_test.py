@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from flax import traverse_util
+from PIL import Image
 
 from configs import tiny_cpu
 from gal_jax.nn import weights as nn_weights
@@ -390,6 +391,37 @@ def test_remat_gives_the_same_gradients(loaded, trainer, unet_grad):
     # The tiny UNet has 8 resnet and 4 transformer blocks, each rematerialised on its own.
     assert len(re.findall(r"\bremat2?\[", str(jax.make_jaxpr(grad)(params.unet)))) == 12
     chex.assert_trees_all_close(grad(params.unet), unet_grad(batch)[1], atol=1e-6, rtol=1e-5)
+
+
+def test_later_rounds_encode_only_the_images_they_add(tiny_assets, loaded, train_set, tmp_path):
+    """The class images and earlier references are encoded in a run's first round only."""
+    sd, _ = loaded
+    encoded = []
+
+    def encode(pixels):  # a stand-in encoder that records what it was given
+        encoded.extend(_image_keys(pixels))
+        return pixels[:, :2, :2].copy(), pixels[:, 2:4, 2:4].copy()
+
+    known = {}
+    first = trainer_lib.build_latent_cache(train_set, encode, resolution=64, chunk_size=8, known=known)
+    assert len(encoded) >= 24 and len(set(encoded)) == len(first.rows) == 4 + 20
+    references = data.load_concept(tiny_assets["object_concept"])
+    queried = tmp_path / "queried.png"
+    Image.fromarray(np.full((64, 64, 3), 7, np.uint8)).save(queried)
+    second_set = data.write_training_set(
+        [*references, dataclasses.replace(references[0], image=queried)],
+        data.list_class_images(tiny_assets["reg_dir"]), "a teapot", tmp_path / "round2", sd.tokenize, 64)
+    encoded.clear()
+    second = trainer_lib.build_latent_cache(second_set, encode, resolution=64, chunk_size=8, known=known)
+    assert len(set(encoded)) == 1 and len(second.rows) == 25  # only the queried image is new
+    fresh = trainer_lib.build_latent_cache(second_set, encode, resolution=64, chunk_size=8)
+    for key, row in fresh.rows.items():
+        np.testing.assert_array_equal(second.mean[second.rows[key]], fresh.mean[row])
+        np.testing.assert_array_equal(second.std[second.rows[key]], fresh.std[row])
+
+
+def _image_keys(pixels):
+    return [trainer_lib._image_key(p) for p in pixels]
 
 
 @pytest.mark.slow
