@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     "importlib_resources",
     "matplotlib",
     "tqdm",
+    "filelock",  # jax needs it for the size-limited persistent compilation cache
 ]
 
 setup(

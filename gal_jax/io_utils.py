@@ -18,7 +18,9 @@ from PIL import Image
 from gal_jax import faults
 from gal_jax.images import read_rgb_array
 
-COMPILATION_CACHE = Path(os.environ.get("GAL_JAX_CACHE", "~/.cache/gal_jax")).expanduser() / "xla"
+# "xla-lru", not the "xla" of earlier versions: a size-limited cache needs an access-time file beside
+# every entry, and jax fails to write into a folder whose older entries lack them.
+COMPILATION_CACHE = Path(os.environ.get("GAL_JAX_CACHE", "~/.cache/gal_jax")).expanduser() / "xla-lru"
 
 
 TEMP_PREFIX = ".tmp-"

@@ -264,3 +264,25 @@ def test_pngs_written_on_threads_are_whole_and_a_failure_is_raised(tmp_path):
     assert not list((tmp_path / "grid").glob(".*")), "a temporary file was left"
     with pytest.raises(ValueError, match="12 paths for 3 images"):
         io_utils.write_pngs(paths, images[:3])
+
+
+def test_a_fresh_process_caches_executables_beside_an_earlier_versions_cache(tmp_path):
+    """Earlier versions kept an unlimited cache in GAL_JAX_CACHE/xla, whose entries have no
+    access-time files: a size-limited cache in that folder fails every write."""
+    old = tmp_path / "xla"
+    old.mkdir()
+    (old / "jit_f-0123-cache").write_bytes(b"an entry of an earlier version")
+    script = textwrap.dedent("""
+        import warnings
+        warnings.simplefilter("error")
+        import jax, jax.numpy as jnp
+        from gal_jax import io_utils
+        io_utils.enable_compilation_cache()
+        jax.jit(lambda x: jnp.sin(x) * 3)(jnp.ones(7)).block_until_ready()
+    """)
+    env = {**os.environ, "GAL_JAX_CACHE": str(tmp_path), "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120,
+                            cwd=Path(__file__).parents[1])
+    assert result.returncode == 0, result.stderr[-2000:]
+    entries = sorted(p.name for p in (tmp_path / "xla-lru").iterdir())
+    assert any(name.endswith("-cache") for name in entries) and any(name.endswith("-atime") for name in entries)
