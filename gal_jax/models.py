@@ -630,13 +630,12 @@ def random_stable_diffusion(
 
     def init(key):
         keys = jax.random.split(key, 3)
-        return StableDiffusionParams(
+        return cast_params(StableDiffusionParams(
             unet=nn_unet.init_params(unet, keys[0]),
             vae=nn_vae.init_params(vae, keys[1]),
             text_encoder=nn_clip.init_params(text_encoder, keys[2]),
-        )
+        ), param_dtype)
 
-    params = (jax.eval_shape if abstract else lambda f, k: f(k))(init, jax.random.key(seed))
     sd = StableDiffusion(
         path=Path(f"random:{unet_config['block_out_channels']}"),
         unet=unet,
@@ -645,12 +644,7 @@ def random_stable_diffusion(
         tokenizer=_load_tokenizer(Path(tokenizer_dir)),
         scheduler_config=dict(scheduler_config),
     )
-    if abstract:
-        dtype = jnp.dtype(param_dtype)
-        return sd, jax.tree_util.tree_map(
-            lambda leaf: jax.ShapeDtypeStruct(leaf.shape, dtype if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf.dtype),
-            params)
-    return sd, cast_params(params, param_dtype)
+    return sd, (jax.eval_shape(init, jax.random.key(seed)) if abstract else init(jax.random.key(seed)))
 
 
 def random_clip(tokenizer_dir: Path, *, seed: int = 0) -> tuple[ClipModel, Params]:

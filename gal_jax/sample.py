@@ -253,20 +253,17 @@ class Generator:
 
     def compile_abstract(self, params: StableDiffusionParams, num_images: int) -> jax.stages.Compiled:
         """Returns the chunk function for a grid of `num_images` compiled for params given as
-        ShapeDtypeStructs (nothing allocated, no text encoded): for memory and FLOP figures of
-        models that are not loaded."""
+        ShapeDtypeStructs (nothing model-sized allocated, no text encoded): for memory and FLOP
+        figures of models that are not loaded."""
         chunk = self.chunk_size(num_images)
         text = jax.eval_shape(self.sd.encode_text, params.text_encoder, self.sd.tokenize([""]))
-        batch, replicated = sharding.batch_sharding(self.mesh), sharding.replicated(self.mesh)
-
-        def spec(shape, dtype, where):
-            return jax.ShapeDtypeStruct(shape, dtype, sharding=where)
-
-        weights = jax.tree_util.tree_map(lambda x: spec(x.shape, x.dtype, replicated), (params.unet, params.vae))
-        scalar, ids = spec((), jnp.int32, replicated), spec((chunk,), jnp.int32, batch)
-        args = (*weights, spec((chunk, *text.shape[1:]), text.dtype, batch),
-                spec(text.shape[1:], text.dtype, replicated), scalar, scalar, ids, ids)
-        return self._chunk_fn.lower(*args).compile()
+        context, ids = np.zeros((chunk, *text.shape[1:]), text.dtype), np.arange(chunk)
+        replicated = sharding.replicated(self.mesh)
+        weights = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), (params.unet, params.vae))
+        data = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                      self._chunk_args(context, context[0], 0, 0, ids, ids))
+        return self._chunk_fn.lower(*weights, *data).compile()
 
 
 def _check_grid(prompts, prompt_ids, round_index, num_per_prompt, base_seed) -> np.ndarray:

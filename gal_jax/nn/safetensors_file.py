@@ -12,6 +12,7 @@ holds more than one tensor beyond what it keeps.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -220,25 +221,34 @@ def write(
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % _ALIGNMENT)
     file.parent.mkdir(parents=True, exist_ok=True)
+    with replaced_when_complete(file) as out:
+        out.write(struct.pack("<Q", len(encoded)))
+        out.write(encoded)
+        for key, (shape, dtype) in specs.items():
+            value = np.asarray(produce(key))
+            if value.shape != tuple(shape) or value.dtype != np.dtype(dtype):
+                raise ValueError(
+                    f"{file}: tensor {key!r} came as {value.dtype}{list(value.shape)}, "
+                    f"declared {np.dtype(dtype)}{list(shape)}"
+                )
+            out.write(memoryview(np.ascontiguousarray(value).reshape(-1).view(np.uint8)))
+    return file
+
+
+@contextlib.contextmanager
+def replaced_when_complete(file: Path, mode: str = "wb"):
+    """Yields a temporary file beside `file` opened in `mode`, which replaces `file` (synced to
+    disk first) only when the block completes: an interrupted write leaves any earlier `file`
+    as it was, and no temporary behind."""
     temporary = file.with_name(f".{file.name}.tmp-{os.getpid()}")
     try:
-        with open(temporary, "wb") as out:
-            out.write(struct.pack("<Q", len(encoded)))
-            out.write(encoded)
-            for key, (shape, dtype) in specs.items():
-                value = np.asarray(produce(key))
-                if value.shape != tuple(shape) or value.dtype != np.dtype(dtype):
-                    raise ValueError(
-                        f"{file}: tensor {key!r} came as {value.dtype}{list(value.shape)}, "
-                        f"declared {np.dtype(dtype)}{list(shape)}"
-                    )
-                out.write(memoryview(np.ascontiguousarray(value).reshape(-1).view(np.uint8)))
+        with open(temporary, mode) as out:
+            yield out
             out.flush()
             os.fsync(out.fileno())
         os.replace(temporary, file)
     finally:
         temporary.unlink(missing_ok=True)
-    return file
 
 
 def write_arrays(file: str | Path, tensors: Mapping[str, np.ndarray], *, metadata=None) -> Path:

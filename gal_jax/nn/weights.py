@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -272,27 +271,15 @@ def write_diffusers_folder(
     folder = Path(folder)
     stem = f"{DIFFUSERS_WEIGHTS_STEM}.{variant}" if variant else DIFFUSERS_WEIGHTS_STEM
     file = write_params(params, abstract, folder / f"{stem}.safetensors", dtype=dtype, key_of=diffusers_key)
-    _write_diffusers_config(folder, config)
-    return file
-
-
-def _write_diffusers_config(folder: Path, config: Mapping[str, Any]) -> None:
     write_config(folder / DIFFUSERS_CONFIG_FILE, config)
+    return file
 
 
 def write_config(file: str | Path, config: Mapping[str, Any]) -> None:
     """Writes a model's `config.json` through a temporary file renamed into place, as the weights
     are written: a kill mid-write leaves any earlier config whole."""
-    file = Path(file)
-    temporary = file.with_name(f".{file.name}.tmp-{os.getpid()}")
-    try:
-        with open(temporary, "w") as out:
-            out.write(json.dumps(dict(config), indent=2) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, file)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with safetensors_file.replaced_when_complete(Path(file), "w") as out:
+        out.write(json.dumps(dict(config), indent=2) + "\n")
 
 
 def write_random_diffusers_folder(
@@ -314,7 +301,7 @@ def write_random_diffusers_folder(
 
     file = safetensors_file.write(folder / f"{DIFFUSERS_WEIGHTS_STEM}.safetensors", specs, produce,
                                   metadata={"format": "pt"})
-    _write_diffusers_config(folder, config)
+    write_config(folder / DIFFUSERS_CONFIG_FILE, config)
     return file
 
 
