@@ -40,7 +40,8 @@ setup(
         # The references: PyTorch diffusers/transformers in parity and export tests and in
         # `gal-jax bench --compare-torch`. Install torch==2.13.0 first on CPU machines: a bare
         # `torch` pulls several GB of CUDA. selenium drives Debian chromium in the browser tests.
-        "test": ["pytest", "chex", "selenium", "torch>=2.11", "diffusers>=0.39.0"],
+        # peft: diffusers' load_lora_weights needs it (the LoRA export test loads ours with it).
+        "test": ["pytest", "chex", "selenium", "torch>=2.11", "diffusers>=0.39.0", "peft>=0.17"],
     },
     entry_points={"console_scripts": ["gal-jax=gal_jax.main:run"]},
 )

@@ -58,8 +58,26 @@ def get_config() -> ml_collections.ConfigDict:
     # None or () takes gal_jax.sharding.DEFAULT_LOGICAL_RULES. Logical axes: gal_jax/nn/layers.py.
     config.mesh.rules = None
 
-    # DreamBooth training, from the base weights every round.
+    # Training, from the base weights every round.
     config.train = ml_collections.ConfigDict()
+    # The personalization method (README "Methods"): 'dreambooth' (the whole UNet: the paper's),
+    # 'lora' (config.lora), 'textual_inversion' (the concept's placeholder as one new token) or
+    # 'attndreambooth' (three stages, configs/sd21_attndreambooth.py).
+    config.train.method = "dreambooth"
+    # What a stage trains: a regex over model-tree paths (unet/.../attn2/to_k/kernel, text_encoder/...,
+    # lora/..., new_tokens); '' -> the method's own (gal_jax/personalize.py DEFAULT_TRAINABLE).
+    config.train.trainable = ""
+    # Multi-stage methods: {stage name: {train.* field: value}}, run in the order of the names,
+    # each config.train with those fields replaced; empty -> one stage, config.train itself.
+    config.train.stages = ml_collections.ConfigDict()
+    # The new-token methods: the token added ('' -> the concept's placeholder, e.g. '<cute-cat>')
+    # and the one-token word whose embedding starts it ('' -> the first word of the class word).
+    config.train.new_token = ""
+    config.train.new_token_init = ""
+    # AttnDreamBooth's regularizer: the new token's cross-attention map mean and variance pulled
+    # towards the next token's (the class word), with these weights (0, 0: off).
+    config.train.attention_loss_mean = 0.0
+    config.train.attention_loss_var = 0.0
     config.train.steps = 800
     config.train.batch_size = 1  # global, in instance examples
     config.train.learning_rate = 5e-6
@@ -69,7 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.adam_b2 = 0.999
     config.train.adam_eps = 1e-8
     config.train.weight_decay = 1e-2
-    config.train.max_grad_norm = 1.0
+    config.train.max_grad_norm = 1.0  # 0: no clipping
     config.train.with_prior = True
     config.train.prior_loss_weight = 1.0
     config.train.grad_accum_steps = 1
@@ -88,6 +106,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.save_dtype = "float32"  # 'float32' | 'bfloat16' | 'float16'
     config.train.log_every = 50
     config.train.seed = 0
+
+    # DreamBooth-LoRA (train.method='lora'): rank-r deltas W + (alpha / r) B A on the kernels whose
+    # UNet path matches `targets` ('' -> to_q, to_k, to_v, to_out.0 of every attention layer;
+    # add ff/net_0/proj|ff/net_2 for the MLPs), B zero at the start; alpha 0 -> the rank.
+    config.lora = ml_collections.ConfigDict()
+    config.lora.rank = 4
+    config.lora.alpha = 0.0
+    config.lora.targets = ""
 
     # Generation over anchor prompts x seeds.
     config.sample = ml_collections.ConfigDict()

@@ -4,14 +4,16 @@ Runs the whole GAL loop (3 rounds, uncertainty + balance) in a few minutes on 2 
 
     gal-jax run --config=configs/tiny_cpu.py --workdir=workdirs/tiny
 
-Any field can be overridden, e.g. `--config.gal.feedback=random --config.train.steps=10`.
+Any field can be overridden, e.g. `--config.gal.feedback=random --config.train.steps=10`;
+`configs/tiny_cpu.py:lora` (or `:textual_inversion`, `:attndreambooth`) trains another method.
 """
 
-from configs import common
+from configs import common, sd21_attndreambooth
 
 
-def get_config():
-    """Returns the tiny CPU config."""
+def get_config(variant: str = ""):
+    """Returns the tiny CPU config; a variant names another personalization method ('lora',
+    'textual_inversion', 'attndreambooth': its stages shrunk to tiny lengths)."""
     config = common.get_config()
     config.data.resolution = 64
     config.data.class_prompt = "a teapot"
@@ -32,4 +34,25 @@ def get_config():
     # guidance but takes far fewer steps and images, so it runs in tests.
     config.eval.steps = 4
     config.eval.num_per_prompt = 2
+    return with_method(config, variant)
+
+
+def with_method(config, method: str):
+    """Returns `config` training `method` ('' keeps DreamBooth) at tiny lengths."""
+    if method in ("", "dreambooth"):
+        return config
+    if method == "lora":
+        config.train.method = "lora"
+        config.train.learning_rate = 1e-3
+    elif method == "textual_inversion":
+        config.train.method = "textual_inversion"
+        config.train.learning_rate = 5e-3
+    elif method == "attndreambooth":
+        sd21_attndreambooth.use_attndreambooth(config)
+        config.train.checkpoint_every = 10
+        for name, steps in (("s1_inversion", 10), ("s2_attention", 10), ("s3_unet", 10)):
+            config.train.stages[name].steps = steps
+            config.train.stages[name].batch_size = 2
+    else:
+        raise ValueError(f"unknown variant {method!r} of tiny_cpu (known: lora, textual_inversion, attndreambooth)")
     return config

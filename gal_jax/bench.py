@@ -186,11 +186,39 @@ def bench_score(config, clip, clip_params, mesh) -> dict:
 
 
 def bench_train(config, sd, sd_params, mesh) -> dict:
-    """Returns the figures of one compiled train step (global batch of config.train.batch_size)."""
-    from gal_jax import train
+    """Returns the figures of one compiled train step (global batch of config.train.batch_size)
+    of config.train.method (its first stage); for a method other than DreamBooth, DreamBooth's
+    step on the same model and batch too, under `dreambooth`, with the ratios."""
+    from gal_jax import personalize
+
+    result = _bench_train_step(config, sd, sd_params, mesh)
+    if personalize.method_name(config) == "dreambooth":
+        return result
+    full = config.copy_and_resolve_references()
+    with full.unlocked():
+        full.train.method, full.train.stages, full.train.trainable = "dreambooth", {}, ""
+    dreambooth = _bench_train_step(full, sd, sd_params, mesh)
+    result["dreambooth"] = dreambooth
+    result["step_time_vs_dreambooth"] = round(result["step_s_median"] / dreambooth["step_s_median"], 3)
+    result["memory_vs_dreambooth"] = round(result["compiled_memory_gib"] / dreambooth["compiled_memory_gib"], 3)
+    return result
+
+
+def bench_trainer(config, sd, mesh):
+    """Returns the Trainer of config.train.method for benchmarks: the new-token methods get a
+    placeholder token "<bench>" initialised from "photo"."""
+    from gal_jax import personalize
     from gal_jax.trainer import Trainer
 
-    trainer = Trainer(config, sd, mesh)
+    sd, method = personalize.prepare(config, sd, placeholder="<bench>", class_word="photo")
+    return Trainer(config, sd, mesh, method)
+
+
+def _bench_train_step(config, sd, sd_params, mesh) -> dict:
+    from gal_jax import memory
+
+    trainer = bench_trainer(config, sd, mesh)
+    sd, method = trainer.sd, trainer.method
     rows, with_prior = train_rows(config)
     start = time.perf_counter()
     compiled = trainer.compile_for(sd_params, rows)
@@ -205,7 +233,10 @@ def bench_train(config, sd, sd_params, mesh) -> dict:
     flops = flops_lib.count(_train_step_function(trainer, sd), state, batch, rng, frozen)
     times = time_calls(step, config.bench.iters, config.bench.warmup)
     result = summarize("train", compile_s, times, rows, "samples", flops, mesh, compiled)
-    if config.bench.get("compare_torch") or config.bench.get("authors"):
+    result["method"] = method.name + (f" (stage {method.stages[0].name})" if len(method.stages) > 1 else "")
+    # What XLA plans for the step (arguments, outputs, temporaries): a peak memory on every backend.
+    result["compiled_memory_gib"] = round(memory.of_compiled(compiled).peak / 2**30, 4)
+    if (config.bench.get("compare_torch") or config.bench.get("authors")) and method.name == "dreambooth":
         result |= compare_train(config, sd, sd_params, step, rows=rows, with_prior=with_prior,
                                 cached_latents=trainer.cache_latents)
     return result | profile_figures(config, "profile", compiled, step)
@@ -221,8 +252,9 @@ def _train_step_inputs(config, trainer, sd, sd_params, mesh, rows: int) -> tuple
     """Returns (state, synthetic batch, rng, frozen inputs) of a train step of `rows` examples."""
     from gal_jax import train
 
-    state = train.init_train_state(sd_params.unet, trainer.optimizer, mesh, sd.logical_axes().unet, trainer.rules)
-    frozen = train.place_frozen(sd_params, sd, mesh, trainer.rules)
+    trained, rest = trainer.split_for(sd_params)
+    state = train.init_train_state(trained, trainer.optimizer, mesh, trainer.model_axes, trainer.rules)
+    frozen = train.place_frozen(sd_params.vae, rest, sd, mesh, trainer.rules)
     batch = _synthetic_batch(
         train.abstract_batch(sd, mesh, num_examples=rows, resolution=config.data.resolution,
                              cached_latents=trainer.cache_latents)
@@ -241,12 +273,11 @@ def round_flops(config, mesh) -> dict[str, float]:
     often as they run): one train step at the global batch, one generated image (all denoising
     steps with CFG + VAE decode) and one scored image."""
     from gal_jax import sample, score
-    from gal_jax.trainer import Trainer
 
     sd, sd_params = build_models(config, "train")
-    trainer = Trainer(config, sd, mesh)
+    trainer = bench_trainer(config, sd, mesh)
     rows, _ = train_rows(config)
-    step_inputs = _train_step_inputs(config, trainer, sd, sd_params, mesh, rows)
+    step_inputs = _train_step_inputs(config, trainer, trainer.sd, sd_params, mesh, rows)
     generator = sample.Generator.from_config(config, sd, mesh)
     images = generator.chunk_size(config.sample.max_images_per_device * sharding.num_batch_shards(mesh))
     _, chunk_args = generator.compiled_chunk(sd_params, images)
@@ -652,14 +683,13 @@ def bench_memory(config, mesh) -> dict:
     buffer assignment of both compiled for the models' shapes (`gal_jax.memory`: nothing is
     allocated, so SD 1.5-sized configs are checked on any host), next to bench.memory_budget_gib."""
     from gal_jax import memory, sample
-    from gal_jax.trainer import Trainer
 
     if config.bench.model not in ("config", "sd15"):
         raise ValueError(f"config.bench.model={config.bench.model!r}; expected 'config' or 'sd15'")
     sd, params = abstract_stable_diffusion(config)
     rows, _ = train_rows(config)
     start = time.perf_counter()
-    train_need = memory.of_compiled(Trainer(config, sd, mesh).compile_for(params, rows))
+    train_need = memory.of_compiled(bench_trainer(config, sd, mesh).compile_for(params, rows))
     generator = sample.Generator.from_config(config, sd, mesh)
     images = generator.chunk_size(config.sample.max_images_per_device * sharding.num_batch_shards(mesh))
     sample_need = memory.of_compiled(generator.compile_abstract(params, images))

@@ -28,6 +28,8 @@ class Concept:
     plain_prompts: tuple[str, ...]
     anchor_prompts: tuple[str, ...]  # the original pool; a prompt's index is its prompt_id
     anchor_file: Path | None = None  # the user's template file, when one is used
+    placeholder: str = ""  # objects: the identifier ("<cute-cat>"), the new token of textual inversion
+    class_word: str = ""  # objects: the class ("cat", "wooden pot")
 
 
 def load_concept(config: ml_collections.ConfigDict, concept_dir: Path, class_dir: Path | None,
@@ -46,6 +48,7 @@ def load_concept(config: ml_collections.ConfigDict, concept_dir: Path, class_dir
         plain = [r.plain_prompt or r.prompt for r in references]
         class_prompt = config.data.class_prompt or f"a photo of a {noun}"
     else:
+        placeholder, noun = "", ""
         phrase = anchors.style_descriptor(references[0].prompt)
         plain = [r.prompt for r in references]
         class_prompt = config.data.class_prompt
@@ -62,6 +65,8 @@ def load_concept(config: ml_collections.ConfigDict, concept_dir: Path, class_dir
         plain_prompts=tuple(dict.fromkeys(" ".join(p.split()) for p in plain)),
         anchor_prompts=anchors.anchor_prompts(templates, phrase),
         anchor_file=None if named_set else Path(config.gal.anchors).expanduser().absolute(),
+        placeholder=placeholder,
+        class_word=noun,
     )
 
 

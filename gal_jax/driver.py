@@ -25,8 +25,8 @@ from jax.sharding import Mesh
 import numpy as np
 
 from gal_jax import (
-    acquisition, data, eval_results, evaluate, export, faults, inputs, io_utils, models, report, review,
-    sample, schedulers, score, sharding, trainer,
+    acquisition, data, eval_results, evaluate, export, faults, inputs, io_utils, models, personalize, report,
+    review, sample, schedulers, score, sharding, trainer,
 )
 from gal_jax.concept import Concept, load_concept
 from gal_jax import workdir as workdir_lib
@@ -48,8 +48,9 @@ class Runtime:
     workdir: Workdir
     paths: inputs.RunPaths
     concept: Concept
-    sd: Any
-    sd_params: Any
+    sd: Any  # with the method's new tokens, when it adds some
+    sd_params: Any  # the base weights (the text encoder's table without the new rows)
+    method: personalize.Method
     trainer: Any
     generator: Any
     scorer: Any
@@ -73,6 +74,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.gal.rounds={gal.rounds} and config.gal.k={gal.k} must be >= 1")
     if gal.openness_lambda < 0:
         raise ValueError(f"config.gal.openness_lambda={gal.openness_lambda} must be >= 0")
+    personalize.stages_from_config(config)  # the method, its stages and their trainable regexes
+    personalize.lora_from_config(config)
     if config.sample.num_per_prompt < 1:
         raise ValueError(f"config.sample.num_per_prompt={config.sample.num_per_prompt} must be >= 1")
     for field, value in (("train.save_dtype", config.train.save_dtype), ("export.dtype", config.export.dtype)):
@@ -137,6 +140,7 @@ def build_runtime(config, workdir: Workdir, paths: inputs.RunPaths, concept: Con
     """Returns models, mesh and compiled functions for a run (built once, reused every round)."""
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     sd, sd_params = load_sd(config, paths.sd, mesh)
+    sd, method = personalize.prepare(config, sd, placeholder=concept.placeholder, class_word=concept.class_word)
     clip, clip_params = load_clip(config, paths.clip, mesh)
     eval_concepts = _eval_concepts(config, paths)
     return Runtime(
@@ -146,7 +150,8 @@ def build_runtime(config, workdir: Workdir, paths: inputs.RunPaths, concept: Con
         concept=concept,
         sd=sd,
         sd_params=sd_params,
-        trainer=trainer.Trainer(config, sd, mesh),
+        method=method,
+        trainer=trainer.Trainer(config, sd, mesh, method),
         generator=sample.Generator.from_config(config, sd, mesh),
         scorer=score.Scorer(clip, clip_params, mesh, batch_size=config.gal.score_batch),
         eval_concepts=eval_concepts,
@@ -292,15 +297,16 @@ def run_round(runtime: Runtime, round_index: int, rounds: int, records: list[Rou
     built_before = len(io_utils.executables_built())
 
     with io_utils.timed(timings, "train"):
-        unet_params, train_loss = train_round(runtime, references, paths)
+        result, train_loss = train_round(runtime, references, paths)
+        params = result.apply(runtime.sd_params)  # LoRA merged, new tokens in the table
     if runtime.eval_concepts:
         with io_utils.timed(timings, "evaluate"):
-            evaluate_round(runtime, round_index, unet_params, paths)
+            evaluate_round(runtime, round_index, params, paths)
     pool = remaining_pool(concept, records)
     if round_index == rounds or len(pool) < config.gal.k:
         query = dict(directions=(), openness=0.0, selected=(), stopped=round_index != rounds)
     else:
-        query = query_round(runtime, round_index, unet_params, pool, paths, timings)
+        query = query_round(runtime, round_index, params, pool, paths, timings)
     record = RoundRecord(
         round=round_index,
         feedback=config.gal.feedback,
@@ -326,13 +332,15 @@ def run_round(runtime: Runtime, round_index: int, rounds: int, records: list[Rou
 
 
 def train_round(runtime: Runtime, references: list[data.Reference], paths: RoundPaths):
-    """Returns (the round's UNet params, its loss curve): read from `unet/` and train_loss.json
-    when the round trained already, else trained from base on `references` (resuming from
-    checkpoints) and saved there."""
+    """Returns (the round's personalize.Personalization, its loss curve): read from its result
+    folder (`unet/` for DreamBooth, else `personalization/`) and train_loss.json when the round
+    trained already, else trained from base on `references` (resuming from checkpoints) and
+    saved there."""
     config = runtime.config
-    if paths.unet.is_dir():  # renamed into place when complete: its presence means finished
+    result_dir = paths.result(runtime.method.name)
+    if result_dir.is_dir():  # renamed into place when complete: its presence means finished
         curve = _read_json_or_damaged(paths.train_loss) if paths.train_loss.is_file() else []
-        return export.load_unet(runtime.sd, paths.unet, param_dtype=config.model.param_dtype), curve
+        return load_round_result(runtime, result_dir), curve
     concept = runtime.concept
     if not paths.train_set_done.exists():
         if io_utils.is_primary():
@@ -340,35 +348,53 @@ def train_round(runtime: Runtime, references: list[data.Reference], paths: Round
                                     paths.train_set, runtime.sd.tokenize, config.data.resolution)
         io_utils.touch(paths.train_set_done)
     io_utils.sync(f"train_set {paths.dir}")
-    # Without keep_training_state the checkpoints are deleted once unet/ is written: a final one
-    # would be written only to be deleted (~10 GB for SD 1.5).
-    unet_params, metrics = runtime.trainer.train_round(
+    # Without keep_training_state the checkpoints are deleted once the result is written: a final
+    # one would be written only to be deleted (~10 GB for SD 1.5).
+    result, metrics = runtime.trainer.train_round(
         runtime.sd_params, paths.train_set, paths.checkpoints, desc=f"round {paths.index} train",
         final_checkpoint=bool(config.train.keep_training_state))
     curve = [{"step": p["step"], "loss": p["loss"]} for p in metrics["loss_curve"]]
-    if config.train.save_dtype != config.model.param_dtype:
+    if result.unet is not None and config.train.save_dtype != config.model.param_dtype:
         # Continue with exactly what the file holds, so a resumed round generates the same images.
-        unet_params = models.cast_params(models.cast_params(unet_params, config.train.save_dtype),
-                                         config.model.param_dtype)
-    host_params = sharding.gather_to_host(unet_params)
+        unet = models.cast_params(models.cast_params(result.unet, config.train.save_dtype), config.model.param_dtype)
+        result = dataclasses.replace(result, unet=unet)
+    host_result = sharding.gather_to_host(result)
+    method = runtime.method
     if io_utils.is_primary():
         io_utils.write_json(paths.train_loss, curve)
-        export.save_unet(runtime.sd, host_params, paths.unet, dtype=config.train.save_dtype)
+        if method.name == "dreambooth":
+            export.save_unet(runtime.sd, host_result.unet, paths.unet, dtype=config.train.save_dtype)
+        else:
+            tokens = method.new_tokens.tokens if method.new_tokens else ()
+            export.save_personalization(runtime.sd, host_result, tokens, paths.personalization,
+                                        dtype=config.train.save_dtype)
         if not config.train.keep_training_state:
             shutil.rmtree(paths.checkpoints, ignore_errors=True)
-    io_utils.sync(f"unet {paths.dir}")
-    return unet_params, curve
+    io_utils.sync(f"result {paths.dir}")
+    if method.name != "dreambooth":
+        # LoRA files fold alpha / r into lora_B: continue with what they hold, as a resume would.
+        result = load_round_result(runtime, paths.personalization)
+    return result, curve
 
 
-def evaluate_round(runtime: Runtime, round_index: int, unet_params, paths: RoundPaths) -> list[dict]:
-    """Returns TXT-ALN / IMG-ALN / OVF of this round's model per concept (cached in eval.json)."""
+def load_round_result(runtime: Runtime, folder: Path) -> personalize.Personalization:
+    """Returns the Personalization saved in a round's result folder."""
+    dtype = runtime.config.model.param_dtype
+    if runtime.method.name == "dreambooth":
+        return personalize.Personalization(unet=export.load_unet(runtime.sd, folder, param_dtype=dtype))
+    _, result = export.load_personalization(runtime.sd, folder, param_dtype=dtype)
+    return result
+
+
+def evaluate_round(runtime: Runtime, round_index: int, params, paths: RoundPaths) -> list[dict]:
+    """Returns TXT-ALN / IMG-ALN / OVF of this round's model (`params`, all components) per
+    concept (cached in eval.json)."""
     config = runtime.config
     if paths.eval.exists():
         cached = _read_json_or_damaged(paths.eval)
         _check_eval_cache(cached, runtime.eval_concepts, paths.eval)
         _check_eval_settings(cached, eval_settings(config), paths.eval)
         return cached
-    params = dataclasses.replace(runtime.sd_params, unet=unet_params)
     results = [
         {"round": round_index, **evaluate.evaluate_model(
             runtime.eval_generator, runtime.scorer, params, concept,
@@ -413,11 +439,11 @@ def _check_eval_cache(cached: Any, concepts: Sequence, path: Path) -> None:
         )
 
 
-def query_round(runtime, round_index, unet_params, pool, paths: RoundPaths, timings) -> dict:
+def query_round(runtime, round_index, params, pool, paths: RoundPaths, timings) -> dict:
     """Returns the record fields of a query step: directions, openness, selected, stopped."""
     config, concept = runtime.config, runtime.concept
     prompts = [concept.anchor_prompts[i] for i in pool]
-    images, index = generate_images(runtime, round_index, unet_params, pool, paths, timings)
+    images, index = generate_images(runtime, round_index, params, pool, paths, timings)
     with io_utils.timed(timings, "score"):
         sims = score_images(runtime, images, prompts, paths)
     num = config.sample.num_per_prompt
@@ -490,8 +516,9 @@ def _grid(pool: Sequence[int], num: int) -> list[tuple[int, int]]:
     return [(prompt_id, seed) for prompt_id in pool for seed in range(num)]
 
 
-def generate_images(runtime, round_index, unet_params, pool, paths: RoundPaths, timings):
-    """Returns the round's images (P*N uint8) and their index; reads them back if already written."""
+def generate_images(runtime, round_index, params, pool, paths: RoundPaths, timings):
+    """Returns the round's images (P*N uint8) of the round's model `params` and their index;
+    reads them back if already written."""
     concept, config, workdir = runtime.concept, runtime.config, runtime.workdir
     expected = [{"prompt_id": pid, "prompt": concept.anchor_prompts[pid], "seed": seed,
                  "path": workdir.relative(paths.image(pid, seed))}
@@ -504,7 +531,6 @@ def generate_images(runtime, round_index, unet_params, pool, paths: RoundPaths, 
                 f"{config.sample.num_per_prompt} seeds of the remaining pool); delete it to generate again"
             )
         return io_utils.read_images([workdir.resolve(e["path"]) for e in index]), index
-    params = dataclasses.replace(runtime.sd_params, unet=unet_params)
     prompts = [concept.anchor_prompts[i] for i in pool]
     with io_utils.timed(timings, "generate"):
         images = runtime.generator.generate(
@@ -571,17 +597,29 @@ def _directions(pool, prompts, index, sim_anchor, sim_plain, scores) -> tuple[Di
 
 
 def export_final_model(runtime: Runtime, round_index: int) -> Path:
-    """Returns DIR/model after writing it from round `round_index`'s UNet (once; atomic)."""
+    """Returns DIR/model after writing it from round `round_index`'s result (once; atomic): the
+    base pipeline with the round's UNet, and its LoRA weights and learned embeddings beside."""
     workdir, config = runtime.workdir, runtime.config
     if not workdir.model_dir.is_dir():
         faults.maybe_kill("phase", "export")
         paths = workdir.round(round_index)
-        if not paths.unet.is_dir():  # a workdir of an earlier version: the UNet is in its checkpoint
+        result_dir = paths.result(runtime.method.name)
+        if not result_dir.is_dir():  # a workdir of an earlier version: the UNet is in its checkpoint
             train_round(runtime, [], paths)
         if io_utils.is_primary():
-            export.write_pipeline(runtime.paths.sd, paths.unet, workdir.model_dir, dtype=config.export.dtype)
+            write_round_pipeline(runtime.paths.sd, result_dir, workdir.model_dir, config.export.dtype)
         io_utils.sync("export")
     return workdir.model_dir
+
+
+def write_round_pipeline(base: Path, result_dir: Path, out: Path, dtype: str) -> Path:
+    """Returns `out`, now the diffusers pipeline of a round's result folder: `unet/` (DreamBooth)
+    or `personalization/` (its unet/ when trained, else the base's, and its LoRA weights and
+    learned embeddings beside the components, where diffusers' loaders look)."""
+    if result_dir.name != "personalization":
+        return export.write_pipeline(base, result_dir, out, dtype=dtype)
+    unet = result_dir / "unet" if (result_dir / "unet").is_dir() else Path(base) / "unet"
+    return export.write_pipeline(base, unet, out, dtype=dtype, extra_files=export.personalization_files(result_dir))
 
 
 def _timing_line(round_index: int, timings: dict, executables: int) -> str:

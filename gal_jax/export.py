@@ -23,12 +23,16 @@ from flax import traverse_util
 from safetensors import safe_open
 from safetensors import numpy as safetensors_numpy
 
-from gal_jax import faults, io_utils, models
+from gal_jax import faults, io_utils, models, personalize
 from gal_jax.nn import unet as nn_unet
 from gal_jax.nn import weights as nn_weights
 
 CONFIG = "config.json"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
+# The names diffusers' load_lora_weights and load_textual_inversion look for in a folder.
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+TOKEN_EMBEDDINGS = "learned_embeds.safetensors"
+LORA_COMPONENTS = ("unet", "text_encoder")
 # numpy dtypes (bfloat16 is ml_dtypes', which safetensors' numpy API reads and writes as BF16).
 DTYPES = {
     "float32": np.dtype("float32"),
@@ -145,10 +149,15 @@ def _check_matches_model(sd: models.StableDiffusion, unet_params: models.Params,
 # ---------------------------------------------------------------------------------------------
 
 
-def write_pipeline(base_path: Path, unet_folder: Path, out: Path, dtype: str = "float16") -> Path:
+def write_pipeline(base_path: Path, unet_folder: Path, out: Path, dtype: str = "float16",
+                   extra_files: Sequence[Path] = ()) -> Path:
     """Returns `out`, now a diffusers Stable Diffusion folder: the base's components and
-    model_index.json copied unchanged, unet/ the UNet folder's weights in `dtype`; atomic."""
+    model_index.json copied unchanged, unet/ the UNet folder's weights in `dtype`, and
+    `extra_files` (LoRA weights, learned embeddings) beside them; atomic."""
     base, unet_folder, out = (Path(p).expanduser() for p in (base_path, unet_folder, out))
+    for file in extra_files:
+        if not Path(file).is_file():
+            raise ExportError(f"{file}: missing; it belongs in the exported model folder.")
     numpy_dtype(dtype)
     components = _base_components(base)
     _check_unet_folder(unet_folder)
@@ -161,6 +170,8 @@ def write_pipeline(base_path: Path, unet_folder: Path, out: Path, dtype: str = "
             shutil.copytree(base / name, tmp / name)  # follows symlinks (HF cache snapshots)
         shutil.copyfile(base / "model_index.json", tmp / "model_index.json")
         _copy_unet(unet_folder, tmp / "unet", dtype)
+        for file in extra_files:
+            shutil.copyfile(file, tmp / Path(file).name)
 
     return _build_beside(out, build)
 
@@ -216,6 +227,157 @@ def _stored_dtypes(file: Path) -> set[str]:
             return {weights.get_slice(name).get_dtype() for name in weights.keys()}
     except Exception as err:  # the reader raises several unrelated types for bad files
         raise ExportError(f"{file}: unreadable safetensors file ({type(err).__name__}: {err}).") from err
+
+
+# ---------------------------------------------------------------------------------------------
+# A round's personalization: UNet folder, LoRA (PEFT keys) and learned token embeddings
+# ---------------------------------------------------------------------------------------------
+
+
+def lora_module_name(component: str, module: Sequence[str]) -> str:
+    """Returns the PyTorch module name of our `component`'s module at `module` ("unet" modules
+    as diffusers names them, text-encoder ones as transformers does)."""
+    if component == "unet":
+        return nn_weights.diffusers_module_name(tuple(module))
+    return nn_weights.torch_key((*module, "weight")).removesuffix(".weight")
+
+
+def lora_state_dict(lora: models.Params, scale: float) -> dict[str, np.ndarray]:
+    """Returns the float32 LoRA state dict diffusers' `load_lora_weights` reads (PEFT keys):
+    `<component>.<module>.lora_A.weight` (r, in) = down^T and `...lora_B.weight` (out, r) =
+    (scale * up)^T. The scale alpha / r is folded into lora_B, so the file's alpha is its rank
+    (what diffusers assumes when a file names none) and every loader applies the same delta."""
+    state = {}
+    for component, tree in lora.items():
+        if component not in LORA_COMPONENTS:
+            raise ExportError(f"LoRA deltas for {component!r}: expected one of {LORA_COMPONENTS}")
+        for module, pair in personalize.lora_pairs(tree).items():
+            name = f"{component}.{lora_module_name(component, module)}"
+            state[f"{name}.lora_A.weight"] = np.ascontiguousarray(np.asarray(pair["down"], np.float32).T)
+            state[f"{name}.lora_B.weight"] = np.ascontiguousarray((scale * np.asarray(pair["up"], np.float32)).T)
+    return state
+
+
+def read_lora(file: Path, sd: models.StableDiffusion) -> models.Params:
+    """Returns the LoRA tree ({component: {module path: {"down", "up"}}}, scale 1) of a PEFT-keyed
+    LoRA file for `sd`'s UNet and text encoder; raises ExportError naming a key that fits neither."""
+    from gal_jax.nn import clip as nn_clip
+
+    modules = {}
+    for component, abstract in (("unet", nn_unet.abstract_params(sd.unet)),
+                                ("text_encoder", nn_clip.abstract_params(sd.text_encoder))):
+        for path, leaf in traverse_util.flatten_dict(abstract).items():
+            if path[-1] == "kernel" and len(leaf.shape) == 2:
+                modules[f"{component}.{lora_module_name(component, path[:-1])}"] = (component, path[:-1], leaf.shape)
+    try:
+        state = safetensors_numpy.load_file(str(file))
+    except Exception as err:  # the reader raises several unrelated types for bad files
+        raise ExportError(f"{file}: unreadable safetensors file ({type(err).__name__}: {err}).") from err
+    flat = {}
+    for key, value in state.items():
+        name, _, part = key.rpartition(".lora_")
+        if part not in ("A.weight", "B.weight") or name not in modules:
+            raise ExportError(f"{file}: {key!r} is not a LoRA weight of this model's attention or MLP layers")
+        component, module, (fan_in, fan_out) = modules[name]
+        expected = (value.shape[0], fan_in) if part == "A.weight" else (fan_out, value.shape[1])
+        if value.ndim != 2 or value.shape != expected:
+            raise ExportError(f"{file}: {key} has shape {value.shape}, expected {expected}")
+        flat[(component, *module, "down" if part == "A.weight" else "up")] = np.asarray(value, np.float32).T
+    return traverse_util.unflatten_dict(flat)
+
+
+def write_token_embeddings(file: Path, tokens: Sequence[str], rows: np.ndarray) -> Path:
+    """Writes the learned embeddings as diffusers' `load_textual_inversion` reads them: one key
+    per token, its (1, D) float32 row."""
+    rows = np.asarray(rows, np.float32)
+    tensors = {token: np.ascontiguousarray(rows[i : i + 1]) for i, token in enumerate(tokens)}
+    safetensors_numpy.save_file(tensors, str(file), metadata={"format": "pt"})
+    return file
+
+
+def read_token_embeddings(file: Path) -> tuple[tuple[str, ...], np.ndarray]:
+    """Returns (tokens, rows (n, D) float32) of a learned-embeddings file (one key per token, each
+    a (D,) or (1, D) row), in the file's key order."""
+    try:
+        with safe_open(str(file), framework="np") as stored:
+            tokens = tuple(stored.keys())
+            rows = [np.asarray(stored.get_tensor(token), np.float32).reshape(-1) for token in tokens]
+    except Exception as err:  # the reader raises several unrelated types for bad files
+        raise ExportError(f"{file}: unreadable safetensors file ({type(err).__name__}: {err}).") from err
+    if not tokens or len({row.shape for row in rows}) != 1:
+        raise ExportError(f"{file}: expected one (1, D) embedding per token, found {[r.shape for r in rows]}")
+    return tokens, np.stack(rows)
+
+
+def save_personalization(sd: models.StableDiffusion, result: personalize.Personalization, tokens: Sequence[str],
+                         folder: Path, dtype: str = "float32") -> Path:
+    """Returns `folder`, now holding a round's Personalization (host arrays): `unet/` (diffusers
+    layout, in `dtype`) when it has a UNet, LORA_WEIGHTS when it has LoRA deltas, TOKEN_EMBEDDINGS
+    ({token: row}) when it has new tokens; replaces what was there, atomically."""
+    folder = Path(folder).expanduser()
+    _check_target(folder)
+    if result.unet is not None:
+        _check_matches_model(sd, result.unet, folder / "unet")
+
+    def build(tmp: Path) -> None:
+        if result.unet is not None:
+            (tmp / "unet").mkdir()
+            (tmp / "unet" / CONFIG).write_text(json.dumps(unet_config(sd), indent=2) + "\n")
+            _write_safetensors(torch_state_dict(result.unet, dtype), tmp / "unet" / WEIGHTS)
+        if result.lora is not None:
+            _write_safetensors(lora_state_dict(result.lora, result.lora_scale), tmp / LORA_WEIGHTS)
+        if result.new_tokens is not None:
+            write_token_embeddings(tmp / TOKEN_EMBEDDINGS, tokens, np.asarray(result.new_tokens))
+
+    return _build_beside(folder, build)
+
+
+def load_personalization(sd: models.StableDiffusion, folder: Path, param_dtype: str = "float32"):
+    """Returns (sd, Personalization) of a folder `save_personalization` wrote: `sd` grown by the
+    folder's new tokens unless its tokenizer has them already (at the rows they were saved for)."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise ExportError(f"{folder}: personalization folder does not exist or is not a directory.")
+    unet = load_unet(sd, folder / "unet", param_dtype) if (folder / "unet").is_dir() else None
+    lora = read_lora(folder / LORA_WEIGHTS, sd) if (folder / LORA_WEIGHTS).is_file() else None
+    rows = None
+    if (folder / TOKEN_EMBEDDINGS).is_file():
+        tokens, rows = read_token_embeddings(folder / TOKEN_EMBEDDINGS)
+        sd = _with_tokens(sd, tokens, folder / TOKEN_EMBEDDINGS)
+        rows = jax.numpy.asarray(rows).astype(param_dtype)
+    if unet is None and lora is None and rows is None:
+        raise ExportError(f"{folder}: holds no unet/, {LORA_WEIGHTS} or {TOKEN_EMBEDDINGS}.")
+    lora = None if lora is None else jax.tree_util.tree_map(jax.numpy.asarray, lora)
+    return sd, personalize.Personalization(unet=unet, lora=lora, new_tokens=rows, lora_scale=1.0)
+
+
+def _with_tokens(sd: models.StableDiffusion, tokens: Sequence[str], file: Path) -> models.StableDiffusion:
+    """Returns `sd` knowing `tokens` as the rows after its base vocabulary."""
+    vocabulary = sd.tokenizer.get_vocab()
+    if all(token in vocabulary for token in tokens):
+        ids = [vocabulary[token] for token in tokens]
+        size = sd.text_encoder.config.vocab_size
+        if ids != list(range(size - len(tokens), size)):
+            raise ExportError(f"{file}: the model knows {list(tokens)} at other rows ({ids})")
+        return sd
+    try:
+        grown, _ = personalize.add_new_tokens(sd, tokens, None)
+    except ValueError as err:
+        raise ExportError(f"{file}: {err}") from None
+    return grown
+
+
+def personalized_model(sd: models.StableDiffusion, base_params, folder: Path, param_dtype: str = "float32"):
+    """Returns (sd, params) of the base model with a saved personalization in (LoRA merged, the
+    tokenizer and token table grown)."""
+    sd, result = load_personalization(sd, folder, param_dtype)
+    return sd, result.apply(base_params)
+
+
+def personalization_files(folder: Path) -> list[Path]:
+    """Returns the LoRA and learned-embeddings files of a personalization folder (what an exported
+    pipeline carries beside its components)."""
+    return [Path(folder) / name for name in (LORA_WEIGHTS, TOKEN_EMBEDDINGS) if (Path(folder) / name).is_file()]
 
 
 # ---------------------------------------------------------------------------------------------

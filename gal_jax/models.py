@@ -135,18 +135,25 @@ class StableDiffusion:
         context,
         train: bool = False,
         remat: bool | str = False,
+        capture_attention: bool | Sequence[str] = False,
     ):
         """Returns the UNet's prediction (epsilon, v or x0) for NCHW latents.
 
         `remat` (a policy of nn.layers.REMAT_POLICIES, or True for "block") recomputes every
         resnet and transformer block in the backward pass instead of storing what the policy does
         not save (SD UNets have no dropout, so `train` changes nothing and is kept for callers that
-        say which pass they run).
+        say which pass they run). With `capture_attention` (True: every cross-attention layer, or
+        their diffusers names) returns (prediction, {layer name: probabilities (B, heads, pixels,
+        tokens)}), the prediction unchanged.
         """
         del train
         policy = nn_layers.remat_policy(remat)
         unet = self.unet.clone(remat=policy) if policy != "none" and self.unet.remat == "none" else self.unet
-        return unet.apply({"params": unet_params}, latents, timesteps, context)
+        if not capture_attention:
+            return unet.apply({"params": unet_params}, latents, timesteps, context)
+        prediction, state = unet.apply({"params": unet_params}, latents, timesteps, context,
+                                       capture_attention=capture_attention, mutable=["intermediates"])
+        return prediction, nn_unet.captured_attention(state)
 
     def encode_images(self, vae_params: Params, pixels: jax.Array, key: jax.Array) -> jax.Array:
         """Returns scaled NCHW latents sampled from the VAE posterior of NHWC pixels in [-1, 1]."""

@@ -4,9 +4,10 @@
     gal-jax sample --workdir=DIR [--round=R] --prompts=FILE       # images from a run's model
     gal-jax sample --config=CONFIG --prompts=FILE --out=FOLDER    # images from the base model
 
-A run's model is the base Stable Diffusion of its config with the round's UNet
-(`DIR/rounds/<r>/unet/`). The run's own config is read from `DIR/config.json`, so these commands
-need no --config.
+A run's model is the base Stable Diffusion of its config with the round's result: its UNet
+(`DIR/rounds/<r>/unet/`, DreamBooth) or its personalization (`DIR/rounds/<r>/personalization/`:
+LoRA weights, learned token embeddings, a UNet). The run's own config is read from
+`DIR/config.json`, so these commands need no --config.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import ml_collections
 
-from gal_jax import driver, export, inputs, io_utils, sample, sharding
+from gal_jax import driver, export, inputs, io_utils, personalize, sample, sharding
 from gal_jax.workdir import Workdir, WorkdirError
 
 
@@ -40,8 +41,9 @@ def run_config(workdir: Workdir) -> ml_collections.ConfigDict:
         raise WorkdirError(f"{err}; the workdir is damaged") from None
 
 
-def finished_round(workdir: Workdir, round_index: int | None) -> int:
-    """Returns `round_index` (default: the last finished round) after checking its UNet exists."""
+def finished_round(workdir: Workdir, round_index: int | None, method: str = "dreambooth") -> int:
+    """Returns `round_index` (default: the last finished round) after checking its result (of
+    personalization `method`) exists."""
     records = workdir.read_records()
     if not records:
         raise WorkdirError(f"{workdir.root}: no finished round yet (no rounds/<r>/record.json)")
@@ -49,9 +51,10 @@ def finished_round(workdir: Workdir, round_index: int | None) -> int:
     chosen = finished[-1] if round_index is None else round_index
     if chosen not in finished:
         raise WorkdirError(f"{workdir.root}: round {chosen} has not finished (finished: {finished})")
-    if not workdir.round(chosen).unet.is_dir():
+    result = workdir.round(chosen).result(method)
+    if not result.is_dir():
         raise WorkdirError(
-            f"{workdir.round(chosen).unet}: missing (workdirs of gal_jax 0.1 keep the UNet in the round's "
+            f"{result}: missing (workdirs of gal_jax 0.1 keep the UNet in the round's "
             "orbax checkpoint: rerun `gal-jax run` on the workdir to write it)"
         )
     return chosen
@@ -61,10 +64,11 @@ def export_round(workdir: Path | str, round_index: int | None, out: Path | str, 
     """Returns `out` after writing round `round_index`'s model there as a diffusers SD folder."""
     workdir = Workdir(workdir)
     config = run_config(workdir)
-    chosen = finished_round(workdir, round_index)
+    method = personalize.method_name(config)
+    chosen = finished_round(workdir, round_index, method)
     base = inputs.resolve(config, need=("sd",)).sd
-    return export.write_pipeline(base, workdir.round(chosen).unet, Path(out).expanduser(),
-                                 dtype=dtype or config.export.dtype)
+    return driver.write_round_pipeline(base, workdir.round(chosen).result(method), Path(out).expanduser(),
+                                       dtype or config.export.dtype)
 
 
 def sample_from_run(workdir: Path | str, round_index: int | None, prompts_file: Path, num_per_prompt: int | None,
@@ -74,11 +78,17 @@ def sample_from_run(workdir: Path | str, round_index: int | None, prompts_file: 
     workdir = Workdir(workdir)
     config = run_config(workdir)
     prompts = read_prompts(prompts_file)
-    chosen = finished_round(workdir, round_index)
+    method = personalize.method_name(config)
+    chosen = finished_round(workdir, round_index, method)
     sd, params = load_base(config)
-    unet = export.load_unet(sd, workdir.round(chosen).unet, param_dtype=config.model.param_dtype)
+    result_dir = workdir.round(chosen).result(method)
+    if method == "dreambooth":
+        unet = export.load_unet(sd, result_dir, param_dtype=config.model.param_dtype)
+        params = dataclasses.replace(params, unet=unet)
+    else:
+        sd, params = export.personalized_model(sd, params, result_dir, param_dtype=config.model.param_dtype)
     out = Path(out).expanduser() if out else workdir.samples_dir(chosen)
-    _sample(config, sd, dataclasses.replace(params, unet=unet), prompts, num_per_prompt, out)
+    _sample(config, sd, params, prompts, num_per_prompt, out)
     return out
 
 

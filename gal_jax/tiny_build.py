@@ -83,10 +83,10 @@ def train_unet(sd_dir: Path, images: np.ndarray, captions: Sequence[str], recipe
     sd, sd_params = models.load_stable_diffusion(sd_dir)
     train_set = write_unet_training_set(work_dir, images, captions, sd.tokenize, recipe.caption_dropout, seed)
     mesh = sharding.make_mesh()
-    unet_params, metrics = trainer.Trainer(unet_train_config(recipe, seed), sd, mesh).train_round(
+    result, metrics = trainer.Trainer(unet_train_config(recipe, seed), sd, mesh).train_round(
         sd_params, train_set, progress=progress, desc="UNet"
     )
-    export.save_unet(sd, jax.device_get(unet_params), sd_dir / "unet", dtype=recipe.dtype)
+    export.save_unet(sd, jax.device_get(result.unet), sd_dir / "unet", dtype=recipe.dtype)
     return metrics
 
 

@@ -1,7 +1,10 @@
 """Weighted DreamBooth fine-tuning of the UNet: the loss, the sharded train step, its compilation.
 
-Step 1 of a GAL round (GAL_SPEC.md): the UNet is fine-tuned from the *base* weights on the round's
-references and their paired class images (prior preservation); VAE and text encoder stay frozen.
+Step 1 of a GAL round (GAL_SPEC.md): the model is fine-tuned from the *base* weights on the round's
+references and their paired class images (prior preservation). What is trained is the method's
+(`personalize.py`): the whole UNet (DreamBooth), LoRA deltas, new token embeddings, or a stage's
+subset; the step differentiates only that part of the model tree and takes the rest, with the VAE,
+as frozen input.
 
 The math is pure functions of arrays (`weighted_dreambooth_loss`, `dreambooth_loss`, `train_step`).
 `trainer.Trainer` is the edge that feeds them: the loop over rounds, data, latent cache,
@@ -27,8 +30,8 @@ import optax
 from absl import logging
 from jax.sharding import Mesh
 
-from gal_jax import schedulers, sharding
-from gal_jax.models import StableDiffusion, StableDiffusionParams
+from gal_jax import personalize, schedulers, sharding
+from gal_jax.models import StableDiffusion
 from gal_jax.nn import layers as nn_layers
 
 Params = Any
@@ -38,7 +41,7 @@ LR_SCHEDULES = ("constant", "cosine")
 
 @flax.struct.dataclass
 class TrainState:
-    """The trained part of the model: UNet params, their AdamW state and the update count."""
+    """The trained part of the model tree (`personalize.split`), its AdamW state and the update count."""
 
     step: jax.Array
     params: Params
@@ -47,10 +50,11 @@ class TrainState:
 
 @flax.struct.dataclass
 class FrozenInputs:
-    """What the step reads but never trains: VAE and text encoder weights, the noise schedule."""
+    """What the step reads but never trains: the VAE, the untrained part of the model tree (e.g.
+    the text encoder, or the whole base UNet under LoRA), the noise schedule."""
 
     vae: Params
-    text_encoder: Params
+    model: Params
     noise_schedule: schedulers.NoiseSchedule
 
 
@@ -62,10 +66,20 @@ class StepConfig:
     grad_accum_steps: int = 1
     remat: str = "none"  # a policy of nn.layers.REMAT_POLICIES
     snr_gamma: float = 0.0  # > 0: Min-SNR-gamma weighting of every example's loss (0: plain MSE)
+    lora_scale: float = 1.0  # alpha / rank of the model tree's LoRA deltas
+    # AttnDreamBooth's cross-attention map regularizer (0, 0: off) and the token it watches.
+    attention_loss_mean: float = 0.0
+    attention_loss_var: float = 0.0
+    new_token_id: int = -1
+
+    @property
+    def attention_loss(self) -> bool:
+        return self.attention_loss_mean > 0 or self.attention_loss_var > 0
 
     @classmethod
-    def from_config(cls, train_config) -> StepConfig:
-        """Returns the step settings of `config.train`."""
+    def from_config(cls, train_config, *, lora_scale: float = 1.0, new_token_id: int = -1) -> StepConfig:
+        """Returns the step settings of `config.train` (or a stage's); `lora_scale` and
+        `new_token_id` come from the method (personalize.Method)."""
         if train_config.prior_loss_weight < 0:
             raise ValueError(
                 f"train.prior_loss_weight must be >= 0, got {train_config.prior_loss_weight}"
@@ -73,11 +87,21 @@ class StepConfig:
         snr_gamma = float(train_config.get("snr_gamma", 0.0))
         if not snr_gamma >= 0:
             raise ValueError(f"train.snr_gamma must be >= 0 (0: off; diffusers' scripts suggest 5), got {snr_gamma}")
+        mean, var = (float(train_config.get(f"attention_loss_{n}", 0.0)) for n in ("mean", "var"))
+        if not (mean >= 0 and var >= 0):
+            raise ValueError(f"train.attention_loss_mean={mean} and train.attention_loss_var={var} must be >= 0")
+        if (mean or var) and new_token_id < 0:
+            raise ValueError("train.attention_loss_mean/var regularize a new token's cross-attention map: "
+                             "only methods that add one (textual_inversion, attndreambooth) can use them")
         return cls(
             prior_loss_weight=float(train_config.prior_loss_weight),
             grad_accum_steps=int(train_config.grad_accum_steps),
             remat=nn_layers.remat_policy(train_config.remat, "train.remat"),
             snr_gamma=snr_gamma,
+            lora_scale=float(lora_scale),
+            attention_loss_mean=mean,
+            attention_loss_var=var,
+            new_token_id=int(new_token_id),
         )
 
 
@@ -103,9 +127,13 @@ def learning_rate_schedule(train_config) -> optax.Schedule:
 
 
 def make_optimizer(train_config) -> optax.GradientTransformation:
-    """Returns AdamW (decoupled weight decay) after global-norm clipping of the UNet gradient."""
+    """Returns AdamW (decoupled weight decay) after global-norm clipping of the gradient
+    (train.max_grad_norm; 0 turns clipping off, as AttnDreamBooth's code effectively runs)."""
+    if train_config.max_grad_norm < 0:
+        raise ValueError(f"train.max_grad_norm={train_config.max_grad_norm} must be >= 0 (0: no clipping)")
+    clip = optax.clip_by_global_norm(train_config.max_grad_norm) if train_config.max_grad_norm > 0 else optax.identity()
     return optax.chain(
-        optax.clip_by_global_norm(train_config.max_grad_norm),
+        clip,
         optax.adamw(
             learning_rate_schedule(train_config),
             b1=train_config.adam_b1,
@@ -178,8 +206,37 @@ def draw_step_randomness(
     }
 
 
+def attention_map_loss(
+    probabilities: dict[str, jax.Array], input_ids: jax.Array, new_token_id: int, mean_weight: float,
+    var_weight: float,
+) -> jax.Array:
+    """Returns AttnDreamBooth's regularizer per example (B,): over the cross-attention layers'
+    probabilities (each (B, heads, pixels, tokens)), the mean of
+
+        mean_weight * (m(new) - m(next))^2 + var_weight * (v(new) - v(next))^2,
+
+    m and v the mean and (unbiased) variance over heads and pixels of the attention map of the new
+    token and of the token after it (the class word in "a photo of a <new> dog"). Examples
+    without the new token get 0. Neither map is detached, as in the authors' code.
+    """
+    is_new = input_ids == new_token_id
+    has_new = jnp.any(is_new, axis=1)
+    position = jnp.argmax(is_new, axis=1)
+    following = jnp.minimum(position + 1, input_ids.shape[1] - 1)
+    total = jnp.zeros(input_ids.shape[0], jnp.float32)
+    for probs in probabilities.values():
+        def token_map(index):
+            return jnp.take_along_axis(probs, index[:, None, None, None], axis=-1)[..., 0].reshape(probs.shape[0], -1)
+
+        new_map, next_map = token_map(position), token_map(following)
+        mean_gap = new_map.mean(axis=1) - next_map.mean(axis=1)
+        var_gap = new_map.var(axis=1, ddof=1) - next_map.var(axis=1, ddof=1)
+        total = total + mean_weight * jnp.square(mean_gap) + var_weight * jnp.square(var_gap)
+    return jnp.where(has_new, total / max(len(probabilities), 1), 0.0)
+
+
 def dreambooth_loss(
-    unet_params: Params,
+    trained: Params,
     batch: Batch,
     frozen: FrozenInputs,
     *,
@@ -189,28 +246,43 @@ def dreambooth_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Returns (loss, parts) of a batch carrying its randomness (see draw_step_randomness).
 
-    The batch holds `pixel_values` (encoded here) or cached `latent_mean` and `latent_std`.
+    `trained` is the trained part of the model tree, `frozen.model` the rest (personalize.split).
+    The batch holds `pixel_values` (encoded here) or cached `latent_mean` and `latent_std`. With the
+    attention regularizer on, its per-example values, times the example weights and summed over
+    the batch (the authors' sum over samples), are added to the loss.
     """
+    unet_params, text_params = personalize.materialize(personalize.merge(trained, frozen.model), config.lora_scale)
     if "latent_mean" in batch:
         mean, std = batch["latent_mean"], batch["latent_std"]
     else:
         mean, std = sd.encode_posterior(frozen.vae, batch["pixel_values"])
     latents = jax.lax.stop_gradient(mean + std * batch["posterior_eps"])
-    context = jax.lax.stop_gradient(sd.encode_text(frozen.text_encoder, batch["input_ids"]))
+    # Gradients reach the text encoder only where the trained part holds some of it (new tokens).
+    context = sd.encode_text(text_params, batch["input_ids"])
     schedule, t = frozen.noise_schedule, jnp.asarray(batch["timesteps"])  # the UNet wants jax
     noisy = schedulers.add_noise(schedule, latents, batch["noise"], t)
     target = schedulers.training_target(schedule, latents, batch["noise"], t, sd.prediction_type)
-    prediction = sd.apply_unet(unet_params, noisy, t, context, remat=config.remat)
+    if config.attention_loss:
+        prediction, probabilities = sd.apply_unet(unet_params, noisy, t, context, remat=config.remat,
+                                                  capture_attention=True)
+    else:
+        prediction = sd.apply_unet(unet_params, noisy, t, context, remat=config.remat)
     per_example = per_example_mse(prediction, target)
     if config.snr_gamma > 0:
         per_example = per_example * schedulers.min_snr_weight(schedule, t, config.snr_gamma, sd.prediction_type)
-    return weighted_dreambooth_loss(
+    loss, parts = weighted_dreambooth_loss(
         per_example,
         batch["weight"],
         batch["is_prior"],
         config.prior_loss_weight,
         counts,
     )
+    if config.attention_loss:
+        regularizer = attention_map_loss(probabilities, batch["input_ids"], config.new_token_id,
+                                         config.attention_loss_mean, config.attention_loss_var)
+        parts["attention_loss"] = jnp.sum(batch["weight"].astype(jnp.float32) * regularizer)
+        loss = loss + parts["attention_loss"]
+    return loss, parts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,7 +301,8 @@ def _split_micro_batches(batch: Batch, num_micro: int) -> Batch:
 
 
 def _loss_and_grads(params, batch, frozen, *, sd, config) -> tuple[Params, dict[str, jax.Array]]:
-    """Returns (UNet gradient, loss metrics) of the global batch, accumulated over micro-batches.
+    """Returns (gradient of the trained part, loss metrics) of the global batch, accumulated over
+    micro-batches.
 
     Every micro-batch divides by the example counts of the whole batch, so the sums over the
     micro-batches are the loss and gradient of the batch taken at once.
@@ -250,8 +323,8 @@ def _loss_and_grads(params, batch, frozen, *, sd, config) -> tuple[Params, dict[
         return jax.tree_util.tree_map(jnp.add, carry, (grads, metrics)), None
 
     zero = jnp.zeros((), jnp.float32)
-    totals = (jax.tree_util.tree_map(jnp.zeros_like, params),
-              {"loss": zero, "instance_loss": zero, "prior_loss": zero})
+    names = ("loss", "instance_loss", "prior_loss") + (("attention_loss",) if config.attention_loss else ())
+    totals = (jax.tree_util.tree_map(jnp.zeros_like, params), {name: zero for name in names})
     micro_batches = _split_micro_batches(batch, config.grad_accum_steps)
     (grads, metrics), _ = jax.lax.scan(accumulate, totals, micro_batches)
     return grads, metrics
@@ -287,9 +360,9 @@ def train_step(
 # ---------------------------------------------------------------------------------------------
 
 
-def _new_state(unet_params: Params, optimizer: optax.GradientTransformation) -> TrainState:
+def _new_state(trained: Params, optimizer: optax.GradientTransformation) -> TrainState:
     # Copied, so that donating the state to the step never frees the caller's base weights.
-    params = jax.tree_util.tree_map(jnp.copy, unet_params)
+    params = jax.tree_util.tree_map(jnp.copy, trained)
     step = jnp.zeros((), jnp.int32)
     return TrainState(step=step, params=params, opt_state=optimizer.init(params))
 
@@ -309,30 +382,31 @@ def shardings_of(tree: Any) -> Any:
 
 
 def abstract_train_state(
-    unet_params: Params, optimizer: optax.GradientTransformation, mesh: Mesh, logical_axes: Params,
+    trained: Params, optimizer: optax.GradientTransformation, mesh: Mesh, logical_axes: Params,
     rules: sharding.LogicalRules = sharding.DEFAULT_LOGICAL_RULES,
 ) -> TrainState:
     """Returns the TrainState as ShapeDtypeStructs carrying their shardings (nothing allocated).
 
-    `unet_params` may be abstract; `logical_axes` is their tree of logical PartitionSpecs
-    (`sd.logical_axes().unet`). Params and AdamW moments (whose paths end in the param paths) are
-    sharded by those axes and `rules`; scalars are replicated.
+    `trained` (the trained part of the model tree) may be abstract; `logical_axes` is the model
+    tree's logical PartitionSpecs (`personalize.logical_axes(sd)`). Params and AdamW moments (whose
+    paths end in the param paths) are sharded by those axes and `rules`; LoRA deltas, new token
+    rows and scalars are replicated.
     """
-    abstract = jax.eval_shape(functools.partial(_new_state, optimizer=optimizer), unet_params)
+    abstract = jax.eval_shape(functools.partial(_new_state, optimizer=optimizer), trained)
     return _with_shardings(abstract, sharding.param_shardings(abstract, mesh, logical_axes, rules))
 
 
 def state_initializer(
-    unet_params: Params, optimizer: optax.GradientTransformation, mesh: Mesh, logical_axes: Params,
+    trained: Params, optimizer: optax.GradientTransformation, mesh: Mesh, logical_axes: Params,
     rules: sharding.LogicalRules = sharding.DEFAULT_LOGICAL_RULES,
 ) -> Callable[[Params], TrainState]:
     """Returns init(params) -> a fresh TrainState (step 0, copied params, zero AdamW moments) laid
-    out on `mesh`, for params shaped like `unet_params` (arrays or ShapeDtypeStructs).
+    out on `mesh`, for params shaped like `trained` (arrays or ShapeDtypeStructs).
 
     Keep the function to initialise again: it compiles on its first call only, where a new
     jax.jit per round would compile (or at least look up the compilation cache) every round.
     """
-    state_shardings = shardings_of(abstract_train_state(unet_params, optimizer, mesh, logical_axes, rules))
+    state_shardings = shardings_of(abstract_train_state(trained, optimizer, mesh, logical_axes, rules))
     init = jax.jit(
         functools.partial(_new_state, optimizer=optimizer),
         in_shardings=(state_shardings.params,),
@@ -342,53 +416,49 @@ def state_initializer(
 
 
 def init_train_state(
-    unet_params: Params, optimizer: optax.GradientTransformation, mesh: Mesh, logical_axes: Params,
+    trained: Params, optimizer: optax.GradientTransformation, mesh: Mesh, logical_axes: Params,
     rules: sharding.LogicalRules = sharding.DEFAULT_LOGICAL_RULES,
 ) -> TrainState:
     """Returns a fresh TrainState (step 0, copied params, zero AdamW moments) laid out on `mesh`."""
-    return state_initializer(unet_params, optimizer, mesh, logical_axes, rules)(unet_params)
+    return state_initializer(trained, optimizer, mesh, logical_axes, rules)(trained)
 
 
-def _frozen_inputs(base_params: StableDiffusionParams, sd: StableDiffusion) -> FrozenInputs:
-    return FrozenInputs(
-        vae=base_params.vae,
-        text_encoder=base_params.text_encoder,
-        noise_schedule=schedulers.make_noise_schedule(sd.scheduler_config),
-    )
+def _frozen_inputs(vae: Params, rest: Params, sd: StableDiffusion) -> FrozenInputs:
+    return FrozenInputs(vae=vae, model=rest, noise_schedule=schedulers.make_noise_schedule(sd.scheduler_config))
 
 
 def frozen_shardings(
     frozen: FrozenInputs, sd: StableDiffusion, mesh: Mesh,
     rules: sharding.LogicalRules = sharding.DEFAULT_LOGICAL_RULES,
 ) -> FrozenInputs:
-    """Returns the shardings of (possibly abstract) FrozenInputs: each component's params by its
-    logical axes and `rules`, the noise schedule replicated."""
-    axes = sd.logical_axes()
+    """Returns the shardings of (possibly abstract) FrozenInputs: the VAE and the model tree's
+    frozen part by their logical axes and `rules`, the noise schedule replicated."""
     return FrozenInputs(
-        vae=sharding.param_shardings(frozen.vae, mesh, axes.vae, rules),
-        text_encoder=sharding.param_shardings(frozen.text_encoder, mesh, axes.text_encoder, rules),
+        vae=sharding.param_shardings(frozen.vae, mesh, sd.logical_axes().vae, rules),
+        model=sharding.param_shardings(frozen.model, mesh, personalize.logical_axes(sd), rules),
         noise_schedule=jax.tree_util.tree_map(lambda _: sharding.replicated(mesh), frozen.noise_schedule),
     )
 
 
 def place_frozen(
-    base_params: StableDiffusionParams, sd: StableDiffusion, mesh: Mesh,
+    vae: Params, rest: Params, sd: StableDiffusion, mesh: Mesh,
     rules: sharding.LogicalRules = sharding.DEFAULT_LOGICAL_RULES,
 ) -> FrozenInputs:
-    """Returns the frozen VAE and text encoder weights and the noise schedule, on `mesh`."""
-    frozen = _frozen_inputs(base_params, sd)
+    """Returns the frozen VAE weights, the model tree's untrained part `rest` and the noise
+    schedule, on `mesh`."""
+    frozen = _frozen_inputs(vae, rest, sd)
     return jax.device_put(frozen, frozen_shardings(frozen, sd, mesh, rules))
 
 
 def abstract_frozen_inputs(
-    base_params: StableDiffusionParams, sd: StableDiffusion, mesh: Mesh,
+    vae: Params, rest: Params, sd: StableDiffusion, mesh: Mesh,
     rules: sharding.LogicalRules = sharding.DEFAULT_LOGICAL_RULES,
 ) -> FrozenInputs:
     """Returns the FrozenInputs as ShapeDtypeStructs carrying the shardings of `place_frozen`.
 
-    `base_params` may be abstract.
+    `vae` and `rest` may be abstract.
     """
-    frozen = jax.eval_shape(functools.partial(_frozen_inputs, sd=sd), base_params)
+    frozen = jax.eval_shape(functools.partial(_frozen_inputs, sd=sd), vae, rest)
     return _with_shardings(frozen, frozen_shardings(frozen, sd, mesh, rules))
 
 

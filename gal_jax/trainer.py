@@ -1,8 +1,8 @@
-"""The host side of DreamBooth training: the loop that feeds the compiled step, once per round.
+"""The host side of training: the loop that feeds the compiled step, once per round and stage.
 
-`Trainer` owns what `train.py`'s pure functions do not: the compiled step (one compile per batch
-layout for the whole run, so rounds never recompile), the data iterator, the latent cache, the
-checkpoints and the progress bar.
+`Trainer` owns what `train.py`'s pure functions do not: the method's stages (`personalize.py`), the
+compiled step of each (one compile per stage and batch layout for the whole run, so rounds never
+recompile), the data iterator, the latent cache, the checkpoints and the progress bar.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from absl import logging
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from gal_jax import checkpoint, data, faults, sharding, train
+from gal_jax import checkpoint, data, faults, personalize, sharding, train
 from gal_jax.models import StableDiffusion, StableDiffusionParams
 from gal_jax.train import Batch, FrozenInputs, Params, TrainState
 
@@ -162,20 +162,43 @@ class _MetricLog:
         self._bar.close()
 
 
-class Trainer:
-    """Fine-tunes the UNet from the base weights, once per GAL round; built once per run.
+@dataclasses.dataclass(frozen=True)
+class _CompiledStage:
+    """A stage of the method with what its step needs built once: optimizer and step settings."""
 
-    Owns the compiled train step (compiled at the first batch of the first round, then reused by
-    every step of every round), the optimizer and the latent encoder.
+    index: int
+    stage: personalize.Stage
+    optimizer: Any
+    step_config: train.StepConfig
+
+    @property
+    def train(self):
+        return self.stage.train
+
+
+class Trainer:
+    """Trains the method (`personalize.Method`; DreamBooth's whole UNet by default) from the base
+    weights, once per GAL round; built once per run.
+
+    Owns the compiled train step of every stage (compiled at the stage's first batch of the first
+    round, then reused by every step of every round), the optimizers and the latent encoder.
     """
 
-    def __init__(self, config, sd: StableDiffusion, mesh: Mesh):
-        _check_train_config(config.train)
-        self.config, self.sd, self.mesh = config, sd, mesh
-        # How params and AdamW moments are laid out on the mesh: the UNet's logical axes, the rules.
-        self.unet_axes, self.rules = sd.logical_axes().unet, sharding.logical_rules(config.mesh.get("rules"))
-        self.optimizer = train.make_optimizer(config.train)
-        self.step_config = train.StepConfig.from_config(config.train)
+    def __init__(self, config, sd: StableDiffusion, mesh: Mesh, method: personalize.Method | None = None):
+        """`sd` is the model the method trains (with its new tokens: `personalize.prepare`);
+        `method` defaults to config.train.method, which must then add no tokens."""
+        if method is None:
+            sd, method = personalize.prepare(config, sd)
+        self.config, self.sd, self.mesh, self.method = config, sd, mesh, method
+        new_token_id = method.new_tokens.ids[0] if method.new_tokens else -1
+        self.stages = []
+        for index, stage in enumerate(method.stages):
+            _check_train_config(stage.train, _stage_field(method, stage))
+            self.stages.append(_CompiledStage(
+                index, stage, train.make_optimizer(stage.train),
+                train.StepConfig.from_config(stage.train, lora_scale=method.lora_scale, new_token_id=new_token_id)))
+        # How params and AdamW moments are laid out on the mesh: the model tree's logical axes, the rules.
+        self.model_axes, self.rules = personalize.logical_axes(sd), sharding.logical_rules(config.mesh.get("rules"))
         augment = config.data.random_crop or config.data.flip
         self.cache_latents = bool(config.train.cache_latents) and not augment
         self.compile_seconds = 0.0
@@ -189,9 +212,25 @@ class Trainer:
         self._latents_vae: list[jax.Array] = []  # the VAE weights they were encoded with
 
     @property
+    def optimizer(self):
+        """The first stage's optimizer (the only one of single-stage methods)."""
+        return self.stages[0].optimizer
+
+    @property
+    def step_config(self) -> train.StepConfig:
+        """The first stage's step settings (the only ones of single-stage methods)."""
+        return self.stages[0].step_config
+
+    @property
     def num_compiles(self) -> int:
-        """Returns how many times the train step has been compiled."""
+        """Returns how many times a train step has been compiled."""
         return len(self._compiled)
+
+    def model_tree(self, base_params: StableDiffusionParams) -> dict[str, Params]:
+        """Returns the model tree a round starts from (`personalize.model_tree`; the LoRA init is
+        drawn from train.seed, the same every round)."""
+        key = jax.random.fold_in(jax.random.key(self.config.train.seed), 1)
+        return personalize.model_tree(self.method, base_params, key)
 
     def train_round(
         self,
@@ -201,98 +240,136 @@ class Trainer:
         progress: bool = True,
         desc: str = "train",
         final_checkpoint: bool = True,
-    ) -> tuple[Params, dict[str, Any]]:
-        """Returns (UNet params after train.steps updates from base_params.unet, metrics).
+    ) -> tuple[personalize.Personalization, dict[str, Any]]:
+        """Returns (what the method learned from base_params on the set, metrics): every stage in
+        turn, each from the model tree the previous one left.
 
-        With a checkpoint_dir: saves every train.checkpoint_every steps and at the end, keeps the
-        last train.keep_checkpoints, and resumes from the latest one there (params, AdamW state,
-        step, data position). `final_checkpoint=False` skips the save after the last step (even
-        where it is a multiple of checkpoint_every), for a caller that writes the params itself
-        and then deletes the checkpoints: a kill before that write resumes from the previous
-        checkpoint and redoes at most checkpoint_every steps, to the same params.
+        With a checkpoint_dir (each stage of a multi-stage method in its own folder under it):
+        saves every train.checkpoint_every steps and at a stage's end, keeps the last
+        train.keep_checkpoints, and resumes from the latest one there (params, AdamW state, step,
+        data position); a finished stage's last checkpoint holds its result, so a kill in stage 2
+        resumes in stage 2. `final_checkpoint=False` skips the save after the last stage's last
+        step, for a caller that writes the result itself and then deletes the checkpoints: a kill
+        before that write resumes from the previous checkpoint and redoes at most
+        checkpoint_every steps, to the same params.
 
-        `base_params` is never modified or donated. Metrics: start_step,
-        steps, loss (mean of the last log window), history (a dict per log step of this call),
-        loss_curve ({"step", "loss"} per log step since step 0, carried across resumes by the
-        checkpoints), and when steps ran, train_seconds, samples_per_s and compile_seconds.
+        `base_params` is never modified or donated. Metrics: start_step, steps, loss (mean of the
+        last log window), history (a dict per log step of this call), loss_curve ({"step", "loss"}
+        per log step since step 0, steps counted across stages, carried across resumes by the
+        checkpoints), when steps ran train_seconds, samples_per_s and compile_seconds, and with
+        several stages `stages` (each stage's metrics).
         """
         train_set_dir = Path(train_set_dir)
         self.check_train_set(train_set_dir)
-        frozen = train.place_frozen(base_params, self.sd, self.mesh, self.rules)
-        iterator = self._data_iterator(train_set_dir)
-        ckpt = None
-        if checkpoint_dir is not None:
-            keep = self.config.train.keep_checkpoints
-            ckpt = checkpoint.Checkpointer(checkpoint_dir, max_to_keep=keep)
-        try:
-            state, metadata = self._initial_state(base_params.unet, iterator, ckpt)
-            start = int(jax.device_get(state.step))
-            curve = metadata.get("loss_curve", [])
-            if start >= self.config.train.steps:
-                done = {"start_step": start, "steps": start, "loss": metadata.get("loss"), "history": [],
-                        "loss_curve": curve}
-                return state.params, done
-            cache = self._latent_cache(train_set_dir, frozen, base_params.vae) if self.cache_latents else None
-            batches = (self._device_batch(batch, cache) for batch in iterator)
-            log = _MetricLog(total=self.config.train.steps, start=start, progress=progress, desc=desc,
-                             loss_curve=curve, examples_per_step=self._examples_per_step(train_set_dir))
-            return self._run(state, batches, frozen, iterator, ckpt, log, train_set_dir, final_checkpoint)
-        finally:
-            if ckpt is not None:
-                ckpt.close()
+        tree = self.model_tree(base_params)
+        trained_parts: set[str] = set()
+        results = []
+        for stage in self.stages:
+            several = len(self.stages) > 1
+            stage_dir = checkpoint_dir
+            if checkpoint_dir is not None and several:
+                stage_dir = Path(checkpoint_dir) / stage.stage.name
+            trained, rest = personalize.split(tree, stage.stage.trainable)
+            trained_parts |= set(trained)
+            last = stage is self.stages[-1]
+            trained, metrics = self._train_stage(
+                stage, trained, rest, base_params.vae, train_set_dir, stage_dir, progress,
+                f"{desc} {stage.stage.name}" if several else desc, final_checkpoint or not last)
+            tree = personalize.merge(trained, rest)
+            results.append(metrics)
+        return self.method.result(tree, sorted(trained_parts)), _combined_metrics(results, self.compile_seconds)
 
     def check_train_set(self, train_set_dir: Path) -> None:
-        """Raises ValueError when the set's batches cannot be split evenly over the mesh."""
-        train_config = self.config.train
-        examples = self._examples_per_step(train_set_dir)
-        halves = examples // (train_config.batch_size * train_config.grad_accum_steps)
-        train.check_batch_layout(
-            examples,
-            train_config.grad_accum_steps,
-            self.mesh,
-            what=f"examples a micro-batch (train.batch_size={train_config.batch_size}, "
-            f"{halves} per instance)",
-        )
+        """Raises ValueError when the set's batches cannot be split evenly over the mesh (for
+        any stage)."""
+        for stage in self.stages:
+            train_config = stage.train
+            examples = self._examples_per_step(train_set_dir, train_config)
+            halves = examples // (train_config.batch_size * train_config.grad_accum_steps)
+            train.check_batch_layout(
+                examples,
+                train_config.grad_accum_steps,
+                self.mesh,
+                what=f"examples a micro-batch ({_stage_field(self.method, stage.stage)}.batch_size="
+                f"{train_config.batch_size}, {halves} per instance)",
+            )
 
     def compiled_step(
-        self, state: TrainState, batch: Batch, frozen: FrozenInputs
+        self, state: TrainState, batch: Batch, frozen: FrozenInputs, stage: int = 0
     ) -> jax.stages.Compiled:
-        """Returns the step compiled for these arrays' shapes (compiling the first time only)."""
+        """Returns stage `stage`'s step compiled for these arrays' shapes (compiling the first
+        time only)."""
         specs = jax.tree_util.tree_map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
             (state, batch, frozen),
         )
-        return self._compiled_for(specs)
+        return self._compiled_for(self.stages[stage], specs)
+
+    def split_for(self, base_params: StableDiffusionParams, stage: int = 0) -> tuple[Params, Params]:
+        """Returns (trained, rest) of the model tree at stage `stage`'s start for base params
+        (under jax.eval_shape for abstract ones): for benchmarks."""
+        return personalize.split(self.model_tree(base_params), self.stages[stage].stage.trainable)
 
     def compile_for(
-        self, base_params: StableDiffusionParams, num_examples: int
+        self, base_params: StableDiffusionParams, num_examples: int, stage: int = 0
     ) -> jax.stages.Compiled:
-        """Returns the step compiled for `base_params` (arrays or ShapeDtypeStructs) and global
-        batches of `num_examples` rows, without reading data: for benchmarks."""
-        state = train.abstract_train_state(base_params.unet, self.optimizer, self.mesh, self.unet_axes, self.rules)
-        frozen = train.abstract_frozen_inputs(base_params, self.sd, self.mesh, self.rules)
+        """Returns stage `stage`'s step compiled for `base_params` (arrays or ShapeDtypeStructs)
+        and global batches of `num_examples` rows, without reading data: for benchmarks."""
+        compiled_stage = self.stages[stage]
+        trained, rest = jax.eval_shape(lambda base: self.split_for(base, stage), base_params)
+        state = train.abstract_train_state(trained, compiled_stage.optimizer, self.mesh, self.model_axes, self.rules)
+        frozen = train.abstract_frozen_inputs(base_params.vae, rest, self.sd, self.mesh, self.rules)
         batch = train.abstract_batch(
             self.sd, self.mesh, num_examples=num_examples, resolution=self.config.data.resolution,
             cached_latents=self.cache_latents,
         )
-        return self._compiled_for((state, batch, frozen))
+        return self._compiled_for(compiled_stage, (state, batch, frozen))
 
-    def _compiled_for(self, specs: tuple[TrainState, Batch, FrozenInputs]) -> jax.stages.Compiled:
-        key = _shapes_key(specs)
+    def _compiled_for(self, stage: _CompiledStage, specs: tuple[TrainState, Batch, FrozenInputs]) -> jax.stages.Compiled:
+        key = (stage.index, _shapes_key(specs))
         if key not in self._compiled:
             start = time.perf_counter()
+            what = "the train step" + (f" of stage {stage.stage.name}" if len(self.stages) > 1 else "")
             if jax.process_index() == 0:
-                tqdm.write("compiling the train step ...")
+                tqdm.write(f"compiling {what} ...")
             self._compiled[key] = train.compile_train_step(
-                self.sd, self.optimizer, self.step_config, self.mesh, *specs
+                self.sd, stage.optimizer, stage.step_config, self.mesh, *specs
             )
             self.compile_seconds += time.perf_counter() - start
             if jax.process_index() == 0:
-                tqdm.write(f"compiled the train step in {time.perf_counter() - start:.1f}s")
+                tqdm.write(f"compiled {what} in {time.perf_counter() - start:.1f}s")
         return self._compiled[key]
 
-    def _data_iterator(self, train_set_dir: Path):
-        train_config, data_config = self.config.train, self.config.data
+    def _train_stage(self, stage: _CompiledStage, trained, rest, vae_params, train_set_dir: Path,
+                     checkpoint_dir: Path | None, progress: bool, desc: str, final_checkpoint: bool):
+        """Returns (the trained part after the stage's steps, the stage's metrics)."""
+        frozen = train.place_frozen(vae_params, rest, self.sd, self.mesh, self.rules)
+        iterator = self._data_iterator(train_set_dir, stage.train)
+        ckpt = None
+        if checkpoint_dir is not None:
+            ckpt = checkpoint.Checkpointer(checkpoint_dir, max_to_keep=stage.train.keep_checkpoints)
+        try:
+            state, metadata = self._initial_state(stage, trained, iterator, ckpt)
+            start = int(jax.device_get(state.step))
+            curve = metadata.get("loss_curve", [])
+            if start >= stage.train.steps:
+                done = {"start_step": start, "steps": start, "loss": metadata.get("loss"), "history": [],
+                        "loss_curve": curve}
+                return state.params, done
+            cache = self._latent_cache(train_set_dir, frozen, vae_params, stage.train) if self.cache_latents else None
+            host_batches = iter(iterator)
+            first = next(host_batches)
+            self._check_token_ids(first, trained, train_set_dir)
+            batches = (self._device_batch(batch, cache) for batch in itertools.chain([first], host_batches))
+            log = _MetricLog(total=stage.train.steps, start=start, progress=progress, desc=desc, loss_curve=curve,
+                             examples_per_step=self._examples_per_step(train_set_dir, stage.train))
+            return self._run(stage, state, batches, frozen, iterator, ckpt, log, train_set_dir, final_checkpoint)
+        finally:
+            if ckpt is not None:
+                ckpt.close()
+
+    def _data_iterator(self, train_set_dir: Path, train_config):
+        data_config = self.config.data
         return data.make_train_iterator(
             train_set_dir,
             global_batch_size=train_config.batch_size * train_config.grad_accum_steps,
@@ -304,34 +381,35 @@ class Trainer:
             process_count=jax.process_count(),
         )
 
-    def _initial_state(self, unet_params, iterator, ckpt) -> tuple[TrainState, dict]:
+    def _initial_state(self, stage: _CompiledStage, trained, iterator, ckpt) -> tuple[TrainState, dict]:
         """Returns (state, the metadata saved with it): the latest checkpoint's, moving `iterator`
         to the position saved with it, or a fresh state and {}."""
         if ckpt is None or ckpt.latest_step() is None:
-            key = _shapes_key(unet_params)
+            key = (stage.index, _shapes_key(trained))
             if key not in self._initializers:
                 self._initializers[key] = train.state_initializer(
-                    unet_params, self.optimizer, self.mesh, self.unet_axes, self.rules)
-            return self._initializers[key](unet_params), {}
-        abstract = train.abstract_train_state(unet_params, self.optimizer, self.mesh, self.unet_axes, self.rules)
+                    trained, stage.optimizer, self.mesh, self.model_axes, self.rules)
+            return self._initializers[key](trained), {}
+        abstract = train.abstract_train_state(trained, stage.optimizer, self.mesh, self.model_axes, self.rules)
         restored = ckpt.restore(abstract, data_iterator=iterator)
         total = restored.metadata.get("total_steps")
-        if total != self.config.train.steps:
+        if total != stage.train.steps:
             raise checkpoint.CheckpointError(
                 f"{ckpt.directory}: checkpoint {restored.step} belongs to a run of {total} steps, "
-                f"this one has train.steps={self.config.train.steps}; use another checkpoint folder"
+                f"this one has {_stage_field(self.method, stage.stage)}.steps={stage.train.steps}; "
+                "use another checkpoint folder"
             )
         logging.info("Resuming training from %s at step %d.", ckpt.directory, restored.step)
         return restored.state, restored.metadata
 
-    def _latent_cache(self, train_set_dir: Path, frozen: FrozenInputs, vae_params) -> LatentCache:
+    def _latent_cache(self, train_set_dir: Path, frozen: FrozenInputs, vae_params, train_config) -> LatentCache:
         # Moments encoded in earlier rounds are reused while the VAE weights are the same arrays.
         vae_leaves = jax.tree_util.tree_leaves(vae_params)
         if len(vae_leaves) != len(self._latents_vae) or any(a is not b for a, b in zip(vae_leaves, self._latents_vae)):
             self._latents, self._latents_vae = {}, vae_leaves
         # Encodes a training batch of images at a time, rounded up to fill every device.
         shards = sharding.num_batch_shards(self.mesh)
-        images = self.config.train.batch_size * self.config.train.grad_accum_steps
+        images = train_config.batch_size * train_config.grad_accum_steps
         spec = sharding.batch_sharding(self.mesh)
 
         def encode(pixels):
@@ -343,6 +421,22 @@ class Trainer:
             chunk_size=shards * -(-images // shards), known=self._latents,
         )
 
+    def _check_token_ids(self, host_batch: Batch, trained, train_set_dir: Path) -> None:
+        """Raises ValueError when the set's token ids lie beyond the text encoder's table, or when
+        a stage trains new token rows but the set's prompts do not hold the tokens (tokenized by a
+        tokenizer that lacks them): the rows would get no gradient."""
+        ids, size = host_batch["input_ids"], self.sd.text_encoder.config.vocab_size
+        if ids.max() >= size:
+            raise ValueError(f"{train_set_dir}: token id {int(ids.max())} is beyond the text encoder's {size} rows: the "
+                             "set was tokenized with a tokenizer that knows more tokens than this model")
+        new = self.method.new_tokens
+        if new is None or "new_tokens" not in trained or np.isin(ids, new.ids).any():
+            return
+        raise ValueError(
+            f"{train_set_dir}: no prompt of the first batch holds the new token(s) {list(new.tokens)}; write the "
+            "training set with this Trainer's sd.tokenize (its tokenizer knows them), and put the token in "
+            "the instance prompts")
+
     def _device_batch(self, batch: Batch, cache: LatentCache | None) -> Batch:
         """Returns the global device batch assembled from this process's host batch."""
         if cache is not None:
@@ -352,20 +446,21 @@ class Trainer:
         with jax.transfer_guard_host_to_device("allow"):
             return sharding.global_batch_from_local(batch, self.mesh)
 
-    def _examples_per_step(self, train_set_dir: Path) -> int:
+    def _examples_per_step(self, train_set_dir: Path, train_config=None) -> int:
         """Returns the examples of one step: instances, and as many class images with a prior."""
+        train_config = train_config or self.stages[0].train
         _, metadata = data.open_training_set(train_set_dir)
         halves = 2 if metadata["num_class_images"] else 1
-        return halves * self.config.train.batch_size * self.config.train.grad_accum_steps
+        return halves * train_config.batch_size * train_config.grad_accum_steps
 
-    def _run(self, state, batches, frozen, iterator, ckpt, log: _MetricLog, train_set_dir,
+    def _run(self, stage: _CompiledStage, state, batches, frozen, iterator, ckpt, log: _MetricLog, train_set_dir,
              final_checkpoint: bool):
-        """Returns (params, metrics) after the steps left from state.step."""
-        train_config = self.config.train
+        """Returns (trained params, metrics) after the stage's steps left from state.step."""
+        train_config = stage.train
         start = int(jax.device_get(state.step))
         rng = self._rng
         first = next(batches)
-        step_fn = self.compiled_step(state, first, frozen)
+        step_fn = self.compiled_step(state, first, frozen, stage.index)
         began = time.perf_counter()
         # Every host<->device copy in the loop is explicit (big_vision): an implicit one is a bug.
         # The batch's copy, the metrics' pull and the checkpoint's copy are the explicit ones.
@@ -397,17 +492,42 @@ class Trainer:
         }
 
 
+def _combined_metrics(stages: list[dict[str, Any]], compile_seconds: float) -> dict[str, Any]:
+    """Returns the round's metrics from its stages' (one stage: its own): steps and loss curve
+    counted across stages, the last stage's loss, summed times."""
+    if len(stages) == 1:
+        return stages[0]
+    offset, curve, history = 0, [], []
+    for metrics in stages:
+        curve += [{**point, "step": point["step"] + offset} for point in metrics["loss_curve"]]
+        history += [{**entry, "step": entry["step"] + offset} for entry in metrics["history"]]
+        offset += metrics["steps"]
+    combined = {"start_step": stages[0]["start_step"], "steps": offset, "loss": stages[-1]["loss"],
+                "history": history, "loss_curve": curve, "stages": stages}
+    ran = [m for m in stages if "train_seconds" in m]
+    if ran:
+        seconds = sum(m["train_seconds"] for m in ran)
+        combined.update(train_seconds=seconds, compile_seconds=compile_seconds,
+                        samples_per_s=sum(m["samples_per_s"] * m["train_seconds"] for m in ran) / seconds)
+    return combined
+
+
+def _stage_field(method: personalize.Method, stage: personalize.Stage) -> str:
+    """Returns where a stage's settings come from: config.train, or config.train.stages.<name>."""
+    return "train" if len(method.stages) == 1 else f"train.stages.{stage.name}"
+
+
 def _shapes_key(tree: Any) -> tuple:
     """Returns a hashable key of a tree's structure, shapes and dtypes."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     return treedef, tuple((leaf.shape, leaf.dtype) for leaf in leaves)
 
 
-def _check_train_config(train_config) -> None:
-    """Raises ValueError naming the first train.* count that is not a positive integer."""
+def _check_train_config(train_config, where: str = "train") -> None:
+    """Raises ValueError naming the first `where`.* count that is not a positive integer."""
     names = ("steps", "batch_size", "grad_accum_steps", "log_every", "checkpoint_every",
              "keep_checkpoints")
     for name in names:
         value = train_config[name]
         if not isinstance(value, int) or value < 1:
-            raise ValueError(f"train.{name} must be a positive integer, got {value!r}")
+            raise ValueError(f"{where}.{name} must be a positive integer, got {value!r}")

@@ -8,10 +8,14 @@ This module is the one owner of the layout; every other module asks it for paths
                                   awaiting_feedback (with the review page)
   DIR/.lock                       held by `gal-jax run` (and briefly by the review server's save)
   DIR/rounds/<r>/train_set/       the round's training set (TFDS array_record); train_set.done marks it
-  DIR/rounds/<r>/checkpoints/     orbax training states; deleted once unet/ is written (unless
+  DIR/rounds/<r>/checkpoints/     orbax training states (one folder per stage of a multi-stage
+                                  method); deleted once the round's result is written (unless
                                   train.keep_training_state)
-  DIR/rounds/<r>/unet/            the round's fine-tuned UNet, diffusers layout (config.json + safetensors)
-  DIR/rounds/<r>/train_loss.json  the round's training loss curve (written just before unet/)
+  DIR/rounds/<r>/unet/            DreamBooth's result: the fine-tuned UNet, diffusers layout
+  DIR/rounds/<r>/personalization/ the other methods' result: unet/ (when trained),
+                                  pytorch_lora_weights.safetensors (LoRA, PEFT keys),
+                                  learned_embeds.safetensors (new tokens)
+  DIR/rounds/<r>/train_loss.json  the round's training loss curve (written just before the result)
   DIR/rounds/<r>/images/          generated PNGs, p<prompt_id>_s<seed>.png
   DIR/rounds/<r>/generated.json   the index of the generated images (written after the last PNG)
   DIR/rounds/<r>/scores.json      CLIP similarities of every generated image
@@ -86,6 +90,14 @@ class RoundPaths:
     @property
     def unet(self) -> Path:
         return self.dir / "unet"
+
+    @property
+    def personalization(self) -> Path:
+        return self.dir / "personalization"
+
+    def result(self, method: str) -> Path:
+        """Returns where the round's trained result is: unet/ for DreamBooth, else personalization/."""
+        return self.unet if method == "dreambooth" else self.personalization
 
     @property
     def images(self) -> Path:

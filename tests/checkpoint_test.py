@@ -84,6 +84,7 @@ def finished_run(round_setup, tmp_path_factory):
     trainer, params, train_set = round_setup
     directory = tmp_path_factory.mktemp("finished") / "checkpoints"
     trained, metrics = trainer.train_round(params, train_set, directory, progress=False)
+    trained = trained.unet
     return directory, trained, metrics
 
 
@@ -104,6 +105,7 @@ def test_killed_round_resumes_at_the_same_step_with_identical_params(round_setup
     monkeypatch.undo()
 
     resumed, metrics = trainer.train_round(params, train_set, tmp_path / "killed", progress=False)
+    resumed = resumed.unet
     assert metrics["start_step"] == 4 and [h["step"] for h in metrics["history"]] == [6]
     # The loss curve survives the kill: the checkpoints carry the part before it.
     assert metrics["loss_curve"] == finished_run[2]["loss_curve"]
@@ -119,6 +121,7 @@ def test_finished_round_returns_its_last_checkpoint_without_training(round_setup
     trainer, params, train_set = round_setup
     directory, trained, first = finished_run
     again, metrics = trainer.train_round(params, train_set, directory, progress=False)
+    again = again.unet
     assert metrics["start_step"] == 6 and metrics["history"] == []
     assert metrics["loss"] == pytest.approx(first["loss"])
     assert metrics["loss_curve"] == first["loss_curve"]
@@ -144,10 +147,12 @@ def test_without_a_final_checkpoint_a_kill_after_training_redoes_the_last_window
     trainer, params, train_set = round_setup
     _, uninterrupted, first = finished_run
     trained, _ = trainer.train_round(params, train_set, tmp_path / "c", progress=False, final_checkpoint=False)
+    trained = trained.unet
     with checkpoint.Checkpointer(tmp_path / "c") as ckpt:
         assert ckpt.all_steps() == [2, 4], "step 6 is a multiple of checkpoint_every, yet skipped"
     chex.assert_trees_all_equal(jax.device_get(trained), jax.device_get(uninterrupted))
     # "Killed" after training: the rerun trains steps 5-6 again, from checkpoint 4.
     again, metrics = trainer.train_round(params, train_set, tmp_path / "c", progress=False, final_checkpoint=False)
+    again = again.unet
     assert metrics["start_step"] == 4 and metrics["loss_curve"] == first["loss_curve"]
     chex.assert_trees_all_equal(jax.device_get(again), jax.device_get(uninterrupted))

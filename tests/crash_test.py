@@ -19,13 +19,17 @@ SMALL = ("--config.train.steps=4", "--config.train.checkpoint_every=2", "--confi
          "--config.sample.num_per_prompt=4", "--config.gal.rounds=2", "--config.gal.k=2")
 
 
-def gal_run(workdir: Path, tiny_dir: Path, cache: Path, kill_at: str | None = None, wait: bool = True):
+def gal_run(workdir: Path, tiny_dir: Path, cache: Path, kill_at: str | None = None, wait: bool = True,
+            extra: tuple[str, ...] | None = None):
+    """Runs `gal-jax run` on the tiny default (`extra`: the config and overrides, instead of
+    tiny_cpu.py with SMALL) in a subprocess on one CPU device."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", GAL_JAX_CACHE=str(cache))
     env.pop("GAL_JAX_KILL_AT", None)
     if kill_at:
         env["GAL_JAX_KILL_AT"] = kill_at
-    command = [sys.executable, "-m", "gal_jax.main", "run", "--config=configs/tiny_cpu.py",
-               f"--workdir={workdir}", f"--config.model.tiny_dir={tiny_dir}", *SMALL]
+    config, *overrides = ("--config=configs/tiny_cpu.py", *SMALL) if extra is None else extra
+    command = [sys.executable, "-m", "gal_jax.main", "run", config, f"--workdir={workdir}",
+               f"--config.model.tiny_dir={tiny_dir}", *overrides]
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
     if not wait:

@@ -127,9 +127,10 @@ def run(process_id: int, port: int, workdir: Path, num_processes: int) -> dict:
 
     now = time.perf_counter()
     trainer = trainer_lib.Trainer(config, sd, mesh)
-    unet, metrics = trainer.train_round(params, train_set, workdir / "checkpoints",
-                                        progress=False)
+    result, metrics = trainer.train_round(params, train_set, workdir / "checkpoints",
+                                          progress=False)
     timings["train_s"] = time.perf_counter() - now
+    unet = result.unet
     trained = dataclasses.replace(params, unet=unet)
 
     now = time.perf_counter()

@@ -60,7 +60,13 @@ def trainer(loaded):
 @pytest.fixture(scope="module")
 def first_round(trainer, loaded, train_set):
     _, params = loaded
-    return trainer.train_round(params, train_set, progress=False)
+    result, metrics = trainer.train_round(params, train_set, progress=False)
+    return result.unet, metrics
+
+
+def dreambooth_frozen(params, sd, mesh):
+    """Returns DreamBooth's frozen step inputs: the VAE and the text encoder (the UNet trains)."""
+    return train.place_frozen(params.vae, {"text_encoder": params.text_encoder}, sd, mesh)
 
 
 def synthetic_batch(sd, num_instances, seed=0, weights=None):
@@ -178,11 +184,11 @@ def test_class_examples_take_their_instance_weight(tiny_assets, loaded, tmp_path
 @pytest.fixture(scope="module")
 def unet_grad(loaded, trainer):
     sd, params = loaded
-    frozen = train.place_frozen(params, sd, trainer.mesh)
+    frozen = dreambooth_frozen(params, sd, trainer.mesh)
 
     @jax.jit
     def grad(batch):
-        loss_fn = lambda p: train.dreambooth_loss(p, batch, frozen, sd=sd, config=train.StepConfig())[0]
+        loss_fn = lambda p: train.dreambooth_loss({"unet": p}, batch, frozen, sd=sd, config=train.StepConfig())[0]
         return jax.value_and_grad(loss_fn)(params.unet)
 
     return grad
@@ -241,8 +247,8 @@ def test_unet_gradient_matches_pytorch_diffusers(tiny_assets, loaded, unet_grad)
 
 def _one_step(trainer, sd, params, host_batch):
     mesh = trainer.mesh
-    state = train.init_train_state(params.unet, trainer.optimizer, mesh, sd.logical_axes().unet)
-    frozen = train.place_frozen(params, sd, mesh)
+    state = train.init_train_state({"unet": params.unet}, trainer.optimizer, mesh, trainer.model_axes)
+    frozen = dreambooth_frozen(params, sd, mesh)
     batch = sharding.global_batch_from_local(host_batch, mesh)
     rng = jax.device_put(jax.random.key(0), sharding.replicated(mesh))
     return trainer.compiled_step(state, batch, frozen)(state, batch, rng, frozen)
@@ -285,10 +291,10 @@ def test_training_lowers_the_loss_on_the_tiny_concept(first_round):
 @pytest.mark.slow
 def test_training_lowers_the_loss_of_a_fixed_batch(loaded, trainer, train_set, first_round):
     sd, params = loaded
-    frozen = train.place_frozen(params, sd, trainer.mesh)
+    frozen = dreambooth_frozen(params, sd, trainer.mesh)
     batch = next(data.make_train_iterator(train_set, global_batch_size=8, seed=3, resolution=64))
     batch = {**batch, **train.draw_step_randomness(jax.random.key(7), sd, batch, 1000)}
-    loss = jax.jit(lambda p: train.dreambooth_loss(p, batch, frozen, sd=sd, config=train.StepConfig())[0])
+    loss = jax.jit(lambda p: train.dreambooth_loss({"unet": p}, batch, frozen, sd=sd, config=train.StepConfig())[0])
     # Host copies: both calls then see the same input layout and share one compile.
     assert float(loss(jax.device_get(first_round[0]))) < 0.9 * float(loss(jax.device_get(params.unet)))
 
@@ -297,13 +303,13 @@ def test_min_snr_gamma_weights_each_example_loss_by_its_timestep(loaded, trainer
     """With train.snr_gamma every example's MSE is scaled by min(SNR, gamma) / SNR of its own
     timestep before the absolute weights: one example alone in the batch shows it exactly."""
     sd, params = loaded
-    frozen = train.place_frozen(params, sd, trainer.mesh)
+    frozen = dreambooth_frozen(params, sd, trainer.mesh)
     batch = next(data.make_train_iterator(train_set, global_batch_size=2, seed=1, resolution=64))
     batch = {**batch, **train.draw_step_randomness(jax.random.key(3), sd, batch, 1000)}
     batch = {k: v[:1] for k, v in batch.items()}  # one instance example
     batch["timesteps"] = np.array([40])  # SNR(40) is far above 5: the weight is small
     loss = jax.jit(lambda gamma: train.dreambooth_loss(
-        params.unet, batch, frozen, sd=sd, config=train.StepConfig(snr_gamma=gamma))[0], static_argnums=0)
+        {"unet": params.unet}, batch, frozen, sd=sd, config=train.StepConfig(snr_gamma=gamma))[0], static_argnums=0)
     weight = schedulers.min_snr_weight(frozen.noise_schedule, jnp.array([40]), 5.0, sd.prediction_type)
     assert float(weight[0]) < 0.2
     np.testing.assert_allclose(float(loss(5.0)), float(loss(0.0)) * float(weight[0]), rtol=1e-5)
@@ -313,6 +319,7 @@ def test_rounds_restart_from_base_weights_without_recompiling(loaded, trainer, t
     _, params = loaded
     base = jax.device_get(params.unet)
     again, metrics = trainer.train_round(params, train_set, progress=False)
+    again = again.unet
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     compiled = trainer.compile_for(abstract, num_examples=2 * BATCH_SIZE)
     assert trainer.num_compiles == 1
@@ -382,12 +389,12 @@ def test_gradient_accumulation_equals_one_big_batch(loaded, trainer):
 def test_remat_gives_the_same_gradients(loaded, trainer, unet_grad):
     sd, params = loaded
     batch = with_randomness(sd, synthetic_batch(sd, 1))
-    frozen = train.place_frozen(params, sd, trainer.mesh)
+    frozen = dreambooth_frozen(params, sd, trainer.mesh)
     config = train.StepConfig.from_config(tiny_config(remat="block").train)
     assert config.remat == "block" and nn_layers.remat_policy(True) == "block" and nn_layers.remat_policy("False") == "none"
     with pytest.raises(ValueError, match="train.remat='blocks': expected one of none, block, dots_saveable"):
         train.StepConfig.from_config(tiny_config(remat="blocks").train)
-    grad = jax.jit(jax.grad(lambda p: train.dreambooth_loss(p, batch, frozen, sd=sd, config=config)[0]))
+    grad = jax.jit(jax.grad(lambda p: train.dreambooth_loss({"unet": p}, batch, frozen, sd=sd, config=config)[0]))
     # The tiny UNet has 8 resnet and 4 transformer blocks, each rematerialised on its own.
     assert len(re.findall(r"\bremat2?\[", str(jax.make_jaxpr(grad)(params.unet)))) == 12
     chex.assert_trees_all_close(grad(params.unet), unet_grad(batch)[1], atol=1e-6, rtol=1e-5)
@@ -427,13 +434,13 @@ def _image_keys(pixels):
 @pytest.mark.slow
 def test_cached_latents_give_the_loss_of_encoding_the_pixels(loaded, trainer, train_set):
     sd, params = loaded
-    frozen = train.place_frozen(params, sd, trainer.mesh)
+    frozen = dreambooth_frozen(params, sd, trainer.mesh)
     encode = jax.jit(lambda px: sd.encode_posterior(params.vae, px))
     cache = trainer_lib.build_latent_cache(train_set, lambda px: jax.device_get(encode(px)), resolution=64, chunk_size=8)
     assert len(cache.rows) == 4 + 20  # every distinct reference and class image, once
     batch = next(data.make_train_iterator(train_set, global_batch_size=4, seed=0, resolution=64))
     batch = {**batch, **train.draw_step_randomness(jax.random.key(0), sd, batch, 1000)}
-    loss = jax.jit(lambda b: train.dreambooth_loss(params.unet, b, frozen, sd=sd, config=train.StepConfig())[0])
+    loss = jax.jit(lambda b: train.dreambooth_loss({"unet": params.unet}, b, frozen, sd=sd, config=train.StepConfig())[0])
     cached = cache.replace_pixels(batch)
     assert "pixel_values" not in cached and cached["latent_mean"].shape == (8, 4, 16, 16)
     np.testing.assert_allclose(loss(cached), loss(batch), rtol=1e-5)
@@ -444,5 +451,6 @@ def test_bfloat16_compute_trains_float32_weights(tiny_assets, train_set):
     sd, params = models.load_stable_diffusion(tiny_assets["sd"], compute_dtype="bfloat16")
     trainer = trainer_lib.Trainer(tiny_config(), sd, sharding.make_mesh(1, 1, devices=jax.devices()[:1]))
     trained, metrics = trainer.train_round(params, train_set, progress=False)
+    trained = trained.unet
     assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(trained)} == {jnp.dtype(jnp.float32)}
     assert np.isfinite(metrics["loss"]) and metrics["history"][-1]["loss"] < metrics["history"][0]["loss"]

@@ -44,14 +44,16 @@ class NewTokens:
         return self.old_vocab_size + len(self.tokens)
 
 
-def add_tokens(tokenizer, tokens: Sequence[str], init_words: Sequence[str], *, vocab_size: int | None = None):
+def add_tokens(tokenizer, tokens: Sequence[str], init_words: Sequence[str] | None, *, vocab_size: int | None = None):
     """Returns (a copy of `tokenizer` that knows `tokens`, NewTokens).
 
-    `init_words[i]` initialises `tokens[i]`; each must tokenize to exactly one token. `vocab_size`
+    `init_words[i]` initialises `tokens[i]`; each must tokenize to exactly one token (None: the
+    rows come from elsewhere, e.g. a saved embedding; init_ids are then -1). `vocab_size`
     (the token table's rows) defaults to the tokenizer's size; they must agree, so that the new
     ids are the rows `grow_embeddings` appends. Raises ValueError naming the offending token.
     """
-    tokens, init_words = tuple(tokens), tuple(init_words)
+    tokens = tuple(tokens)
+    init_words = tuple(init_words) if init_words is not None else (None,) * len(tokens)
     if not tokens:
         raise ValueError("add_tokens: no tokens given")
     if len(tokens) != len(init_words):
@@ -68,7 +70,7 @@ def add_tokens(tokenizer, tokens: Sequence[str], init_words: Sequence[str], *, v
     for token in tokens:
         if token in vocabulary or not token.strip():
             raise ValueError(f"add_tokens: {token!r} is already a token of the tokenizer (or blank); pick another")
-    init_ids = tuple(_single_token_id(tokenizer, word) for word in init_words)
+    init_ids = tuple(-1 if word is None else _single_token_id(tokenizer, word) for word in init_words)
     grown = copy.deepcopy(tokenizer)
     added = grown.add_tokens(list(tokens))
     ids = tuple(grown.convert_tokens_to_ids(list(tokens)))

@@ -1,0 +1,342 @@
+"""What a round trains, for every personalization method: the trainable part of the model, the
+stages, and the round's result that generation, evaluation and export take.
+
+A method trains inside one *model tree* (a dict):
+
+    {"unet": UNet params, "text_encoder": text-encoder params,
+     "lora": {"unet": {<module path>: {"down": (in, r), "up": (r, out)}}},   # LoRA methods
+     "new_tokens": (n, D)}                                                    # new-token methods
+
+Each stage trains the leaves whose '/'-joined path matches its `trainable` regex (`split`); the
+rest is a frozen input of the step and is merged back inside it (`merge`). So the train state,
+its AdamW moments, its gradients and the checkpoints hold only what is trained: with
+optax.multi_transform and set_to_zero the frozen weights would sit in the donated state and get
+gradients. `materialize` turns a model tree into the weights the models apply: every LoRA target
+W + (alpha / r) down @ up, the token table with the new rows appended.
+
+The methods (`METHODS`, config.train.method):
+  dreambooth          the whole UNet (the paper's GAL)
+  lora                rank-r deltas on the UNet's attention projections (DreamBooth-LoRA)
+  textual_inversion   the new token's embedding only (the placeholder becomes one new token)
+  attndreambooth      AttnDreamBooth's three stages: the new token, then the cross-attention
+                      layers, then the whole UNet, with the cross-attention map regularizer
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import traverse_util
+
+from gal_jax.nn import tokens as nn_tokens
+
+Params = Any
+METHODS = ("dreambooth", "lora", "textual_inversion", "attndreambooth")
+# What each single-stage method trains when config.train.trainable is '' (AttnDreamBooth's stages
+# name their own).
+DEFAULT_TRAINABLE = {"dreambooth": r"^unet/", "lora": r"^lora/", "textual_inversion": r"^new_tokens$"}
+NEW_TOKEN_METHODS = ("textual_inversion", "attndreambooth")
+# diffusers' DreamBooth-LoRA targets (to_q, to_k, to_v, to_out.0 of every attention layer).
+DEFAULT_LORA_TARGETS = r"attn[12]/(to_q|to_k|to_v|to_out_0)/kernel$"
+SEPARATOR = "/"
+
+
+class MethodConfigError(ValueError):
+    """config.train.method, its stages or its LoRA settings cannot work."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The round's result
+# ---------------------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Personalization:
+    """What a round learned: the fine-tuned UNet (None: the base UNet), LoRA deltas (None: none)
+    and the rows of new tokens (None: none). `lora_scale` is alpha / rank."""
+
+    unet: Params | None = None
+    lora: Params | None = None
+    new_tokens: jax.Array | None = None
+    lora_scale: float = dataclasses.field(default=1.0, metadata=dict(static=True))
+
+    def apply(self, base):
+        """Returns the models.StableDiffusionParams of the base with this personalization in
+        (LoRA merged into the UNet's weights, the token table grown)."""
+        tree = {"unet": base.unet if self.unet is None else self.unet, "text_encoder": base.text_encoder}
+        if self.lora is not None:
+            tree["lora"] = self.lora
+        if self.new_tokens is not None:
+            tree["new_tokens"] = self.new_tokens
+        unet, text = materialize(tree, self.lora_scale)
+        return dataclasses.replace(base, unet=unet, text_encoder=text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods and their stages (from the config)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One training stage: its name and config.train with the stage's overrides."""
+
+    name: str
+    train: ml_collections.ConfigDict
+
+    @property
+    def trainable(self) -> str:
+        return self.train.trainable
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """Which kernels get low-rank deltas (regex over '/'-joined UNet param paths) and their rank."""
+
+    rank: int
+    alpha: float
+    targets: str
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A personalization method as a run trains it: its stages, LoRA spec and new tokens."""
+
+    name: str
+    stages: tuple[Stage, ...]
+    lora: LoraSpec | None = None
+    new_tokens: nn_tokens.NewTokens | None = None
+
+    @property
+    def lora_scale(self) -> float:
+        return self.lora.scale if self.lora else 1.0
+
+    def result(self, tree: Params, trained_parts: Sequence[str]) -> Personalization:
+        """Returns the round's Personalization of a trained model tree; `trained_parts` are the
+        tree's top-level keys some stage trained (the UNet is kept only when one did)."""
+        return Personalization(
+            unet=tree["unet"] if "unet" in trained_parts else None, lora=tree.get("lora"),
+            new_tokens=tree.get("new_tokens"), lora_scale=self.lora_scale,
+        )
+
+
+def method_name(config: ml_collections.ConfigDict) -> str:
+    """Returns config.train.method, checked ('dreambooth' when the field is absent)."""
+    name = config.train.get("method", "dreambooth")
+    if name not in METHODS:
+        raise MethodConfigError(f"config.train.method={name!r}; expected one of {METHODS}")
+    return name
+
+
+def stages_from_config(config: ml_collections.ConfigDict) -> tuple[Stage, ...]:
+    """Returns the method's stages: one per entry of config.train.stages, run in the order of
+    their names (s1_..., s2_...), each config.train with the entry's fields replaced; or, with no
+    stages, config.train itself as the one stage.
+
+    Raises MethodConfigError naming an entry's field that config.train lacks, or a trainable regex
+    that is empty or does not compile.
+    """
+    name = method_name(config)
+    train = config.train
+    entries = dict(train.get("stages") or {})
+    base = ml_collections.ConfigDict(train.to_dict())
+    base.stages = ml_collections.ConfigDict()
+    if not entries:
+        if name == "attndreambooth":
+            raise MethodConfigError("config.train.method='attndreambooth' needs config.train.stages "
+                                    "(configs/sd21_attndreambooth.py has the authors' three)")
+        return (Stage(name, _with_trainable(base, name, "config.train")),)
+    stages = []
+    for stage_name in sorted(entries):
+        overrides = dict(entries[stage_name])
+        stage = ml_collections.ConfigDict(base.to_dict())
+        for key, value in overrides.items():
+            if key not in stage or key == "stages":
+                raise MethodConfigError(f"config.train.stages.{stage_name}.{key}: config.train has no field {key!r}")
+            stage[key] = value
+        stages.append(Stage(stage_name, _with_trainable(stage, name, f"config.train.stages.{stage_name}")))
+    return tuple(stages)
+
+
+def _with_trainable(train: ml_collections.ConfigDict, method: str, where: str) -> ml_collections.ConfigDict:
+    """Returns `train` with its trainable regex filled in from the method's default and checked."""
+    pattern = train.get("trainable", "") or DEFAULT_TRAINABLE.get(method, "")
+    if not pattern:
+        raise MethodConfigError(f"{where}.trainable is empty: say which parameters the stage trains "
+                                "(a regex over paths like unet/.../attn2/to_k/kernel, new_tokens, lora/...)")
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise MethodConfigError(f"{where}.trainable={pattern!r} is not a regex ({err})") from None
+    train.trainable = pattern
+    return train
+
+
+def lora_from_config(config: ml_collections.ConfigDict) -> LoraSpec | None:
+    """Returns the LoRA spec of config.lora for the LoRA method, else None."""
+    if method_name(config) != "lora":
+        return None
+    lora = config.get("lora") or ml_collections.ConfigDict()
+    rank, alpha = int(lora.get("rank", 4)), float(lora.get("alpha", 0.0) or lora.get("rank", 4))
+    targets = lora.get("targets", "") or DEFAULT_LORA_TARGETS
+    if rank < 1:
+        raise MethodConfigError(f"config.lora.rank={rank} must be >= 1")
+    if not alpha > 0:
+        raise MethodConfigError(f"config.lora.alpha={alpha} must be > 0 (0 means the rank)")
+    try:
+        re.compile(targets)
+    except re.error as err:
+        raise MethodConfigError(f"config.lora.targets={targets!r} is not a regex ({err})") from None
+    return LoraSpec(rank=rank, alpha=alpha, targets=targets)
+
+
+def prepare(config: ml_collections.ConfigDict, sd, *, placeholder: str = "", class_word: str = ""):
+    """Returns (sd, Method) for config.train.method: for the new-token methods, `sd` with the
+    placeholder added to its tokenizer as one new token (initialised from config.train.new_token_init,
+    else the first word of `class_word`) and its text encoder's table grown by a row.
+    """
+    name = method_name(config)
+    stages = stages_from_config(config)
+    new = None
+    if name in NEW_TOKEN_METHODS:
+        token = config.train.get("new_token", "") or placeholder
+        init_word = config.train.get("new_token_init", "") or (class_word.split() or [""])[0]
+        if not token or not init_word:
+            raise MethodConfigError(
+                f"config.train.method={name!r} adds the concept's placeholder as a new token initialised "
+                f"from its class word; this run has placeholder {token!r} and class word {init_word!r} "
+                "(object concepts only; set config.train.new_token and config.train.new_token_init)")
+        sd, new = add_new_tokens(sd, [token], [init_word])
+    return sd, Method(name=name, stages=stages, lora=lora_from_config(config), new_tokens=new)
+
+
+def add_new_tokens(sd, new_tokens: Sequence[str], init_words: Sequence[str]):
+    """Returns (sd with a tokenizer that knows `new_tokens` and a text encoder with their rows,
+    NewTokens)."""
+    table = sd.text_encoder.config.vocab_size
+    try:
+        tokenizer, new = nn_tokens.add_tokens(sd.tokenizer, new_tokens, init_words, vocab_size=table)
+    except ValueError as err:
+        raise MethodConfigError(f"{err} (config.train.new_token / config.train.new_token_init)") from None
+    return dataclasses.replace(sd, tokenizer=tokenizer, text_encoder=nn_tokens.grown_model(sd.text_encoder, new)), new
+
+
+# ---------------------------------------------------------------------------------------------
+# The model tree: build, split, merge, materialize (pure)
+# ---------------------------------------------------------------------------------------------
+
+
+def model_tree(method: Method, base, key: jax.Array) -> dict[str, Params]:
+    """Returns the model tree a round starts from: the base UNet and text encoder, plus zero-effect
+    LoRA deltas (down random, up zero) and the new tokens' rows (copies of their initialisers')."""
+    tree = {"unet": base.unet, "text_encoder": base.text_encoder}
+    if method.lora is not None:
+        tree["lora"] = {"unet": init_lora(base.unet, method.lora, key)}
+    if method.new_tokens is not None:
+        table = _token_table(base.text_encoder)
+        tree["new_tokens"] = jnp.asarray(table)[jnp.asarray(method.new_tokens.init_ids)]
+    return tree
+
+
+def _token_table(text_params: Params) -> jax.Array:
+    return traverse_util.flatten_dict(text_params)[nn_tokens.TOKEN_TABLE]
+
+
+def lora_target_paths(params: Params, targets: str) -> list[tuple[str, ...]]:
+    """Returns the paths of the 2-D kernels of `params` whose '/'-joined path matches `targets`."""
+    return [path for path, leaf in traverse_util.flatten_dict(params).items()
+            if path[-1] == "kernel" and len(leaf.shape) == 2 and re.search(targets, SEPARATOR.join(path))]
+
+
+def init_lora(params: Params, spec: LoraSpec, key: jax.Array) -> Params:
+    """Returns {module path...: {"down": (in, r), "up": (r, out)}} for every target kernel of
+    `params`: down uniform in +-1/sqrt(in) (PEFT's kaiming-uniform), up zero, both float32."""
+    paths = lora_target_paths(params, spec.targets)
+    if not paths:
+        raise MethodConfigError(f"config.lora.targets={spec.targets!r} matches no 2-D kernel of the UNet")
+    flat = traverse_util.flatten_dict(params)
+    lora = {}
+    for index, path in enumerate(paths):
+        fan_in, fan_out = flat[path].shape
+        bound = 1.0 / math.sqrt(fan_in)
+        down = jax.random.uniform(jax.random.fold_in(key, index), (fan_in, spec.rank), jnp.float32, -bound, bound)
+        lora[path[:-1] + ("down",)] = down
+        lora[path[:-1] + ("up",)] = jnp.zeros((spec.rank, fan_out), jnp.float32)
+    return traverse_util.unflatten_dict(lora)
+
+
+def apply_lora(params: Params, lora: Params, scale: float) -> Params:
+    """Returns `params` with every kernel that `lora` has deltas for replaced by
+    W + scale * down @ up (in W's dtype)."""
+    flat = dict(traverse_util.flatten_dict(params))
+    for module, pair in lora_pairs(lora).items():
+        path = module + ("kernel",)
+        if path not in flat:
+            raise ValueError(f"LoRA deltas for {SEPARATOR.join(module)}, which has no kernel")
+        kernel = flat[path]
+        delta = jnp.dot(pair["down"].astype(jnp.float32), pair["up"].astype(jnp.float32))
+        flat[path] = (kernel.astype(jnp.float32) + scale * delta).astype(kernel.dtype)
+    return traverse_util.unflatten_dict(flat)
+
+
+def lora_pairs(lora: Params) -> dict[tuple[str, ...], dict[str, jax.Array]]:
+    """Returns {module path: {"down": ..., "up": ...}} of a LoRA tree."""
+    pairs: dict[tuple[str, ...], dict[str, jax.Array]] = {}
+    for path, leaf in traverse_util.flatten_dict(lora).items():
+        pairs.setdefault(path[:-1], {})[path[-1]] = leaf
+    return pairs
+
+
+def materialize(tree: dict[str, Params], lora_scale: float = 1.0) -> tuple[Params, Params]:
+    """Returns (UNet params, text-encoder params) of a model tree: LoRA deltas added, the new
+    tokens' rows appended to the token table."""
+    unet, text = tree["unet"], tree["text_encoder"]
+    lora = tree.get("lora") or {}
+    if "unet" in lora:
+        unet = apply_lora(unet, lora["unet"], lora_scale)
+    if "text_encoder" in lora:
+        text = apply_lora(text, lora["text_encoder"], lora_scale)
+    if tree.get("new_tokens") is not None:
+        flat = dict(traverse_util.flatten_dict(text))
+        table = flat[nn_tokens.TOKEN_TABLE]
+        flat[nn_tokens.TOKEN_TABLE] = jnp.concatenate([table, tree["new_tokens"].astype(table.dtype)], axis=0)
+        text = traverse_util.unflatten_dict(flat)
+    return unet, text
+
+
+def split(tree: Params, trainable: str) -> tuple[Params, Params]:
+    """Returns (the leaves whose '/'-joined path matches the `trainable` regex, the others), each as
+    a nested dict; raises MethodConfigError when nothing matches."""
+    flat = traverse_util.flatten_dict(tree)
+    pattern = re.compile(trainable)
+    chosen = {path: leaf for path, leaf in flat.items() if pattern.search(SEPARATOR.join(path))}
+    if not chosen:
+        examples = ", ".join(SEPARATOR.join(path) for path in list(flat)[:3])
+        raise MethodConfigError(f"trainable={trainable!r} matches no parameter (paths look like {examples}, ...)")
+    rest = {path: leaf for path, leaf in flat.items() if path not in chosen}
+    return traverse_util.unflatten_dict(chosen), traverse_util.unflatten_dict(rest)
+
+
+def merge(trained: Params, rest: Params) -> Params:
+    """Returns the model tree of `split`'s two parts."""
+    flat = dict(traverse_util.flatten_dict(rest))
+    flat.update(traverse_util.flatten_dict(trained))
+    return traverse_util.unflatten_dict(flat)
+
+
+def logical_axes(sd) -> dict[str, Params]:
+    """Returns the model tree's logical PartitionSpecs (the UNet's and the text encoder's; LoRA
+    deltas and new rows are small and replicated)."""
+    axes = sd.logical_axes()
+    return {"unet": axes.unet, "text_encoder": axes.text_encoder}

@@ -1,0 +1,83 @@
+"""Every personalization method through GAL rounds on the tiny default: what the workdir and the
+exported model hold, and AttnDreamBooth killed inside its second stage, then resumed."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+
+from configs import tiny_cpu
+from gal_jax import driver, export
+from crash_test import gal_run, leftovers
+from driver_test import small_config
+
+LORA_FILE, EMBEDDINGS_FILE = export.LORA_WEIGHTS, export.TOKEN_EMBEDDINGS
+
+
+@pytest.mark.parametrize("method, files", [
+    ("lora", [LORA_FILE]),
+    ("textual_inversion", [EMBEDDINGS_FILE]),
+])
+def test_method_runs_two_gal_rounds_leaving_only_what_it_trains(method, files, tiny_assets, tmp_path):
+    config = tiny_cpu.with_method(small_config(tiny_assets, gal__rounds=2), method)
+    report = driver.run(config, tmp_path / "run")
+    assert report.is_file()
+    records = driver.read_records(tmp_path / "run")
+    assert [r.round for r in records] == [1, 2] and records[0].selected
+    for index in (1, 2):
+        round_dir = tmp_path / "run" / "rounds" / str(index)
+        assert sorted(p.name for p in (round_dir / "personalization").iterdir()) == files
+        assert not (round_dir / "unet").exists() and not (round_dir / "checkpoints").exists()
+        assert sum(p.stat().st_size for p in (round_dir / "personalization").iterdir()) < 200_000
+    model = tmp_path / "run" / "model"
+    assert all((model / name).is_file() for name in files) and (model / "unet").is_dir()
+    # A rerun of the finished run retrains nothing; the round's result reads back.
+    assert driver.run(config, tmp_path / "run") == report
+
+
+def test_a_workdir_is_not_resumed_with_another_method(tiny_assets, tmp_path):
+    config = small_config(tiny_assets, gal__feedback="none", train__steps=1)
+    driver.run(config, tmp_path / "run")
+    other = tiny_cpu.with_method(small_config(tiny_assets, gal__feedback="none", train__steps=1), "lora")
+    with pytest.raises(driver.ConfigChangedError, match=r"train.method \('dreambooth' -> 'lora'\)"):
+        driver.run(other, tmp_path / "run")
+
+
+ATTN = ("--config.train.checkpoint_every=2", "--config.sample.steps=2", "--config.sample.num_per_prompt=4",
+        "--config.gal.rounds=2", "--config.gal.k=2", "--config.train.stages.s1_inversion.steps=4",
+        "--config.train.stages.s2_attention.steps=6", "--config.train.stages.s3_unet.steps=4")
+
+
+def outcome(workdir: Path) -> dict:
+    records = []
+    for path in sorted((workdir / "rounds").glob("*/record.json")):
+        record = json.loads(path.read_text())
+        record.pop("timings")
+        records.append(record)
+    results = {str(p.relative_to(workdir)): p.read_bytes()
+               for p in sorted(workdir.glob("rounds/*/personalization/**/*.safetensors"))}
+    return {"records": records, "results": results}
+
+
+def test_attndreambooth_killed_in_stage_two_resumes_to_the_uninterrupted_run(tiny_assets, tmp_path):
+    config = "--config=configs/tiny_cpu.py:attndreambooth"
+    code, output = gal_run(tmp_path / "plain", tiny_assets["root"], tmp_path / "cache", extra=(config, *ATTN))
+    assert code == 0, output[-3000:]
+    expected = outcome(tmp_path / "plain")
+    assert len(expected["records"]) == 2 and len(expected["results"]) == 4  # unet + embeddings, 2 rounds
+
+    workdir = tmp_path / "killed"
+    # After stage 2's 5th step in round 1 (stage 1 has 4; checkpoint 4 written): stage 1's result is in its
+    # last checkpoint, stage 2 resumes at step 4.
+    code, output = gal_run(workdir, tiny_assets["root"], tmp_path / "cache", "train:5", extra=(config, *ATTN))
+    assert code == -signal.SIGKILL, output[-3000:]
+    stages = sorted(p.name for p in (workdir / "rounds" / "1" / "checkpoints").iterdir())
+    assert stages == ["s1_inversion", "s2_attention"]
+    code, output = gal_run(workdir, tiny_assets["root"], tmp_path / "cache", extra=(config, *ATTN))
+    assert code == 0, output[-3000:]
+    assert "round 1 train s1_inversion" not in output  # finished: read from its checkpoint
+    assert outcome(workdir) == expected
+    assert not leftovers(workdir)
