@@ -188,7 +188,7 @@ def bench_score(config, clip, clip_params, mesh) -> dict:
 def bench_train(config, sd, sd_params, mesh) -> dict:
     """Returns the figures of one compiled train step (global batch of config.train.batch_size)
     of config.train.method (its first stage); for a method other than DreamBooth, DreamBooth's
-    step on the same model and batch too, under `dreambooth`, with the ratios."""
+    step on the same model and batch too (its figures as dreambooth_*), with the ratios."""
     from gal_jax import personalize
 
     result = _bench_train_step(config, sd, sd_params, mesh)
@@ -198,9 +198,10 @@ def bench_train(config, sd, sd_params, mesh) -> dict:
     with full.unlocked():
         full.train.method, full.train.stages, full.train.trainable = "dreambooth", {}, ""
     dreambooth = _bench_train_step(full, sd, sd_params, mesh)
-    result["dreambooth"] = dreambooth
+    for key in ("compile_s", "step_s_median", "samples_per_s", "compiled_memory_gib", "peak_memory_gib"):
+        result[f"dreambooth_{key}"] = dreambooth[key]
     result["step_time_vs_dreambooth"] = round(result["step_s_median"] / dreambooth["step_s_median"], 3)
-    result["memory_vs_dreambooth"] = round(result["compiled_memory_gib"] / dreambooth["compiled_memory_gib"], 3)
+    result["memory_vs_dreambooth"] = round(result["compiled_memory_gib"] / result["dreambooth_compiled_memory_gib"], 3)
     return result
 
 
@@ -233,7 +234,7 @@ def _bench_train_step(config, sd, sd_params, mesh) -> dict:
     flops = flops_lib.count(_train_step_function(trainer, sd), state, batch, rng, frozen)
     times = time_calls(step, config.bench.iters, config.bench.warmup)
     result = summarize("train", compile_s, times, rows, "samples", flops, mesh, compiled)
-    result["method"] = method.name + (f" (stage {method.stages[0].name})" if len(method.stages) > 1 else "")
+    result["method"] = trainer_method_label(config)
     # What XLA plans for the step (arguments, outputs, temporaries): a peak memory on every backend.
     result["compiled_memory_gib"] = round(memory.of_compiled(compiled).peak / 2**30, 4)
     if (config.bench.get("compare_torch") or config.bench.get("authors")) and method.name == "dreambooth":
@@ -678,6 +679,15 @@ def abstract_stable_diffusion(config) -> tuple[Any, Any]:
     return sd, memory.abstract(params)
 
 
+def trainer_method_label(config) -> str:
+    """Returns config.train.method, with its first stage's name for a multi-stage method (what
+    the train figures measure)."""
+    from gal_jax import personalize
+
+    stages = personalize.stages_from_config(config)
+    return personalize.method_name(config) + (f" (stage {stages[0].name})" if len(stages) > 1 else "")
+
+
 def bench_memory(config, mesh) -> dict:
     """Returns one device's memory need of the train step and of a generation chunk, from XLA's
     buffer assignment of both compiled for the models' shapes (`gal_jax.memory`: nothing is
@@ -699,6 +709,7 @@ def bench_memory(config, mesh) -> dict:
         "mesh": f"data={mesh.shape['data']} fsdp={mesh.shape['fsdp']}",
         "compile_s": round(time.perf_counter() - start, 1),
         "train_examples": rows,
+        "train_method": trainer_method_label(config),
         "train_remat": config.train.remat,
         **train_need.figures("train."),
         "sample_images_per_chunk": images,

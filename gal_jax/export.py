@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors import numpy as safetensors_numpy
 
 from gal_jax import faults, io_utils, models, personalize
+from gal_jax.nn import safetensors_file as nn_safetensors
 from gal_jax.nn import unet as nn_unet
 from gal_jax.nn import weights as nn_weights
 
@@ -290,8 +291,7 @@ def write_token_embeddings(file: Path, tokens: Sequence[str], rows: np.ndarray) 
     """Writes the learned embeddings as diffusers' `load_textual_inversion` reads them: one key
     per token, its (1, D) float32 row."""
     rows = np.asarray(rows, np.float32)
-    tensors = {token: np.ascontiguousarray(rows[i : i + 1]) for i, token in enumerate(tokens)}
-    safetensors_numpy.save_file(tensors, str(file), metadata={"format": "pt"})
+    _write_safetensors({token: np.ascontiguousarray(rows[i : i + 1]) for i, token in enumerate(tokens)}, file)
     return file
 
 
@@ -386,8 +386,10 @@ def personalization_files(folder: Path) -> list[Path]:
 
 
 def _write_safetensors(state: dict[str, np.ndarray], file: Path) -> None:
-    # transformers-style metadata; diffusers ignores it, other PyTorch tools check it.
-    safetensors_numpy.save_file(state, str(file), metadata={"format": "pt"})
+    # Our writer, not safetensors' save_file: that one leaves 0600 files, unreadable to the other
+    # users of a shared machine. transformers-style metadata; diffusers ignores it, other
+    # PyTorch tools check it.
+    nn_safetensors.write_arrays(file, state, metadata={"format": "pt"})
 
 
 def _check_target(target: Path) -> None:

@@ -321,3 +321,12 @@ def test_load_refuses_a_unet_of_another_architecture(loaded_sd, sd2, tmp_path):
     folder = export.save_unet(*sd2, tmp_path / "unet")
     with pytest.raises(export.ExportError, match="do not match the model's architecture"):
         export.load_unet(loaded_sd[0], folder)
+
+
+def test_exported_files_are_readable_by_the_other_users_of_a_shared_machine(pipeline_fp32, saved_unet):
+    """safetensors' own save_file leaves 0600 files: a model exported on a cluster would be
+    unreadable to everyone but its writer."""
+    files = [p for folder in (pipeline_fp32, saved_unet) for p in Path(folder).rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    for file in files:
+        assert file.stat().st_mode & 0o044 == 0o044, f"{file}: mode {oct(file.stat().st_mode)}"

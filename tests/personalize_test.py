@@ -320,9 +320,11 @@ def test_bench_train_puts_lora_next_to_dreambooth(loaded):
     config = method_config("lora")
     config.bench.iters, config.bench.warmup = 1, 0
     figures = bench.bench_train(config, sd, params, sharding.make_mesh())
-    assert figures["method"] == "lora" and figures["dreambooth"]["method"] == "dreambooth"
+    assert figures["method"] == "lora"
     assert figures["memory_vs_dreambooth"] < 0.9  # no AdamW moments or gradients for the frozen UNet
-    assert figures["step_s_median"] > 0 and figures["dreambooth"]["step_s_median"] > 0
+    assert figures["memory_vs_dreambooth"] == pytest.approx(
+        figures["compiled_memory_gib"] / figures["dreambooth_compiled_memory_gib"], rel=1e-2)
+    assert figures["step_s_median"] > 0 and figures["dreambooth_step_s_median"] > 0
 
 
 def test_personalization_apply_keeps_the_base_for_dreambooth(loaded):

@@ -77,14 +77,19 @@ def test_unet_params_and_their_adam_moments_share_shardings_from_logical_axes(lo
 def test_frozen_inputs_shard_the_vae_and_text_encoder_by_their_own_axes(loaded_sd):
     sd, params = loaded_sd
     mesh = sharding.make_mesh(2, 4)
-    frozen = train.abstract_frozen_inputs(params, sd, mesh)
-    table = frozen.text_encoder["text_model"]["embeddings"]["token_embedding"]["embedding"]
+    # The frozen part of the model tree as under LoRA: the whole base UNet and the text encoder.
+    rest = {"unet": params.unet, "text_encoder": params.text_encoder}
+    frozen = train.abstract_frozen_inputs(params.vae, rest, sd, mesh)
+    table = frozen.model["text_encoder"]["text_model"]["embeddings"]["token_embedding"]["embedding"]
     assert table.sharding.spec == P(None, "fsdp")  # "embed" (32 wide) comes before "vocab" in the rules
+    unet_axes = sharding.logical_axes_by_path(sd.logical_axes().unet)
+    for path, leaf in traverse_util.flatten_dict(frozen.model["unet"]).items():
+        assert leaf.sharding.spec == sharding.spec_for(unet_axes[path], leaf.shape, dict(mesh.shape))
     vae_axes = sharding.logical_axes_by_path(sd.logical_axes().vae)
     for path, leaf in traverse_util.flatten_dict(frozen.vae).items():  # the tiny VAE is too small to shard
         assert leaf.sharding.spec == sharding.spec_for(vae_axes[path], leaf.shape, dict(mesh.shape))
     assert all(leaf.sharding.spec == P() for leaf in jax.tree_util.tree_leaves(frozen.noise_schedule))
-    placed = train.place_frozen(params, sd, mesh)
+    placed = train.place_frozen(params.vae, rest, sd, mesh)
     for leaf, want in zip(jax.tree_util.tree_leaves(placed), jax.tree_util.tree_leaves(frozen)):
         assert leaf.sharding.is_equivalent_to(want.sharding, leaf.ndim)
     np.testing.assert_array_equal(np.asarray(placed.vae["decoder"]["conv_out"]["kernel"]),
