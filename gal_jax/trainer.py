@@ -163,7 +163,7 @@ class _MetricLog:
 
 
 @dataclasses.dataclass(frozen=True)
-class _CompiledStage:
+class _TrainingStage:
     """A stage of the method with what its step needs built once: optimizer and step settings."""
 
     index: int
@@ -194,7 +194,7 @@ class Trainer:
         self.stages = []
         for index, stage in enumerate(method.stages):
             _check_train_config(stage.train, _stage_field(method, stage))
-            self.stages.append(_CompiledStage(
+            self.stages.append(_TrainingStage(
                 index, stage, train.make_optimizer(stage.train),
                 train.StepConfig.from_config(stage.train, lora_scale=method.lora_scale, new_token_id=new_token_id)))
         # How params and AdamW moments are laid out on the mesh: the model tree's logical axes, the rules.
@@ -325,7 +325,7 @@ class Trainer:
         )
         return self._compiled_for(compiled_stage, (state, batch, frozen))
 
-    def _compiled_for(self, stage: _CompiledStage, specs: tuple[TrainState, Batch, FrozenInputs]) -> jax.stages.Compiled:
+    def _compiled_for(self, stage: _TrainingStage, specs: tuple[TrainState, Batch, FrozenInputs]) -> jax.stages.Compiled:
         key = (stage.index, _shapes_key(specs))
         if key not in self._compiled:
             start = time.perf_counter()
@@ -340,7 +340,7 @@ class Trainer:
                 tqdm.write(f"compiled {what} in {time.perf_counter() - start:.1f}s")
         return self._compiled[key]
 
-    def _train_stage(self, stage: _CompiledStage, trained, rest, vae_params, train_set_dir: Path,
+    def _train_stage(self, stage: _TrainingStage, trained, rest, vae_params, train_set_dir: Path,
                      checkpoint_dir: Path | None, progress: bool, desc: str, final_checkpoint: bool):
         """Returns (the trained part after the stage's steps, the stage's metrics)."""
         frozen = train.place_frozen(vae_params, rest, self.sd, self.mesh, self.rules)
@@ -381,7 +381,7 @@ class Trainer:
             process_count=jax.process_count(),
         )
 
-    def _initial_state(self, stage: _CompiledStage, trained, iterator, ckpt) -> tuple[TrainState, dict]:
+    def _initial_state(self, stage: _TrainingStage, trained, iterator, ckpt) -> tuple[TrainState, dict]:
         """Returns (state, the metadata saved with it): the latest checkpoint's, moving `iterator`
         to the position saved with it, or a fresh state and {}."""
         if ckpt is None or ckpt.latest_step() is None:
@@ -453,7 +453,7 @@ class Trainer:
         halves = 2 if metadata["num_class_images"] else 1
         return halves * train_config.batch_size * train_config.grad_accum_steps
 
-    def _run(self, stage: _CompiledStage, state, batches, frozen, iterator, ckpt, log: _MetricLog, train_set_dir,
+    def _run(self, stage: _TrainingStage, state, batches, frozen, iterator, ckpt, log: _MetricLog, train_set_dir,
              final_checkpoint: bool):
         """Returns (trained params, metrics) after the stage's steps left from state.step."""
         train_config = stage.train

@@ -62,6 +62,19 @@ class Killed(Exception):
     """Stands in for the process being killed right after a checkpoint was written."""
 
 
+def die_after_saving(monkeypatch, when) -> None:
+    """Makes Checkpointer.save raise Killed right after the save for which when(checkpointer,
+    step) holds (undo with monkeypatch.undo())."""
+    save = checkpoint.Checkpointer.save
+
+    def save_then_die(self, step, state, **kwargs):
+        save(self, step, state, **kwargs)
+        if when(self, step):
+            raise Killed
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_die)
+
+
 @pytest.fixture(scope="module")
 def round_setup(tiny_assets, tmp_path_factory):
     sd, params = models.load_stable_diffusion(tiny_assets["sd"])
@@ -92,14 +105,7 @@ def test_killed_round_resumes_at_the_same_step_with_identical_params(round_setup
     trainer, params, train_set = round_setup
     _, uninterrupted, _ = finished_run
     base = jax.device_get(params.unet)
-    save = checkpoint.Checkpointer.save
-
-    def save_then_die(self, step, state, **kwargs):
-        save(self, step, state, **kwargs)
-        if step == 4:
-            raise Killed
-
-    monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_die)
+    die_after_saving(monkeypatch, lambda _, step: step == 4)
     with pytest.raises(Killed):
         trainer.train_round(params, train_set, tmp_path / "killed", progress=False)
     monkeypatch.undo()

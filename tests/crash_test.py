@@ -38,16 +38,19 @@ def gal_run(workdir: Path, tiny_dir: Path, cache: Path, kill_at: str | None = No
     return process.returncode, output
 
 
-def outcome(workdir: Path) -> dict:
-    """Returns what a run decided and produced: records without timings, and the weights' bytes."""
+ROUND_WEIGHTS = ("rounds/*/unet/*.safetensors", "model/unet/*")
+
+
+def outcome(workdir: Path, weights: tuple[str, ...] = ROUND_WEIGHTS) -> dict:
+    """Returns what a run decided and produced: records without timings, and the bytes of the
+    files the `weights` globs name (DreamBooth's round UNets and the exported one by default)."""
     records = []
     for path in sorted((workdir / "rounds").glob("*/record.json")):
         record = json.loads(path.read_text())
         record.pop("timings")
         records.append(record)
-    weights = {str(p.relative_to(workdir)): p.read_bytes()
-               for p in sorted(workdir.glob("rounds/*/unet/*.safetensors")) + sorted(workdir.glob("model/unet/*"))}
-    return {"records": records, "weights": weights}
+    files = [p for pattern in weights for p in sorted(workdir.glob(pattern))]
+    return {"records": records, "weights": {str(p.relative_to(workdir)): p.read_bytes() for p in files}}
 
 
 def leftovers(workdir: Path) -> list[Path]:

@@ -10,7 +10,8 @@ import torch
 from flax import traverse_util
 
 from configs import tiny_cpu
-from gal_jax import checkpoint, data, export, models, personalize, sharding, train, trainer as trainer_lib
+from checkpoint_test import Killed, die_after_saving
+from gal_jax import data, export, models, personalize, sharding, train, trainer as trainer_lib
 
 BATCH_SIZE = 4  # instance examples a step: with the class images 8 rows, one per fake device
 
@@ -291,17 +292,7 @@ def test_attndreambooth_killed_in_stage_2_resumes_there(loaded, instance_set, at
     _, params = loaded
     _, (uninterrupted, _) = attndreambooth_round
     trainer = make_trainer(method_config("attndreambooth"), loaded)
-    save = checkpoint.Checkpointer.save
-
-    class Killed(Exception):
-        pass
-
-    def save_then_die(self, step, state, **kwargs):
-        save(self, step, state, **kwargs)
-        if self.directory.name == "s2_attention" and step == 2:
-            raise Killed
-
-    monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_die)
+    die_after_saving(monkeypatch, lambda ckpt, step: ckpt.directory.name == "s2_attention" and step == 2)
     with pytest.raises(Killed):
         trainer.train_round(params, instance_set, tmp_path / "c", progress=False)
     monkeypatch.undo()
