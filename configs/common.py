@@ -74,10 +74,11 @@ def get_config() -> ml_collections.ConfigDict:
     # and the one-token word whose embedding starts it ('' -> the first word of the class word).
     config.train.new_token = ""
     config.train.new_token_init = ""
-    # AttnDreamBooth's regularizer: the new token's cross-attention map mean and variance pulled
-    # towards the next token's (the class word), with these weights (0, 0: off).
-    config.train.attention_loss_mean = 0.0
-    config.train.attention_loss_var = 0.0
+    # Extra loss terms of the step, by name (gal_jax/loss_terms.py; each off at these defaults).
+    # attention_map: AttnDreamBooth's regularizer, the new token's cross-attention map mean and
+    # variance pulled towards the next token's (the class word), with these weights.
+    config.train.loss_terms = ml_collections.ConfigDict()
+    config.train.loss_terms.attention_map = ml_collections.ConfigDict(dict(mean=0.0, var=0.0))
     config.train.steps = 800
     config.train.batch_size = 1  # global, in instance examples
     config.train.learning_rate = 5e-6
@@ -114,6 +115,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.lora.rank = 4
     config.lora.alpha = 0.0
     config.lora.targets = ""
+    # Deltas on the text encoder too (diffusers' --train_text_encoder): the kernels whose path
+    # matches text_encoder_targets ('' -> q_proj, k_proj, v_proj, out_proj of every layer).
+    config.lora.train_text_encoder = False
+    config.lora.text_encoder_targets = ""
 
     # Generation over anchor prompts x seeds.
     config.sample = ml_collections.ConfigDict()

@@ -33,15 +33,20 @@ import ml_collections
 from configs import common
 
 
+def regularizer(mean: float, var: float) -> dict:
+    """Returns a stage's loss_terms entry: the cross-attention map regularizer's two weights."""
+    return dict(attention_map=dict(mean=mean, var=var))
+
+
 def attndreambooth_stages(fast: bool = False) -> ml_collections.ConfigDict:
     """Returns the authors' three stages as config.train.stages entries."""
     stages = ml_collections.ConfigDict()
     stages.s1_inversion = dict(trainable="^new_tokens$", learning_rate=1e-3, steps=60, batch_size=8,
-                               attention_loss_mean=0.1, attention_loss_var=0.0)
+                               loss_terms=regularizer(0.1, 0.0))
     stages.s2_attention = dict(trainable="^unet/.*/attn2/", learning_rate=2e-5, steps=100, batch_size=8,
-                               attention_loss_mean=2.0, attention_loss_var=5.0)
+                               loss_terms=regularizer(2.0, 5.0))
     stages.s3_unet = dict(trainable="^unet/", learning_rate=1e-5 if fast else 2e-6, steps=200 if fast else 500,
-                          batch_size=4 if fast else 8, attention_loss_mean=2.0, attention_loss_var=5.0)
+                          batch_size=4 if fast else 8, loss_terms=regularizer(2.0, 5.0))
     return stages
 
 

@@ -27,12 +27,10 @@ from gal_jax import faults, io_utils, models, personalize
 from gal_jax.nn import safetensors_file as nn_safetensors
 from gal_jax.nn import unet as nn_unet
 from gal_jax.nn import weights as nn_weights
+from gal_jax.workdir import LORA_WEIGHTS, TOKEN_EMBEDDINGS
 
 CONFIG = "config.json"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
-# The names diffusers' load_lora_weights and load_textual_inversion look for in a folder.
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
-TOKEN_EMBEDDINGS = "learned_embeds.safetensors"
 LORA_COMPONENTS = ("unet", "text_encoder")
 # numpy dtypes (bfloat16 is ml_dtypes', which safetensors' numpy API reads and writes as BF16).
 DTYPES = {

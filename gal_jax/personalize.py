@@ -4,7 +4,8 @@ stages, and the round's result that generation, evaluation and export take.
 A method trains inside one *model tree* (a dict):
 
     {"unet": UNet params, "text_encoder": text-encoder params,
-     "lora": {"unet": {<module path>: {"down": (in, r), "up": (r, out)}}},   # LoRA methods
+     "lora": {"unet": {<module path>: {"down": (in, r), "up": (r, out)}},    # LoRA methods
+              "text_encoder": {...}},                                         # (optional)
      "new_tokens": (n, D)}                                                    # new-token methods
 
 Each stage trains the leaves whose '/'-joined path matches its `trainable` regex (`split`); the
@@ -16,7 +17,8 @@ W + (alpha / r) down @ up, the token table with the new rows appended.
 
 The methods (`METHODS`, config.train.method):
   dreambooth          the whole UNet (the paper's GAL)
-  lora                rank-r deltas on the UNet's attention projections (DreamBooth-LoRA)
+  lora                rank-r deltas on the UNet's attention projections (DreamBooth-LoRA), and
+                      optionally on the text encoder's (config.lora.train_text_encoder)
   textual_inversion   the new token's embedding only (the placeholder becomes one new token)
   attndreambooth      AttnDreamBooth's three stages: the new token, then the cross-attention
                       layers, then the whole UNet, with the cross-attention map regularizer
@@ -42,8 +44,10 @@ METHODS = ("dreambooth", "lora", "textual_inversion", "attndreambooth")
 # name their own).
 DEFAULT_TRAINABLE = {"dreambooth": r"^unet/", "lora": r"^lora/", "textual_inversion": r"^new_tokens$"}
 NEW_TOKEN_METHODS = ("textual_inversion", "attndreambooth")
-# diffusers' DreamBooth-LoRA targets (to_q, to_k, to_v, to_out.0 of every attention layer).
+# diffusers' DreamBooth-LoRA targets (to_q, to_k, to_v, to_out.0 of every attention layer) and,
+# with --train_text_encoder, the text encoder's (q_proj, k_proj, v_proj, out_proj of every layer).
 DEFAULT_LORA_TARGETS = r"attn[12]/(to_q|to_k|to_v|to_out_0)/kernel$"
+DEFAULT_TEXT_LORA_TARGETS = r"self_attn/(q_proj|k_proj|v_proj|out_proj)/kernel$"
 SEPARATOR = "/"
 
 
@@ -98,11 +102,13 @@ class Stage:
 
 @dataclasses.dataclass(frozen=True)
 class LoraSpec:
-    """Which kernels get low-rank deltas (regex over '/'-joined UNet param paths) and their rank."""
+    """Which kernels get low-rank deltas (regexes over '/'-joined UNet and text-encoder param
+    paths; '' text_encoder_targets: none of the text encoder's) and their rank."""
 
     rank: int
     alpha: float
     targets: str
+    text_encoder_targets: str = ""
 
     @property
     def scale(self) -> float:
@@ -141,8 +147,9 @@ def method_name(config: ml_collections.ConfigDict) -> str:
 
 def stages_from_config(config: ml_collections.ConfigDict) -> tuple[Stage, ...]:
     """Returns the method's stages: one per entry of config.train.stages, run in the order of
-    their names (s1_..., s2_...), each config.train with the entry's fields replaced; or, with no
-    stages, config.train itself as the one stage.
+    their names (s1_..., s2_...), each config.train with the entry's fields replaced (a loss term's
+    settings are merged: `loss_terms=dict(attention_map=dict(mean=2.0))` keeps its other settings);
+    or, with no stages, config.train itself as the one stage.
 
     Raises MethodConfigError naming an entry's field that config.train lacks, or a trainable regex
     that is empty or does not compile.
@@ -164,6 +171,10 @@ def stages_from_config(config: ml_collections.ConfigDict) -> tuple[Stage, ...]:
         for key, value in overrides.items():
             if key not in stage or key == "stages":
                 raise MethodConfigError(f"config.train.stages.{stage_name}.{key}: config.train has no field {key!r}")
+            if key == "loss_terms":  # a term's settings are merged into config.train's
+                value = {term: {**dict(stage.loss_terms.get(term) or {}), **dict(settings or {})}
+                         for term, settings in {**dict(stage.loss_terms), **dict(value or {})}.items()}
+                value = ml_collections.ConfigDict(value)
             stage[key] = value
         stages.append(Stage(stage_name, _with_trainable(stage, name, f"config.train.stages.{stage_name}")))
     return tuple(stages)
@@ -190,15 +201,19 @@ def lora_from_config(config: ml_collections.ConfigDict) -> LoraSpec | None:
     lora = config.get("lora") or ml_collections.ConfigDict()
     rank, alpha = int(lora.get("rank", 4)), float(lora.get("alpha", 0.0) or lora.get("rank", 4))
     targets = lora.get("targets", "") or DEFAULT_LORA_TARGETS
+    text_targets = ""
+    if lora.get("train_text_encoder", False):
+        text_targets = lora.get("text_encoder_targets", "") or DEFAULT_TEXT_LORA_TARGETS
     if rank < 1:
         raise MethodConfigError(f"config.lora.rank={rank} must be >= 1")
     if not alpha > 0:
         raise MethodConfigError(f"config.lora.alpha={alpha} must be > 0 (0 means the rank)")
-    try:
-        re.compile(targets)
-    except re.error as err:
-        raise MethodConfigError(f"config.lora.targets={targets!r} is not a regex ({err})") from None
-    return LoraSpec(rank=rank, alpha=alpha, targets=targets)
+    for field, pattern in (("targets", targets), ("text_encoder_targets", text_targets)):
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise MethodConfigError(f"config.lora.{field}={pattern!r} is not a regex ({err})") from None
+    return LoraSpec(rank=rank, alpha=alpha, targets=targets, text_encoder_targets=text_targets)
 
 
 def prepare(config: ml_collections.ConfigDict, sd, *, placeholder: str = "", class_word: str = ""):
@@ -242,7 +257,11 @@ def model_tree(method: Method, base, key: jax.Array) -> dict[str, Params]:
     LoRA deltas (down random, up zero) and the new tokens' rows (copies of their initialisers')."""
     tree = {"unet": base.unet, "text_encoder": base.text_encoder}
     if method.lora is not None:
-        tree["lora"] = {"unet": init_lora(base.unet, method.lora, key)}
+        tree["lora"] = {"unet": init_lora(base.unet, method.lora.targets, method.lora.rank, key)}
+        if method.lora.text_encoder_targets:
+            tree["lora"]["text_encoder"] = init_lora(
+                base.text_encoder, method.lora.text_encoder_targets, method.lora.rank, jax.random.split(key)[1],
+                "config.lora.text_encoder_targets", "text encoder")
     if method.new_tokens is not None:
         table = _token_table(base.text_encoder)
         tree["new_tokens"] = jnp.asarray(table)[jnp.asarray(method.new_tokens.init_ids)]
@@ -259,20 +278,22 @@ def lora_target_paths(params: Params, targets: str) -> list[tuple[str, ...]]:
             if path[-1] == "kernel" and len(leaf.shape) == 2 and re.search(targets, SEPARATOR.join(path))]
 
 
-def init_lora(params: Params, spec: LoraSpec, key: jax.Array) -> Params:
-    """Returns {module path...: {"down": (in, r), "up": (r, out)}} for every target kernel of
-    `params`: down uniform in +-1/sqrt(in) (PEFT's kaiming-uniform), up zero, both float32."""
-    paths = lora_target_paths(params, spec.targets)
+def init_lora(params: Params, targets: str, rank: int, key: jax.Array, field: str = "config.lora.targets",
+              model: str = "UNet") -> Params:
+    """Returns {module path...: {"down": (in, r), "up": (r, out)}} for every kernel of `params` the
+    `targets` regex picks: down uniform in +-1/sqrt(in) (PEFT's kaiming-uniform), up zero, both
+    float32. Raises MethodConfigError naming `field` when the regex picks none of `model`'s."""
+    paths = lora_target_paths(params, targets)
     if not paths:
-        raise MethodConfigError(f"config.lora.targets={spec.targets!r} matches no 2-D kernel of the UNet")
+        raise MethodConfigError(f"{field}={targets!r} matches no 2-D kernel of the {model}")
     flat = traverse_util.flatten_dict(params)
     lora = {}
     for index, path in enumerate(paths):
         fan_in, fan_out = flat[path].shape
         bound = 1.0 / math.sqrt(fan_in)
-        down = jax.random.uniform(jax.random.fold_in(key, index), (fan_in, spec.rank), jnp.float32, -bound, bound)
+        down = jax.random.uniform(jax.random.fold_in(key, index), (fan_in, rank), jnp.float32, -bound, bound)
         lora[path[:-1] + ("down",)] = down
-        lora[path[:-1] + ("up",)] = jnp.zeros((spec.rank, fan_out), jnp.float32)
+        lora[path[:-1] + ("up",)] = jnp.zeros((rank, fan_out), jnp.float32)
     return traverse_util.unflatten_dict(lora)
 
 

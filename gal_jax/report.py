@@ -39,7 +39,7 @@ from gal_jax.report_html import (
     OVERFIT_RGB, SELECTED_RGB, TIMING_KEYS, AwaitingFeedback, FinalModel, fmt, metric_names,
     rank_order, relative_url, render_html, url_inside,
 )
-from gal_jax.workdir import Workdir
+from gal_jax.workdir import LORA_WEIGHTS, TOKEN_EMBEDDINGS, Workdir
 
 THUMB = 128  # pixels per image in contact sheets
 NEUTRAL_RGB = (205, 205, 205)
@@ -284,10 +284,21 @@ def write_report(workdir: Path, records: Sequence[RoundRecord], evaluations: lis
     links = _write_figures(workdir, records, summaries, evaluations) if records else {}
     page = render_html(f"GAL report: {workdir.resolve().name}", records, summaries, evaluations,
                        links, final=_final_model(workdir, records, model_dir),
-                       awaiting=_awaiting(workdir, records, review_page))
+                       awaiting=_awaiting(workdir, records, review_page), method=_method(workdir))
     path = Workdir(workdir).report_html
     io_utils.atomic_write_bytes(path, page.encode("utf-8"))
     return path
+
+
+def _method(workdir: Path) -> str:
+    """Returns the run's config.train.method from DIR/config.json ('' without one, and
+    'dreambooth' for configs of versions before the methods)."""
+    try:
+        config = io_utils.read_json(Workdir(workdir).config)
+    except (FileNotFoundError, ValueError):
+        return ""
+    train = config.get("train") if isinstance(config, dict) else None
+    return str(train.get("method", "dreambooth")) if isinstance(train, dict) else ""
 
 
 def _final_model(workdir: Path, records: Sequence[RoundRecord],
@@ -299,8 +310,11 @@ def _final_model(workdir: Path, records: Sequence[RoundRecord],
         raise ValueError(f"model_dir {model_dir} given, but no round has finished")
     folder = io_utils.resolve(workdir, model_dir)
     link = url_inside(folder, workdir)
+    loaders = tuple(loader for name, loader in ((LORA_WEIGHTS, "load_lora_weights"),
+                                                 (TOKEN_EMBEDDINGS, "load_textual_inversion"))
+                    if (folder / name).is_file())
     return FinalModel(round=records[-1].round, link=link and link + "/",
-                      path=str(folder.resolve()))
+                      path=str(folder.resolve()), loaders=loaders)
 
 
 def _awaiting(workdir: Path, records: Sequence[RoundRecord],

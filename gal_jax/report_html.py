@@ -44,6 +44,9 @@ class FinalModel:
     round: int
     link: str | None  # URL relative to DIR; None when the folder lies outside DIR
     path: str  # the folder, as the loading line names it
+    # The pipeline methods that load what the folder carries beside its components, e.g.
+    # ("load_lora_weights",) for a LoRA run, ("load_textual_inversion",) for learned tokens.
+    loaders: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,8 +173,10 @@ def rule_text(record: RoundRecord) -> str:
 
 def render_html(title: str, records: Sequence[RoundRecord], summaries: Sequence[dict],
                 evaluations: Sequence[dict] | None, links: dict, *,
-                final: FinalModel | None = None, awaiting: AwaitingFeedback | None = None) -> str:
-    """Returns the report page; `links` maps figure and image keys to URLs relative to DIR.
+                final: FinalModel | None = None, awaiting: AwaitingFeedback | None = None,
+                method: str = "") -> str:
+    """Returns the report page; `links` maps figure and image keys to URLs relative to DIR;
+    `method` is the run's personalization method (config.train.method; '': not known).
 
     Keys: "progress"; "loss" (absent when no round recorded its loss); ("entropy", r);
     ("sheet", r, d) for direction position d; ("thumb", path); ("full", path).
@@ -186,7 +191,7 @@ def render_html(title: str, records: Sequence[RoundRecord], summaries: Sequence[
     final_round = final.round if final else None
     parts = [
         *head,
-        f"<p class=meta>{_settings(records[-1], summaries[-1])}</p><p class=meta>{nav}</p>",
+        f"<p class=meta>{_settings(records[-1], summaries[-1], method)}</p><p class=meta>{nav}</p>",
         f'<h2>Across rounds</h2><img class=wide src="{links["progress"]}" alt="progress plots">',
         (f'<img class=loss src="{links["loss"]}" alt="training loss per round">' if "loss" in links
          else "<p class=meta>No training loss recorded (records written before schema 2).</p>"),
@@ -243,14 +248,16 @@ def _awaiting_html(awaiting: AwaitingFeedback) -> str:
 def _final_html(final: FinalModel) -> str:
     where = (f'<a href="{final.link}">model/</a>' if final.link
              else f"<code>{_e(final.path)}</code>")
+    path = f"&quot;{_e(final.path)}&quot;"
+    extra = "".join(f"; pipe.{loader}({path})" for loader in final.loaders)
     return (f'<div class="notice final" id=final-model><b>Final model (round {final.round}): '
             f"{where}</b>, a diffusers Stable Diffusion folder. Load it with:<br><code>from "
             f"diffusers import StableDiffusionPipeline; pipe = StableDiffusionPipeline."
-            f"from_pretrained(&quot;{_e(final.path)}&quot;)</code></div>")
+            f"from_pretrained({path}){extra}</code></div>")
 
 
-def _settings(last: RoundRecord, summary: dict) -> str:
-    items = [f"concept <b>{_e(last.concept_phrase)}</b>"]
+def _settings(last: RoundRecord, summary: dict, method: str) -> str:
+    items = [f"concept <b>{_e(last.concept_phrase)}</b>"] + ([f"method <b>{_e(method)}</b>"] if method else [])
     items += [f"feedback <b>{_e(last.feedback)}</b>", f"balance <b>{'on' if last.balance else 'off'}</b>",
               f"λ <b>{_e(last.openness_lambda)}</b>", f"k <b>{_e(last.k)}</b>",
               f"{summary['round']} round(s) so far"]

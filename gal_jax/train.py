@@ -30,6 +30,7 @@ import optax
 from absl import logging
 from jax.sharding import Mesh
 
+from gal_jax import loss_terms as loss_terms_lib
 from gal_jax import personalize, schedulers, sharding
 from gal_jax.models import StableDiffusion
 from gal_jax.nn import layers as nn_layers
@@ -67,14 +68,20 @@ class StepConfig:
     remat: str = "none"  # a policy of nn.layers.REMAT_POLICIES
     snr_gamma: float = 0.0  # > 0: Min-SNR-gamma weighting of every example's loss (0: plain MSE)
     lora_scale: float = 1.0  # alpha / rank of the model tree's LoRA deltas
-    # AttnDreamBooth's cross-attention map regularizer (0, 0: off) and the token it watches.
-    attention_loss_mean: float = 0.0
-    attention_loss_var: float = 0.0
+    # The active extra loss terms, ((name, settings), ...) (loss_terms.active_terms), and the id of
+    # the method's new token (-1: none), which terms such as AttnDreamBooth's watch.
+    loss_terms: tuple[tuple[str, loss_terms_lib.Settings], ...] = ()
     new_token_id: int = -1
 
     @property
-    def attention_loss(self) -> bool:
-        return self.attention_loss_mean > 0 or self.attention_loss_var > 0
+    def captures_attention(self) -> bool:
+        return loss_terms_lib.captures_attention(self.loss_terms)
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """The names of the loss metrics the step returns."""
+        return ("loss", "instance_loss", "prior_loss") + tuple(
+            loss_terms_lib.metric_name(name) for name, _ in self.loss_terms)
 
     @classmethod
     def from_config(cls, train_config, *, lora_scale: float = 1.0, new_token_id: int = -1) -> StepConfig:
@@ -87,20 +94,17 @@ class StepConfig:
         snr_gamma = float(train_config.get("snr_gamma", 0.0))
         if not snr_gamma >= 0:
             raise ValueError(f"train.snr_gamma must be >= 0 (0: off; diffusers' scripts suggest 5), got {snr_gamma}")
-        mean, var = (float(train_config.get(f"attention_loss_{n}", 0.0)) for n in ("mean", "var"))
-        if not (mean >= 0 and var >= 0):
-            raise ValueError(f"train.attention_loss_mean={mean} and train.attention_loss_var={var} must be >= 0")
-        if (mean or var) and new_token_id < 0:
-            raise ValueError("train.attention_loss_mean/var regularize a new token's cross-attention map: "
-                             "only methods that add one (textual_inversion, attndreambooth) can use them")
+        for legacy in ("attention_loss_mean", "attention_loss_var"):
+            if legacy in train_config:
+                raise ValueError(f"train.{legacy} is now train.loss_terms.attention_map.{legacy.rpartition('_')[2]}")
         return cls(
             prior_loss_weight=float(train_config.prior_loss_weight),
             grad_accum_steps=int(train_config.grad_accum_steps),
             remat=nn_layers.remat_policy(train_config.remat, "train.remat"),
             snr_gamma=snr_gamma,
             lora_scale=float(lora_scale),
-            attention_loss_mean=mean,
-            attention_loss_var=var,
+            loss_terms=loss_terms_lib.active_terms(train_config.get("loss_terms"), new_token_id=new_token_id,
+                                                   where="train.loss_terms"),
             new_token_id=int(new_token_id),
         )
 
@@ -206,35 +210,6 @@ def draw_step_randomness(
     }
 
 
-def attention_map_loss(
-    probabilities: dict[str, jax.Array], input_ids: jax.Array, new_token_id: int, mean_weight: float,
-    var_weight: float,
-) -> jax.Array:
-    """Returns AttnDreamBooth's regularizer per example (B,): over the cross-attention layers'
-    probabilities (each (B, heads, pixels, tokens)), the mean of
-
-        mean_weight * (m(new) - m(next))^2 + var_weight * (v(new) - v(next))^2,
-
-    m and v the mean and (unbiased) variance over heads and pixels of the attention map of the new
-    token and of the token after it (the class word in "a photo of a <new> dog"). Examples
-    without the new token get 0. Neither map is detached, as in the authors' code.
-    """
-    is_new = input_ids == new_token_id
-    has_new = jnp.any(is_new, axis=1)
-    position = jnp.argmax(is_new, axis=1)
-    following = jnp.minimum(position + 1, input_ids.shape[1] - 1)
-    total = jnp.zeros(input_ids.shape[0], jnp.float32)
-    for probs in probabilities.values():
-        def token_map(index):
-            return jnp.take_along_axis(probs, index[:, None, None, None], axis=-1)[..., 0].reshape(probs.shape[0], -1)
-
-        new_map, next_map = token_map(position), token_map(following)
-        mean_gap = new_map.mean(axis=1) - next_map.mean(axis=1)
-        var_gap = new_map.var(axis=1, ddof=1) - next_map.var(axis=1, ddof=1)
-        total = total + mean_weight * jnp.square(mean_gap) + var_weight * jnp.square(var_gap)
-    return jnp.where(has_new, total / max(len(probabilities), 1), 0.0)
-
-
 def dreambooth_loss(
     trained: Params,
     batch: Batch,
@@ -247,9 +222,8 @@ def dreambooth_loss(
     """Returns (loss, parts) of a batch carrying its randomness (see draw_step_randomness).
 
     `trained` is the trained part of the model tree, `frozen.model` the rest (personalize.split).
-    The batch holds `pixel_values` (encoded here) or cached `latent_mean` and `latent_std`. With the
-    attention regularizer on, its per-example values, times the example weights and summed over
-    the batch (the authors' sum over samples), are added to the loss.
+    The batch holds `pixel_values` (encoded here) or cached `latent_mean` and `latent_std`. The
+    config's extra loss terms (loss_terms.py) are added to the loss and returned among the parts.
     """
     unet_params, text_params = personalize.materialize(personalize.merge(trained, frozen.model), config.lora_scale)
     if "latent_mean" in batch:
@@ -262,7 +236,8 @@ def dreambooth_loss(
     schedule, t = frozen.noise_schedule, jnp.asarray(batch["timesteps"])  # the UNet wants jax
     noisy = schedulers.add_noise(schedule, latents, batch["noise"], t)
     target = schedulers.training_target(schedule, latents, batch["noise"], t, sd.prediction_type)
-    if config.attention_loss:
+    probabilities = None
+    if config.captures_attention:
         prediction, probabilities = sd.apply_unet(unet_params, noisy, t, context, remat=config.remat,
                                                   capture_attention=True)
     else:
@@ -270,18 +245,16 @@ def dreambooth_loss(
     per_example = per_example_mse(prediction, target)
     if config.snr_gamma > 0:
         per_example = per_example * schedulers.min_snr_weight(schedule, t, config.snr_gamma, sd.prediction_type)
-    loss, parts = weighted_dreambooth_loss(
-        per_example,
-        batch["weight"],
-        batch["is_prior"],
-        config.prior_loss_weight,
-        counts,
-    )
-    if config.attention_loss:
-        regularizer = attention_map_loss(probabilities, batch["input_ids"], config.new_token_id,
-                                         config.attention_loss_mean, config.attention_loss_var)
-        parts["attention_loss"] = jnp.sum(batch["weight"].astype(jnp.float32) * regularizer)
-        loss = loss + parts["attention_loss"]
+    counts = example_counts(batch["is_prior"]) if counts is None else counts
+    loss, parts = weighted_dreambooth_loss(per_example, batch["weight"], batch["is_prior"],
+                                           config.prior_loss_weight, counts)
+    if config.loss_terms:
+        outputs = loss_terms_lib.StepOutputs(batch=batch, prediction=prediction, target=target,
+                                             per_example_loss=per_example, counts=counts,
+                                             attention=probabilities, new_token_id=config.new_token_id)
+        extra = loss_terms_lib.compute_terms(config.loss_terms, outputs)
+        parts.update(extra)
+        loss = loss + sum(extra.values())
     return loss, parts
 
 
@@ -323,8 +296,7 @@ def _loss_and_grads(params, batch, frozen, *, sd, config) -> tuple[Params, dict[
         return jax.tree_util.tree_map(jnp.add, carry, (grads, metrics)), None
 
     zero = jnp.zeros((), jnp.float32)
-    names = ("loss", "instance_loss", "prior_loss") + (("attention_loss",) if config.attention_loss else ())
-    totals = (jax.tree_util.tree_map(jnp.zeros_like, params), {name: zero for name in names})
+    totals = (jax.tree_util.tree_map(jnp.zeros_like, params), {name: zero for name in config.metric_names})
     micro_batches = _split_micro_batches(batch, config.grad_accum_steps)
     (grads, metrics), _ = jax.lax.scan(accumulate, totals, micro_batches)
     return grads, metrics

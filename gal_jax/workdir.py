@@ -45,6 +45,11 @@ from pathlib import Path
 from gal_jax import io_utils
 from gal_jax.records import RecordError, RoundRecord
 
+# The names diffusers' load_lora_weights and load_textual_inversion look for in a folder (in a
+# round's personalization/ and in DIR/model/).
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+TOKEN_EMBEDDINGS = "learned_embeds.safetensors"
+
 ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 
@@ -307,10 +312,35 @@ def config_changes(previous: dict, current: dict) -> list[str]:
     from configs import common
 
     defaults = json.loads(common.get_config().to_json_best_effort(sort_keys=True))
-    changes = _diff_keys(previous, current, defaults)
+    changes = _diff_keys(_renamed_fields(previous), current, defaults)
     # Fields that cannot change what the run computes: benchmarks, and evaluation while it is off.
     eval_off = not (previous.get("eval") or {}).get("enabled") and not (current.get("eval") or {}).get("enabled")
     return [c for c in changes if not c.startswith("bench.") and not (eval_off and c.startswith("eval."))]
+
+
+# Fields of config.train renamed since workdirs were first written: old name -> path under it.
+RENAMED_TRAIN_FIELDS = {
+    "attention_loss_mean": ("loss_terms", "attention_map", "mean"),
+    "attention_loss_var": ("loss_terms", "attention_map", "var"),
+}
+
+
+def _renamed_fields(saved: dict) -> dict:
+    """Returns a copy of a saved config with renamed train fields (RENAMED_TRAIN_FIELDS) under
+    their new names, in config.train and in each of its stages' entries."""
+    saved = json.loads(json.dumps(saved))
+    train = saved.get("train")
+    if not isinstance(train, dict):
+        return saved
+    stages = train.get("stages") if isinstance(train.get("stages"), dict) else {}
+    for fields in (train, *(entry for entry in stages.values() if isinstance(entry, dict))):
+        for old, path in RENAMED_TRAIN_FIELDS.items():
+            if old in fields:
+                value, node = fields.pop(old), fields
+                for key in path[:-1]:
+                    node = node.setdefault(key, {})
+                node.setdefault(path[-1], value)
+    return saved
 
 
 def _diff_keys(old: dict, new: dict, defaults: dict, prefix: str = "") -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 
 import pytest
+from safetensors import safe_open
 
 from configs import tiny_cpu
 from gal_jax import driver, export
@@ -15,14 +16,17 @@ from driver_test import small_config
 LORA_FILE, EMBEDDINGS_FILE = export.LORA_WEIGHTS, export.TOKEN_EMBEDDINGS
 
 
-@pytest.mark.parametrize("method, files", [
-    ("lora", [LORA_FILE]),
-    ("textual_inversion", [EMBEDDINGS_FILE]),
+@pytest.mark.parametrize("method, files, loader", [
+    ("lora", [LORA_FILE], "load_lora_weights"),
+    ("textual_inversion", [EMBEDDINGS_FILE], "load_textual_inversion"),
 ])
-def test_method_runs_two_gal_rounds_leaving_only_what_it_trains(method, files, tiny_assets, tmp_path):
+def test_method_runs_two_gal_rounds_leaving_only_what_it_trains(method, files, loader, tiny_assets, tmp_path):
     config = tiny_cpu.with_method(small_config(tiny_assets, gal__rounds=2), method)
+    if method == "lora":
+        config.lora.train_text_encoder = True  # its deltas travel in the same file
     report = driver.run(config, tmp_path / "run")
-    assert report.is_file()
+    page = report.read_text()
+    assert f"method <b>{method}</b>" in page and f"pipe.{loader}(" in page
     records = driver.read_records(tmp_path / "run")
     assert [r.round for r in records] == [1, 2] and records[0].selected
     for index in (1, 2):
@@ -32,6 +36,9 @@ def test_method_runs_two_gal_rounds_leaving_only_what_it_trains(method, files, t
         assert sum(p.stat().st_size for p in (round_dir / "personalization").iterdir()) < 200_000
     model = tmp_path / "run" / "model"
     assert all((model / name).is_file() for name in files) and (model / "unet").is_dir()
+    if method == "lora":
+        with safe_open(model / LORA_FILE, "numpy") as exported:
+            assert {key.split(".")[0] for key in exported.keys()} == {"unet", "text_encoder"}
     # A rerun of the finished run retrains nothing; the round's result reads back.
     assert driver.run(config, tmp_path / "run") == report
 

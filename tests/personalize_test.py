@@ -11,7 +11,7 @@ from flax import traverse_util
 
 from configs import tiny_cpu
 from checkpoint_test import Killed, die_after_saving
-from gal_jax import data, export, models, personalize, sharding, train, trainer as trainer_lib
+from gal_jax import data, export, loss_terms, models, personalize, sharding, train, trainer as trainer_lib
 
 BATCH_SIZE = 4  # instance examples a step: with the class images 8 rows, one per fake device
 
@@ -85,7 +85,7 @@ def test_split_and_merge_partition_the_tree_by_path():
         personalize.split(tree, "^lora/")
 
 
-def test_config_errors_name_the_field():
+def test_config_errors_name_the_field(loaded):
     config = tiny_cpu.get_config("attndreambooth")
     config.train.stages.s2_attention.stepz = 3
     with pytest.raises(personalize.MethodConfigError, match=r"train.stages.s2_attention.stepz: config.train has no"):
@@ -98,23 +98,53 @@ def test_config_errors_name_the_field():
     with pytest.raises(personalize.MethodConfigError, match="placeholder ''"):
         personalize.prepare(config, None)
     config = tiny_cpu.get_config()
-    config.train.attention_loss_mean = 1.0
-    with pytest.raises(ValueError, match="only methods that add one"):
+    config.train.loss_terms.attention_map.mean = 1.0
+    with pytest.raises(ValueError, match=r"loss_terms.attention_map needs the new token of a method that adds one"):
         train.StepConfig.from_config(config.train)
+    config.train.loss_terms.attention_map.mean = -1.0
+    with pytest.raises(ValueError, match=r"attention_map: mean and var are weights and must be >= 0"):
+        train.StepConfig.from_config(config.train, new_token_id=5)
+    config = tiny_cpu.get_config()
+    config.train.loss_terms.attention_mapp = dict(mean=1.0)
+    with pytest.raises(ValueError, match=r"loss_terms.attention_mapp: no loss term of that name \(registered: "):
+        train.StepConfig.from_config(config.train)
+    config = tiny_cpu.get_config()
+    config.train.loss_terms.attention_map.scale = 1.0
+    with pytest.raises(ValueError, match=r"attention_map.scale: the term's settings are \['mean', 'var'\]"):
+        train.StepConfig.from_config(config.train)
+    config = tiny_cpu.get_config()
+    config.train.attention_loss_mean = 1.0  # the field's name before the loss-term registry
+    with pytest.raises(ValueError, match="now train.loss_terms.attention_map.mean"):
+        train.StepConfig.from_config(config.train)
+    config = tiny_cpu.get_config()
+    config.lora.train_text_encoder, config.lora.text_encoder_targets = True, "nothing_here"
+    config.train.method = "lora"
+    sd, params = loaded
+    _, method = personalize.prepare(config, sd)
+    with pytest.raises(personalize.MethodConfigError, match="text_encoder_targets='nothing_here' matches no 2-D kernel of the text encoder"):
+        personalize.model_tree(method, params, jax.random.key(0))
 
 
 def test_stages_run_in_name_order_with_their_overrides():
-    stages = personalize.stages_from_config(tiny_cpu.get_config("attndreambooth"))
+    config = tiny_cpu.get_config("attndreambooth")
+    config.train.loss_terms.attention_map.var = 7.0
+    config.train.stages.s3_unet.loss_terms = dict(attention_map=dict(mean=3.0))
+    stages = personalize.stages_from_config(config)
     assert [s.name for s in stages] == ["s1_inversion", "s2_attention", "s3_unet"]
     assert [s.train.learning_rate for s in stages] == [1e-3, 2e-5, 2e-6]
     assert [s.trainable for s in stages] == ["^new_tokens$", "^unet/.*/attn2/", "^unet/"]
+    # A stage's loss-term settings are merged into config.train's: s3 keeps var from config.train.
+    terms = [train.StepConfig.from_config(s.train, new_token_id=5).loss_terms for s in stages]
+    assert terms == [(("attention_map", (("mean", 0.1), ("var", 0.0))),),
+                     (("attention_map", (("mean", 2.0), ("var", 5.0))),),
+                     (("attention_map", (("mean", 3.0), ("var", 7.0))),)]
     assert all(s.train.max_grad_norm == 0 and not s.train.with_prior for s in stages)
 
 
 def test_lora_merge_is_the_base_plus_the_scaled_product(loaded):
     _, params = loaded
     spec = personalize.LoraSpec(rank=2, alpha=4.0, targets=personalize.DEFAULT_LORA_TARGETS)
-    lora = personalize.init_lora(params.unet, spec, jax.random.key(0))
+    lora = personalize.init_lora(params.unet, spec.targets, spec.rank, jax.random.key(0))
     targets = personalize.lora_target_paths(params.unet, spec.targets)
     assert targets and all(p[-2] in ("to_q", "to_k", "to_v", "to_out_0") for p in targets)
     # lora_B (up) starts at zero: the merged UNet is the base.
@@ -134,11 +164,13 @@ def test_lora_merge_is_the_base_plus_the_scaled_product(loaded):
 
 
 def _random_lora(params, seed=0):
-    spec = personalize.LoraSpec(rank=2, alpha=4.0, targets=personalize.DEFAULT_LORA_TARGETS)
-    lora = personalize.init_lora(params.unet, spec, jax.random.key(seed))
+    """Random deltas (rank 2, alpha 4) on the UNet's default targets and the text encoder's."""
+    lora = {"unet": personalize.init_lora(params.unet, personalize.DEFAULT_LORA_TARGETS, 2, jax.random.key(seed)),
+            "text_encoder": personalize.init_lora(params.text_encoder, personalize.DEFAULT_TEXT_LORA_TARGETS, 2,
+                                                  jax.random.key(seed))}
     keys = iter(jax.random.split(jax.random.key(seed + 1), 1000))
     lora = jax.tree_util.tree_map(lambda x: jax.random.normal(next(keys), x.shape) * 0.3, lora)
-    return {"unet": lora}, spec.scale
+    return lora, 4.0 / 2
 
 
 def test_lora_file_loads_in_diffusers_and_gives_our_merged_unet(loaded, tiny_models, tmp_path):
@@ -163,6 +195,14 @@ def test_lora_file_loads_in_diffusers_and_gives_our_merged_unet(loaded, tiny_mod
     base = np.asarray(sd.apply_unet(params.unet, jnp.asarray(latents), jnp.asarray(t), jnp.asarray(context)))
     assert np.abs(ours - base).max() > 1e-2, "the deltas must change the output for the test to mean anything"
     np.testing.assert_allclose(ours, expected, atol=2e-4, rtol=1e-3)
+    # The text encoder's deltas (diffusers' --train_text_encoder keys) load into its text encoder.
+    ids = sd.tokenize(["a photo of a teapot on the beach"])
+    with torch.no_grad():
+        expected_text = pipe.text_encoder(torch.from_numpy(np.asarray(ids)))[0].numpy()
+    ours_text = np.asarray(sd.encode_text(result.apply(params).text_encoder, jnp.asarray(ids)))
+    base_text = np.asarray(sd.encode_text(params.text_encoder, jnp.asarray(ids)))
+    assert np.abs(ours_text - base_text).max() > 1e-2
+    np.testing.assert_allclose(ours_text, expected_text, atol=1e-4, rtol=1e-3)
     # Read back (alpha folded into lora_B): the same merged weights.
     _, again = export.load_personalization(sd, folder)
     chex.assert_trees_all_close(again.apply(params).unet, result.apply(params).unet, atol=1e-6)
@@ -212,7 +252,7 @@ def test_attention_map_loss_follows_the_authors_formula():
     rng = np.random.default_rng(0)
     probs = {name: rng.random((3, 2, 16, 6)).astype(np.float32) for name in ("a", "b")}
     ids = np.array([[1, 9, 5, 2, 0, 0], [1, 4, 9, 7, 2, 0], [1, 4, 4, 2, 0, 0]])  # token 9 is new
-    loss = np.asarray(train.attention_map_loss({k: jnp.asarray(v) for k, v in probs.items()}, jnp.asarray(ids), 9,
+    loss = np.asarray(loss_terms.attention_map_loss({k: jnp.asarray(v) for k, v in probs.items()}, jnp.asarray(ids), 9,
                                                2.0, 5.0))
     expected = []
     for b, position in ((0, 1), (1, 2)):
@@ -224,19 +264,39 @@ def test_attention_map_loss_follows_the_authors_formula():
     np.testing.assert_allclose(loss, expected + [0.0], rtol=1e-5)
 
 
+def test_a_registered_loss_term_runs_in_the_step_under_accumulation(loaded, plain_set, monkeypatch):
+    def instances(outputs, *, weight):  # its share of the batch: the micro-batches' values add up
+        return weight * jnp.sum(1 - outputs.batch["is_prior"].astype(jnp.float32))
+
+    monkeypatch.setitem(loss_terms.REGISTRY, "count_instances", loss_terms.LossTerm(instances, {"weight": 0.0}))
+    _, params = loaded
+    config = method_config("dreambooth", steps=2, log_every=1, grad_accum_steps=2)
+    config.train.loss_terms.count_instances = dict(weight=0.5)
+    _, metrics = make_trainer(config, loaded).train_round(params, plain_set, progress=False)
+    instances = BATCH_SIZE * config.train.grad_accum_steps  # the global batch's
+    for record in metrics["history"]:
+        assert record["count_instances_loss"] == pytest.approx(0.5 * instances)
+        parts = record["instance_loss"] + config.train.prior_loss_weight * record["prior_loss"]
+        assert record["loss"] == pytest.approx(parts + 0.5 * instances, rel=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Each method's trainer
 
 
 def test_lora_trains_only_its_deltas_with_less_state(loaded, plain_set, train_set):
     _, params = loaded
-    trainer = make_trainer(method_config("lora"), loaded)
+    config = method_config("lora")
+    config.lora.train_text_encoder = True
+    trainer = make_trainer(config, loaded)
     with pytest.raises(ValueError, match="beyond the text encoder's"):
         trainer.train_round(params, train_set, progress=False)  # its tokenizer knew "<tiny-teapot>"
     result, metrics = trainer.train_round(params, plain_set, progress=False)
     assert result.unet is None and result.new_tokens is None and np.isfinite(metrics["loss"])
-    ups = [np.abs(np.asarray(p["up"])).max() for p in personalize.lora_pairs(result.lora["unet"]).values()]
-    assert min(ups) > 0, "every lora_B moved from zero"
+    assert sorted(result.lora) == ["text_encoder", "unet"]
+    for component in result.lora.values():
+        ups = [np.abs(np.asarray(p["up"])).max() for p in personalize.lora_pairs(component).values()]
+        assert min(ups) > 0, "every lora_B moved from zero"
     trained, _ = trainer.split_for(params)
     state_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(trained))
     unet_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params.unet))
@@ -279,7 +339,7 @@ def test_attndreambooth_stages_chain_and_regularize(loaded, attndreambooth_round
     trainer, (result, metrics) = attndreambooth_round
     assert [len(s["history"]) for s in metrics["stages"]] == [2, 2, 2]
     assert [p["step"] for p in metrics["loss_curve"]] == [2, 4, 6, 8, 10, 12] and metrics["steps"] == 12
-    assert all(h["attention_loss"] > 0 for s in metrics["stages"] for h in s["history"])
+    assert all(h["attention_map_loss"] > 0 for s in metrics["stages"] for h in s["history"])
     assert result.unet is not None and result.new_tokens is not None and result.lora is None
     # Stage 2 moved the cross-attention layers, stage 3 the rest of the UNet too.
     flat, base = traverse_util.flatten_dict(result.unet), traverse_util.flatten_dict(params.unet)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from gal_jax import io_utils
+from gal_jax import workdir as workdir_lib
 from gal_jax.records import SCHEMA_VERSION, Direction, ImageScore, RecordError, RoundRecord, from_json
 from gal_jax.workdir import Workdir, WorkdirBusyError, WorkdirError
 
@@ -286,3 +287,21 @@ def test_a_fresh_process_caches_executables_beside_an_earlier_versions_cache(tmp
     assert result.returncode == 0, result.stderr[-2000:]
     entries = sorted(p.name for p in (tmp_path / "xla-lru").iterdir())
     assert any(name.endswith("-cache") for name in entries) and any(name.endswith("-atime") for name in entries)
+
+
+def test_a_workdir_saved_with_renamed_config_fields_resumes_and_real_changes_are_named():
+    from configs import common, tiny_cpu
+
+    current = json.loads(tiny_cpu.get_config("attndreambooth").to_json_best_effort(sort_keys=True))
+    saved = json.loads(json.dumps(current))
+    # As the version before the loss-term registry wrote it.
+    saved["train"].pop("loss_terms")
+    saved["train"].update(attention_loss_mean=0.0, attention_loss_var=0.0)
+    for entry in saved["train"]["stages"].values():
+        terms = entry.pop("loss_terms")["attention_map"]
+        entry.update(attention_loss_mean=terms["mean"], attention_loss_var=terms["var"])
+    assert workdir_lib.config_changes(saved, current) == []
+    saved["train"]["stages"]["s2_attention"]["attention_loss_var"] = 4.0
+    assert workdir_lib.config_changes(saved, current) == [
+        "train.stages.s2_attention.loss_terms.attention_map.var (4.0 -> 5.0)"]
+    assert common.get_config().train.loss_terms.attention_map.mean == 0.0
