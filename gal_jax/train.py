@@ -153,9 +153,13 @@ def make_optimizer(train_config) -> optax.GradientTransformation:
 # ---------------------------------------------------------------------------------------------
 
 
-def per_example_mse(prediction: jax.Array, target: jax.Array) -> jax.Array:
-    """Returns the float32 mean squared error of each example (mean over all but axis 0)."""
+def per_example_mse(prediction: jax.Array, target: jax.Array, pixel_weight: jax.Array | None = None) -> jax.Array:
+    """Returns the float32 mean squared error of each example (mean over all but axis 0), each
+    latent pixel's error times `pixel_weight` (B, h, w) when given (MuDI's masked loss: the mean
+    over all elements of mask * error, not divided by the mask's sum)."""
     error = jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32))
+    if pixel_weight is not None:
+        error = error * pixel_weight.astype(jnp.float32)[:, None]
     return error.reshape(error.shape[0], -1).mean(axis=1)
 
 
@@ -222,8 +226,10 @@ def dreambooth_loss(
     """Returns (loss, parts) of a batch carrying its randomness (see draw_step_randomness).
 
     `trained` is the trained part of the model tree, `frozen.model` the rest (personalize.split).
-    The batch holds `pixel_values` (encoded here) or cached `latent_mean` and `latent_std`. The
-    config's extra loss terms (loss_terms.py) are added to the loss and returned among the parts.
+    The batch holds `pixel_values` (encoded here) or cached `latent_mean` and `latent_std`, and
+    optionally `loss_mask` (B, h, w) at latent resolution weighing each pixel's error (MuDI's
+    soft mask, multi_subject.soft_mask). The config's extra loss terms (loss_terms.py) are added
+    to the loss and returned among the parts.
     """
     unet_params, text_params = personalize.materialize(personalize.merge(trained, frozen.model), config.lora_scale)
     if "latent_mean" in batch:
@@ -242,7 +248,7 @@ def dreambooth_loss(
                                                   capture_attention=True)
     else:
         prediction = sd.apply_unet(unet_params, noisy, t, context, remat=config.remat)
-    per_example = per_example_mse(prediction, target)
+    per_example = per_example_mse(prediction, target, batch.get("loss_mask"))
     if config.snr_gamma > 0:
         per_example = per_example * schedulers.min_snr_weight(schedule, t, config.snr_gamma, sd.prediction_type)
     counts = example_counts(batch["is_prior"]) if counts is None else counts

@@ -315,6 +315,27 @@ def test_min_snr_gamma_weights_each_example_loss_by_its_timestep(loaded, trainer
     np.testing.assert_allclose(float(loss(5.0)), float(loss(0.0)) * float(weight[0]), rtol=1e-5)
 
 
+def test_a_loss_mask_weighs_each_latent_pixel_and_all_ones_is_the_plain_loss(loaded, trainer):
+    sd, params = loaded
+    frozen = dreambooth_frozen(params, sd, trainer.mesh)
+    batch = with_randomness(sd, synthetic_batch(sd, 2))
+    loss = jax.jit(lambda b: train.dreambooth_loss({"unet": params.unet}, b, frozen, sd=sd, config=train.StepConfig()))
+    plain, plain_parts = loss(batch)
+    ones, ones_parts = loss({**batch, "loss_mask": np.ones((4, 16, 16), np.float32)})
+    np.testing.assert_allclose(float(ones), float(plain), rtol=1e-6)
+    # Left half weighted 1, right half 0.25 (soft_alpha 0.25 of a left-half mask): the instance
+    # loss is the weighted mean of the two halves' errors, each half from a mask of its own.
+    left = np.zeros((4, 16, 16), np.float32)
+    left[..., :8] = 1
+    only_left, parts = loss({**batch, "loss_mask": left})
+    _, right_parts = loss({**batch, "loss_mask": 1 - left})
+    soft, soft_parts = loss({**batch, "loss_mask": left * 0.75 + 0.25})
+    for name in ("instance_loss", "prior_loss"):
+        np.testing.assert_allclose(float(soft_parts[name]), float(parts[name]) + 0.25 * float(right_parts[name]),
+                                   rtol=1e-5)
+        np.testing.assert_allclose(float(parts[name]) + float(right_parts[name]), float(plain_parts[name]), rtol=1e-5)
+
+
 def test_rounds_restart_from_base_weights_without_recompiling(loaded, trainer, train_set, first_round):
     _, params = loaded
     base = jax.device_get(params.unet)

@@ -1,0 +1,329 @@
+"""Several subjects at once (MuDI): their data set as MuDI users lay it out, read unchanged.
+
+    <dataset>/metadata.jsonl        line 1: {"id": {"a": "olis harry potter toy", "b": "hta corgi"}}
+                                    then one line per image:
+                                    {"id": "a", "file_name": "a00.jpg", "mask_path": "mask_a00.jpg",
+                                     "text": "A photo of a olis harry potter toy on a desk."}
+    <dataset>/a00.jpg, mask_a00.jpg, ...
+    <reg>/class_metadata.jsonl      the prior set, the same layout (ids name the class words:
+                                    {"a": "harry potter toy", "b": "Corgi"})
+
+Masks are given (greyscale or RGB images of the image's size; white = the subject): segmentation
+(SAM, OWLv2) stays outside this project. Paths in a line are relative to the metadata file's
+folder (absolute ones are kept). Every problem is reported with the file and the line that has it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from gal_jax.images import ImageError, open_rgb
+
+METADATA = "metadata.jsonl"
+CLASS_METADATA = "class_metadata.jsonl"
+_LINE_KEYS = ("id", "file_name", "mask_path", "text")
+
+
+class MultiSubjectDataError(ValueError):
+    """A multi-subject data set that cannot be used; the message names the file and line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SubjectImage:
+    """One image of one subject: its id (a key of the first line), files and caption."""
+
+    subject: str
+    image: Path
+    mask: Path
+    text: str
+    line: int  # 1-based line of the metadata file, for messages
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiSubjectSet:
+    """A metadata.jsonl (or class_metadata.jsonl) as read: the subjects' identifier phrases by id,
+    in the file's order, and their images."""
+
+    file: Path
+    subjects: dict[str, str]
+    images: tuple[SubjectImage, ...]
+
+    def of(self, subject: str) -> tuple[SubjectImage, ...]:
+        """Returns the images of one subject, in file order."""
+        return tuple(image for image in self.images if image.subject == subject)
+
+
+def read_metadata(path: Path | str, *, check_images: bool = True) -> MultiSubjectSet:
+    """Returns the data set of a MuDI `metadata.jsonl` (or `class_metadata.jsonl`), given the file
+    or its folder (metadata.jsonl, else class_metadata.jsonl).
+
+    Checks what would otherwise fail mid-training: the first line maps ids to non-empty phrases;
+    every other line is an object with `id` (one of those), `file_name`, `mask_path` and `text`;
+    every subject has an image; with `check_images`, every image and mask opens and each mask has
+    its image's size. Blank lines are skipped.
+
+    Raises:
+      MultiSubjectDataError: naming the file and line of the first problem.
+    """
+    file = _metadata_file(Path(path))
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise MultiSubjectDataError(f"{file}: cannot read ({err})") from None
+    numbered = [(number, text) for number, text in enumerate(lines, start=1) if text.strip()]
+    if not numbered:
+        raise MultiSubjectDataError(f"{file}: empty; line 1 must map subject ids to their phrases, "
+                                    '{"id": {"a": "olis harry potter toy", "b": "hta corgi"}}')
+    first_number, first = numbered[0]
+    subjects = _subject_phrases(_json_object(file, first_number, first), file, first_number)
+    images = tuple(_subject_image(_json_object(file, number, text), file, number, subjects)
+                   for number, text in numbered[1:])
+    for subject, phrase in subjects.items():
+        if not any(image.subject == subject for image in images):
+            raise MultiSubjectDataError(f"{file}: subject {subject!r} ({phrase!r}) has no image line")
+    if check_images:
+        for image in images:
+            _check_image_and_mask(image, file)
+    return MultiSubjectSet(file=file, subjects=subjects, images=images)
+
+
+def _metadata_file(path: Path) -> Path:
+    if path.is_dir():
+        for name in (METADATA, CLASS_METADATA):
+            if (path / name).is_file():
+                return path / name
+        raise MultiSubjectDataError(f"{path}: no {METADATA} or {CLASS_METADATA} in this folder")
+    if not path.is_file():
+        raise MultiSubjectDataError(f"{path}: file not found")
+    return path
+
+
+def _json_object(file: Path, number: int, text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise MultiSubjectDataError(f"{file}, line {number}: not valid JSON ({err.msg})") from None
+    if not isinstance(value, dict):
+        raise MultiSubjectDataError(f"{file}, line {number}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _subject_phrases(value: dict[str, Any], file: Path, number: int) -> dict[str, str]:
+    subjects = value.get("id")
+    if not isinstance(subjects, dict) or not subjects:
+        raise MultiSubjectDataError(
+            f"{file}, line {number}: the first line must map subject ids to their identifier phrases, "
+            '{"id": {"a": "olis harry potter toy", "b": "hta corgi"}}; got ' + json.dumps(value)[:120])
+    for key, phrase in subjects.items():
+        if not isinstance(phrase, str) or not phrase.strip():
+            raise MultiSubjectDataError(f"{file}, line {number}: subject {key!r} needs a non-empty phrase, "
+                                        f"got {phrase!r}")
+    return {str(key): phrase.strip() for key, phrase in subjects.items()}
+
+
+def _subject_image(value: dict[str, Any], file: Path, number: int, subjects: dict[str, str]) -> SubjectImage:
+    missing = [key for key in _LINE_KEYS if key not in value]
+    if missing:
+        raise MultiSubjectDataError(f"{file}, line {number}: missing {', '.join(map(repr, missing))} "
+                                    f"(each image line has {', '.join(_LINE_KEYS)})")
+    subject = value["id"]
+    if not isinstance(subject, str) or subject not in subjects:
+        raise MultiSubjectDataError(f"{file}, line {number}: id {subject!r} is not a subject of line 1 "
+                                    f"({', '.join(map(repr, subjects))})")
+    for key in ("file_name", "mask_path", "text"):
+        if not isinstance(value[key], str) or not value[key].strip():
+            raise MultiSubjectDataError(f"{file}, line {number}: {key} must be a non-empty string, "
+                                        f"got {value[key]!r}")
+    return SubjectImage(subject=subject, image=file.parent / value["file_name"], mask=file.parent / value["mask_path"],
+                        text=value["text"].strip(), line=number)
+
+
+def _check_image_and_mask(image: SubjectImage, file: Path) -> None:
+    where = f"{file}, line {image.line}"
+    for kind, path in (("file_name", image.image), ("mask_path", image.mask)):
+        if not path.is_file():
+            raise MultiSubjectDataError(f"{where}: {kind} {path} does not exist")
+    try:
+        with Image.open(image.image) as picture, Image.open(image.mask) as mask:
+            size, mask_size = _upright_size(picture), _upright_size(mask)
+    except (OSError, SyntaxError, ValueError) as err:
+        raise MultiSubjectDataError(f"{where}: cannot read {image.image.name} or its mask ({err})") from None
+    if size != mask_size:
+        raise MultiSubjectDataError(f"{where}: mask {image.mask.name} is {mask_size[0]}x{mask_size[1]}, "
+                                    f"its image {image.image.name} {size[0]}x{size[1]}")
+
+
+def _upright_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) after EXIF orientation, read from the header only."""
+    orientation = image.getexif().get(0x0112, 1)
+    width, height = image.size
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def load_mask(path: Path | str) -> np.ndarray:
+    """Returns the mask file at `path` as float32 (H, W) in [0, 1] (the mean of its RGB channels,
+    upright; a JPEG's soft edges are kept)."""
+    try:
+        rgb = np.asarray(open_rgb(path), np.float32)
+    except ImageError as err:
+        raise MultiSubjectDataError(str(err)) from None
+    return rgb.mean(axis=-1) / 255.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Seg-Mix (pure given the numpy Generator): segmented subjects pasted side by side on white
+# ---------------------------------------------------------------------------------------------
+
+# MuDI's caption of a mixed example: the item's own subject first, then the other.
+SEGMIX_CAPTION = "a photo of a {} and a {}, simple background."
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """A subject cut out of its image: RGB uint8 (h, w, 3) and its mask float32 (h, w) in [0, 1]."""
+
+    pixels: np.ndarray
+    mask: np.ndarray
+
+
+def cut_out(pixels: np.ndarray, mask: np.ndarray, threshold: float = 0.5) -> Segment:
+    """Returns the box of `pixels` (H, W, 3) around the subject (mask > threshold).
+
+    Raises MultiSubjectDataError when the mask selects nothing (an all-black mask).
+    """
+    rows, cols = np.nonzero(mask > threshold)
+    if rows.size == 0:
+        raise MultiSubjectDataError("a mask selects no pixel (all below 0.5): nothing to cut out")
+    box = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
+    return Segment(np.ascontiguousarray(pixels[box]), np.ascontiguousarray(mask[box], np.float32))
+
+
+def scaled(segment: Segment, rng: np.random.Generator, canvas: int, fixed_scale: float | None = None) -> Segment:
+    """Returns `segment` resized for a `canvas`-pixel square shared with one other subject, as
+    MuDI does: the largest factor f that keeps it within half the width and the full height less a
+    margin of canvas/32, times `fixed_scale` if given, else times a uniform draw in [0.75, 1]."""
+    height, width = segment.mask.shape
+    margin = canvas / 32
+    largest = min((canvas / 2 - margin) / width, (canvas - margin) / height)
+    factor = largest * (fixed_scale if fixed_scale is not None else rng.uniform(0.75, 1.0))
+    size = (max(1, int(width * factor)), max(1, int(height * factor)))
+    pixels = Image.fromarray(segment.pixels).resize(size, Image.Resampling.BICUBIC)
+    mask = Image.fromarray(segment.mask.astype(np.float32), mode="F").resize(size, Image.Resampling.BILINEAR)
+    return Segment(np.asarray(pixels), np.clip(np.asarray(mask, np.float32), 0.0, 1.0))
+
+
+def collage(left: Segment, right: Segment, rng: np.random.Generator, canvas: int, *,
+            same_height: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (RGB uint8 (canvas, canvas, 3), mask bool (canvas, canvas)) of two segments on
+    white, as MuDI's image_collage: `left` starts a random margin in [1, canvas/4] from the left
+    edge, `right` ends one from the right edge; each at a random height (one shared height with
+    `same_height`, as for the prior set). They may overlap; which one lies on top is a coin toss.
+    The mask is the union of the two subjects' (mask > 0.5)."""
+    margin_max = max(1, canvas // 4)
+    heights = [left.mask.shape[0], right.mask.shape[0]]
+    if same_height:
+        top = int(rng.integers(0, canvas - max(heights) + 1))
+        tops = [top, top]
+    else:
+        tops = [int(rng.integers(0, canvas - h + 1)) for h in heights]
+    left_x = int(rng.integers(1, margin_max + 1))
+    right_x = canvas - int(rng.integers(1, margin_max + 1)) - right.mask.shape[1]
+    placed = [(left, tops[0], left_x), (right, tops[1], max(0, right_x))]
+    if rng.random() < 0.5:
+        placed.reverse()  # the later one is pasted on top
+    image = np.full((canvas, canvas, 3), 255, np.uint8)
+    union = np.zeros((canvas, canvas), bool)
+    for segment, top, x in placed:
+        h, w = segment.mask.shape
+        h, w = min(h, canvas - top), min(w, canvas - x)
+        inside = segment.mask[:h, :w] > 0.5
+        region = (slice(top, top + h), slice(x, x + w))
+        image[region][inside] = segment.pixels[:h, :w][inside]
+        union[region] |= inside
+    return image, union
+
+
+def segmix(first: tuple[np.ndarray, np.ndarray], second: tuple[np.ndarray, np.ndarray], rng: np.random.Generator,
+           canvas: int, *, scales: tuple[float, float] | None = None, same_height: bool = False,
+           first_on_left: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (RGB uint8, bool mask) of two (pixels, mask) subjects cut out, scaled (`scales`: their
+    fixed factors, MuDI's relative_scale; None: random) and laid side by side on a white square of
+    `canvas` pixels, `first` on the left unless `first_on_left` is False."""
+    segments = [scaled(cut_out(*subject), rng, canvas, None if scales is None else scales[i])
+                for i, subject in enumerate((first, second))]
+    left, right = segments if first_on_left else segments[::-1]
+    return collage(left, right, rng, canvas, same_height=same_height)
+
+
+def relative_scales(relative_scale: float) -> tuple[float, float] | None:
+    """MuDI's --relative_scale s (|s| <= 1) as fixed factors of (first id, second id): s > 0 ->
+    (1, s), s < 0 -> (|s|, 1), 0 -> None (random scales)."""
+    if not -1.0 <= relative_scale <= 1.0:
+        raise ValueError(f"relative_scale={relative_scale} must lie in [-1, 1] (0: random scales)")
+    if relative_scale > 0:
+        return (1.0, relative_scale)
+    if relative_scale < 0:
+        return (-relative_scale, 1.0)
+    return None
+
+
+def soft_mask(mask: np.ndarray, latent_size: tuple[int, int], soft_alpha: float) -> np.ndarray:
+    """Returns the per-pixel loss weight of a mask at latent resolution: the mask resized
+    (bilinear) to `latent_size` (h, w), then mask * (1 - soft_alpha) + soft_alpha (MuDI's
+    --soft_alpha: 1 weighs every pixel alike, 0 only the subjects)."""
+    if not 0.0 <= soft_alpha <= 1.0:
+        raise ValueError(f"soft_alpha={soft_alpha} must lie in [0, 1]")
+    height, width = latent_size
+    small = Image.fromarray(np.asarray(mask, np.float32), mode="F").resize((width, height), Image.Resampling.BILINEAR)
+    return (np.clip(np.asarray(small, np.float32), 0, 1) * (1.0 - soft_alpha) + soft_alpha).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class MixedExample:
+    """One training example after Seg-Mix's coin: RGB uint8 (canvas, canvas, 3), the subjects'
+    mask float32 (canvas, canvas) (all ones when not mixed), its caption and whether it was mixed."""
+
+    pixels: np.ndarray
+    mask: np.ndarray
+    caption: str
+    mixed: bool
+
+
+def segmix_example(data: MultiSubjectSet, index: int, rng: np.random.Generator, canvas: int, *,
+                   probability: float, relative_scale: float = 0.0, prior: bool = False,
+                   load: Any = None) -> MixedExample:
+    """Returns example `index` of `data` with MuDI's Seg-Mix applied with `probability`.
+
+    Mixed: the example's subject and a random image of another subject (drawn uniformly among the
+    other ids; the same id when there is only one, as for a one-class prior set), cut out, scaled
+    and pasted on white; the caption SEGMIX_CAPTION with the example's subject's phrase first.
+    Instance examples go left or right by a coin toss; prior examples (`prior`) always go left,
+    both at one height, at random scales. Not mixed: the image as it is (`load(path)` -> RGB uint8
+    array; default: the image file, upright) with an all-ones mask and its own caption.
+    """
+    if not 0.0 <= probability <= 1.0:
+        raise ValueError(f"segmix probability {probability} must lie in [0, 1]")
+    load = load or (lambda path: np.asarray(open_rgb(path)))
+    item = data.images[index % len(data.images)]
+    pixels = load(item.image)
+    if rng.random() >= probability:
+        return MixedExample(pixels, np.ones(pixels.shape[:2], np.float32), item.text, False)
+    others = [s for s in data.subjects if s != item.subject] or [item.subject]
+    other_subject = others[int(rng.integers(len(others)))]
+    candidates = data.of(other_subject)
+    other = candidates[int(rng.integers(len(candidates)))]
+    first = (pixels, load_mask(item.mask))
+    second = (load(other.image), load_mask(other.mask))
+    scales = None if prior else relative_scales(relative_scale)
+    if scales is not None and item.subject != next(iter(data.subjects)):
+        scales = scales[::-1]  # the fixed factors belong to the ids, not to the positions
+    on_left = True if prior else bool(rng.random() < 0.5)
+    image, mask = segmix(first, second, rng, canvas, scales=scales, same_height=prior, first_on_left=on_left)
+    caption = SEGMIX_CAPTION.format(data.subjects[item.subject], data.subjects[other_subject])
+    return MixedExample(image, mask.astype(np.float32), caption, True)
