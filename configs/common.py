@@ -79,6 +79,9 @@ def get_config() -> ml_collections.ConfigDict:
     # variance pulled towards the next token's (the class word), with these weights.
     config.train.loss_terms = ml_collections.ConfigDict()
     config.train.loss_terms.attention_map = ml_collections.ConfigDict(dict(mean=0.0, var=0.0))
+    # dco: DCO in place of the instance loss, -log sigmoid(-beta (L - L_base)), L_base the base
+    # UNet's loss (the LoRA method's model without its deltas); MuDI uses beta 1000 without prior.
+    config.train.loss_terms.dco = ml_collections.ConfigDict(dict(beta=0.0))
     config.train.steps = 800
     config.train.batch_size = 1  # global, in instance examples
     config.train.learning_rate = 5e-6

@@ -39,7 +39,9 @@ class StepOutputs:
         example weights; counts: (instance, class) examples in the *global* batch, so a term that
         averages divides by them and stays exact under gradient accumulation;
     attention: {layer name: (B, heads, pixels, tokens) probabilities} when a term captures them;
-    new_token_id: the id of the method's new token (-1: none).
+    new_token_id: the id of the method's new token (-1: none);
+    reference_loss: (B,) the same per-example loss of the base UNet (LoRA deltas off, no
+        gradient) when a term needs a reference.
     """
 
     batch: Mapping[str, Any]
@@ -49,6 +51,7 @@ class StepOutputs:
     counts: tuple[jax.Array, jax.Array]
     attention: Mapping[str, jax.Array] | None = None
     new_token_id: int = -1
+    reference_loss: jax.Array | None = None
 
 
 def weight_is_on(settings: Mapping[str, float]) -> bool:
@@ -60,14 +63,18 @@ class LossTerm:
     """A registered term: `compute(outputs, **settings)` returns its scalar contribution (already
     weighted); `settings` names every setting with its default; `is_on(settings)` says whether the
     step computes it; `captures_attention` asks the UNet for its cross-attention probabilities;
-    `needs_new_token` refuses methods without a new token; `check(settings)` returns an error
-    message for settings it cannot use, or ''."""
+    `needs_new_token` refuses methods without a new token; `needs_reference` asks for the base
+    UNet's per-example losses (LoRA methods); `replaces_instance_loss`: the term stands for the
+    instance part of the weighted loss instead of adding to it (at most one active term may);
+    `check(settings)` returns an error message for settings it cannot use, or ''."""
 
     compute: Callable[..., jax.Array]
     settings: Mapping[str, float]
     is_on: Callable[[Mapping[str, float]], bool] = weight_is_on
     captures_attention: bool = False
     needs_new_token: bool = False
+    needs_reference: bool = False
+    replaces_instance_loss: bool = False
     check: Callable[[Mapping[str, float]], str] = lambda settings: ""
 
 
@@ -118,6 +125,9 @@ def active_terms(loss_terms: Mapping[str, Mapping[str, float]] | None, *, new_to
             raise ValueError(f"{where}.{name} needs the new token of a method that adds one "
                              "(textual_inversion, attndreambooth)")
         active.append((name, tuple(sorted(settings.items()))))
+    replacing = [name for name, _ in active if REGISTRY[name].replaces_instance_loss]
+    if len(replacing) > 1:
+        raise ValueError(f"{where}: {' and '.join(replacing)} each replace the instance loss; turn one off")
     return tuple(active)
 
 
@@ -184,4 +194,34 @@ register("attention_map", LossTerm(
     captures_attention=True,
     needs_new_token=True,
     check=lambda s: "mean and var are weights and must be >= 0" if min(s["mean"], s["var"]) < 0 else "",
+))
+
+
+def dco_loss(loss: jax.Array, reference_loss: jax.Array, beta: float) -> jax.Array:
+    """Returns DCO's loss (Lee et al. 2024, as MuDI's training code computes it):
+    -log sigmoid(-beta * (loss - reference_loss)), the model's loss judged against the base
+    model's on the same noisy latents."""
+    return -jax.nn.log_sigmoid(-beta * (loss - reference_loss))
+
+
+def _dco(outputs: StepOutputs, *, beta: float) -> jax.Array:
+    """DCO in place of the instance loss: each (micro-)batch's weighted instance loss and the base
+    UNet's, both over its own instance examples as MuDI's per-step means, transformed, and
+    counted in proportion to its share of the global batch's instance examples (so the
+    micro-batches of an accumulated step average like their accumulation)."""
+    is_instance = 1.0 - outputs.batch["is_prior"].astype(jnp.float32)
+    weight = outputs.batch["weight"].astype(jnp.float32) * is_instance
+    local = jnp.maximum(jnp.sum(is_instance), 1.0)
+    mean = lambda losses: jnp.sum(weight * losses) / local
+    share = jnp.sum(is_instance) / jnp.maximum(outputs.counts[0], 1)
+    return share * dco_loss(mean(outputs.per_example_loss), mean(outputs.reference_loss), beta)
+
+
+register("dco", LossTerm(
+    compute=_dco,
+    settings={"beta": 0.0},
+    is_on=lambda s: s["beta"] != 0.0,
+    needs_reference=True,
+    replaces_instance_loss=True,
+    check=lambda s: "beta must be > 0 (MuDI uses 1000)" if s["beta"] < 0 else "",
 ))

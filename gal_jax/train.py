@@ -78,6 +78,14 @@ class StepConfig:
         return loss_terms_lib.captures_attention(self.loss_terms)
 
     @property
+    def needs_reference(self) -> bool:
+        return any(loss_terms_lib.REGISTRY[name].needs_reference for name, _ in self.loss_terms)
+
+    @property
+    def replaces_instance_loss(self) -> bool:
+        return any(loss_terms_lib.REGISTRY[name].replaces_instance_loss for name, _ in self.loss_terms)
+
+    @property
     def metric_names(self) -> tuple[str, ...]:
         """The names of the loss metrics the step returns."""
         return ("loss", "instance_loss", "prior_loss") + tuple(
@@ -231,7 +239,8 @@ def dreambooth_loss(
     soft mask, multi_subject.soft_mask). The config's extra loss terms (loss_terms.py) are added
     to the loss and returned among the parts.
     """
-    unet_params, text_params = personalize.materialize(personalize.merge(trained, frozen.model), config.lora_scale)
+    tree = personalize.merge(trained, frozen.model)
+    unet_params, text_params = personalize.materialize(tree, config.lora_scale)
     if "latent_mean" in batch:
         mean, std = batch["latent_mean"], batch["latent_std"]
     else:
@@ -248,20 +257,43 @@ def dreambooth_loss(
                                                   capture_attention=True)
     else:
         prediction = sd.apply_unet(unet_params, noisy, t, context, remat=config.remat)
-    per_example = per_example_mse(prediction, target, batch.get("loss_mask"))
-    if config.snr_gamma > 0:
-        per_example = per_example * schedulers.min_snr_weight(schedule, t, config.snr_gamma, sd.prediction_type)
+    def example_losses(predicted):
+        per_example = per_example_mse(predicted, target, batch.get("loss_mask"))
+        if config.snr_gamma > 0:
+            per_example = per_example * schedulers.min_snr_weight(schedule, t, config.snr_gamma, sd.prediction_type)
+        return per_example
+
+    per_example = example_losses(prediction)
     counts = example_counts(batch["is_prior"]) if counts is None else counts
     loss, parts = weighted_dreambooth_loss(per_example, batch["weight"], batch["is_prior"],
                                            config.prior_loss_weight, counts)
     if config.loss_terms:
+        reference = None
+        if config.needs_reference:
+            reference = example_losses(_reference_prediction(tree, noisy, t, context, sd=sd, config=config))
         outputs = loss_terms_lib.StepOutputs(batch=batch, prediction=prediction, target=target,
                                              per_example_loss=per_example, counts=counts,
-                                             attention=probabilities, new_token_id=config.new_token_id)
+                                             attention=probabilities, new_token_id=config.new_token_id,
+                                             reference_loss=reference)
         extra = loss_terms_lib.compute_terms(config.loss_terms, outputs)
         parts.update(extra)
+        if config.replaces_instance_loss:  # e.g. DCO: the term stands for the instance loss
+            loss = loss - parts["instance_loss"]
         loss = loss + sum(extra.values())
     return loss, parts
+
+
+def _reference_prediction(tree: Params, noisy: jax.Array, t: jax.Array, context: jax.Array, *,
+                          sd: StableDiffusion, config: StepConfig) -> jax.Array:
+    """Returns the base UNet's prediction (the model tree with its LoRA deltas off), without
+    gradient: the reference of loss terms such as DCO. Only LoRA methods keep the base UNet
+    apart from what they train; for the others there is no reference to compare with."""
+    if "lora" not in tree or "unet" not in tree["lora"]:
+        names = ", ".join(name for name, _ in config.loss_terms if loss_terms_lib.REGISTRY[name].needs_reference)
+        raise ValueError(f"train.loss_terms.{names} compares the model with its base UNet, which only the LoRA "
+                         "method keeps apart from what it trains (set train.method='lora')")
+    return jax.lax.stop_gradient(sd.apply_unet(tree["unet"], noisy, t, jax.lax.stop_gradient(context),
+                                               remat=config.remat))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -280,6 +280,48 @@ def test_a_registered_loss_term_runs_in_the_step_under_accumulation(loaded, plai
         assert record["loss"] == pytest.approx(parts + 0.5 * instances, rel=1e-5)
 
 
+def test_dco_judges_the_lora_models_loss_against_the_base_unet(loaded, plain_set):
+    from train_test import synthetic_batch, with_randomness
+
+    sd, params = loaded
+    config = method_config("lora")
+    trainer = make_trainer(config, loaded)
+    trained, rest = trainer.split_for(params)
+    frozen = train.place_frozen(params.vae, rest, sd, trainer.mesh)
+    batch = with_randomness(sd, synthetic_batch(sd, 2))
+    beta = 50.0
+    dco = train.StepConfig(loss_terms=(("dco", (("beta", beta),)),), lora_scale=trainer.method.lora_scale)
+    plain = train.StepConfig(lora_scale=trainer.method.lora_scale)
+    run = lambda t, c: jax.jit(lambda t, b: train.dreambooth_loss(t, b, frozen, sd=sd, config=c))(t, batch)
+    # lora_B starts at zero: the model is its base, DCO is -log sigmoid(0) = log 2.
+    loss, parts = run(trained, dco)
+    np.testing.assert_allclose(float(parts["dco_loss"]), np.log(2.0), rtol=1e-6)
+    np.testing.assert_allclose(float(loss), np.log(2.0) + float(parts["prior_loss"]), rtol=1e-6)
+    # Moved deltas: the instance loss against the base UNet's on the same noisy latents.
+    keys = iter(jax.random.split(jax.random.key(5), 1000))
+    moved = jax.tree_util.tree_map(lambda x: jax.random.normal(next(keys), x.shape) * 0.5, trained)
+    loss, parts = run(moved, dco)
+    _, base_parts = run(trained, plain)
+    gap = float(parts["instance_loss"]) - float(base_parts["instance_loss"])
+    assert abs(beta * gap) > 0.05, "the deltas must move the loss for the test to mean anything"
+    np.testing.assert_allclose(float(parts["dco_loss"]), float(-jax.nn.log_sigmoid(-beta * gap)), rtol=1e-4)
+    np.testing.assert_allclose(float(loss), float(parts["dco_loss"]) + float(parts["prior_loss"]), rtol=1e-5)
+    # As MuDI trains: LoRA with DCO, two accumulated micro-batches.
+    config = method_config("lora", steps=2, log_every=1, grad_accum_steps=2)
+    config.train.loss_terms.dco.beta = 1000.0
+    result, metrics = make_trainer(config, loaded).train_round(params, plain_set, progress=False)
+    for record in metrics["history"]:  # the set's class images keep their prior loss beside DCO
+        assert np.isfinite(record["dco_loss"])
+        assert record["loss"] == pytest.approx(record["dco_loss"] + record["prior_loss"], rel=1e-5)
+    assert max(np.abs(np.asarray(p["up"])).max() for p in personalize.lora_pairs(result.lora["unet"]).values()) > 0
+    # Without a base apart from what is trained there is nothing to compare with.
+    dreambooth = make_trainer(method_config("dreambooth"), loaded)
+    trained, rest = dreambooth.split_for(params)
+    frozen = train.place_frozen(params.vae, rest, sd, dreambooth.mesh)
+    with pytest.raises(ValueError, match=r"loss_terms.dco compares the model with its base UNet"):
+        train.dreambooth_loss(trained, batch, frozen, sd=sd, config=dco)
+
+
 # ---------------------------------------------------------------------------------------------
 # Each method's trainer
 
