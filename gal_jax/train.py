@@ -493,17 +493,21 @@ def abstract_batch(
     return _with_shardings(batch, sharding.batch_sharding(mesh))
 
 
-def check_batch_layout(
-    num_examples: int, grad_accum_steps: int, mesh: Mesh, what: str = "examples a micro-batch"
-) -> None:
+def check_batch_layout(num_examples: int, grad_accum_steps: int, mesh: Mesh, source: str = "") -> None:
     """Raises ValueError unless the batch splits into equal micro-batches that split evenly
-    over the mesh."""
+    over the mesh; `source` says where the batch size comes from, e.g. "(train.batch_size=3,
+    2 per instance)"."""
     if num_examples % grad_accum_steps:
         raise ValueError(
             f"a batch of {num_examples} examples does not split into train.grad_accum_steps="
             f"{grad_accum_steps} equal micro-batches"
         )
-    sharding.check_batch_divisible(num_examples // grad_accum_steps, mesh, what=what)
+    micro, shards = num_examples // grad_accum_steps, sharding.num_batch_shards(mesh)
+    if micro % shards:
+        raise ValueError(
+            f"a micro-batch of {micro} examples {source} does not split over the {shards} batch shards "
+            f"of the mesh (data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}): make it a multiple of {shards}"
+        )
 
 
 def compile_train_step(

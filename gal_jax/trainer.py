@@ -290,7 +290,7 @@ class Trainer:
                 examples,
                 train_config.grad_accum_steps,
                 self.mesh,
-                what=f"examples a micro-batch ({_stage_field(self.method, stage.stage)}.batch_size="
+                source=f"({_stage_field(self.method, stage.stage)}.batch_size="
                 f"{train_config.batch_size}, {halves} per instance)",
             )
 

@@ -365,7 +365,7 @@ def test_non_finite_loss_raises_naming_the_step(loaded, trainer, train_set):
 def test_batch_not_divisible_by_the_data_axes_is_rejected(loaded, train_set):
     sd, params = loaded
     trainer = trainer_lib.Trainer(tiny_config(batch_size=3), sd, sharding.make_mesh(4, 1, devices=jax.devices()[:4]))
-    with pytest.raises(ValueError, match=r"train.batch_size=3.*=6 is not divisible by the 4 batch shards"):
+    with pytest.raises(ValueError, match=r"a micro-batch of 6 examples \(train.batch_size=3, 2 per instance\) does not split over the 4 batch shards"):
         trainer.train_round(params, train_set, progress=False)
 
 
