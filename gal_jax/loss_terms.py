@@ -125,14 +125,15 @@ def active_terms(loss_terms: Mapping[str, Mapping[str, float]] | None, *, new_to
             raise ValueError(f"{where}.{name} needs the new token of a method that adds one "
                              "(textual_inversion, attndreambooth)")
         active.append((name, tuple(sorted(settings.items()))))
-    replacing = [name for name, _ in active if REGISTRY[name].replaces_instance_loss]
+    replacing = names_with(tuple(active), "replaces_instance_loss")
     if len(replacing) > 1:
         raise ValueError(f"{where}: {' and '.join(replacing)} each replace the instance loss; turn one off")
     return tuple(active)
 
 
-def captures_attention(terms: tuple[tuple[str, Settings], ...]) -> bool:
-    return any(REGISTRY[name].captures_attention for name, _ in terms)
+def names_with(terms: tuple[tuple[str, Settings], ...], flag: str) -> list[str]:
+    """Returns the names of the `terms` whose LossTerm sets `flag` (e.g. "captures_attention")."""
+    return [name for name, _ in terms if getattr(REGISTRY[name], flag)]
 
 
 def metric_name(name: str) -> str:

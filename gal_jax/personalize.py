@@ -172,9 +172,10 @@ def stages_from_config(config: ml_collections.ConfigDict) -> tuple[Stage, ...]:
             if key not in stage or key == "stages":
                 raise MethodConfigError(f"config.train.stages.{stage_name}.{key}: config.train has no field {key!r}")
             if key == "loss_terms":  # a term's settings are merged into config.train's
-                value = {term: {**dict(stage.loss_terms.get(term) or {}), **dict(settings or {})}
-                         for term, settings in {**dict(stage.loss_terms), **dict(value or {})}.items()}
-                value = ml_collections.ConfigDict(value)
+                merged = {term: dict(settings) for term, settings in stage.loss_terms.items()}
+                for term, settings in dict(value or {}).items():
+                    merged.setdefault(term, {}).update(dict(settings or {}))
+                value = ml_collections.ConfigDict(merged)
             stage[key] = value
         stages.append(Stage(stage_name, _with_trainable(stage, name, f"config.train.stages.{stage_name}")))
     return tuple(stages)
@@ -186,12 +187,17 @@ def _with_trainable(train: ml_collections.ConfigDict, method: str, where: str) -
     if not pattern:
         raise MethodConfigError(f"{where}.trainable is empty: say which parameters the stage trains "
                                 "(a regex over paths like unet/.../attn2/to_k/kernel, new_tokens, lora/...)")
+    train.trainable = _checked_regex(pattern, f"{where}.trainable")
+    return train
+
+
+def _checked_regex(pattern: str, field: str) -> str:
+    """Returns `pattern`; raises MethodConfigError naming `field` when it does not compile."""
     try:
         re.compile(pattern)
     except re.error as err:
-        raise MethodConfigError(f"{where}.trainable={pattern!r} is not a regex ({err})") from None
-    train.trainable = pattern
-    return train
+        raise MethodConfigError(f"{field}={pattern!r} is not a regex ({err})") from None
+    return pattern
 
 
 def lora_from_config(config: ml_collections.ConfigDict) -> LoraSpec | None:
@@ -208,11 +214,8 @@ def lora_from_config(config: ml_collections.ConfigDict) -> LoraSpec | None:
         raise MethodConfigError(f"config.lora.rank={rank} must be >= 1")
     if not alpha > 0:
         raise MethodConfigError(f"config.lora.alpha={alpha} must be > 0 (0 means the rank)")
-    for field, pattern in (("targets", targets), ("text_encoder_targets", text_targets)):
-        try:
-            re.compile(pattern)
-        except re.error as err:
-            raise MethodConfigError(f"config.lora.{field}={pattern!r} is not a regex ({err})") from None
+    _checked_regex(targets, "config.lora.targets")
+    _checked_regex(text_targets, "config.lora.text_encoder_targets")
     return LoraSpec(rank=rank, alpha=alpha, targets=targets, text_encoder_targets=text_targets)
 
 

@@ -75,15 +75,15 @@ class StepConfig:
 
     @property
     def captures_attention(self) -> bool:
-        return loss_terms_lib.captures_attention(self.loss_terms)
+        return bool(loss_terms_lib.names_with(self.loss_terms, "captures_attention"))
 
     @property
     def needs_reference(self) -> bool:
-        return any(loss_terms_lib.REGISTRY[name].needs_reference for name, _ in self.loss_terms)
+        return bool(loss_terms_lib.names_with(self.loss_terms, "needs_reference"))
 
     @property
     def replaces_instance_loss(self) -> bool:
-        return any(loss_terms_lib.REGISTRY[name].replaces_instance_loss for name, _ in self.loss_terms)
+        return bool(loss_terms_lib.names_with(self.loss_terms, "replaces_instance_loss"))
 
     @property
     def metric_names(self) -> tuple[str, ...]:
@@ -289,7 +289,7 @@ def _reference_prediction(tree: Params, noisy: jax.Array, t: jax.Array, context:
     gradient: the reference of loss terms such as DCO. Only LoRA methods keep the base UNet
     apart from what they train; for the others there is no reference to compare with."""
     if "lora" not in tree or "unet" not in tree["lora"]:
-        names = ", ".join(name for name, _ in config.loss_terms if loss_terms_lib.REGISTRY[name].needs_reference)
+        names = ", ".join(loss_terms_lib.names_with(config.loss_terms, "needs_reference"))
         raise ValueError(f"train.loss_terms.{names} compares the model with its base UNet, which only the LoRA "
                          "method keeps apart from what it trains (set train.method='lora')")
     return jax.lax.stop_gradient(sd.apply_unet(tree["unet"], noisy, t, jax.lax.stop_gradient(context),
