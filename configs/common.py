@@ -37,7 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     # The concept: the authors' layout (reference_images/<kind>/<concept>/init.json, reg_data/<concept>).
     config.data = ml_collections.ConfigDict()
-    config.data.concept_dir = ""  # '' -> the tiny object concept
+    # '' -> the tiny object concept. A folder with MuDI's metadata.jsonl (and masks) is a
+    # multi-subject concept (kind 'object'): its subjects are trained and queried together.
+    config.data.concept_dir = ""
     config.data.kind = "object"  # 'object' | 'style'
     config.data.class_dir = ""  # class images for prior preservation ('' -> none)
     config.data.class_prompt = ""  # '' -> "a photo of a {class}" (the authors' launch scripts)
@@ -49,6 +51,10 @@ def get_config() -> ml_collections.ConfigDict:
     # latents are computed once per round (train.cache_latents); true reproduces the authors' crops.
     config.data.random_crop = False
     config.data.flip = False
+    # MuDI's Seg-Mix (multi-subject concepts): with probability `prob`, from optimizer step
+    # `start_step`, an instance is pasted beside another subject on white; `relative_scale` fixes
+    # their scales (0: random); the loss weighs latent pixels by mask * (1 - soft_alpha) + soft_alpha.
+    config.data.segmix = ml_collections.ConfigDict(dict(prob=0.0, start_step=0, relative_scale=0.0, soft_alpha=1.0))
 
     # Device mesh: -1 fills the remaining devices.
     config.mesh = ml_collections.ConfigDict()
@@ -131,6 +137,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample.num_per_prompt = 10
     config.sample.max_images_per_device = 8
     config.sample.seed = 0
+    # MuDI's initialisation (multi-subject concepts): start from noise shifted by init_gamma times
+    # the VAE latents of a collage of the segmented subjects (0: plain noise).
+    config.sample.init_gamma = 0.0
 
     # The GAL loop.
     config.gal = ml_collections.ConfigDict()

@@ -5,10 +5,11 @@ Runs the whole GAL loop (3 rounds, uncertainty + balance) in a few minutes on 2 
     gal-jax run --config=configs/tiny_cpu.py --workdir=workdirs/tiny
 
 Any field can be overridden, e.g. `--config.gal.feedback=random --config.train.steps=10`;
-`configs/tiny_cpu.py:lora` (or `:textual_inversion`, `:attndreambooth`) trains another method.
+`configs/tiny_cpu.py:lora` (or `:textual_inversion`, `:attndreambooth`) trains another method;
+`:mudi` trains MuDI on the tiny two-subject concept (a teapot and a cat).
 """
 
-from configs import common, sd21_attndreambooth
+from configs import common, sd21_attndreambooth, sd_mudi
 
 
 def get_config(variant: str = ""):
@@ -53,6 +54,16 @@ def with_method(config, method: str):
         for name, steps in (("s1_inversion", 10), ("s2_attention", 10), ("s3_unet", 10)):
             config.train.stages[name].steps = steps
             config.train.stages[name].batch_size = 2
+    elif method == "mudi":  # the tiny two-subject concept (a teapot and a cat, with masks)
+        sd_mudi.use_mudi(config)
+        config.lora.rank = 4
+        config.lora.alpha = 4.0
+        config.train.learning_rate = 1e-3
+        config.train.steps = 30
+        config.train.batch_size = 8  # x 2 accumulation; a micro-batch of 8 splits over 8 fake test devices
+        config.data.class_prompt = ""
+        config.data.class_word = ""
     else:
-        raise ValueError(f"unknown variant {method!r} of tiny_cpu (known: lora, textual_inversion, attndreambooth)")
+        raise ValueError(f"unknown variant {method!r} of tiny_cpu (known: lora, textual_inversion, attndreambooth, "
+                         "mudi)")
     return config

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import ml_collections
 
-from gal_jax import anchors, data, io_utils
+from gal_jax import anchors, data, io_utils, multi_subject, personalize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +30,13 @@ class Concept:
     anchor_file: Path | None = None  # the user's template file, when one is used
     placeholder: str = ""  # objects: the identifier ("<cute-cat>"), the new token of textual inversion
     class_word: str = ""  # objects: the class ("cat", "wooden pot")
+    # Multi-subject concepts (MuDI's metadata.jsonl): identifier phrase by subject id, in file order.
+    subjects: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def concept_file(self) -> str:
+        """The file in the concept folder that lists the references."""
+        return multi_subject.METADATA if self.subjects else data.INIT_JSON
 
 
 def load_concept(config: ml_collections.ConfigDict, concept_dir: Path, class_dir: Path | None,
@@ -40,6 +47,17 @@ def load_concept(config: ml_collections.ConfigDict, concept_dir: Path, class_dir
     the entry whose placeholder is the concept's.
     """
     kind = config.data.kind
+    multi = is_multi_subject(concept_dir)
+    method = personalize.method_name(config)
+    if method in personalize.MULTI_SUBJECT_METHODS and not multi:
+        raise ValueError(f"config.train.method={method!r} trains several subjects at once: "
+                         f"config.data.concept_dir={str(concept_dir)!r} needs MuDI's {multi_subject.METADATA} "
+                         "(and no init.json)")
+    if config.data.get("segmix") and config.data.segmix.prob and not multi:
+        raise ValueError(f"config.data.segmix.prob={config.data.segmix.prob} mixes the subjects of a multi-subject "
+                         f"concept; {concept_dir} has no {multi_subject.METADATA}")
+    if multi:
+        return _multi_subject_concept(config, Path(concept_dir), class_dir)
     references = tuple(data.load_concept(concept_dir))
     if kind == "object":
         placeholder = config.data.placeholder or find_placeholder(references, concept_dir)
@@ -67,6 +85,50 @@ def load_concept(config: ml_collections.ConfigDict, concept_dir: Path, class_dir
         anchor_file=None if named_set else Path(config.gal.anchors).expanduser().absolute(),
         placeholder=placeholder,
         class_word=noun,
+    )
+
+
+def is_multi_subject(concept_dir: Path) -> bool:
+    """Whether the concept folder is a multi-subject set (MuDI's metadata.jsonl, no init.json)."""
+    concept_dir = Path(concept_dir)
+    return (concept_dir / multi_subject.METADATA).is_file() and not (concept_dir / data.INIT_JSON).is_file()
+
+
+def _multi_subject_concept(config: ml_collections.ConfigDict, concept_dir: Path, class_dir: Path | None) -> Concept:
+    """Returns the concept of a MuDI data set: every image a reference with its mask and subject;
+    the concept phrase names all subjects ("<a> teapot and <b> cat"); the plain prompts are the
+    captions with each subject's identifier phrase replaced by its class (the phrase without its
+    first word, MuDI's "<identifier> <class>" convention: "olis harry potter toy" -> "harry potter
+    toy"); the class prompt names the classes ("a photo of a harry potter toy and a corgi")."""
+    if config.data.kind != "object":
+        raise ValueError(f"{concept_dir / multi_subject.METADATA}: a multi-subject concept is of "
+                         f"config.data.kind='object', not {config.data.kind!r}")
+    if config.data.placeholder or config.data.class_word:
+        raise ValueError(f"{concept_dir / multi_subject.METADATA}: config.data.placeholder and class_word name one "
+                         "subject; a multi-subject concept takes its subjects from the file's first line")
+    subjects = multi_subject.read_metadata(concept_dir / multi_subject.METADATA)
+    classes = {s: multi_subject.class_of(phrase) for s, phrase in subjects.subjects.items()}
+    references = tuple(
+        data.Reference(image=item.image, prompt=item.text, weight=1.0, mask=item.mask, subject=item.subject,
+                       plain_prompt=multi_subject.replace_phrases(item.text, subjects.subjects, classes))
+        for item in subjects.images)
+    phrase = multi_subject.joined([subjects.subjects[s] for s in subjects.subjects])
+    class_prompt = config.data.class_prompt or "a photo of " + multi_subject.joined(
+        [f"a {c}" for c in classes.values()])
+    use_prior = config.train.with_prior and class_dir is not None
+    class_images = tuple(data.list_class_images(class_dir))[: config.data.num_class_images] if use_prior else ()
+    templates = anchors.get_anchor_templates(config.gal.anchors, "object")
+    named_set = (str(config.gal.anchors), "object") in anchors.ANCHOR_SETS
+    return Concept(
+        kind="object",
+        references=references,
+        class_images=class_images,
+        class_prompt=class_prompt,
+        phrase=phrase,
+        plain_prompts=tuple(dict.fromkeys(" ".join(r.plain_prompt.split()) for r in references)),
+        anchor_prompts=anchors.anchor_prompts(templates, phrase),
+        anchor_file=None if named_set else Path(config.gal.anchors).expanduser().absolute(),
+        subjects=dict(subjects.subjects),
     )
 
 

@@ -38,6 +38,7 @@ from PIL import Image
 
 from gal_jax import io_utils
 from gal_jax.images import ImageError, open_rgb
+from gal_jax.multi_subject import SEGMIX_CAPTION, load_mask, mix_subjects, relative_scales, soft_mask
 
 INIT_JSON = "init.json"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -62,6 +63,8 @@ class Reference:
     plain_prompt: str | None
     weight: float
     source: str = "user"
+    mask: Path | None = None  # multi-subject sets: the subject's segmentation (white = subject)
+    subject: str = ""  # multi-subject sets: the subject's id (a key of metadata.jsonl's first line)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,6 +259,24 @@ def _encoded_resized(path: Path, resolution: int) -> bytes:
     return buffer.getvalue()
 
 
+def _mask_fields(ref: Reference, resolution: int, subject_ids: Sequence[str]) -> dict[str, Any]:
+    """Returns a multi-subject record's mask fields for `ref`: its mask resized as its image
+    (shorter side = resolution) as PNG bytes and its subject's index, or an empty mask and -1
+    without a mask."""
+    image_size = _open_rgb(Path(ref.image)).size
+    if ref.mask is None:
+        mask, subject = Image.new("L", image_size, 0), -1
+    else:
+        values = load_mask(ref.mask)
+        if values.shape[::-1] != image_size:
+            raise DataError(f"{ref.mask}: mask of {values.shape[1]}x{values.shape[0]} pixels for image {ref.image} of "
+                            f"{image_size[0]}x{image_size[1]}")
+        mask, subject = Image.fromarray(np.round(values * 255).astype(np.uint8)), subject_ids.index(ref.subject)
+    buffer = io.BytesIO()
+    _resize_shorter_side(mask, resolution).save(buffer, format="PNG", compress_level=1)
+    return {"instance_mask": buffer.getvalue(), "instance_subject": np.int32(subject)}
+
+
 # ---------------------------------------------------------------------------------------------
 # The training set: TFDS GeneratorBasedBuilder, array_record files.
 
@@ -280,11 +301,13 @@ class GalTrainingSet(tfds.core.GeneratorBasedBuilder):
         records: Iterable[dict[str, Any]] | None = None,
         metadata: dict[str, Any] | None = None,
         token_length: int = 77,
+        with_masks: bool = False,
         **kwargs,
     ):
         self._records = records
         self._metadata = metadata or {}
         self._token_length = token_length
+        self._with_masks = with_masks
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -296,6 +319,11 @@ class GalTrainingSet(tfds.core.GeneratorBasedBuilder):
             "instance_index": tfds.features.Scalar(dtype=np.int32),
             "weight": tfds.features.Scalar(dtype=np.float32),
         }
+        if self._with_masks:  # multi-subject sets: each instance's mask and subject (-1: none)
+            features.update(
+                instance_mask=tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
+                instance_subject=tfds.features.Scalar(dtype=np.int32),
+            )
         if self.builder_config.name == _WITH_PRIOR:
             features.update(
                 class_image=image, class_ids=ids, class_index=tfds.features.Scalar(dtype=np.int32)
@@ -332,13 +360,18 @@ def _tokenize_checked(
 
 
 def _fingerprint(
-    references: Sequence[Reference], class_images: Sequence[Path], ids: np.ndarray, resolution: int
+    references: Sequence[Reference], class_images: Sequence[Path], ids: np.ndarray, resolution: int,
+    subjects: Sequence[str] = (),
 ) -> str:
     """Returns a short hash of everything that decides the records' contents."""
     digest = hashlib.sha256(f"{resolution}".encode())
     digest.update(ids.tobytes())
     for ref in references:
         digest.update(f"{ref.weight!r}".encode())
+    if subjects:  # only multi-subject sets: other sets keep the fingerprints they had
+        digest.update(json.dumps([list(subjects), [ref.subject for ref in references]]).encode())
+        for ref in references:
+            digest.update(Path(ref.mask).read_bytes() if ref.mask else b"no mask")
     for path in [ref.image for ref in references] + list(class_images):
         digest.update(Path(path).read_bytes())
     return digest.hexdigest()[:16]
@@ -349,12 +382,15 @@ def _records(
     class_images: Sequence[Path],
     ids: np.ndarray,
     resolution: int,
+    subject_ids: Sequence[str] = (),
 ) -> Iterator[dict[str, Any]]:
-    """Yields the record dicts: record i pairs instance i mod n with class image i mod m."""
+    """Yields the record dicts: record i pairs instance i mod n with class image i mod m. With
+    `subject_ids` (multi-subject sets) instances carry their mask and subject index."""
     n, m = len(references), len(class_images)
     # The few instance images recur in every record; the many class images are encoded as they
     # come, so the whole set never sits in memory.
     instance_png = [_encoded_resized(Path(ref.image), resolution) for ref in references]
+    masks = [_mask_fields(ref, resolution, subject_ids) for ref in references] if subject_ids else None
     for i in range(max(n, m)):
         record = {
             "instance_image": instance_png[i % n],
@@ -362,6 +398,8 @@ def _records(
             "instance_index": np.int32(i % n),
             "weight": np.float32(references[i % n].weight),
         }
+        if masks:
+            record.update(masks[i % n])
         if m:
             record.update(
                 class_image=_encoded_resized(Path(class_images[i % m]), resolution),
@@ -378,17 +416,27 @@ def write_training_set(
     out_dir: Path | str,
     tokenize: Callable[[Sequence[str]], np.ndarray],
     resolution: int,
+    subjects: dict[str, str] | None = None,
 ) -> Path:
     """Writes the round's training records as TFDS array_record under `out_dir`; returns out_dir.
 
     Captions are tokenized once and stored as ids. With no class images (style runs) the records
     are the instances alone. Built in a temporary folder and renamed into place, so a killed write
     never leaves a half-written set; an existing set at `out_dir` is replaced.
+
+    `subjects` ({id: identifier phrase}, a multi-subject concept's) makes a set Seg-Mix can read:
+    every instance carries its mask (references without one, such as GAL's queried images, carry
+    none and are never mixed) and its subject, and the metadata holds the token ids of Seg-Mix's
+    caption for every ordered pair of subjects.
     """
     if not references:
         raise ValueError("write_training_set needs at least one reference")
     if class_images and not (class_prompt and class_prompt.strip()):
         raise ValueError("class images need a non-empty class_prompt")
+    subject_ids = list(subjects or {})
+    unknown = sorted({ref.subject for ref in references if ref.mask is not None} - set(subject_ids))
+    if unknown:
+        raise ValueError(f"references with masks name subjects {unknown} that `subjects` lacks ({subject_ids})")
     out_dir = Path(out_dir).expanduser().absolute()
     captions = [ref.prompt for ref in references] + ([class_prompt] if class_images else [])
     ids = _tokenize_checked(tokenize, captions)
@@ -397,8 +445,13 @@ def write_training_set(
         "num_instances": len(references),
         "num_class_images": len(class_images),
         "class_prompt": class_prompt if class_images else None,
-        "fingerprint": _fingerprint(references, class_images, ids, resolution),
+        "fingerprint": _fingerprint(references, class_images, ids, resolution, subject_ids),
     }
+    if subject_ids:
+        phrases = [subjects[s] for s in subject_ids]
+        pairs = [SEGMIX_CAPTION.format(first, second) for first in phrases for second in phrases]
+        pair_ids = _tokenize_checked(tokenize, pairs).reshape(len(phrases), len(phrases), -1)
+        metadata.update(subjects=subject_ids, subject_phrases=phrases, segmix_ids=pair_ids.tolist())
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = io_utils.temporary_dir_beside(out_dir)
     try:
@@ -406,9 +459,10 @@ def write_training_set(
         tfds.display_progress_bar(False)
         with contextlib.redirect_stdout(io.StringIO()):
             GalTrainingSet(
-                records=_records(references, class_images, ids, resolution),
+                records=_records(references, class_images, ids, resolution, subject_ids),
                 metadata=metadata,
                 token_length=ids.shape[1],
+                with_masks=bool(subject_ids),
                 config=_WITH_PRIOR if class_images else _INSTANCES_ONLY,
                 data_dir=str(tmp_dir),
             ).download_and_prepare(file_format="array_record")
@@ -490,6 +544,101 @@ class _Preprocess(grain.transforms.RandomMap):
 
 
 @dataclasses.dataclass(frozen=True)
+class SegMix:
+    """MuDI's Seg-Mix in the input pipeline (`config.data.segmix`).
+
+    With `probability`, once the optimizer step reaches `start_step`, a record's instance is
+    replaced by its subject cut out and pasted beside a random image of another subject on white
+    (`multi_subject.segmix`), captioned "a photo of a {its phrase} and a {the other's}, simple
+    background."; `relative_scale` fixes the subjects' scales (0: random), and the example's loss
+    weighs each latent pixel by mask * (1 - soft_alpha) + soft_alpha (1: the plain loss).
+    """
+
+    probability: float
+    start_step: int = 0
+    relative_scale: float = 0.0
+    soft_alpha: float = 1.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.probability <= 1.0:
+            raise ValueError(f"data.segmix.prob={self.probability} must lie in [0, 1]")
+        if self.start_step < 0:
+            raise ValueError(f"data.segmix.start_step={self.start_step} must be >= 0")
+        relative_scales(self.relative_scale)  # raises for |s| > 1
+        if not 0.0 <= self.soft_alpha <= 1.0:
+            raise ValueError(f"data.segmix.soft_alpha={self.soft_alpha} must lie in [0, 1]")
+
+    @classmethod
+    def from_config(cls, config) -> "SegMix | None":
+        """Returns config.data.segmix's settings, or None when Seg-Mix is off (prob 0, or absent)."""
+        settings = config.data.get("segmix")
+        if settings is None or not settings.prob:
+            return None
+        return cls(float(settings.prob), int(settings.start_step), float(settings.relative_scale),
+                   float(settings.soft_alpha))
+
+
+class _PositionedSource(_TrainingSource):
+    """The training records, each with its position in the global record stream: Seg-Mix's start
+    step depends on it. Keys are position * records + record (`_GlobalBatchSlice(positioned=True)`)."""
+
+    _POSITIONS = 1 << 40  # grain reads key % len(source): the length covers every position
+
+    def __len__(self) -> int:
+        return len(self._source) * self._POSITIONS
+
+    def __getitem__(self, key: int) -> dict[str, Any]:
+        position, index = divmod(int(key), len(self._source))
+        return {**self._source[index], "position": position}
+
+    def __repr__(self) -> str:
+        return (f"PositionedGalTrainingSet(fingerprint={self._fingerprint}, records={len(self._source)})")
+
+
+@dataclasses.dataclass(frozen=True)
+class _SegMixPreprocess(_Preprocess):
+    """`_Preprocess`, then Seg-Mix on the instance half (see `SegMix`); adds `loss_mask` (halves,
+    h, w) at latent resolution (ones for every example not mixed, as in MuDI)."""
+
+    segmix: SegMix = SegMix(0.0)
+    records_per_step: int = 1
+    latent_size: int = 8
+    segments: tuple = ()  # per subject index: ((pixels uint8 (H, W, 3), mask float32 (H, W)), ...)
+    pair_ids: np.ndarray | None = None  # (subjects, subjects, L) int32: Seg-Mix's caption per pair
+
+    def random_map(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        position = record["position"]
+        coin = rng.random()
+        example = super().random_map(record, rng)
+        halves = len(example["weight"])
+        mask = np.ones((halves, self.latent_size, self.latent_size), np.float32)
+        subject = int(record["instance_subject"])
+        started = position // self.records_per_step >= self.segmix.start_step
+        if started and coin < self.segmix.probability and subject >= 0:
+            own = (record["instance_image"], record["instance_mask"][..., 0].astype(np.float32) / 255.0)
+            pixels, union, other = mix_subjects(
+                own, subject, [len(images) for images in self.segments], lambda s, i: self.segments[s][i], rng,
+                self.resolution, relative_scale=self.segmix.relative_scale)
+            example["pixel_values"][0] = _to_unit_range(pixels)
+            example["input_ids"][0] = self.pair_ids[subject, other]
+            mask[0] = soft_mask(union.astype(np.float32), (self.latent_size,) * 2, self.segmix.soft_alpha)
+        example["loss_mask"] = mask
+        return example
+
+
+def _subject_segments(records: Sequence[dict[str, Any]], metadata: dict[str, Any]) -> tuple:
+    """Returns the masked instance images of a multi-subject set by subject index."""
+    segments = [[] for _ in metadata["subjects"]]
+    for index in range(metadata["num_instances"]):  # record i < n holds instance i
+        record = records[index]
+        subject = int(record["instance_subject"])
+        if subject >= 0:
+            mask = record["instance_mask"][..., 0].astype(np.float32) / 255.0
+            segments[subject].append((np.asarray(record["instance_image"]), mask))
+    return tuple(tuple(images) for images in segments)
+
+
+@dataclasses.dataclass(frozen=True)
 class _FlattenPairs(grain.transforms.Map):
     """Merges the (records, halves) leading axes: instance 0, its class image, instance 1, ..."""
 
@@ -508,7 +657,8 @@ class _GlobalBatchSlice:
     """
 
     def __init__(self, num_records: int, *, global_batch_size: int, process_index: int,
-                 process_count: int, seed: int, num_epochs: int | None):
+                 process_count: int, seed: int, num_epochs: int | None, positioned: bool = False):
+        self._num_records, self._positioned = num_records, positioned
         self._order = grain.samplers.IndexSampler(
             num_records=num_records, shard_options=grain.sharding.NoSharding(), shuffle=True,
             num_epochs=num_epochs, seed=seed,
@@ -518,7 +668,7 @@ class _GlobalBatchSlice:
         self._first_row = process_index * self._rows
         full_batches = None if num_epochs is None else len(self._order) // global_batch_size
         self._length = sys.maxsize if full_batches is None else full_batches * self._rows
-        if process_count == 1:
+        if process_count == 1 and not positioned:
             # The order grain's per-process sharding gave one process, which earlier versions
             # used: their checkpointed iterator states restore (grain compares the reprs).
             sharded = grain.sharding.ShardOptions(0, 1, drop_remainder=True)
@@ -527,7 +677,7 @@ class _GlobalBatchSlice:
             return
         self._describe = (f"GlobalBatchSlice(records={num_records}, global_batch_size={global_batch_size}, "
                           f"rows={self._first_row}:{self._first_row + self._rows}, seed={seed}, "
-                          f"num_epochs={num_epochs})")
+                          f"num_epochs={num_epochs}{', positioned' if positioned else ''})")
 
     def __len__(self) -> int:
         return self._length
@@ -536,8 +686,10 @@ class _GlobalBatchSlice:
         if not 0 <= index < self._length:
             raise IndexError(f"sampler index {index} not in [0, {self._length})")
         batch, row = divmod(index, self._rows)
-        chosen = self._order[batch * self._global + self._first_row + row]
-        return grain.RecordMetadata(index=index, record_key=chosen.record_key, rng=chosen.rng)
+        position = batch * self._global + self._first_row + row
+        chosen = self._order[position]
+        key = chosen.record_key + (position * self._num_records if self._positioned else 0)
+        return grain.RecordMetadata(index=index, record_key=key, rng=chosen.rng)
 
     def __repr__(self) -> str:
         return self._describe
@@ -567,6 +719,8 @@ def make_train_iterator(
     process_count: int = 1,
     num_epochs: int | None = None,
     worker_count: int = 0,
+    segmix: SegMix | None = None,
+    latent_size: int = 0,
 ) -> grain.DataLoaderIterator:
     """Returns a checkpointable grain iterator over this process's batches of the training set.
 
@@ -581,6 +735,10 @@ def make_train_iterator(
     `get_state()` / `set_state(state)` (or `grain.checkpoint.CheckpointSave/Restore` with orbax)
     resume it exactly; restoring needs the same data, seed, batch size, process layout and
     worker_count (> 0: that many grain worker processes crop and scale).
+
+    `segmix` (a multi-subject set's, see `SegMix`) mixes instances as MuDI does, a global batch
+    being one optimizer step for its start step; batches then also hold
+    loss_mask (b, latent_size, latent_size) float32.
     """
     records_per_process = _records_per_process(global_batch_size, process_index, process_count)
     records, metadata = open_training_set(data_dir)
@@ -589,15 +747,29 @@ def make_train_iterator(
             f"{data_dir}: training set was written at resolution {metadata['resolution']}, "
             f"asked for {resolution}"
         )
+    preprocess = _Preprocess(resolution, random_crop, flip)
+    source = _TrainingSource(records, metadata["fingerprint"])
+    if segmix is not None:
+        segments = _subject_segments(records, metadata) if metadata.get("subjects") else ()
+        if sum(bool(images) for images in segments) < 2:
+            raise ValueError(f"{data_dir}: Seg-Mix (data.segmix.prob={segmix.probability}) needs a multi-subject "
+                             "set with masked images of at least two subjects (a metadata.jsonl concept)")
+        if latent_size < 1:
+            raise ValueError("Seg-Mix needs the latent_size of its loss masks")
+        preprocess = _SegMixPreprocess(
+            resolution, random_crop, flip, segmix=segmix, records_per_step=global_batch_size,
+            latent_size=latent_size, segments=segments,
+            pair_ids=np.asarray(metadata["segmix_ids"], np.int32))
+        source = _PositionedSource(records, metadata["fingerprint"])
     loader = grain.DataLoader(
-        data_source=_TrainingSource(records, metadata["fingerprint"]),
+        data_source=source,
         sampler=_GlobalBatchSlice(
             len(records), global_batch_size=global_batch_size, process_index=process_index,
-            process_count=process_count, seed=seed, num_epochs=num_epochs,
+            process_count=process_count, seed=seed, num_epochs=num_epochs, positioned=segmix is not None,
         ),
         shard_options=grain.sharding.NoSharding(),  # the sampler reads this process's rows
         operations=[
-            _Preprocess(resolution, random_crop, flip),
+            preprocess,
             grain.transforms.Batch(records_per_process, drop_remainder=True),
             _FlattenPairs(),
         ],

@@ -25,7 +25,8 @@ from jax.sharding import Mesh
 import numpy as np
 
 from gal_jax import (
-    acquisition, data, eval_results, evaluate, export, faults, inputs, io_utils, models, personalize, report,
+    acquisition, data, eval_results, evaluate, export, faults, inputs, io_utils, models, multi_subject, personalize,
+    report,
     review, sample, schedulers, score, sharding, trainer,
 )
 from gal_jax.concept import Concept, load_concept
@@ -109,8 +110,9 @@ def _read_json_or_damaged(path: Path) -> Any:
 def check_inputs(config, workdir: Workdir, paths: inputs.RunPaths, concept: Concept) -> None:
     """Records the input files' fingerprints, or refuses a resume in which one changed."""
     extra = [Path(config.eval.concepts_json)] if config.eval.enabled and config.eval.concepts_json else []
+    extra += [r.mask for r in concept.references if r.mask is not None]
     files = inputs.input_files(paths, [r.image for r in concept.references], concept.class_images,
-                               concept.anchor_file, extra)
+                               concept.anchor_file, extra, concept_file=concept.concept_file)
     current = inputs.fingerprints(files)
     if workdir.inputs.exists():
         inputs.check_fingerprints(_read_json_or_damaged(workdir.inputs), current, workdir.inputs)
@@ -274,11 +276,16 @@ def current_references(concept: Concept, records: Sequence[RoundRecord], workdir
     last = records[-1]
     entries = [(e.image, e.prompt, e.plain_prompt, e.weight, e.source) for e in last.references]
     entries += [(s.image, s.prompt, None, s.weight, f"round-{last.round}") for s in last.selected]
-    return [
-        data.Reference(image=workdir.resolve(image), prompt=prompt, plain_prompt=plain,
-                       weight=float(weight), source=source)
-        for image, prompt, plain, weight, source in entries
-    ]
+    # A multi-subject concept's own images keep their masks and subjects (the records hold neither).
+    segmented = {(Path(r.image).absolute(), r.prompt): r for r in concept.references if r.mask is not None}
+    references = []
+    for image, prompt, plain, weight, source in entries:
+        path = workdir.resolve(image)
+        original = segmented.get((Path(path).absolute(), prompt)) if source == "user" else None
+        references.append(data.Reference(
+            image=path, prompt=prompt, plain_prompt=plain, weight=float(weight), source=source,
+            mask=original.mask if original else None, subject=original.subject if original else ""))
+    return references
 
 
 def remaining_pool(concept: Concept, records: Sequence[RoundRecord]) -> list[int]:
@@ -345,7 +352,8 @@ def train_round(runtime: Runtime, references: list[data.Reference], paths: Round
     if not paths.train_set_done.exists():
         if io_utils.is_primary():
             data.write_training_set(references, list(concept.class_images), concept.class_prompt,
-                                    paths.train_set, runtime.sd.tokenize, config.data.resolution)
+                                    paths.train_set, runtime.sd.tokenize, config.data.resolution,
+                                    subjects=concept.subjects or None)
         io_utils.touch(paths.train_set_done)
     io_utils.sync(f"train_set {paths.dir}")
     # Without keep_training_state the checkpoints are deleted once the result is written: a final
@@ -533,9 +541,10 @@ def generate_images(runtime, round_index, params, pool, paths: RoundPaths, timin
         return io_utils.read_images([workdir.resolve(e["path"]) for e in index]), index
     prompts = [concept.anchor_prompts[i] for i in pool]
     with io_utils.timed(timings, "generate"):
+        init = initial_collages(runtime, round_index, _grid(pool, config.sample.num_per_prompt))
         images = runtime.generator.generate(
             params, prompts, pool, round_index, config.sample.num_per_prompt, config.sample.seed,
-            desc=f"round {round_index} generate",
+            desc=f"round {round_index} generate", init_images=init, init_gamma=config.sample.get("init_gamma", 0.0),
         )
         images.block_until_ready()
     with io_utils.timed(timings, "write"):
@@ -544,6 +553,22 @@ def generate_images(runtime, round_index, params, pool, paths: RoundPaths, timin
         io_utils.write_json(paths.generated, expected)  # the marker that generation is finished
     io_utils.sync(f"generated {paths.dir}")
     return images, expected
+
+
+def initial_collages(runtime, round_index: int, grid) -> np.ndarray | None:
+    """Returns MuDI's initial image of every (prompt_id, seed) of the grid, or None unless the
+    concept has several subjects and config.sample.init_gamma > 0. Image (p, s) is drawn from
+    its own numpy generator seeded (sample.seed, round, p, s), so it does not depend on chunking."""
+    config, concept = runtime.config, runtime.concept
+    if not (concept.subjects and config.sample.get("init_gamma", 0.0)):
+        return None
+    resolution = runtime.sd.resolution
+    segments = [[multi_subject.load_segment(r.image, r.mask, resolution) for r in concept.references
+                 if r.subject == subject and r.mask is not None] for subject in concept.subjects]
+    return np.stack([
+        multi_subject.subjects_collage(segments, np.random.default_rng([config.sample.seed, round_index, pid, seed]),
+                                       resolution)
+        for pid, seed in grid])
 
 
 def score_images(runtime, images, prompts, paths: RoundPaths) -> dict:

@@ -108,7 +108,7 @@ def _existing(config, name: str, *, is_dir: bool) -> Path:
 
 
 def _tiny_paths(config) -> RunPaths:
-    from gal_jax import tiny
+    from gal_jax import personalize, tiny
 
     trained = bool(config.model.get("tiny_world", False))
     root = Path(config.model.tiny_dir or tiny.default_dir(trained)).expanduser()
@@ -117,10 +117,16 @@ def _tiny_paths(config) -> RunPaths:
     io_utils.sync("make_tiny")
     parts = tiny.make_tiny_paths(root, trained=trained)
     is_object = config.data.kind == "object"
+    concept = "object_concept" if is_object else "style_concept"
+    if config.train.get("method", "") in personalize.MULTI_SUBJECT_METHODS:
+        concept = "multi_subject_concept"
+        if concept not in parts:
+            raise InputsError("the tiny world has no multi-subject concept yet: set config.data.concept_dir to a "
+                              "folder with MuDI's metadata.jsonl, or use the random tiny default (model.tiny_world=false)")
     return RunPaths(
         sd=parts["sd"],
         clip=parts["clip"],
-        concept=parts["object_concept" if is_object else "style_concept"],
+        concept=parts[concept],
         class_dir=parts["reg_dir"] if is_object else None,  # the tiny class images are teapots
         concepts_json=parts["concepts_json"],
         tiny=True,
@@ -141,12 +147,14 @@ def file_fingerprint(path: Path) -> dict:
 
 
 def input_files(paths: RunPaths, references: Iterable[Path], class_images: Iterable[Path],
-                anchor_file: Path | None = None, extra: Iterable[Path] = ()) -> list[Path]:
+                anchor_file: Path | None = None, extra: Iterable[Path] = (), *,
+                concept_file: str = "init.json") -> list[Path]:
     """Returns every input file a run reads whose change would change its results (no weights:
-    hashing gigabytes each start is too slow; the config files pin the architecture)."""
+    hashing gigabytes each start is too slow; the config files pin the architecture);
+    `concept_file` is the concept folder's list of references (a multi-subject set's metadata.jsonl)."""
     files = []
     if paths.concept is not None:
-        files.append(paths.concept / "init.json")
+        files.append(paths.concept / concept_file)
     files += list(references) + list(class_images)
     if anchor_file is not None:
         files.append(anchor_file)

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -91,6 +93,26 @@ def read_metadata(path: Path | str, *, check_images: bool = True) -> MultiSubjec
         for image in images:
             _check_image_and_mask(image, file)
     return MultiSubjectSet(file=file, subjects=subjects, images=images)
+
+
+def class_of(phrase: str) -> str:
+    """Returns a subject's class from its identifier phrase: the phrase without its first word
+    ("olis harry potter toy" -> "harry potter toy"), or the phrase when it is one word."""
+    words = phrase.split()
+    return " ".join(words[1:]) if len(words) > 1 else phrase
+
+
+def replace_phrases(text: str, phrases: dict[str, str], replacements: dict[str, str]) -> str:
+    """Returns `text` with every subject's phrase replaced by its replacement (longest phrases
+    first, case-insensitively, so "A photo of a Olis toy" also loses its identifier)."""
+    for subject in sorted(phrases, key=lambda s: -len(phrases[s])):
+        text = re.sub(re.escape(phrases[subject]), lambda _, s=subject: replacements[s], text, flags=re.IGNORECASE)
+    return text
+
+
+def joined(parts: Sequence[str]) -> str:
+    """Returns 'x', 'x and y', or 'x, y and z'."""
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
 def _metadata_file(path: Path) -> Path:
@@ -274,14 +296,31 @@ def relative_scales(relative_scale: float) -> tuple[float, float] | None:
 
 
 def soft_mask(mask: np.ndarray, latent_size: tuple[int, int], soft_alpha: float) -> np.ndarray:
-    """Returns the per-pixel loss weight of a mask at latent resolution: the mask resized
-    (bilinear) to `latent_size` (h, w), then mask * (1 - soft_alpha) + soft_alpha (MuDI's
-    --soft_alpha: 1 weighs every pixel alike, 0 only the subjects)."""
+    """Returns the per-pixel loss weight of a mask at latent resolution: the mask resized to
+    `latent_size` (h, w) as MuDI does (torch's bilinear interpolate, half-pixel centres, no
+    antialiasing: each latent pixel reads the 2 x 2 mask pixels around its centre), then
+    mask * (1 - soft_alpha) + soft_alpha (MuDI's --soft_alpha: 1 weighs every pixel alike, 0 only
+    the subjects)."""
     if not 0.0 <= soft_alpha <= 1.0:
         raise ValueError(f"soft_alpha={soft_alpha} must lie in [0, 1]")
-    height, width = latent_size
-    small = Image.fromarray(np.asarray(mask, np.float32), mode="F").resize((width, height), Image.Resampling.BILINEAR)
-    return (np.clip(np.asarray(small, np.float32), 0, 1) * (1.0 - soft_alpha) + soft_alpha).astype(np.float32)
+    mask = np.asarray(mask, np.float32)
+    rows = _bilinear_taps(mask.shape[0], latent_size[0])
+    cols = _bilinear_taps(mask.shape[1], latent_size[1])
+    small = np.einsum("ia,ab,jb->ij", rows, mask, cols)
+    return (np.clip(small, 0, 1) * (1.0 - soft_alpha) + soft_alpha).astype(np.float32)
+
+
+def _bilinear_taps(size_in: int, size_out: int) -> np.ndarray:
+    """Returns the (size_out, size_in) weights of torch's bilinear resize along one axis
+    (align_corners=False, antialias=False)."""
+    source = np.maximum((np.arange(size_out) + 0.5) * size_in / size_out - 0.5, 0.0)
+    low = np.minimum(np.floor(source).astype(int), size_in - 1)
+    high = np.minimum(low + 1, size_in - 1)
+    frac = source - low
+    taps = np.zeros((size_out, size_in), np.float32)
+    np.add.at(taps, (np.arange(size_out), low), 1 - frac)
+    np.add.at(taps, (np.arange(size_out), high), frac)
+    return taps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,16 +353,78 @@ def segmix_example(data: MultiSubjectSet, index: int, rng: np.random.Generator, 
     pixels = load(item.image)
     if rng.random() >= probability:
         return MixedExample(pixels, np.ones(pixels.shape[:2], np.float32), item.text, False)
-    others = [s for s in data.subjects if s != item.subject] or [item.subject]
-    other_subject = others[int(rng.integers(len(others)))]
-    candidates = data.of(other_subject)
-    other = candidates[int(rng.integers(len(candidates)))]
-    first = (pixels, load_mask(item.mask))
-    second = (load(other.image), load_mask(other.mask))
+    ids = list(data.subjects)
+    images = [data.of(subject) for subject in ids]
+    subject = ids.index(item.subject)
+    image, mask, other = mix_subjects(
+        (pixels, load_mask(item.mask)), subject, [len(of) for of in images],
+        lambda s, i: (load(images[s][i].image), load_mask(images[s][i].mask)), rng, canvas,
+        relative_scale=relative_scale, prior=prior)
+    caption = SEGMIX_CAPTION.format(data.subjects[item.subject], data.subjects[ids[other]])
+    return MixedExample(image, mask.astype(np.float32), caption, True)
+
+
+def mix_subjects(own: tuple[np.ndarray, np.ndarray], subject: int, counts: Sequence[int],
+                 image: Callable[[int, int], tuple[np.ndarray, np.ndarray]], rng: np.random.Generator, canvas: int,
+                 *, relative_scale: float = 0.0, prior: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
+    """Returns (RGB uint8 composite, bool mask, the other subject's index) of MuDI's Seg-Mix of
+    `own` (pixels, mask in [0, 1]) of subject index `subject` with a random image (`image(s, i)` ->
+    (pixels, mask), i < counts[s]) of a random other subject (the same one when it is the only
+    subject with images, as for a one-class prior set).
+
+    Instances go left or right by a coin toss, at random scales or the fixed ones of
+    `relative_scale` (which belong to the subjects in index order); prior examples (`prior`) always
+    go left, both at one height, at random scales.
+    """
+    others = [s for s, count in enumerate(counts) if s != subject and count] or [subject]
+    other = others[int(rng.integers(len(others)))]
+    second = image(other, int(rng.integers(counts[other])))
     scales = None if prior else relative_scales(relative_scale)
-    if scales is not None and item.subject != next(iter(data.subjects)):
+    if scales is not None and subject != 0:
         scales = scales[::-1]  # the fixed factors belong to the ids, not to the positions
     on_left = True if prior else bool(rng.random() < 0.5)
-    image, mask = segmix(first, second, rng, canvas, scales=scales, same_height=prior, first_on_left=on_left)
-    caption = SEGMIX_CAPTION.format(data.subjects[item.subject], data.subjects[other_subject])
-    return MixedExample(image, mask.astype(np.float32), caption, True)
+    pixels, union = segmix(own, second, rng, canvas, scales=scales, same_height=prior, first_on_left=on_left)
+    return pixels, union, other
+
+
+# ---------------------------------------------------------------------------------------------
+# MuDI's initialisation: a collage of the segmented subjects, whose latents shift the first noise
+# ---------------------------------------------------------------------------------------------
+
+
+def load_segment(image: Path | str, mask: Path | str, resolution: int) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (RGB uint8, mask float32 in [0, 1]) of a subject image and its mask, both scaled so
+    that the shorter side is `resolution` (bilinear)."""
+    pixels = open_rgb(image)
+    width, height = pixels.size
+    factor = resolution / min(width, height)
+    size = (max(1, round(width * factor)), max(1, round(height * factor)))
+    small = Image.fromarray(load_mask(mask), mode="F").resize(size, Image.Resampling.BILINEAR)
+    return np.asarray(pixels.resize(size, Image.Resampling.BILINEAR)), np.clip(np.asarray(small, np.float32), 0, 1)
+
+
+def subjects_collage(segments: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]], rng: np.random.Generator,
+                     canvas: int) -> np.ndarray:
+    """Returns MuDI's initial image (RGB uint8 (canvas, canvas, 3)): one random image of every
+    subject (`segments`: (pixels, mask) images per subject), cut out, scaled and laid side by side
+    on white in random order. Two subjects are laid out as Seg-Mix does; n > 2 each get a
+    1/n-wide column at a random height."""
+    chosen = [images[int(rng.integers(len(images)))] for images in segments]
+    if len(chosen) == 2:
+        pixels, _ = segmix(chosen[0], chosen[1], rng, canvas, first_on_left=bool(rng.random() < 0.5))
+        return pixels
+    image = np.full((canvas, canvas, 3), 255, np.uint8)
+    column = canvas / len(chosen)
+    for slot, subject in enumerate(rng.permutation(len(chosen))):
+        segment = cut_out(*chosen[subject])
+        height, width = segment.mask.shape
+        factor = min((column - canvas / 32) / width, (canvas - canvas / 32) / height) * rng.uniform(0.75, 1.0)
+        size = (max(1, int(width * factor)), max(1, int(height * factor)))
+        pixels = np.asarray(Image.fromarray(segment.pixels).resize(size, Image.Resampling.BICUBIC))
+        mask = np.asarray(Image.fromarray(segment.mask, mode="F").resize(size, Image.Resampling.BILINEAR)) > 0.5
+        left = int(slot * column + rng.integers(0, max(1, int(column) - size[0]) + 1))
+        top = int(rng.integers(0, canvas - size[1] + 1))
+        h, w = min(size[1], canvas - top), min(size[0], canvas - left)
+        region = image[top:top + h, left:left + w]
+        region[mask[:h, :w]] = pixels[:h, :w][mask[:h, :w]]
+    return image

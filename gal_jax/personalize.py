@@ -22,6 +22,9 @@ The methods (`METHODS`, config.train.method):
   textual_inversion   the new token's embedding only (the placeholder becomes one new token)
   attndreambooth      AttnDreamBooth's three stages: the new token, then the cross-attention
                       layers, then the whole UNet, with the cross-attention map regularizer
+  mudi                MuDI: LoRA on several subjects at once (a metadata.jsonl concept), with
+                      Seg-Mix in the input pipeline (config.data.segmix) and DCO or prior
+                      preservation as configs/sd_mudi.py sets them
 """
 
 from __future__ import annotations
@@ -39,11 +42,14 @@ from flax import traverse_util
 from gal_jax.nn import tokens as nn_tokens
 
 Params = Any
-METHODS = ("dreambooth", "lora", "textual_inversion", "attndreambooth")
+METHODS = ("dreambooth", "lora", "textual_inversion", "attndreambooth", "mudi")
 # What each single-stage method trains when config.train.trainable is '' (AttnDreamBooth's stages
 # name their own).
-DEFAULT_TRAINABLE = {"dreambooth": r"^unet/", "lora": r"^lora/", "textual_inversion": r"^new_tokens$"}
+DEFAULT_TRAINABLE = {"dreambooth": r"^unet/", "lora": r"^lora/", "textual_inversion": r"^new_tokens$",
+                     "mudi": r"^lora/"}
 NEW_TOKEN_METHODS = ("textual_inversion", "attndreambooth")
+LORA_METHODS = ("lora", "mudi")  # the methods whose model tree holds LoRA deltas (config.lora)
+MULTI_SUBJECT_METHODS = ("mudi",)  # the methods that need a multi-subject concept
 # diffusers' DreamBooth-LoRA targets (to_q, to_k, to_v, to_out.0 of every attention layer) and,
 # with --train_text_encoder, the text encoder's (q_proj, k_proj, v_proj, out_proj of every layer).
 DEFAULT_LORA_TARGETS = r"attn[12]/(to_q|to_k|to_v|to_out_0)/kernel$"
@@ -201,8 +207,8 @@ def _checked_regex(pattern: str, field: str) -> str:
 
 
 def lora_from_config(config: ml_collections.ConfigDict) -> LoraSpec | None:
-    """Returns the LoRA spec of config.lora for the LoRA method, else None."""
-    if method_name(config) != "lora":
+    """Returns the LoRA spec of config.lora for the LoRA methods, else None."""
+    if method_name(config) not in LORA_METHODS:
         return None
     lora = config.get("lora") or ml_collections.ConfigDict()
     rank, alpha = int(lora.get("rank", 4)), float(lora.get("alpha", 0.0) or lora.get("rank", 4))

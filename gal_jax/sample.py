@@ -84,12 +84,13 @@ def guided_prediction(sd: StableDiffusion, unet_params, latents, t, context, unc
     return out[0] + guidance_scale * (out[1] - out[0])
 
 
-def denoise(sd, sampler, guidance_scale, unet_params, latents, context, uncond, key) -> jax.Array:
-    """Returns the final CHW latents of one image denoised from initial noise `latents`."""
+def denoise(sd, sampler, guidance_scale, unet_params, latents, context, uncond, key, mean_shift=None) -> jax.Array:
+    """Returns the final CHW latents of one image denoised from initial noise `latents` (shifted by
+    `mean_shift`, CHW, when given)."""
     model_fn = functools.partial(
         guided_prediction, sd, unet_params, context=context, uncond=uncond, guidance_scale=guidance_scale
     )
-    return schedulers.sample_loop(sampler, model_fn, latents, key)
+    return schedulers.sample_loop(sampler, model_fn, latents, key, mean_shift)
 
 
 def to_uint8(images: jax.Array) -> jax.Array:
@@ -97,17 +98,26 @@ def to_uint8(images: jax.Array) -> jax.Array:
     return jnp.round(jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0) * 255).astype(jnp.uint8)
 
 
-def generate_images(sd, sampler, guidance_scale, unet_params, vae_params, context, uncond, keys):
-    """Returns uint8 NHWC images, one per (context, key) row: noise, denoising loop, VAE decode."""
+def generate_images(sd, sampler, guidance_scale, unet_params, vae_params, context, uncond, keys, init=None):
+    """Returns uint8 NHWC images, one per (context, key) row: noise, denoising loop, VAE decode.
+
+    `init` = (uint8 NHWC images, gamma): MuDI's initialisation, each row's noise shifted by gamma
+    times the VAE latents (posterior mean) of its image.
+    """
     size = sd.resolution // sd.vae_scale_factor
     latent_shape = (sd.latent_channels, size, size)
+    shifts = None
+    if init is not None:
+        images, gamma = init
+        mean, _ = sd.encode_posterior(vae_params, images.astype(jnp.float32) / 127.5 - 1.0)
+        shifts = gamma * mean
 
-    def one(context, key):
+    def one(context, key, shift):
         noise_key, loop_key = jax.random.split(key)
         latents = jax.random.normal(noise_key, latent_shape, jnp.float32)
-        return denoise(sd, sampler, guidance_scale, unet_params, latents, context, uncond, loop_key)
+        return denoise(sd, sampler, guidance_scale, unet_params, latents, context, uncond, loop_key, shift)
 
-    latents = jax.vmap(one)(context, keys)
+    latents = jax.vmap(one)(context, keys, shifts)
     return to_uint8(sd.decode_latents(vae_params, latents))
 
 
@@ -175,24 +185,37 @@ class Generator:
         per_device = min(self.max_images_per_device, -(-num_images // self.num_shards))
         return max(per_device, 1) * self.num_shards
 
-    def _chunk(self, unet_params, vae_params, context, uncond, base_seed, round_index, prompt_ids, seeds):
+    def _chunk(self, unet_params, vae_params, context, uncond, base_seed, round_index, prompt_ids, seeds,
+               init=None):
         self.traces += 1
         if jax.process_index() == 0:  # runs while jit traces: once per chunk shape, then XLA compiles
             tqdm.write(f"compiling the sampler ({self.sampler.name}, {self.sampler.num_steps} steps) "
                        f"for chunks of {prompt_ids.shape[0]} images ...")
         keys = jax.vmap(image_key, in_axes=(None, None, 0, 0))(base_seed, round_index, prompt_ids, seeds)
         return generate_images(
-            self.sd, self.sampler, self.guidance_scale, unet_params, vae_params, context, uncond, keys
+            self.sd, self.sampler, self.guidance_scale, unet_params, vae_params, context, uncond, keys, init
         )
 
     def generate(self, params: StableDiffusionParams, prompts: Sequence[str], prompt_ids: Sequence[int],
                  round_index: int, num_per_prompt: int, base_seed: int, progress: bool = True,
-                 desc: str = "generate") -> jax.Array:
+                 desc: str = "generate", init_images: np.ndarray | None = None, init_gamma: float = 0.0
+                 ) -> jax.Array:
         """Returns uint8 images (len(prompts) * num_per_prompt, H, W, 3), image j of prompt i at row
         i * num_per_prompt + j, sharded over the mesh's batch axes (replicated when the count does
-        not divide evenly over the shards)."""
+        not divide evenly over the shards).
+
+        `init_images` (uint8, one (H, W, 3) image per row of the grid) with `init_gamma` start each
+        image from noise shifted by init_gamma times that image's VAE latents (MuDI's
+        initialisation from a collage of the subjects); they are encoded in the compiled chunk.
+        """
         prompt_ids = _check_grid(prompts, prompt_ids, round_index, num_per_prompt, base_seed)
         check_prompts(self.sd.tokenizer, prompts, "generation")
+        if init_images is not None:
+            wanted = (len(prompts) * num_per_prompt, self.sd.resolution, self.sd.resolution, 3)
+            init_images = np.asarray(init_images)
+            if init_images.shape != wanted or init_images.dtype != np.uint8:
+                raise ValueError(f"init_images must be uint8 {wanted} (one per image of the grid), "
+                                 f"got {init_images.dtype} {init_images.shape}")
         unet_params, vae_params = _on_mesh((params.unet, params.vae), self.mesh)
         embeddings = self.text_embeddings(params.text_encoder, [""] + list(prompts))
         uncond, context = embeddings[0], embeddings[1:]
@@ -206,6 +229,8 @@ class Generator:
                 rows = _padded_rows(begin, chunk, total)
                 args = self._chunk_args(context[grid_prompt[rows]], uncond, base_seed, round_index,
                                         prompt_ids[grid_prompt[rows]], grid_seed[rows])
+                if init_images is not None:
+                    args += (self._init_args(init_images[rows], init_gamma),)
                 chunks.append(self._chunk_fn(unet_params, vae_params, *args))
                 if progress:
                     chunks[-1].block_until_ready()
@@ -232,6 +257,13 @@ class Generator:
         scalars = (np.int32(base_seed), np.int32(round_index))
         return (put(context, batch), put(uncond, replicated), *(put(s, replicated) for s in scalars),
                 put(prompt_ids.astype(np.int32), batch), put(seeds.astype(np.int32), batch))
+
+    def _init_args(self, images: np.ndarray, gamma: float) -> tuple:
+        """Returns the chunk's (initial images, gamma) placed on the mesh."""
+        images = np.ascontiguousarray(images)
+        placed = jax.make_array_from_callback(images.shape, sharding.batch_sharding(self.mesh), lambda i: images[i])
+        scalar = np.float32(gamma)
+        return placed, jax.make_array_from_callback((), sharding.replicated(self.mesh), lambda i: scalar)
 
     @property
     def chunk_function(self):

@@ -561,9 +561,12 @@ def sample_loop(
     model_fn: Callable[[jax.Array, jax.Array], jax.Array],
     latents: jax.Array,
     key: jax.Array | None = None,
+    mean_shift: jax.Array | None = None,
 ) -> jax.Array:
     """Returns the final latents of denoising `latents` with `model_fn(x, t)`, as one lax.scan.
 
+    The loop starts from latents * init_noise_sigma, plus `mean_shift` when given (MuDI's
+    mean-shifted noise: the initial latents' mean moved to gamma times a collage's latents).
     Step i of ddpm draws its noise from `jax.random.split(key, sampler.num_steps)[i]`, so under
     `jax.vmap` over (latents, key) every image depends only on its own latents and key.
     """
@@ -577,6 +580,8 @@ def sample_loop(
         return sampler.step(state, model_output, step_index, x, step_key), None
 
     x = latents * jnp.asarray(sampler.init_noise_sigma, latents.dtype)
+    if mean_shift is not None:
+        x = x + mean_shift.astype(x.dtype)
     carry = (x, sampler.init_state(latents.shape, latents.dtype))
     (x, _), _ = jax.lax.scan(body, carry, (jnp.arange(sampler.num_steps), keys))
     return x

@@ -4,6 +4,8 @@
     <root>/reference_images/style/watercolor/{0..3}.jpg, init.json four subjects in a wash style
     <root>/reg_data/teapot/images/{0..19}.jpg                      generic teapots (class images)
     <root>/test_prompts/teapot.txt, <root>/concepts_list_tiny.json evaluation set, authors' format
+    <root>/multi_subject/teapot_and_cat/metadata.jsonl, a0*.jpg,  two subjects in MuDI's layout,
+        b0*.jpg, mask_*.png                                       their masks drawn with them
 
 Everything is drawn with PIL from a numpy RNG, so a given (resolution, seed) always gives the same
 bytes. Paths inside the JSON files are written the authors' way, relative to <root>.
@@ -37,7 +39,8 @@ TEST_PROMPTS = (
 )
 CONCEPTS_JSON = "concepts_list_tiny.json"
 _MARKER = ".tiny_concepts.json"  # written last: its presence means the set is complete
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: the two-subject concept
+MULTI_SUBJECTS = {"a": f"{PLACEHOLDER} {OBJECT_CONCEPT}", "b": "<tiny-cat> cat"}
 _SUPERSAMPLE = 4  # draw large, then downsample, for smooth edges at tiny resolutions
 _CONCEPT_RED = (200, 40, 45)
 
@@ -51,6 +54,7 @@ def concept_paths(root: Path) -> dict[str, Path]:
         "reg_dir": root / "reg_data" / OBJECT_CONCEPT / "images",
         "test_prompts": root / "test_prompts" / f"{OBJECT_CONCEPT}.txt",
         "concepts_json": root / CONCEPTS_JSON,
+        "multi_subject_concept": root / "multi_subject" / "teapot_and_cat",
     }
 
 
@@ -71,17 +75,30 @@ def make_tiny_concepts(root: Path | str, resolution: int = 64, seed: int = 0) ->
         try:
             os.replace(tmp, root)  # atomic; succeeds when root is absent or an empty folder
         except OSError:
-            if not _is_complete(root, wanted):  # not just another process finishing first
+            if _is_older_version(root, wanted):  # an earlier release's set: this one adds parts
+                io_utils.replace_dir(tmp, root)
+            elif not _is_complete(root, wanted):  # not just another process finishing first
                 raise FileExistsError(f"{root}: exists and is not a tiny concept set") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return concept_paths(root)
 
 
-def _is_complete(root: Path, wanted: dict) -> bool:
-    """Returns whether `root` holds a finished set; raises if it was made with other arguments."""
+def _is_older_version(root: Path, wanted: dict) -> bool:
+    """Returns whether `root` holds a finished set of an earlier format made with the same arguments."""
     marker = root / _MARKER
     if not marker.is_file():
+        return False
+    found = json.loads(marker.read_text())
+    same = {k: v for k, v in found.items() if k != "version"} == {k: v for k, v in wanted.items() if k != "version"}
+    return same and found.get("version", 0) < wanted["version"]
+
+
+def _is_complete(root: Path, wanted: dict) -> bool:
+    """Returns whether `root` holds a finished set; raises if it was made with other arguments
+    (False for an earlier format's set made with the same ones: it is rebuilt)."""
+    marker = root / _MARKER
+    if not marker.is_file() or _is_older_version(root, wanted):
         return False
     found = json.loads(marker.read_text())
     if found != wanted:
@@ -108,6 +125,8 @@ def _write_all(root: Path, resolution: int, rng: np.random.Generator) -> None:
         }
     ]
     paths["concepts_json"].write_text(json.dumps(concepts, indent=4) + "\n")
+    # Its own rng, so the parts above keep the bytes they had before it existed.
+    _write_multi_subject_concept(paths["multi_subject_concept"], resolution, np.random.default_rng([0, 7]))
 
 
 def _authors_path(path: Path, root: Path) -> str:
@@ -213,6 +232,48 @@ def _write_class_images(folder: Path, resolution: int, rng: np.random.Generator)
         center = (size * rng.uniform(0.35, 0.6), size * rng.uniform(0.45, 0.6))
         _draw_teapot(canvas, center, width, body, aspect=rng.uniform(0.55, 0.95))
         _save(canvas, folder / f"{index}.jpg", resolution)
+
+
+# ---------------------------------------------------------------------------------------------
+# Two subjects at once (MuDI's layout): the concept teapot and an orange cat, with their masks.
+
+
+def _write_multi_subject_concept(folder: Path, resolution: int, rng: np.random.Generator) -> None:
+    """Writes three images of each subject of MULTI_SUBJECTS on a table or grass, each with its
+    mask (the pixels where the subject drawn over two different backdrops agrees), and
+    metadata.jsonl as MuDI ships it."""
+    folder.mkdir(parents=True)
+    size = resolution * _SUPERSAMPLE
+    draw = {"a": _draw_concept_teapot, "b": _draw_cat}
+    lines = [json.dumps({"id": MULTI_SUBJECTS})]
+    for subject, phrase in MULTI_SUBJECTS.items():
+        for index, scene in enumerate(("on a table", "on the grass", "on a table")):
+            name = f"{subject}{index:02d}.jpg"
+            canvas = _scene_background(scene, size, rng)
+            state = rng.bit_generator.state
+            draw[subject](canvas, rng)
+            rng.bit_generator.state = state
+            black, white = Image.new("RGB", (size, size), (0, 0, 0)), Image.new("RGB", (size, size), (255, 255, 255))
+            draw[subject](black, rng)
+            rng.bit_generator.state = state
+            draw[subject](white, rng)
+            same = np.all(np.asarray(black) == np.asarray(white), axis=-1)
+            _save(canvas, folder / name, resolution)
+            mask = Image.fromarray((same * 255).astype(np.uint8)).resize((resolution, resolution), Image.Resampling.BOX)
+            mask.save(folder / f"mask_{subject}{index:02d}.png")
+            lines.append(json.dumps({"id": subject, "file_name": name, "mask_path": f"mask_{subject}{index:02d}.png",
+                                     "text": f"a photo of a {phrase} {scene}"}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def _draw_cat(canvas: Image.Image, rng: np.random.Generator) -> None:
+    """Draws the second subject, an orange cat (the style concept's shapes), at a jittered spot."""
+    size = canvas.size[0]
+    scale, dx = rng.uniform(0.8, 1.0), rng.uniform(-0.12, 0.12)
+    draw = ImageDraw.Draw(canvas)
+    for polygon, colour in _subject_shapes("cat"):
+        points = [(size * (0.5 + (x - 0.5) * scale + dx), size * (0.95 - (0.95 - y) * scale)) for x, y in polygon]
+        draw.polygon(points, fill=colour)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -473,10 +473,11 @@ def abstract_frozen_inputs(
 
 
 def abstract_batch(
-    sd: StableDiffusion, mesh: Mesh, *, num_examples: int, resolution: int, cached_latents: bool
+    sd: StableDiffusion, mesh: Mesh, *, num_examples: int, resolution: int, cached_latents: bool,
+    loss_mask: bool = False,
 ) -> Batch:
     """Returns the ShapeDtypeStructs of a global batch of `num_examples` rows (instance + class),
-    sharded over the mesh's batch axes."""
+    sharded over the mesh's batch axes (with a per-pixel `loss_mask` when Seg-Mix is on)."""
     rows = (num_examples,)
     batch = {
         "input_ids": jax.ShapeDtypeStruct(rows + (sd.max_length,), jnp.int32),
@@ -490,6 +491,9 @@ def abstract_batch(
     else:
         pixels = rows + (resolution, resolution, 3)
         batch["pixel_values"] = jax.ShapeDtypeStruct(pixels, jnp.float32)
+    if loss_mask:
+        size = resolution // sd.vae_scale_factor
+        batch["loss_mask"] = jax.ShapeDtypeStruct(rows + (size, size), jnp.float32)
     return _with_shardings(batch, sharding.batch_sharding(mesh))
 
 

@@ -200,7 +200,9 @@ class Trainer:
         # How params and AdamW moments are laid out on the mesh: the model tree's logical axes, the rules.
         self.model_axes, self.rules = personalize.logical_axes(sd), sharding.logical_rules(config.mesh.get("rules"))
         augment = config.data.random_crop or config.data.flip
-        self.cache_latents = bool(config.train.cache_latents) and not augment
+        self.segmix = data.SegMix.from_config(config)
+        # Seg-Mix composites are new images every time: they are encoded in the step.
+        self.cache_latents = bool(config.train.cache_latents) and not augment and self.segmix is None
         self.compile_seconds = 0.0
         self._compiled: dict[Any, jax.stages.Compiled] = {}
         self._initializers: dict[Any, Callable[[Params], TrainState]] = {}
@@ -321,7 +323,7 @@ class Trainer:
         frozen = train.abstract_frozen_inputs(base_params.vae, rest, self.sd, self.mesh, self.rules)
         batch = train.abstract_batch(
             self.sd, self.mesh, num_examples=num_examples, resolution=self.config.data.resolution,
-            cached_latents=self.cache_latents,
+            cached_latents=self.cache_latents, loss_mask=self.segmix is not None,
         )
         return self._compiled_for(compiled_stage, (state, batch, frozen))
 
@@ -379,6 +381,8 @@ class Trainer:
             flip=data_config.flip,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
+            segmix=self.segmix,
+            latent_size=data_config.resolution // self.sd.vae_scale_factor,
         )
 
     def _initial_state(self, stage: _TrainingStage, trained, iterator, ckpt) -> tuple[TrainState, dict]:

@@ -78,3 +78,49 @@ def test_attndreambooth_killed_in_stage_two_resumes_to_the_uninterrupted_run(tin
     assert "round 1 train s1_inversion" not in output  # finished: read from its checkpoint
     assert outcome(workdir, RESULTS) == expected
     assert not leftovers(workdir)
+
+
+MUDI = ("--config=configs/tiny_cpu.py:mudi", "--config.train.steps=4", "--config.train.batch_size=2",
+        "--config.train.checkpoint_every=2", "--config.sample.steps=2", "--config.sample.num_per_prompt=2",
+        "--config.gal.rounds=2", "--config.gal.k=2", "--config.gal.feedback=random", "--config.data.segmix.prob=0.5",
+        "--config.train.learning_rate=0.05")  # large: the test needs deltas that show
+
+
+def test_two_subjects_run_gal_rounds_resume_after_a_kill_and_export_a_lora_diffusers_loads(tiny_assets, tmp_path):
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from gal_jax import models
+
+    code, output = gal_run(tmp_path / "plain", tiny_assets["root"], tmp_path / "cache", extra=MUDI)
+    assert code == 0, output[-3000:]
+    expected = outcome(tmp_path / "plain", RESULTS)
+    assert len(expected["records"]) == 2 and expected["records"][0]["selected"]
+    assert expected["records"][0]["concept_phrase"] == "<tiny-teapot> teapot and <tiny-cat> cat"
+    workdir = tmp_path / "killed"
+    code, output = gal_run(workdir, tiny_assets["root"], tmp_path / "cache", "train:3", extra=MUDI)
+    assert code == -signal.SIGKILL, output[-3000:]
+    code, output = gal_run(workdir, tiny_assets["root"], tmp_path / "cache", extra=MUDI)
+    assert code == 0, output[-3000:]
+    assert outcome(workdir, RESULTS) == expected  # Seg-Mix draws resume where they stopped
+    assert not leftovers(workdir)
+    page = (workdir / "report.html").read_text()
+    assert "method <b>mudi</b>" in page and "pipe.load_lora_weights(" in page
+
+    model = workdir / "model"
+    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
+    pipe.load_lora_weights(model)
+    sd, params = models.load_stable_diffusion(model)  # the exported (float16) base weights, as the pipe's
+    _, result = export.load_personalization(sd, workdir / "rounds" / "2" / "personalization")
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((2, sd.unet.config.in_channels, 8, 8)).astype(np.float32)
+    context = rng.standard_normal((2, 77, sd.unet.config.cross_attention_dim)).astype(np.float32)
+    t = np.array([10, 500])
+    with torch.no_grad():
+        theirs = pipe.unet(torch.from_numpy(latents), torch.from_numpy(t), torch.from_numpy(context)).sample.numpy()
+    ours = np.asarray(sd.apply_unet(result.apply(params).unet, jnp.asarray(latents), jnp.asarray(t), jnp.asarray(context)))
+    base = np.asarray(sd.apply_unet(params.unet, jnp.asarray(latents), jnp.asarray(t), jnp.asarray(context)))
+    assert np.abs(ours - base).max() > 1e-2  # trained deltas
+    np.testing.assert_allclose(ours, theirs, atol=2e-4, rtol=1e-3)

@@ -1,6 +1,7 @@
 """Tests of gal_jax.tiny_data: the tiny synthetic concepts in the authors' layout."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,8 @@ def tiny(tmp_path_factory):
 def test_same_seed_writes_the_same_bytes_anywhere(tiny, tmp_path):
     again = tiny_data.make_tiny_concepts(tmp_path / "elsewhere", resolution=RESOLUTION)
     first, second = tree_bytes(tiny["data_root"]), tree_bytes(again["data_root"])
-    assert len(first) == 4 + 1 + 4 + 1 + tiny_data.NUM_CLASS_IMAGES + 1 + 1 + 1  # + marker
+    multi = 6 + 6 + 1  # two subjects x 3 images, their masks, metadata.jsonl
+    assert len(first) == 4 + 1 + 4 + 1 + tiny_data.NUM_CLASS_IMAGES + 1 + 1 + 1 + multi  # + marker
     assert first == second
 
 
@@ -92,7 +94,7 @@ def test_style_concept_has_captions_and_no_plain_prompt(tiny):
 
 def test_every_image_is_a_square_rgb_jpeg_at_the_resolution(tiny):
     images = sorted(tiny["data_root"].rglob("*.jpg"))
-    assert len(images) == 8 + tiny_data.NUM_CLASS_IMAGES
+    assert len(images) == 8 + tiny_data.NUM_CLASS_IMAGES + 6
     for path in images:
         with Image.open(path) as image:
             assert (image.format, image.mode) == ("JPEG", "RGB")
@@ -127,3 +129,12 @@ def test_concepts_json_names_a_test_prompt_file_and_the_plain_captions(tiny):
     assert len(prompts) == 5 and all("teapot" in p for p in prompts)
     plain = {r.plain_prompt for r in data.load_concept(tiny["object_concept"])}
     assert set(concept["caption"]) == plain and len(concept["caption"]) == len(plain)
+
+
+def test_a_set_of_an_earlier_format_is_rebuilt_in_place(tmp_path):
+    paths = tiny_data.make_tiny_concepts(tmp_path / "set", resolution=RESOLUTION)
+    marker = paths["data_root"] / ".tiny_concepts.json"
+    marker.write_text(json.dumps({"version": 1, "resolution": RESOLUTION, "seed": 0}))
+    shutil.rmtree(paths["multi_subject_concept"])  # what a version-1 set lacks
+    assert tiny_data.make_tiny_concepts(tmp_path / "set", resolution=RESOLUTION) == paths
+    assert (paths["multi_subject_concept"] / "metadata.jsonl").is_file()
