@@ -556,19 +556,14 @@ def generate_images(runtime, round_index, params, pool, paths: RoundPaths, timin
 
 
 def initial_collages(runtime, round_index: int, grid) -> np.ndarray | None:
-    """Returns MuDI's initial image of every (prompt_id, seed) of the grid, or None unless the
-    concept has several subjects and config.sample.init_gamma > 0. Image (p, s) is drawn from
-    its own numpy generator seeded (sample.seed, round, p, s), so it does not depend on chunking."""
+    """Returns MuDI's initial image of every (prompt_id, seed) of the grid
+    (`multi_subject.initial_images`), or None unless the concept has several subjects and
+    config.sample.init_gamma > 0."""
     config, concept = runtime.config, runtime.concept
     if not (concept.subjects and config.sample.get("init_gamma", 0.0)):
         return None
-    resolution = runtime.sd.resolution
-    segments = [[multi_subject.load_segment(r.image, r.mask, resolution) for r in concept.references
-                 if r.subject == subject and r.mask is not None] for subject in concept.subjects]
-    return np.stack([
-        multi_subject.subjects_collage(segments, np.random.default_rng([config.sample.seed, round_index, pid, seed]),
-                                       resolution)
-        for pid, seed in grid])
+    return multi_subject.initial_images(concept.references, list(concept.subjects), runtime.sd.resolution,
+                                        config.sample.seed, round_index, grid)
 
 
 def score_images(runtime, images, prompts, paths: RoundPaths) -> dict:

@@ -428,3 +428,24 @@ def subjects_collage(segments: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]]
         region = image[top:top + h, left:left + w]
         region[mask[:h, :w]] = pixels[:h, :w][mask[:h, :w]]
     return image
+
+
+def initial_images(references: Sequence[Any], subjects: Sequence[str], resolution: int, base_seed: int,
+                   round_index: int, grid: Sequence[tuple[int, int]]) -> np.ndarray:
+    """Returns MuDI's initial image (uint8 (len(grid), resolution, resolution, 3)) of every
+    (prompt_id, seed) of a generation grid: `subjects_collage` of the references with masks
+    (objects with .image, .mask and .subject), image (p, s) drawn from its own numpy generator
+    seeded (base_seed, round_index, p, s), so it does not depend on how the grid is chunked."""
+    segments = [[load_segment(r.image, r.mask, resolution) for r in references
+                 if r.subject == subject and r.mask is not None] for subject in subjects]
+    missing = [subject for subject, images in zip(subjects, segments) if not images]
+    if missing:
+        raise ValueError(f"subjects {missing} have no masked image for MuDI's initial collage")
+    return np.stack([subjects_collage(segments, np.random.default_rng([base_seed, round_index, p, s]), resolution)
+                     for p, s in grid])
+
+
+def fill_subjects(prompt: str, subjects: dict[str, str]) -> str:
+    """Returns `prompt` with every `{id}` slot naming a subject replaced by its phrase
+    ("{a} and {b} playing together" -> "olis harry potter toy and hta corgi playing together")."""
+    return re.sub(r"\{(\w+)\}", lambda m: subjects.get(m.group(1), m.group(0)), prompt)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import ml_collections
 
-from gal_jax import driver, export, inputs, io_utils, personalize, sample, sharding
+from gal_jax import concept as concept_lib
+from gal_jax import driver, export, inputs, io_utils, multi_subject, personalize, sample, sharding
 from gal_jax.workdir import Workdir, WorkdirError
 
 
@@ -88,8 +89,17 @@ def sample_from_run(workdir: Path | str, round_index: int | None, prompts_file: 
     else:
         sd, params = export.personalized_model(sd, params, result_dir, param_dtype=config.model.param_dtype)
     out = Path(out).expanduser() if out else workdir.samples_dir(chosen)
-    _sample(config, sd, params, prompts, num_per_prompt, out)
+    _sample(config, sd, params, prompts, num_per_prompt, out, _run_concept(config))
     return out
+
+
+def _run_concept(config: ml_collections.ConfigDict):
+    """Returns the run's concept when it has several subjects (its `{id}` prompt slots and MuDI's
+    initial collages apply to sampling), else None."""
+    paths = inputs.resolve(config, need=("concept",))
+    if paths.concept is None or not concept_lib.is_multi_subject(paths.concept):
+        return None
+    return concept_lib.load_concept(config, paths.concept, None)
 
 
 def sample_base(config: ml_collections.ConfigDict, prompts_file: Path, num_per_prompt: int | None,
@@ -106,9 +116,19 @@ def load_base(config: ml_collections.ConfigDict):
     return driver.load_sd(config, inputs.resolve(config, need=("sd",)).sd)
 
 
-def _sample(config, sd, params, prompts, num_per_prompt, out: Path) -> None:
+def _sample(config, sd, params, prompts, num_per_prompt, out: Path, concept=None) -> None:
+    """Samples `num_per_prompt` images of each prompt to `out`; with a multi-subject `concept`,
+    `{id}` slots of the prompts name its subjects and config.sample.init_gamma > 0 starts every
+    image from MuDI's collage of them."""
     num = int(num_per_prompt or config.sample.num_per_prompt)
     if num < 1:
         raise ValueError(f"--num_per_prompt={num} must be >= 1")
+    init = None
+    if concept is not None:
+        prompts = [multi_subject.fill_subjects(p, concept.subjects) for p in prompts]
+        if config.sample.get("init_gamma", 0.0):
+            grid = [(p, s) for p in range(len(prompts)) for s in range(num)]
+            init = multi_subject.initial_images(concept.references, list(concept.subjects), sd.resolution,
+                                                config.sample.seed, 0, grid)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-    sample.sample_to_dir(config, sd, params, prompts, num, out, mesh=mesh)
+    sample.sample_to_dir(config, sd, params, prompts, num, out, mesh=mesh, init_images=init)

@@ -375,12 +375,15 @@ def write_images(images, prompts: Sequence[str], seeds: Sequence[int], out_dir: 
 
 
 def sample_to_dir(config, sd: StableDiffusion, params: StableDiffusionParams, prompts: Sequence[str],
-                  num_per_prompt: int, out_dir: str | Path, *, mesh: Mesh | None = None) -> list[dict]:
+                  num_per_prompt: int, out_dir: str | Path, *, mesh: Mesh | None = None,
+                  init_images: np.ndarray | None = None) -> list[dict]:
     """Returns the index after generating `num_per_prompt` images per prompt (round 0, seed
-    config.sample.seed) and writing them with `write_images` to `out_dir`."""
+    config.sample.seed; `init_images` with config.sample.init_gamma: MuDI's initialisation) and
+    writing them with `write_images` to `out_dir`."""
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp) if mesh is None else mesh
     generator = Generator.from_config(config, sd, mesh)
-    images = generator.generate(params, prompts, range(len(prompts)), 0, num_per_prompt, config.sample.seed)
+    images = generator.generate(params, prompts, range(len(prompts)), 0, num_per_prompt, config.sample.seed,
+                                init_images=init_images, init_gamma=config.sample.get("init_gamma", 0.0))
     host = to_host(images, num_per_prompt)
     grid_prompts = [p for p in prompts for _ in range(num_per_prompt)]
     grid_seeds = list(range(num_per_prompt)) * len(prompts)

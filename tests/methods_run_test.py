@@ -3,6 +3,7 @@ exported model hold, and AttnDreamBooth killed inside its second stage, then res
 
 from __future__ import annotations
 
+import json
 import signal
 
 import pytest
@@ -124,3 +125,12 @@ def test_two_subjects_run_gal_rounds_resume_after_a_kill_and_export_a_lora_diffu
     base = np.asarray(sd.apply_unet(params.unet, jnp.asarray(latents), jnp.asarray(t), jnp.asarray(context)))
     assert np.abs(ours - base).max() > 1e-2  # trained deltas
     np.testing.assert_allclose(ours, theirs, atol=2e-4, rtol=1e-3)
+
+    # `gal-jax sample` from the run: {id} slots name the subjects; the run's init_gamma applies.
+    from gal_jax import outputs
+
+    (tmp_path / "prompts.txt").write_text("{a} and {b} on the beach\n")
+    out = outputs.sample_from_run(workdir, None, tmp_path / "prompts.txt", 2, tmp_path / "samples")
+    index = json.loads((out / "index.json").read_text())
+    assert [e["prompt"] for e in index] == ["<tiny-teapot> teapot and <tiny-cat> cat on the beach"] * 2
+    assert all((out / e["path"]).is_file() for e in index)
