@@ -70,22 +70,34 @@ def load_concept(config: ml_collections.ConfigDict, concept_dir: Path, class_dir
         phrase = anchors.style_descriptor(references[0].prompt)
         plain = [r.prompt for r in references]
         class_prompt = config.data.class_prompt
-    use_prior = kind == "object" and config.train.with_prior and class_dir is not None
-    class_images = tuple(data.list_class_images(class_dir))[: config.data.num_class_images] if use_prior else ()
-    templates = anchors.get_anchor_templates(config.gal.anchors, kind)
-    named_set = (str(config.gal.anchors), kind) in anchors.ANCHOR_SETS
     return Concept(
         kind=kind,
         references=references,
-        class_images=class_images,
+        class_images=_class_images(config, class_dir if kind == "object" else None),
         class_prompt=class_prompt,
         phrase=phrase,
         plain_prompts=tuple(dict.fromkeys(" ".join(p.split()) for p in plain)),
-        anchor_prompts=anchors.anchor_prompts(templates, phrase),
-        anchor_file=None if named_set else Path(config.gal.anchors).expanduser().absolute(),
+        **_anchors(config, kind, phrase),
         placeholder=placeholder,
         class_word=noun,
     )
+
+
+def _class_images(config: ml_collections.ConfigDict, class_dir: Path | None) -> tuple[Path, ...]:
+    """Returns the class images for prior preservation (at most data.num_class_images), or none
+    when train.with_prior is off or there is no class folder."""
+    if not (config.train.with_prior and class_dir is not None):
+        return ()
+    return tuple(data.list_class_images(class_dir))[: config.data.num_class_images]
+
+
+def _anchors(config: ml_collections.ConfigDict, kind: str, phrase: str) -> dict:
+    """Returns the Concept's anchor_prompts (config.gal.anchors' templates filled with `phrase`)
+    and anchor_file (the user's template file, None for a named set)."""
+    templates = anchors.get_anchor_templates(config.gal.anchors, kind)
+    named_set = (str(config.gal.anchors), kind) in anchors.ANCHOR_SETS
+    return {"anchor_prompts": anchors.anchor_prompts(templates, phrase),
+            "anchor_file": None if named_set else Path(config.gal.anchors).expanduser().absolute()}
 
 
 def is_multi_subject(concept_dir: Path) -> bool:
@@ -115,19 +127,14 @@ def _multi_subject_concept(config: ml_collections.ConfigDict, concept_dir: Path,
     phrase = multi_subject.joined([subjects.subjects[s] for s in subjects.subjects])
     class_prompt = config.data.class_prompt or "a photo of " + multi_subject.joined(
         [f"a {c}" for c in classes.values()])
-    use_prior = config.train.with_prior and class_dir is not None
-    class_images = tuple(data.list_class_images(class_dir))[: config.data.num_class_images] if use_prior else ()
-    templates = anchors.get_anchor_templates(config.gal.anchors, "object")
-    named_set = (str(config.gal.anchors), "object") in anchors.ANCHOR_SETS
     return Concept(
         kind="object",
         references=references,
-        class_images=class_images,
+        class_images=_class_images(config, class_dir),
         class_prompt=class_prompt,
         phrase=phrase,
         plain_prompts=tuple(dict.fromkeys(" ".join(r.plain_prompt.split()) for r in references)),
-        anchor_prompts=anchors.anchor_prompts(templates, phrase),
-        anchor_file=None if named_set else Path(config.gal.anchors).expanduser().absolute(),
+        **_anchors(config, "object", phrase),
         subjects=dict(subjects.subjects),
     )
 

@@ -37,14 +37,11 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from gal_jax import io_utils
-from gal_jax.images import ImageError, open_rgb
+from gal_jax.images import ImageError, open_rgb, resize_shorter_side
 from gal_jax.multi_subject import SEGMIX_CAPTION, load_mask, mix_subjects, relative_scales, soft_mask
 
 INIT_JSON = "init.json"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-# diffusers' DreamBooth scripts (PyTorch and Flax) and the authors' code resize with torchvision's
-# Resize(..., BILINEAR), which on PIL images is PIL's antialiased bilinear filter.
-RESAMPLE = Image.Resampling.BILINEAR
 _REQUIRED_KEYS = ("instance_prompt", "instance_data_path", "weight")
 _BUILDER_NAME = "gal_training_set"
 _WITH_PRIOR, _INSTANCES_ONLY = "with_prior", "instances_only"
@@ -191,17 +188,6 @@ def _open_rgb(path: Path) -> Image.Image:
         raise DataError(str(e)) from e
 
 
-def _resize_shorter_side(image: Image.Image, resolution: int) -> Image.Image:
-    """Returns `image` scaled so its shorter side is `resolution` (torchvision's size rounding)."""
-    width, height = image.size
-    short, long = min(width, height), max(width, height)
-    if short == resolution:
-        return image
-    new_long = int(resolution * long / short)
-    size = (resolution, new_long) if width <= height else (new_long, resolution)
-    return image.resize(size, resample=RESAMPLE)
-
-
 def _crop_and_flip(
     pixels: np.ndarray,
     resolution: int,
@@ -245,7 +231,7 @@ def load_image(
     The shorter side is resized to `resolution` (bilinear, as diffusers DreamBooth), then the image
     is cropped (centre, or uniformly at random) and optionally flipped left-right with p = 0.5.
     """
-    image = _resize_shorter_side(_open_rgb(Path(path)), resolution)
+    image = resize_shorter_side(_open_rgb(Path(path)), resolution)
     pixels = _crop_and_flip(np.asarray(image), resolution, random_crop, flip, rng)
     return _to_unit_range(pixels)
 
@@ -255,7 +241,7 @@ def _encoded_resized(path: Path, resolution: int) -> bytes:
     buffer = io.BytesIO()
     # PNG is lossless, so a stored image reads back exactly as load_image would compute it;
     # level 1 keeps writing fast at a modest size cost.
-    _resize_shorter_side(_open_rgb(path), resolution).save(buffer, format="PNG", compress_level=1)
+    resize_shorter_side(_open_rgb(path), resolution).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
 
 
@@ -273,7 +259,7 @@ def _mask_fields(ref: Reference, resolution: int, subject_ids: Sequence[str]) ->
                             f"{image_size[0]}x{image_size[1]}")
         mask, subject = Image.fromarray(np.round(values * 255).astype(np.uint8)), subject_ids.index(ref.subject)
     buffer = io.BytesIO()
-    _resize_shorter_side(mask, resolution).save(buffer, format="PNG", compress_level=1)
+    resize_shorter_side(mask, resolution).save(buffer, format="PNG", compress_level=1)
     return {"instance_mask": buffer.getvalue(), "instance_subject": np.int32(subject)}
 
 

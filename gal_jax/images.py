@@ -18,6 +18,9 @@ from PIL import Image, ImageOps
 _SIXTEEN_BIT_GREY = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 _WITH_ALPHA = frozenset({"RGBA", "RGBa", "LA", "PA"})
 _WHITE = (255, 255, 255, 255)
+# diffusers' DreamBooth scripts (PyTorch and Flax) and the authors' code resize with torchvision's
+# Resize(..., BILINEAR), which on PIL images is PIL's antialiased bilinear filter.
+RESAMPLE = Image.Resampling.BILINEAR
 
 
 class ImageError(ValueError):
@@ -89,3 +92,14 @@ def _sixteen_bit_grey_to_rgb(image: Image.Image) -> Image.Image:
     if isinstance(key, int):
         grey = np.where(raw == key, 255, grey)
     return Image.fromarray(np.repeat(grey.astype(np.uint8)[..., None], 3, axis=-1))
+
+
+def resize_shorter_side(image: Image.Image, resolution: int) -> Image.Image:
+    """Returns `image` scaled so its shorter side is `resolution` (torchvision's size rounding)."""
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    if short == resolution:
+        return image
+    new_long = int(resolution * long / short)
+    size = (resolution, new_long) if width <= height else (new_long, resolution)
+    return image.resize(size, resample=RESAMPLE)

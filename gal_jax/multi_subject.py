@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from gal_jax.images import ImageError, open_rgb
+from gal_jax.images import ImageError, open_rgb, resize_shorter_side
 
 METADATA = "metadata.jsonl"
 CLASS_METADATA = "class_metadata.jsonl"
@@ -226,13 +226,15 @@ def cut_out(pixels: np.ndarray, mask: np.ndarray, threshold: float = 0.5) -> Seg
     return Segment(np.ascontiguousarray(pixels[box]), np.ascontiguousarray(mask[box], np.float32))
 
 
-def scaled(segment: Segment, rng: np.random.Generator, canvas: int, fixed_scale: float | None = None) -> Segment:
-    """Returns `segment` resized for a `canvas`-pixel square shared with one other subject, as
-    MuDI does: the largest factor f that keeps it within half the width and the full height less a
-    margin of canvas/32, times `fixed_scale` if given, else times a uniform draw in [0.75, 1]."""
+def scaled(segment: Segment, rng: np.random.Generator, canvas: int, fixed_scale: float | None = None,
+           columns: int = 2) -> Segment:
+    """Returns `segment` resized for a `canvas`-pixel square shared with columns - 1 other subjects,
+    as MuDI does for two: the largest factor f that keeps it within 1/columns of the width and the
+    full height less a margin of canvas/32, times `fixed_scale` if given, else times a uniform draw
+    in [0.75, 1]."""
     height, width = segment.mask.shape
     margin = canvas / 32
-    largest = min((canvas / 2 - margin) / width, (canvas - margin) / height)
+    largest = min((canvas / columns - margin) / width, (canvas - margin) / height)
     factor = largest * (fixed_scale if fixed_scale is not None else rng.uniform(0.75, 1.0))
     size = (max(1, int(width * factor)), max(1, int(height * factor)))
     pixels = Image.fromarray(segment.pixels).resize(size, Image.Resampling.BICUBIC)
@@ -393,14 +395,11 @@ def mix_subjects(own: tuple[np.ndarray, np.ndarray], subject: int, counts: Seque
 
 
 def load_segment(image: Path | str, mask: Path | str, resolution: int) -> tuple[np.ndarray, np.ndarray]:
-    """Returns (RGB uint8, mask float32 in [0, 1]) of a subject image and its mask, both scaled so
-    that the shorter side is `resolution` (bilinear)."""
-    pixels = open_rgb(image)
-    width, height = pixels.size
-    factor = resolution / min(width, height)
-    size = (max(1, round(width * factor)), max(1, round(height * factor)))
-    small = Image.fromarray(load_mask(mask), mode="F").resize(size, Image.Resampling.BILINEAR)
-    return np.asarray(pixels.resize(size, Image.Resampling.BILINEAR)), np.clip(np.asarray(small, np.float32), 0, 1)
+    """Returns (RGB uint8, mask float32 in [0, 1]) of a subject image and its mask, both scaled as
+    training images are (`images.resize_shorter_side`)."""
+    pixels = resize_shorter_side(open_rgb(image), resolution)
+    small = resize_shorter_side(Image.fromarray(load_mask(mask), mode="F"), resolution)
+    return np.asarray(pixels), np.clip(np.asarray(small, np.float32), 0, 1)
 
 
 def subjects_collage(segments: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]], rng: np.random.Generator,
@@ -416,17 +415,14 @@ def subjects_collage(segments: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]]
     image = np.full((canvas, canvas, 3), 255, np.uint8)
     column = canvas / len(chosen)
     for slot, subject in enumerate(rng.permutation(len(chosen))):
-        segment = cut_out(*chosen[subject])
-        height, width = segment.mask.shape
-        factor = min((column - canvas / 32) / width, (canvas - canvas / 32) / height) * rng.uniform(0.75, 1.0)
-        size = (max(1, int(width * factor)), max(1, int(height * factor)))
-        pixels = np.asarray(Image.fromarray(segment.pixels).resize(size, Image.Resampling.BICUBIC))
-        mask = np.asarray(Image.fromarray(segment.mask, mode="F").resize(size, Image.Resampling.BILINEAR)) > 0.5
-        left = int(slot * column + rng.integers(0, max(1, int(column) - size[0]) + 1))
-        top = int(rng.integers(0, canvas - size[1] + 1))
-        h, w = min(size[1], canvas - top), min(size[0], canvas - left)
+        segment = scaled(cut_out(*chosen[subject]), rng, canvas, columns=len(chosen))
+        mask = segment.mask > 0.5
+        height, width = mask.shape
+        left = int(slot * column + rng.integers(0, max(1, int(column) - width) + 1))
+        top = int(rng.integers(0, canvas - height + 1))
+        h, w = min(height, canvas - top), min(width, canvas - left)
         region = image[top:top + h, left:left + w]
-        region[mask[:h, :w]] = pixels[:h, :w][mask[:h, :w]]
+        region[mask[:h, :w]] = segment.pixels[:h, :w][mask[:h, :w]]
     return image
 
 

@@ -249,21 +249,13 @@ class Generator:
     def _chunk_args(self, context, uncond, base_seed, round_index, prompt_ids, seeds) -> tuple:
         """Returns the chunk function's data arguments placed on the mesh (global arrays)."""
         batch, replicated = sharding.batch_sharding(self.mesh), sharding.replicated(self.mesh)
-
-        def put(value, where):
-            value = np.asarray(value)
-            return jax.make_array_from_callback(value.shape, where, lambda index: value[index])
-
         scalars = (np.int32(base_seed), np.int32(round_index))
-        return (put(context, batch), put(uncond, replicated), *(put(s, replicated) for s in scalars),
-                put(prompt_ids.astype(np.int32), batch), put(seeds.astype(np.int32), batch))
+        return (_put(context, batch), _put(uncond, replicated), *(_put(s, replicated) for s in scalars),
+                _put(prompt_ids.astype(np.int32), batch), _put(seeds.astype(np.int32), batch))
 
     def _init_args(self, images: np.ndarray, gamma: float) -> tuple:
         """Returns the chunk's (initial images, gamma) placed on the mesh."""
-        images = np.ascontiguousarray(images)
-        placed = jax.make_array_from_callback(images.shape, sharding.batch_sharding(self.mesh), lambda i: images[i])
-        scalar = np.float32(gamma)
-        return placed, jax.make_array_from_callback((), sharding.replicated(self.mesh), lambda i: scalar)
+        return _put(images, sharding.batch_sharding(self.mesh)), _put(np.float32(gamma), sharding.replicated(self.mesh))
 
     @property
     def chunk_function(self):
@@ -296,6 +288,12 @@ class Generator:
         data = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                       self._chunk_args(context, context[0], 0, 0, ids, ids))
         return self._chunk_fn.lower(*weights, *data).compile()
+
+
+def _put(value, where) -> jax.Array:
+    """Returns the host value as a global array with sharding `where` (each device its slice)."""
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, where, lambda index: value[index])
 
 
 def _check_grid(prompts, prompt_ids, round_index, num_per_prompt, base_seed) -> np.ndarray:
