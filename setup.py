@@ -31,7 +31,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["gal_jax", "gal_jax.*", "configs"]),
     # The BPE vocabulary and the trained tiny world's models (clip/, sd/<part>/, tiny_train.json).
-    package_data={"gal_jax": ["assets/*", "assets/tiny_world/*", "assets/tiny_world/*/*", "assets/tiny_world/*/*/*"]},
+    package_data={"configs": ["anchors/*.txt"], "gal_jax": ["assets/*", "assets/tiny_world/*", "assets/tiny_world/*/*", "assets/tiny_world/*/*/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "cpu": ["jax[cpu]>=0.10.2,<0.12"],

@@ -5,12 +5,18 @@ class word ("{} in park" + "a <cute-cat> cat" -> "a <cute-cat> cat in park"); st
 reference caption's descriptor ("A tie {}" + "in watercolor painting style" -> "A tie in watercolor
 painting style"). Filling uses plain substitution, never `str.format`, so other braces in a user's
 template are kept as written.
+
+A multi-subject concept (MuDI's metadata.jsonl, subjects "a", "b", ...) also reads templates with
+named slots, one per subject it mentions: "{a} and {b} playing together on the beach" -> "olis
+harry potter toy and hta corgi playing together on the beach". A `{}` there names all subjects
+("olis harry potter toy and hta corgi"), so every named set and one-slot file works for it too.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 KINDS = ("object", "style")
 SLOT = "{}"
@@ -61,11 +67,12 @@ class AnchorFileError(ValueError):
     """A user's anchor template file is empty or has a malformed line."""
 
 
-def get_anchor_templates(name_or_path: str | Path, kind: str) -> tuple[str, ...]:
+def get_anchor_templates(name_or_path: str | Path, kind: str, subjects: Sequence[str] = ()) -> tuple[str, ...]:
     """Returns the anchor templates of a named set ('paper', 'official') or of a text file.
 
     A file holds one template a line; blank lines and lines starting with '#' are skipped; every
-    template must contain exactly one `{}` and appear once.
+    template must contain exactly one `{}` (or, given the `subjects` ids of a multi-subject
+    concept, instead named slots `{id}` of those ids, each at most once) and appear once.
     """
     if kind not in KINDS:
         raise ValueError(f"anchor kind must be one of {KINDS}, got {kind!r}")
@@ -77,10 +84,10 @@ def get_anchor_templates(name_or_path: str | Path, kind: str) -> tuple[str, ...]
             f"anchor set {str(name_or_path)!r} is neither a known name (paper, official) "
             "nor an existing file"
         )
-    return read_anchor_file(path)
+    return read_anchor_file(path, subjects)
 
 
-def read_anchor_file(path: Path) -> tuple[str, ...]:
+def read_anchor_file(path: Path, subjects: Sequence[str] = ()) -> tuple[str, ...]:
     """Returns the templates of an anchor file, raising AnchorFileError naming file and line."""
     templates: list[str] = []
     first_line: dict[str, int] = {}
@@ -88,11 +95,9 @@ def read_anchor_file(path: Path) -> tuple[str, ...]:
         template = line.strip()
         if not template or template.startswith("#"):
             continue
-        if template.count(SLOT) != 1:
-            raise AnchorFileError(
-                f"{path}:{number}: template {template!r} must contain exactly one '{{}}' "
-                f"(found {template.count(SLOT)})"
-            )
+        problem = slot_problem(template, subjects)
+        if problem:
+            raise AnchorFileError(f"{path}:{number}: template {template!r} {problem}")
         # Chosen prompts leave the pool by identity, so a repeated template would be ambiguous.
         if template in first_line:
             raise AnchorFileError(
@@ -132,18 +137,59 @@ def style_descriptor(caption: str) -> str:
     return f"in {tail.strip()}"
 
 
-def fill_anchor(template: str, phrase: str) -> str:
-    """Returns the anchor prompt: the template with the concept phrase in its `{}`."""
-    if template.count(SLOT) != 1:
-        raise ValueError(f"anchor template {template!r} must contain exactly one '{{}}'")
+def named_slots(text: str, subjects: Sequence[str]) -> list[str]:
+    """Returns the subject ids whose named slot `{id}` appears in `text`, in order of appearance
+    (other braces are not slots)."""
+    known = set(subjects)
+    return [m.group(1) for m in re.finditer(r"\{(\w+)\}", text) if m.group(1) in known]
+
+
+def slot_problem(template: str, subjects: Sequence[str] = ()) -> str:
+    """Returns what is wrong with a template's slots ('' when nothing): exactly one `{}`, or (with
+    the `subjects` ids of a multi-subject concept) named slots of those ids, each at most once."""
+    named = named_slots(template, subjects)
+    count = template.count(SLOT)
+    if named:
+        repeated = sorted({s for s in named if named.count(s) > 1})
+        if count:
+            return "mixes '{}' with named subject slots; use one or the other"
+        if repeated:
+            return f"names subject slot(s) {', '.join('{' + s + '}' for s in repeated)} more than once"
+        return ""
+    if count != 1:
+        hint = f" or named subject slots ({', '.join('{' + s + '}' for s in subjects)})" if subjects else ""
+        return f"must contain exactly one '{{}}'{hint} (found {count} '{{}}')"
+    return ""
+
+
+def fill_named_slots(text: str, phrases: Mapping[str, str]) -> str:
+    """Returns `text` with every named slot `{id}` of a subject replaced by its phrase (other
+    braces kept as written)."""
+    return re.sub(r"\{(\w+)\}", lambda m: phrases.get(m.group(1), m.group(0)), text)
+
+
+def fill_anchor(template: str, phrase: str, subjects: Mapping[str, str] | None = None) -> str:
+    """Returns the anchor prompt: the template with the concept phrase in its `{}`, or (given a
+    multi-subject concept's identifier phrases by id) each named slot `{id}` filled with its
+    subject's phrase."""
+    subjects = dict(subjects or {})
+    problem = slot_problem(template, list(subjects))
+    if problem:
+        raise ValueError(f"anchor template {template!r} {problem}")
     phrase = " ".join(phrase.split())
     if not phrase:
         raise ValueError("concept phrase must be non-empty")
+    if named_slots(template, list(subjects)):
+        filled = fill_named_slots(template, {s: " ".join(p.split()) for s, p in subjects.items()})
+    else:
+        filled = template.replace(SLOT, phrase)
     # Collapse spacing so "{} in park" and " {}  in park" give the same prompt.
-    return " ".join(template.replace(SLOT, phrase).split())
+    return " ".join(filled.split())
 
 
-def anchor_prompts(templates: Sequence[str], phrase: str) -> tuple[str, ...]:
-    """Returns the anchor prompt of every template, in pool order."""
-    return tuple(fill_anchor(template, phrase) for template in templates)
+def anchor_prompts(templates: Sequence[str], phrase: str,
+                   subjects: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """Returns the anchor prompt of every template, in pool order (`subjects`: a multi-subject
+    concept's phrases by id, for templates with named slots)."""
+    return tuple(fill_anchor(template, phrase, subjects) for template in templates)
 

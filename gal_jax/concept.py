@@ -91,12 +91,13 @@ def _class_images(config: ml_collections.ConfigDict, class_dir: Path | None) -> 
     return tuple(data.list_class_images(class_dir))[: config.data.num_class_images]
 
 
-def _anchors(config: ml_collections.ConfigDict, kind: str, phrase: str) -> dict:
-    """Returns the Concept's anchor_prompts (config.gal.anchors' templates filled with `phrase`)
-    and anchor_file (the user's template file, None for a named set)."""
-    templates = anchors.get_anchor_templates(config.gal.anchors, kind)
+def _anchors(config: ml_collections.ConfigDict, kind: str, phrase: str, subjects: dict[str, str] | None = None) -> dict:
+    """Returns the Concept's anchor_prompts (config.gal.anchors' templates filled with `phrase`,
+    or a multi-subject concept's `subjects` phrases in their named slots) and anchor_file (the
+    user's template file, None for a named set)."""
+    templates = anchors.get_anchor_templates(config.gal.anchors, kind, list(subjects or {}))
     named_set = (str(config.gal.anchors), kind) in anchors.ANCHOR_SETS
-    return {"anchor_prompts": anchors.anchor_prompts(templates, phrase),
+    return {"anchor_prompts": anchors.anchor_prompts(templates, phrase, subjects),
             "anchor_file": None if named_set else Path(config.gal.anchors).expanduser().absolute()}
 
 
@@ -134,7 +135,7 @@ def _multi_subject_concept(config: ml_collections.ConfigDict, concept_dir: Path,
         class_prompt=class_prompt,
         phrase=phrase,
         plain_prompts=tuple(dict.fromkeys(" ".join(r.plain_prompt.split()) for r in references)),
-        **_anchors(config, "object", phrase),
+        **_anchors(config, "object", phrase, subjects.subjects),
         subjects=dict(subjects.subjects),
     )
 

@@ -440,8 +440,3 @@ def initial_images(references: Sequence[Any], subjects: Sequence[str], resolutio
     return np.stack([subjects_collage(segments, np.random.default_rng([base_seed, round_index, p, s]), resolution)
                      for p, s in grid])
 
-
-def fill_subjects(prompt: str, subjects: dict[str, str]) -> str:
-    """Returns `prompt` with every `{id}` slot naming a subject replaced by its phrase
-    ("{a} and {b} playing together" -> "olis harry potter toy and hta corgi playing together")."""
-    return re.sub(r"\{(\w+)\}", lambda m: subjects.get(m.group(1), m.group(0)), prompt)

@@ -18,7 +18,7 @@ from pathlib import Path
 import ml_collections
 
 from gal_jax import concept as concept_lib
-from gal_jax import driver, export, inputs, io_utils, multi_subject, personalize, sample, sharding
+from gal_jax import anchors, driver, export, inputs, io_utils, multi_subject, personalize, sample, sharding
 from gal_jax.workdir import Workdir, WorkdirError
 
 
@@ -125,7 +125,7 @@ def _sample(config, sd, params, prompts, num_per_prompt, out: Path, concept=None
         raise ValueError(f"--num_per_prompt={num} must be >= 1")
     init = None
     if concept is not None:
-        prompts = [multi_subject.fill_subjects(p, concept.subjects) for p in prompts]
+        prompts = [anchors.fill_named_slots(p, concept.subjects) for p in prompts]
         if config.sample.get("init_gamma", 0.0):
             grid = [(p, s) for p in range(len(prompts)) for s in range(num)]
             init = multi_subject.initial_images(concept.references, list(concept.subjects), sd.resolution,

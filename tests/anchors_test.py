@@ -125,3 +125,50 @@ def test_anchor_prompts_fill_every_template_in_pool_order():
         "a <cute-cat> cat in a workshop",
         "a <cute-cat> cat in a museum",
     )
+
+
+SUBJECTS = {"a": "olis harry potter toy", "b": "hta corgi"}
+
+
+def test_named_slots_fill_each_subject_and_a_plain_slot_names_them_all(tmp_path):
+    path = tmp_path / "two.txt"
+    path.write_text("{a} and {b} playing together on the beach\n{b} next to {a} {keep}\n{} in park\n{a} alone\n")
+    templates = anchors.get_anchor_templates(path, "object", list(SUBJECTS))
+    assert anchors.anchor_prompts(templates, "olis harry potter toy and hta corgi", SUBJECTS) == (
+        "olis harry potter toy and hta corgi playing together on the beach",
+        "hta corgi next to olis harry potter toy {keep}",
+        "olis harry potter toy and hta corgi in park",
+        "olis harry potter toy alone",
+    )
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("{a} and {b}\n{a} and {} twice\n", "mixes '{}' with named subject slots"),
+        ("{a} and {b}\n{a} and {a}\n", r"names subject slot\(s\) {a} more than once"),
+        ("{a} and {b}\n{c} is no subject\n", r"exactly one '{}' or named subject slots \({a}, {b}\)"),
+    ],
+)
+def test_named_slot_errors_name_file_and_line(tmp_path, text, problem):
+    path = tmp_path / "bad.txt"
+    path.write_text(text)
+    with pytest.raises(anchors.AnchorFileError, match=f"bad.txt:2: .*{problem}"):
+        anchors.get_anchor_templates(path, "object", list(SUBJECTS))
+
+
+def test_named_slots_need_a_multi_subject_concept(tmp_path):
+    path = tmp_path / "two.txt"
+    path.write_text("{a} and {b} on the beach\n")
+    with pytest.raises(anchors.AnchorFileError, match=r"two.txt:1: .*exactly one '{}' \(found 0"):
+        anchors.get_anchor_templates(path, "object")
+
+
+def test_the_shipped_two_subject_templates_read(tmp_path):
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "configs" / "anchors" / "two_subjects.txt"
+    prompts = anchors.anchor_prompts(anchors.get_anchor_templates(path, "object", ["a", "b"]), "x and y",
+                                     {"a": "<p> toy", "b": "<q> dog"})
+    assert len(prompts) == 18 and len(set(prompts)) == 18
+    assert all("<p> toy" in p and "<q> dog" in p and "{" not in p for p in prompts)

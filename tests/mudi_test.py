@@ -3,6 +3,8 @@ in the step, and generation from mean-shifted noise (the tiny two-subject concep
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -193,3 +195,11 @@ def test_the_loss_mask_is_resized_as_mudi_resizes_it():
         theirs = torch.nn.functional.interpolate(torch.tensor(mask)[None, None], size=size, mode="bilinear")[0, 0]
         np.testing.assert_allclose(multi_subject.soft_mask(mask, size, 0.0), theirs.numpy(), atol=1e-6)
         np.testing.assert_allclose(multi_subject.soft_mask(mask, size, 0.4), theirs.numpy() * 0.6 + 0.4, atol=1e-6)
+
+
+def test_a_template_file_with_named_slots_names_each_subject(tiny_assets):
+    config = tiny_cpu.get_config("mudi")
+    config.gal.anchors = str(Path(__file__).parent.parent / "configs" / "anchors" / "two_subjects.txt")
+    concept = concept_lib.load_concept(config, tiny_assets["multi_subject_concept"], None)
+    assert concept.anchor_prompts[5] == "<tiny-teapot> teapot sitting beside <tiny-cat> cat on the beach"
+    assert concept.anchor_file.name == "two_subjects.txt"
