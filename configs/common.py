@@ -154,6 +154,10 @@ def get_config() -> ml_collections.ConfigDict:
     # image, fixed by gal.seed, round and direction) | 'best' (highest sim_anchor, as uncertainty).
     config.gal.random_image = "random"
     config.gal.score_batch = 64
+    # Multi-subject concepts: 'clip' also counts an image as failed when its subjects' identities
+    # are mixed (one vertical strip per subject, each most similar by CLIP to one subject's
+    # references, and not every subject found); 'none' scores as for one subject.
+    config.gal.identity_check = "none"
 
     # Evaluation after each round (TXT-ALN / IMG-ALN / OVF) on a test prompt set.
     config.eval = ml_collections.ConfigDict()

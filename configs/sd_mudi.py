@@ -24,7 +24,12 @@ The concept folder is a MuDI data set as they ship it (metadata.jsonl, images, m
   (SD 2.1-base: the same line with --config.model.sd_path=/models/stable-diffusion-2-1-base)
 
 GAL's anchors name all subjects ("a olis harry potter toy and hta corgi on the beach"); the
-overfit oracle's plain prompts are the captions with each identifier phrase replaced by its class.
+overfit oracle's plain prompts are the captions with each identifier phrase replaced by its class,
+and its identity check (gal.identity_check='clip', ours: MuDI measures identity mixing with
+Detect-and-Compare, whose OWLv2 and DreamSim are not available here) also fails an image whose
+vertical strips, one per subject, do not each look most like a different subject's references, so
+GAL queries the directions where the subjects get confused. Named-slot anchors:
+--config.gal.anchors=configs/anchors/two_subjects.txt ("{a} and {b} playing together in a forest").
 The final model is the base pipeline with the LoRA beside it (`pipe.load_lora_weights(DIR/model)`).
 """
 
@@ -51,6 +56,7 @@ def use_mudi(config):
     config.data.segmix.relative_scale = 0.0
     config.data.segmix.soft_alpha = 1.0
     config.sample.init_gamma = 1.0
+    config.gal.identity_check = "clip"
     return config
 
 

@@ -8,6 +8,12 @@ An image is *overfit* when `sim_anchor <= max_j sim_plain_j` (non-strict, as the
 scripts: `sim > sim_src` counts as not overfit). The evaluation metric OVF in `metrics.py` uses a
 strict `<`, as the authors' evaluation notebook does; the two differ only on exact ties.
 
+With several subjects (MuDI) and `gal.identity_check` on, an image also fails when its subjects'
+identities are mixed (`identity_mixed`: the image cut into one vertical strip per subject, each
+strip most similar to a subject's references, and not every subject found): a direction's rate
+is then the fraction of images that are overfit or mixed, so GAL queries where the subjects get
+confused as well as where the references are copied.
+
 Directions of equal entropy rank in pool order (`TIE_BREAK`); with 10 images a direction's entropy
 takes only 6 distinct values, so ties are common. `score_directions` computes H from the minority
 count so that p and 1 - p (3 and 7 overfit images of 10) give the same float and truly tie: the
@@ -36,10 +42,12 @@ def random_image_rule(seed: int) -> str:
 class DirectionScores:
     """Per-direction results of scoring one round's generated images."""
 
-    flags: np.ndarray  # bool (D, N): image n of direction d is overfit
-    rates: np.ndarray  # float (D,): fraction of overfit images per direction
+    flags: np.ndarray  # bool (D, N): image n of direction d fails (overfit, or identity mixed)
+    rates: np.ndarray  # float (D,): fraction of failed images per direction
     entropies: np.ndarray  # float (D,): binary entropy of the rate, natural log
     best_images: np.ndarray  # int (D,): per direction, the image with the highest sim_anchor
+    overfit: np.ndarray | None = None  # bool (D, N): sim_anchor <= max sim_plain (flags without the check)
+    mixed: np.ndarray | None = None  # bool (D, N): identities mixed; None without the identity check
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +78,21 @@ def overfit_flags(sim_anchor: ArrayLike, sim_plain: ArrayLike) -> np.ndarray:
     if sim_plain.shape[-1] == 0:
         raise ValueError("sim_plain has no plain prompts (trailing axis of size 0)")
     return sim_anchor <= sim_plain.max(axis=-1)
+
+
+def identity_mixed(sim_subjects: ArrayLike) -> np.ndarray:
+    """Returns bool flags, True where an image's subjects are mixed: its strips' most similar
+    subjects (argmax over the last axis; the first on ties) are not all different.
+
+    Args:
+      sim_subjects: (..., S, S) similarity of each of an image's S vertical strips (left to right)
+        to each of the S subjects' references (in the concept's subject order), S >= 2.
+    """
+    sims = _finite("sim_subjects", sim_subjects)
+    if sims.ndim < 2 or sims.shape[-1] != sims.shape[-2] or sims.shape[-1] < 2:
+        raise ValueError(f"sim_subjects must be (..., S, S) with S >= 2 subjects, got {sims.shape}")
+    found = np.sort(np.argmax(sims, axis=-1), axis=-1)
+    return np.any(found != np.arange(sims.shape[-1]), axis=-1)
 
 
 def overfit_rate(flags: ArrayLike) -> float:
@@ -164,14 +187,23 @@ def random_image(num_images: int, seed: int, round_index: int, prompt_id: int) -
     return int(np.random.default_rng(stream).integers(num_images))
 
 
-def score_directions(sim_anchor: ArrayLike, sim_plain: ArrayLike) -> DirectionScores:
-    """Returns flags, rates, entropies and best images for (D, N) and (D, N, P) similarities."""
+def score_directions(sim_anchor: ArrayLike, sim_plain: ArrayLike,
+                     sim_subjects: ArrayLike | None = None) -> DirectionScores:
+    """Returns flags, rates, entropies and best images for (D, N) and (D, N, P) similarities;
+    with (D, N, S, S) `sim_subjects` (the identity check) a mixed image fails too."""
     sim_anchor = np.asarray(sim_anchor, dtype=np.float64)
     if sim_anchor.ndim != 2 or sim_anchor.shape[1] == 0:
         raise ValueError(
             f"sim_anchor must be (directions, images) with images >= 1, got {sim_anchor.shape}"
         )
-    flags = overfit_flags(sim_anchor, sim_plain)
+    overfit = overfit_flags(sim_anchor, sim_plain)
+    mixed = None
+    if sim_subjects is not None:
+        mixed = identity_mixed(sim_subjects)
+        if mixed.shape != overfit.shape:
+            raise ValueError(f"sim_subjects shape {np.shape(sim_subjects)} must be sim_anchor shape "
+                             f"{sim_anchor.shape} plus (subjects, subjects)")
+    flags = overfit if mixed is None else overfit | mixed
     counts, num_images = flags.sum(axis=1), flags.shape[1]
     return DirectionScores(
         flags=flags,
@@ -179,6 +211,8 @@ def score_directions(sim_anchor: ArrayLike, sim_plain: ArrayLike) -> DirectionSc
         # H(p) == H(1 - p): the minority count gives both the same float (module docstring).
         entropies=direction_entropies(np.minimum(counts, num_images - counts) / num_images),
         best_images=np.argmax(sim_anchor, axis=1),
+        overfit=overfit,
+        mixed=mixed,
     )
 
 

@@ -56,6 +56,10 @@ def load_concept(config: ml_collections.ConfigDict, concept_dir: Path, class_dir
     if config.data.get("segmix") and config.data.segmix.prob and not multi:
         raise ValueError(f"config.data.segmix.prob={config.data.segmix.prob} mixes the subjects of a multi-subject "
                          f"concept; {concept_dir} has no {multi_subject.METADATA}")
+    check = config.gal.get("identity_check", "none")
+    if check != "none" and not multi:
+        raise ValueError(f"config.gal.identity_check={check!r} checks the subjects of a multi-subject concept; "
+                         f"{concept_dir} has no {multi_subject.METADATA}")
     if multi:
         return _multi_subject_concept(config, Path(concept_dir), class_dir)
     references = tuple(data.load_concept(concept_dir))
@@ -120,6 +124,9 @@ def _multi_subject_concept(config: ml_collections.ConfigDict, concept_dir: Path,
         raise ValueError(f"{concept_dir / multi_subject.METADATA}: config.data.placeholder and class_word name one "
                          "subject; a multi-subject concept takes its subjects from the file's first line")
     subjects = multi_subject.read_metadata(concept_dir / multi_subject.METADATA)
+    if config.gal.get("identity_check", "none") != "none" and len(subjects.subjects) < 2:
+        raise ValueError(f"{subjects.file}: config.gal.identity_check={config.gal.identity_check!r} compares "
+                         f"subjects, and the file names one ({list(subjects.subjects)})")
     classes = {s: multi_subject.class_of(phrase) for s, phrase in subjects.subjects.items()}
     references = tuple(
         data.Reference(image=item.image, prompt=item.text, weight=1.0, mask=item.mask, subject=item.subject,

@@ -31,10 +31,12 @@ from gal_jax import (
 )
 from gal_jax.concept import Concept, load_concept
 from gal_jax import workdir as workdir_lib
-from gal_jax.records import Direction, ImageScore, LossPoint, ReferenceEntry, RoundRecord, SelectedEntry
+from gal_jax.records import (NO_IDENTITY_CHECK, Direction, ImageScore, LossPoint, ReferenceEntry, RoundRecord,
+                             SelectedEntry)
 from gal_jax.workdir import AwaitingHumanFeedback, RoundPaths, Workdir, WorkdirError
 
 FEEDBACK_MODES = ("uncertainty", "random", "human", "none")
+IDENTITY_CHECKS = (NO_IDENTITY_CHECK, "clip")  # config.gal.identity_check of multi-subject runs
 
 
 class ConfigChangedError(ValueError):
@@ -167,6 +169,8 @@ def _check_query_and_eval_options(config) -> None:
     if config.gal.random_image not in acquisition.RANDOM_IMAGE_RULES:
         raise ValueError(f"config.gal.random_image={config.gal.random_image!r}; "
                          f"expected one of {acquisition.RANDOM_IMAGE_RULES}")
+    if identity_check(config) not in IDENTITY_CHECKS:
+        raise ValueError(f"config.gal.identity_check={identity_check(config)!r}; expected one of {IDENTITY_CHECKS}")
     if config.eval.enabled:
         if config.eval.sampler not in schedulers.SAMPLERS:
             raise ValueError(f"config.eval.sampler={config.eval.sampler!r}; expected one of {schedulers.SAMPLERS}")
@@ -330,6 +334,7 @@ def run_round(runtime: Runtime, round_index: int, rounds: int, records: list[Rou
         timings=dict(timings),
         train_loss=tuple(LossPoint(step=int(p["step"]), loss=float(p["loss"])) for p in train_loss),
         **selection_rules(config.gal),
+        **identity_fields(config, concept),
         **query,
     )
     workdir.write_record(record)
@@ -457,8 +462,11 @@ def query_round(runtime, round_index, params, pool, paths: RoundPaths, timings) 
     num = config.sample.num_per_prompt
     sim_anchor = np.asarray(sims["sim_anchor"]).reshape(len(pool), num)
     sim_plain = np.asarray(sims["sim_plain"]).reshape(len(pool), num, -1)
-    scores = acquisition.score_directions(sim_anchor, sim_plain)
-    directions = _directions(pool, prompts, index, sim_anchor, sim_plain, scores)
+    sim_subjects = None
+    if "sim_subjects" in sims:
+        sim_subjects = np.asarray(sims["sim_subjects"]).reshape(len(pool), num, len(concept.subjects), -1)
+    scores = acquisition.score_directions(sim_anchor, sim_plain, sim_subjects)
+    directions = _directions(pool, prompts, index, sim_anchor, sim_plain, scores, sim_subjects)
     selection = choose(runtime, round_index, scores, directions, paths)
     return {
         "directions": directions,
@@ -485,6 +493,17 @@ def choose(runtime, round_index, scores, directions, paths: RoundPaths) -> acqui
     openness = acquisition.openness(scores.entropies, gal.openness_lambda)
     weight = acquisition.new_reference_weight(openness, gal.balance)
     return human_selection(runtime, round_index, directions, paths, weight, openness)
+
+
+def identity_check(config) -> str:
+    """Returns config.gal.identity_check ('none' in configs written before it existed)."""
+    return config.gal.get("identity_check", NO_IDENTITY_CHECK)
+
+
+def identity_fields(config, concept: Concept) -> dict:
+    """Returns the record's identity_check and subjects (empty without the check)."""
+    check = identity_check(config)
+    return {"identity_check": check, "subjects": () if check == NO_IDENTITY_CHECK else tuple(concept.subjects)}
 
 
 def selection_rules(gal) -> dict:
@@ -567,23 +586,29 @@ def initial_collages(runtime, round_index: int, grid) -> np.ndarray | None:
 
 
 def score_images(runtime, images, prompts, paths: RoundPaths) -> dict:
-    """Returns {'sim_anchor': (P*N,), 'sim_plain': (P*N, J)} for the round's images (cached on disk)."""
+    """Returns {'sim_anchor': (P*N,), 'sim_plain': (P*N, J)} for the round's images, and with the
+    identity check 'sim_subjects' (P*N, S, S) (cached on disk)."""
     num = runtime.config.sample.num_per_prompt
     plain = list(runtime.concept.plain_prompts)
+    subjects = identity_fields(runtime.config, runtime.concept)["subjects"]
     if paths.scores.exists():
         sims = _read_json_or_damaged(paths.scores)
-        _check_scores(sims, prompts, plain, num, paths.scores)
+        _check_scores(sims, prompts, plain, num, paths.scores, len(subjects))
         return sims
     anchor_of_image = np.repeat(np.arange(len(prompts)), num)
     sim_anchor, sim_plain = runtime.scorer.similarities(images, anchor_of_image, prompts, plain)
     sims = {"prompts": list(prompts), "plain_prompts": plain,
             "sim_anchor": np.asarray(sim_anchor).tolist(), "sim_plain": np.asarray(sim_plain).tolist()}
+    if subjects:
+        portraits = multi_subject.subject_portraits(runtime.concept.references, subjects, images.shape[1])
+        sims["sim_subjects"] = np.asarray(runtime.scorer.subject_similarities(images, portraits)).tolist()
     io_utils.write_json(paths.scores, sims)
     return sims
 
 
-def _check_scores(sims: Any, prompts, plain, num: int, path: Path) -> None:
-    """Raises WorkdirError when cached scores are not those of these prompts' images."""
+def _check_scores(sims: Any, prompts, plain, num: int, path: Path, subjects: int = 0) -> None:
+    """Raises WorkdirError when cached scores are not those of these prompts' images (with the
+    identity check over `subjects` subjects, with its similarities)."""
     problem = None
     if not isinstance(sims, dict) or not {"sim_anchor", "sim_plain"} <= set(sims):
         problem = "it lacks sim_anchor/sim_plain"
@@ -592,12 +617,21 @@ def _check_scores(sims: Any, prompts, plain, num: int, path: Path) -> None:
     elif np.shape(sims["sim_anchor"]) != (len(prompts) * num,) or np.shape(sims["sim_plain"]) != (
             len(prompts) * num, len(plain)):
         problem = f"its shapes do not match {len(prompts)} prompts x {num} images x {len(plain)} plain prompts"
+    elif subjects and np.shape(sims.get("sim_subjects")) != (len(prompts) * num, subjects, subjects):
+        problem = f"it lacks the identity check's sim_subjects ({len(prompts) * num} images x {subjects} x {subjects})"
+    elif not subjects and "sim_subjects" in sims:
+        problem = "it holds an identity check this run does not make"
     if problem:
         raise WorkdirError(f"{path}: {problem}; delete it to score again")
 
 
-def _directions(pool, prompts, index, sim_anchor, sim_plain, scores) -> tuple[Direction, ...]:
+def _directions(pool, prompts, index, sim_anchor, sim_plain, scores, sim_subjects=None) -> tuple[Direction, ...]:
     num = sim_anchor.shape[1]
+    check = {}
+    if sim_subjects is not None:
+        check = {(d, n): {"sim_subjects": tuple(tuple(float(v) for v in row) for row in sim_subjects[d, n]),
+                          "identity_mixed": bool(scores.mixed[d, n])}
+                 for d in range(len(pool)) for n in range(num)}
     return tuple(
         Direction(
             prompt_id=prompt_id,
@@ -608,7 +642,7 @@ def _directions(pool, prompts, index, sim_anchor, sim_plain, scores) -> tuple[Di
                 ImageScore(path=index[d * num + n]["path"], seed=index[d * num + n]["seed"],
                            sim_anchor=float(sim_anchor[d, n]),
                            sim_plain=tuple(float(s) for s in sim_plain[d, n]),
-                           overfit=bool(scores.flags[d, n]))
+                           overfit=bool(scores.overfit[d, n]), **check.get((d, n), {}))
                 for n in range(num)
             ),
         )

@@ -440,3 +440,32 @@ def initial_images(references: Sequence[Any], subjects: Sequence[str], resolutio
     return np.stack([subjects_collage(segments, np.random.default_rng([base_seed, round_index, p, s]), resolution)
                      for p, s in grid])
 
+
+
+def subject_portrait(image: Path | str, mask: Path | str, size: int) -> np.ndarray:
+    """Returns RGB uint8 (size, size, 3): the subject cut out by its mask's box, scaled to fill
+    the square less a margin of size/16 on each side, centred on white (the reference the
+    oracle's identity check compares an image's strips with)."""
+    segment = cut_out(*load_segment(image, mask, size))
+    height, width = segment.mask.shape
+    factor = (size - size / 8) / max(height, width)
+    new = (max(1, int(width * factor)), max(1, int(height * factor)))
+    pixels = np.asarray(Image.fromarray(segment.pixels).resize(new, Image.Resampling.BICUBIC))
+    inside = np.asarray(Image.fromarray(segment.mask.astype(np.float32), mode="F").resize(
+        new, Image.Resampling.BILINEAR)) > 0.5
+    portrait = np.full((size, size, 3), 255, np.uint8)
+    top, left = (size - new[1]) // 2, (size - new[0]) // 2
+    portrait[top:top + new[1], left:left + new[0]][inside] = pixels[inside]
+    return portrait
+
+
+def subject_portraits(references: Sequence[Any], subjects: Sequence[str], size: int) -> list[np.ndarray]:
+    """Returns per subject (in `subjects` order) the uint8 (r, size, size, 3) portraits of its
+    references with masks (objects with .image, .mask and .subject)."""
+    portraits = [np.stack([subject_portrait(r.image, r.mask, size) for r in references
+                           if r.subject == subject and r.mask is not None] or [np.zeros((0, size, size, 3), np.uint8)])
+                 for subject in subjects]
+    missing = [subject for subject, images in zip(subjects, portraits) if not len(images)]
+    if missing:
+        raise ValueError(f"subjects {missing} have no masked reference for the identity check")
+    return [np.asarray(p, np.uint8).reshape(-1, size, size, 3) for p in portraits]

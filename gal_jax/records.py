@@ -4,7 +4,10 @@ A round record (`DIR/rounds/<r>/record.json`) holds everything needed to recompu
 decisions: the references it trained on, every scored direction with its images' similarities and
 overfit flags, the openness, what was selected and whether the stop rule fired. Records are written
 once and never rewritten; `schema_version` says which layout a file has. Files without the field
-are version 1 (the first landing), which has the same fields: old workdirs still resume.
+are version 1 (the first landing), which has the same fields: old workdirs still resume. Version 3
+adds the identity check of multi-subject runs (`identity_check`, `subjects`, and each image's
+`sim_subjects` and `identity_mixed`; a direction's overfit_rate then counts images that are overfit
+or mixed); a record without the check is written as version 2, field for field as before.
 
 Reading is strict: a missing or mistyped field raises `RecordError` naming the file and the field,
 so a damaged record never becomes a wrong decision.
@@ -18,8 +21,12 @@ import types
 import typing
 from typing import Any, Mapping
 
-SCHEMA_VERSION = 2
-KNOWN_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+KNOWN_VERSIONS = (1, 2, 3)
+NO_IDENTITY_CHECK = "none"
+# Version-3 fields, left out of records without the identity check (written as version 2).
+_IDENTITY_RECORD_FIELDS = ("identity_check", "subjects")
+_IDENTITY_IMAGE_FIELDS = ("sim_subjects", "identity_mixed")
 
 
 class RecordError(ValueError):
@@ -39,6 +46,11 @@ class ImageScore:
     sim_anchor: float
     sim_plain: tuple[float, ...]  # one per plain prompt of the original references
     overfit: bool  # sim_anchor <= max(sim_plain)
+    # v3, multi-subject runs with the identity check: per vertical strip (left to right), the mean
+    # cosine to each subject's references (the record's `subjects` order), and whether the strips'
+    # best subjects miss one (acquisition.identity_mixed).
+    sim_subjects: tuple[tuple[float, ...], ...] = ()
+    identity_mixed: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +59,7 @@ class Direction:
 
     prompt_id: int  # index in the original anchor pool
     prompt: str
-    overfit_rate: float
+    overfit_rate: float  # fraction of images overfit (or, with the identity check, overfit or mixed)
     entropy: float
     images: tuple[ImageScore, ...]
 
@@ -102,11 +114,29 @@ class RoundRecord:
     tie_break: str = "pool order"
     image_rule: str = "highest sim_anchor"
     train_loss: tuple[LossPoint, ...] = ()  # the round's training loss curve (v2; empty in v1)
+    # v3: the identity check of a multi-subject run ("clip") and its subject ids, in sim_subjects order.
+    identity_check: str = NO_IDENTITY_CHECK
+    subjects: tuple[str, ...] = ()
     schema_version: int = SCHEMA_VERSION
 
+    def __post_init__(self):
+        # The layout a record has: version 3 only with the identity check's fields.
+        version = SCHEMA_VERSION if self.identity_check != NO_IDENTITY_CHECK else min(self.schema_version, 2)
+        object.__setattr__(self, "schema_version", version)
+
     def to_json(self) -> dict:
-        """Returns the record as JSON-ready dicts and lists (the file's layout)."""
-        return _to_json(self)
+        """Returns the record as JSON-ready dicts and lists (the file's layout): version 3 with the
+        identity check, else version 2 without its fields."""
+        data = _to_json(self)
+        if self.identity_check != NO_IDENTITY_CHECK:
+            return data
+        for name in _IDENTITY_RECORD_FIELDS:
+            data.pop(name)
+        for direction in data["directions"]:
+            for image in direction["images"]:
+                for name in _IDENTITY_IMAGE_FIELDS:
+                    image.pop(name)
+        return data
 
     @classmethod
     def from_json(cls, data: Any, source: str = "round record") -> "RoundRecord":
@@ -139,6 +169,13 @@ def _check_consistent(record: RoundRecord, source: str) -> None:
     for entry in record.selected:
         if record.directions and entry.prompt_id not in prompt_ids:
             raise RecordError(f"{source}: selected prompt_id {entry.prompt_id} was not scored this round")
+    if record.identity_check != NO_IDENTITY_CHECK:
+        n = len(record.subjects)
+        for direction in record.directions:
+            for image in direction.images:
+                if len(image.sim_subjects) != n or any(len(row) != n for row in image.sim_subjects):
+                    raise RecordError(f"{source}: image {image.path} has sim_subjects that are not "
+                                      f"{n} strips x {n} subjects {list(record.subjects)}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -89,7 +89,8 @@ def round_summaries(records: Sequence[RoundRecord]) -> list[dict]:
 
 def contact_sheet(direction: Direction, thumbnails: Sequence[Image.Image], selected: set[str],
                   thumb: int = THUMB) -> Image.Image:
-    """Returns a direction's images in a row: overfit ones framed red + "OVF", chosen ones green.
+    """Returns a direction's images in a row: overfit ones framed red + "OVF" (subjects mixed,
+    with the identity check: red + "MIX"), chosen ones green.
 
     Under each image: its sim_anchor, its highest sim_plain (overfit when anchor <= plain), seed.
     """
@@ -107,7 +108,7 @@ def contact_sheet(direction: Direction, thumbnails: Sequence[Image.Image], selec
     for i, (info, thumbnail) in enumerate(zip(images, thumbnails)):
         x = pad + i * (cell + pad)
         chosen = info.path in selected
-        frame = SELECTED_RGB if chosen else OVERFIT_RGB if info.overfit else NEUTRAL_RGB
+        frame = SELECTED_RGB if chosen else OVERFIT_RGB if info.overfit or info.identity_mixed else NEUTRAL_RGB
         draw.rectangle((x, header, x + cell - 1, header + cell - 1), fill=frame)
         square = ImageOps.pad(thumbnail.convert("RGB"), (thumb, thumb), color="white")
         sheet.paste(square, (x + border, header + border))
@@ -213,7 +214,8 @@ def _draw_caption(draw: ImageDraw.ImageDraw, info: ImageScore, chosen: bool, cor
     draw.text((x + 2, y + 14), f"plain  {fmt(max(plain) if plain else None, '.3f')}", fill="#555",
               font=font)
     draw.text((x + 2, y + 28), f"seed {info.seed}", fill="#777", font=font)
-    tags = [("CHOSEN", SELECTED_RGB, chosen), ("OVF", OVERFIT_RGB, info.overfit)]
+    tags = [("CHOSEN", SELECTED_RGB, chosen), ("OVF", OVERFIT_RGB, info.overfit),
+            ("MIX", OVERFIT_RGB, info.identity_mixed)]
     right = x + width - 2
     for text, colour, shown in tags:  # right to left
         if shown:

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from gal_jax import acquisition
-from gal_jax.records import Direction, ImageScore, RecordError, ReferenceEntry, RoundRecord, SelectedEntry
+from gal_jax.records import (NO_IDENTITY_CHECK, Direction, ImageScore, RecordError, ReferenceEntry, RoundRecord,
+                             SelectedEntry)
 
 OVERFIT_RGB = (214, 39, 40)  # matplotlib's tab:red
 SELECTED_RGB = (44, 160, 44)  # tab:green
@@ -340,7 +341,10 @@ def _sheets(record: RoundRecord, links: dict, open_sheets: bool) -> str:
     r = record.round
     legend = (f'<p class="meta legend"><span style="border-color: rgb{OVERFIT_RGB}">OVF</span>'
               "overfit: sim_anchor ≤ max sim_plain "
-              f'<span style="border-color: rgb{SELECTED_RGB}">chosen</span>new reference · '
+              + (f'<span style="border-color: rgb{OVERFIT_RGB}">MIX</span>subjects mixed: the image\'s '
+                 "strips do not each look most like a different subject "
+                 if record.identity_check != NO_IDENTITY_CHECK else "")
+              + f'<span style="border-color: rgb{SELECTED_RGB}">chosen</span>new reference · '
               "under each image: sim_anchor, max sim_plain, seed · by rank</p>")
     sheets = [f'<div class=sheet><img src="{links[("sheet", r, d)]}" '
               f'alt="{_e(record.directions[d].prompt)}"></div>'

@@ -195,9 +195,10 @@ def _direction_html(direction: dict, page_dir: Path, workdir: Path) -> str:
     for i, image in enumerate(direction["images"]):
         plain = image.get("sim_plain") or []
         tags = ("<span class=ovf>OVF</span>" if image.get("overfit") else "") + (
+            "<span class=ovf>MIX</span>" if image.get("identity_mixed") else "") + (
             "<span class=best>top anchor</span>" if image["path"] == best else "")
         src = relative_url(io_utils.resolve(workdir, image["path"]), page_dir)
-        classes = "pick" + (" overfit" if image.get("overfit") else "") + (
+        classes = "pick" + (" overfit" if image.get("overfit") or image.get("identity_mixed") else "") + (
             " selected" if suggested and image["path"] == best else "")
         picks.append(
             f'<button type=button class="{classes}" data-path="{_e(image["path"])}">'

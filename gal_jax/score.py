@@ -99,6 +99,7 @@ class Scorer:
             lambda params, ids: embed_texts(clip, params, ids), out_shardings=replicated
         )
         self._pad = jax.jit(_pad_rows, static_argnums=1, out_shardings=batch)
+        self._strips = jax.jit(square_strips, static_argnums=1)  # image_embeddings pads and shards
         # Replicated embeddings are readable on every process, and small (n x d floats).
         self._concat = jax.jit(concat_rows, static_argnums=1, out_shardings=replicated)
 
@@ -174,6 +175,36 @@ class Scorer:
         sims = np.asarray(image_embeddings) @ np.asarray(texts).T
         sim_anchor = sims[np.arange(len(anchor_index)), anchor_index]
         return sim_anchor, sims[:, len(anchor_prompts) :]
+
+    def subject_similarities(self, images: jax.Array, subject_images: Sequence[np.ndarray]) -> np.ndarray:
+        """Returns (n, S, S): for each image, cut into S vertical strips (`square_strips`), the
+        mean cosine of each strip's embedding with those of each subject's images
+        (`subject_images[s]`: uint8 (r_s, h, w, 3), r_s >= 1), in subject order."""
+        images = _check_images(images)
+        count = len(subject_images)
+        if count < 2 or any(len(x) == 0 for x in subject_images):
+            raise ValueError(f"the identity check needs images of >= 2 subjects, got {[len(x) for x in subject_images]}")
+        n = images.shape[0]
+        if n == 0:
+            return np.zeros((0, count, count), np.float32)
+        strips = self._strips(images, count)
+        embeddings = np.asarray(self.image_embeddings(strips)).reshape(n, count, -1)
+        references = [np.asarray(self.image_embeddings(x)) for x in subject_images]
+        return np.stack([(embeddings @ reference.T).mean(axis=-1) for reference in references], axis=-1)
+
+
+def square_strips(images: jax.Array, strips: int) -> jax.Array:
+    """Returns (n * strips, H, H, 3): each of the n uint8 (H, W, 3) images cut into `strips`
+    vertical strips of W // strips columns (left to right, image by image), each centred on a white
+    H x H square so CLIP sees all of it."""
+    n, height, width, channels = images.shape
+    step = width // strips
+    if step < 1 or step > height:
+        raise ValueError(f"cannot cut {height}x{width} images into {strips} strips no wider than they are tall")
+    cut = images[:, :, : step * strips].reshape(n, height, strips, step, channels).transpose(0, 2, 1, 3, 4)
+    left = (height - step) // 2
+    padded = jnp.pad(cut, ((0, 0), (0, 0), (0, 0), (left, height - step - left), (0, 0)), constant_values=255)
+    return padded.reshape(n * strips, height, height, channels)
 
 
 def _pad_rows(x: jax.Array, rows: int) -> jax.Array:

@@ -335,3 +335,40 @@ def test_select_random_rejects_an_unknown_image_rule_and_mismatched_prompt_ids()
 def test_score_directions_rejects_a_flat_similarity_vector():
     with pytest.raises(ValueError, match="directions, images"):
         acquisition.score_directions(np.zeros(10), np.zeros((10, 2)))
+
+
+# --- identity check (several subjects) --------------------------------------------------------
+
+
+def test_an_image_is_mixed_when_its_strips_do_not_find_every_subject():
+    sims = np.array([
+        [[0.9, 0.1], [0.2, 0.8]],  # left a, right b: both found
+        [[0.2, 0.8], [0.9, 0.1]],  # left b, right a: both found, other order
+        [[0.9, 0.1], [0.7, 0.6]],  # both strips look like a: mixed
+        [[0.5, 0.5], [0.5, 0.5]],  # a tie goes to the first subject in both strips: mixed
+    ])
+    np.testing.assert_array_equal(acquisition.identity_mixed(sims), [False, False, True, True])
+    three = np.eye(3)[[2, 0, 1]]  # strips find c, a, b
+    assert not acquisition.identity_mixed(three)
+    assert acquisition.identity_mixed(np.eye(3)[[0, 0, 1]])
+
+
+@pytest.mark.parametrize("shape", [(2,), (4, 2, 3), (4, 1, 1)])
+def test_identity_check_needs_square_subject_similarities(shape):
+    with pytest.raises(ValueError, match="sim_subjects must be"):
+        acquisition.identity_mixed(np.zeros(shape))
+
+
+def test_mixed_images_count_against_a_direction_with_the_identity_check():
+    sim_anchor = np.array([[0.3, 0.3, 0.3, 0.3]])
+    sim_plain = np.array([[[0.1], [0.1], [0.1], [0.5]]])  # only the last image is overfit
+    apart, together = [[0.9, 0.1], [0.1, 0.9]], [[0.9, 0.1], [0.9, 0.1]]
+    sim_subjects = np.array([[apart, together, apart, apart]])
+    plain = acquisition.score_directions(sim_anchor, sim_plain)
+    checked = acquisition.score_directions(sim_anchor, sim_plain, sim_subjects)
+    assert plain.rates[0] == 0.25 and plain.mixed is None
+    assert checked.rates[0] == 0.5 and checked.entropies[0] == pytest.approx(LN2)
+    np.testing.assert_array_equal(checked.overfit[0], [False, False, False, True])
+    np.testing.assert_array_equal(checked.mixed[0], [False, True, False, False])
+    with pytest.raises(ValueError, match="sim_subjects shape"):
+        acquisition.score_directions(sim_anchor, sim_plain, sim_subjects[:, :2])

@@ -441,3 +441,27 @@ def test_every_path_the_readme_names_exists_after_the_tiny_run(uncertainty_run):
     for name in names:
         pattern = name.replace("<r>", "1").rstrip("/")
         assert list(workdir.glob(pattern)), f"README names {name}, absent after the tiny run"
+
+
+def test_cached_scores_must_hold_the_identity_check_the_run_makes(tmp_path):
+    sims = {"prompts": ["p"], "plain_prompts": ["q"], "sim_anchor": [0.1, 0.2], "sim_plain": [[0.3], [0.1]]}
+    path = tmp_path / "scores.json"
+    driver._check_scores(sims, ["p"], ["q"], 2, path)
+    with pytest.raises(driver.WorkdirError, match="scores.json: it lacks the identity check's sim_subjects"):
+        driver._check_scores(sims, ["p"], ["q"], 2, path, subjects=2)
+    checked = {**sims, "sim_subjects": np.zeros((2, 2, 2)).tolist()}
+    driver._check_scores(checked, ["p"], ["q"], 2, path, subjects=2)
+    with pytest.raises(driver.WorkdirError, match="holds an identity check this run does not make"):
+        driver._check_scores(checked, ["p"], ["q"], 2, path)
+
+
+def test_identity_check_is_checked_in_the_config_and_needs_several_subjects(tiny_assets):
+    from gal_jax import concept as concept_lib
+
+    config = tiny_cpu.get_config()
+    config.gal.identity_check = "dino"
+    with pytest.raises(ValueError, match=r"config.gal.identity_check='dino'; expected one of \('none', 'clip'\)"):
+        driver.check_config(config)
+    config.gal.identity_check = "clip"
+    with pytest.raises(ValueError, match="identity_check='clip' checks the subjects of a multi-subject concept"):
+        concept_lib.load_concept(config, tiny_assets["object_concept"], None)

@@ -10,7 +10,7 @@ import pytest
 from safetensors import safe_open
 
 from configs import tiny_cpu
-from gal_jax import driver, export
+from gal_jax import acquisition, driver, export
 from crash_test import gal_run, leftovers, outcome
 from driver_test import small_config
 
@@ -100,6 +100,17 @@ def test_two_subjects_run_gal_rounds_resume_after_a_kill_and_export_a_lora_diffu
     expected = outcome(tmp_path / "plain", RESULTS)
     assert len(expected["records"]) == 2 and expected["records"][0]["selected"]
     assert expected["records"][0]["concept_phrase"] == "<tiny-teapot> teapot and <tiny-cat> cat"
+    # The identity check (tiny_cpu:mudi sets gal.identity_check='clip'): every number is in the
+    # record, and the rates recompute from it.
+    first = expected["records"][0]
+    assert first["schema_version"] == 3 and first["identity_check"] == "clip" and first["subjects"] == ["a", "b"]
+    for direction in first["directions"]:
+        sims = np.array([image["sim_subjects"] for image in direction["images"]])
+        assert sims.shape == (2, 2, 2)
+        mixed = acquisition.identity_mixed(sims)
+        assert [image["identity_mixed"] for image in direction["images"]] == mixed.tolist()
+        failed = [image["overfit"] or m for image, m in zip(direction["images"], mixed)]
+        assert direction["overfit_rate"] == pytest.approx(np.mean(failed))
     workdir = tmp_path / "killed"
     code, output = gal_run(workdir, tiny_assets["root"], tmp_path / "cache", "train:3", extra=MUDI)
     assert code == -signal.SIGKILL, output[-3000:]

@@ -229,6 +229,18 @@ def test_contact_sheet_frames_overfit_red_and_the_chosen_image_green():
     assert wider.width > sheet.width and wider.height == sheet.height
 
 
+def test_contact_sheet_frames_an_identity_mixed_image_red():
+    images = [{"path": "a.png", "overfit": False, "sim_anchor": 0.3, "sim_plain": [0.2], "seed": 0,
+               "sim_subjects": [[0.9, 0.1], [0.8, 0.2]], "identity_mixed": True},
+              {"path": "b.png", "overfit": False, "sim_anchor": 0.3, "sim_plain": [0.2], "seed": 1,
+               "sim_subjects": [[0.9, 0.1], [0.1, 0.9]], "identity_mixed": False}]
+    direction = {"prompt_id": 0, "prompt": "{a} and {b} in park", "overfit_rate": 0.5, "entropy": 0.69,
+                 "images": images}
+    thumbnails = [Image.new("RGB", (40, 30), BLUE) for _ in images]
+    sheet = report.contact_sheet(from_json(Direction, direction), thumbnails, selected=set(), thumb=32)
+    assert _frame_colours(sheet) == [OVERFIT, OVERFIT, NEUTRAL, NEUTRAL]
+
+
 def test_contact_sheet_rejects_a_thumbnail_count_that_differs_from_the_images():
     image = {"path": "a.png", "overfit": True, "sim_anchor": 0.2, "sim_plain": [0.3], "seed": 0}
     direction = from_json(Direction, {"prompt_id": 0, "prompt": "p", "overfit_rate": 1.0, "entropy": 0.0,

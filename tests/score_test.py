@@ -152,3 +152,32 @@ def test_over_long_prompt_is_truncated_with_a_warning(scorer):
     with pytest.warns(sample.PromptTruncatedWarning, match="truncated"):
         embedding = scorer.text_embeddings(["a cat " * 60])
     assert embedding.shape == (1, 32)
+
+
+def test_square_strips_keep_every_column_on_white():
+    images = np.arange(2 * 8 * 8 * 3, dtype=np.uint8).reshape(2, 8, 8, 3)
+    strips = np.asarray(score.square_strips(images, 2))
+    assert strips.shape == (4, 8, 8, 3)
+    np.testing.assert_array_equal(strips[1][:, 2:6], images[0][:, 4:8])  # image 0, right strip, centred
+    np.testing.assert_array_equal(strips[2][:, 2:6], images[1][:, 0:4])
+    assert (strips[:, :, :2] == 255).all() and (strips[:, :, 6:] == 255).all()
+    with pytest.raises(ValueError, match="into 9 strips"):
+        score.square_strips(images, 9)
+
+
+def test_subject_similarities_are_strip_cosines_averaged_over_each_subjects_images(scorer):
+    images = smooth_images(3, 64, 64, seed=1)
+    subject_images = [smooth_images(2, 64, 64, seed=2), smooth_images(1, 64, 64, seed=3)]
+    sims = scorer.subject_similarities(images, subject_images)
+    assert sims.shape == (3, 2, 2)
+    strips = np.asarray(scorer.image_embeddings(np.asarray(score.square_strips(images, 2))))
+    references = [np.asarray(scorer.image_embeddings(x)) for x in subject_images]
+    expected = np.stack([(strips @ r.T).mean(-1) for r in references], -1).reshape(3, 2, 2)
+    np.testing.assert_allclose(sims, expected, atol=1e-6)
+    # Each strip is scored alone: a subject whose image is the left strip itself is its best match.
+    left_strip = np.asarray(score.square_strips(images[:1], 2))[:1]
+    white = np.full_like(left_strip, 255)
+    sims = scorer.subject_similarities(images[:1], [white, left_strip])
+    assert sims[0, 0, 1] == pytest.approx(1.0, abs=1e-5) and sims[0, 0, 1] > sims[0, 0, 0]
+    with pytest.raises(ValueError, match=">= 2 subjects"):
+        scorer.subject_similarities(images, subject_images[:1])

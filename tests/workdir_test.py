@@ -46,7 +46,36 @@ def test_a_first_landing_record_reads_as_schema_1_and_writes_back_as_the_current
     assert record.to_json() == {**V1_RECORD, "schema_version": 1, "tie_break": "pool order",
                                 "image_rule": "highest sim_anchor", "train_loss": []}
     fresh = RoundRecord(**{**record.__dict__, "schema_version": SCHEMA_VERSION})
-    assert fresh.to_json()["schema_version"] == SCHEMA_VERSION == 2
+    assert fresh.to_json()["schema_version"] == 2 and SCHEMA_VERSION == 3  # version 3 only with the identity check
+
+
+def _with_identity_check(record: dict) -> dict:
+    """Returns V1_RECORD as a version-3 record of a two-subject run with the identity check."""
+    record = json.loads(json.dumps(record))
+    record.update(schema_version=3, identity_check="clip", subjects=["a", "b"])
+    for image, sims, mixed in zip(record["directions"][0]["images"], ([[0.9, 0.1], [0.2, 0.8]], [[0.9, 0.1], [0.8, 0.2]]),
+                                  (False, True)):
+        image.update(sim_subjects=sims, identity_mixed=mixed)
+    return record
+
+
+def test_a_record_with_the_identity_check_is_version_3_and_round_trips():
+    data = _with_identity_check(V1_RECORD)
+    record = RoundRecord.from_json(data, "record.json")
+    assert record.schema_version == 3 and record.subjects == ("a", "b")
+    assert record.directions[0].images[1].sim_subjects == ((0.9, 0.1), (0.8, 0.2))
+    assert record.to_json() == {**data, "tie_break": "pool order", "image_rule": "highest sim_anchor", "train_loss": []}
+    # Without the check the same record is written as version 2, without the check's fields.
+    plain = RoundRecord(**{**record.__dict__, "identity_check": "none", "subjects": ()}).to_json()
+    assert plain["schema_version"] == 2 and "subjects" not in plain
+    assert "sim_subjects" not in plain["directions"][0]["images"][0]
+
+
+def test_a_record_whose_identity_sims_do_not_match_its_subjects_is_refused():
+    data = _with_identity_check(V1_RECORD)
+    data["directions"][0]["images"][0]["sim_subjects"] = [[0.9, 0.1]]
+    with pytest.raises(RecordError, match=r"p003_s00.png has sim_subjects that are not 2 strips x 2 subjects"):
+        RoundRecord.from_json(data, "record.json")
 
 
 @pytest.mark.parametrize("field, value, message", [
