@@ -14,7 +14,10 @@ Generation starts from MuDI's mean-shifted noise: gamma (sample.init_gamma) time
 of a collage of the segmented subjects is added to the first noise. The value of gamma their
 notebook uses was not available here; 1.0 is ours (0 turns the initialisation off).
 
-The concept folder is a MuDI data set as they ship it (metadata.jsonl, images, masks):
+The concept folder is a MuDI data set as they ship it (metadata.jsonl, images, masks). Their prior
+set works too, instead of DCO: --config.train.with_prior=true --config.train.loss_terms.dco.beta=0
+--config.data.class_dir=/data/MuDI/dataset/reg/actionfigure_2_and_dog0 (its class_metadata.jsonl
+and masks: class images paired with their subject and Seg-Mixed with the instances).
 
   gal-jax run --config=configs/sd_mudi.py --workdir=/tmp/gal/toy-and-corgi \
       --config.model.sd_path=/models/stable-diffusion-v1-5 \
@@ -49,7 +52,7 @@ def use_mudi(config):
     config.train.grad_accum_steps = 2
     config.train.weight_decay = 1e-4
     config.train.max_grad_norm = 1.0
-    config.train.with_prior = False
+    config.train.with_prior = False  # their public default: DCO, not their mixed prior set
     config.train.loss_terms.dco.beta = 1000.0
     config.data.segmix.prob = 0.3
     config.data.segmix.start_step = 0

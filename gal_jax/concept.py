@@ -4,6 +4,10 @@ Read once per run from the concept folder (the authors' `init.json` layout) and 
 concept phrase ("a <cute-cat> cat", or a style descriptor "in watercolor painting style"), the
 plain prompts the overfit oracle compares with, the class prompt and images for prior
 preservation, and the anchor pool (a prompt's index in it is its prompt_id for the whole run).
+
+A multi-subject concept (MuDI's metadata.jsonl) whose class folder holds MuDI's
+class_metadata.jsonl has a masked prior set: class images with their own captions, masks and
+subjects, paired and mixed by subject in training (see data.write_training_set).
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ class Concept:
     class_word: str = ""  # objects: the class ("cat", "wooden pot")
     # Multi-subject concepts (MuDI's metadata.jsonl): identifier phrase by subject id, in file order.
     subjects: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Their masked prior set (class_metadata.jsonl): class word by id, and the class images (the
+    # same as class_images) with captions and masks; None for a plain class folder.
+    prior: multi_subject.MultiSubjectSet | None = None
 
     @property
     def concept_file(self) -> str:
@@ -92,6 +99,10 @@ def _class_images(config: ml_collections.ConfigDict, class_dir: Path | None) -> 
     when train.with_prior is off or there is no class folder."""
     if not (config.train.with_prior and class_dir is not None):
         return ()
+    if (Path(class_dir) / multi_subject.CLASS_METADATA).is_file():
+        raise ValueError(f"{Path(class_dir) / multi_subject.CLASS_METADATA}: a masked prior set pairs class images "
+                         "with the subjects of a multi-subject concept (MuDI's metadata.jsonl); this concept has one "
+                         "subject, and the folder's masks would be read as class images")
     return tuple(data.list_class_images(class_dir))[: config.data.num_class_images]
 
 
@@ -127,6 +138,7 @@ def _multi_subject_concept(config: ml_collections.ConfigDict, concept_dir: Path,
     if config.gal.get("identity_check", "none") != "none" and len(subjects.subjects) < 2:
         raise ValueError(f"{subjects.file}: config.gal.identity_check={config.gal.identity_check!r} compares "
                          f"subjects, and the file names one ({list(subjects.subjects)})")
+    prior = _prior_set(config, class_dir, subjects.subjects)
     classes = {s: multi_subject.class_of(phrase) for s, phrase in subjects.subjects.items()}
     references = tuple(
         data.Reference(image=item.image, prompt=item.text, weight=1.0, mask=item.mask, subject=item.subject,
@@ -138,13 +150,42 @@ def _multi_subject_concept(config: ml_collections.ConfigDict, concept_dir: Path,
     return Concept(
         kind="object",
         references=references,
-        class_images=_class_images(config, class_dir),
+        class_images=tuple(item.image for item in prior.images) if prior else _class_images(config, class_dir),
         class_prompt=class_prompt,
         phrase=phrase,
         plain_prompts=tuple(dict.fromkeys(" ".join(r.plain_prompt.split()) for r in references)),
         **_anchors(config, "object", phrase, subjects.subjects),
         subjects=dict(subjects.subjects),
+        prior=prior,
     )
+
+
+def _prior_set(config: ml_collections.ConfigDict, class_dir: Path | None,
+               subjects: dict[str, str]) -> multi_subject.MultiSubjectSet | None:
+    """Returns the masked prior set of a multi-subject concept: the class folder's MuDI
+    class_metadata.jsonl (ids name the class words, the same ids as the concept's), each subject's
+    first data.num_class_images images in file order (the cap is per subject: each class keeps
+    its images, as MuDI pairs class images by subject); None when train.with_prior is off or the
+    folder has no class_metadata.jsonl (a plain folder of class images under class_prompt).
+
+    Raises MultiSubjectDataError naming the file when its ids are not the concept's.
+    """
+    if not (config.train.with_prior and class_dir is not None):
+        return None
+    file = Path(class_dir) / multi_subject.CLASS_METADATA
+    if not file.is_file():
+        return None
+    prior = multi_subject.read_metadata(file)
+    unknown = [s for s in prior.subjects if s not in subjects]
+    missing = [s for s in subjects if s not in prior.subjects]
+    if unknown or missing:
+        raise multi_subject.MultiSubjectDataError(
+            f"{file}, line 1: the prior's ids must be the concept's ({', '.join(map(repr, subjects))}); "
+            + "; ".join(([f"not subjects of the concept: {unknown}"] if unknown else [])
+                        + ([f"no class images for {missing}"] if missing else [])))
+    cap = config.data.num_class_images
+    kept = set(image for subject in prior.subjects for image in prior.of(subject)[:cap])
+    return dataclasses.replace(prior, images=tuple(image for image in prior.images if image in kept))
 
 
 def find_placeholder(references, concept_dir: Path) -> str:

@@ -15,6 +15,12 @@ with the same next batch.
 Record i pairs instance i mod n with class image i mod m; there are max(n, m) records (diffusers
 DreamBooth). Images are stored already resized (shorter side = resolution, as losslessly encoded
 PNG), so reading only crops, flips and rescales.
+
+A multi-subject concept's masked prior set (MuDI's class_metadata.jsonl) pairs by subject instead,
+as MuDI's DreamBoothDataset does: record i's class image is image i mod m_c of its instance's
+subject c (instances without a subject, GAL's queried images, cycle through all class images), with
+its own caption, mask and subject; its images are also written once more, as a side set
+(`GalPriorSet`), for Seg-Mix to draw any class image of another subject from.
 """
 
 from __future__ import annotations
@@ -38,12 +44,14 @@ from PIL import Image
 
 from gal_jax import io_utils
 from gal_jax.images import ImageError, open_rgb, resize_shorter_side
-from gal_jax.multi_subject import SEGMIX_CAPTION, load_mask, mix_subjects, relative_scales, soft_mask
+from gal_jax.multi_subject import (SEGMIX_CAPTION, MultiSubjectSet, load_mask, mix_subjects, relative_scales,
+                                   soft_mask)
 
 INIT_JSON = "init.json"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _REQUIRED_KEYS = ("instance_prompt", "instance_data_path", "weight")
 _BUILDER_NAME = "gal_training_set"
+_PRIOR_BUILDER_NAME = "gal_prior_set"
 _WITH_PRIOR, _INSTANCES_ONLY = "with_prior", "instances_only"
 
 
@@ -249,18 +257,26 @@ def _mask_fields(ref: Reference, resolution: int, subject_ids: Sequence[str]) ->
     """Returns a multi-subject record's mask fields for `ref`: its mask resized as its image
     (shorter side = resolution) as PNG bytes and its subject's index, or an empty mask and -1
     without a mask."""
-    image_size = _open_rgb(Path(ref.image)).size
-    if ref.mask is None:
-        mask, subject = Image.new("L", image_size, 0), -1
+    mask = _encoded_mask(Path(ref.image), None if ref.mask is None else Path(ref.mask), resolution)
+    subject = -1 if ref.mask is None else subject_ids.index(ref.subject)
+    return {"instance_mask": mask, "instance_subject": np.int32(subject)}
+
+
+def _encoded_mask(image: Path, mask: Path | None, resolution: int) -> bytes:
+    """Returns the mask of `image` (all black when None) resized as the image is (shorter side =
+    resolution), as greyscale PNG bytes."""
+    image_size = _open_rgb(image).size
+    if mask is None:
+        picture = Image.new("L", image_size, 0)
     else:
-        values = load_mask(ref.mask)
+        values = load_mask(mask)
         if values.shape[::-1] != image_size:
-            raise DataError(f"{ref.mask}: mask of {values.shape[1]}x{values.shape[0]} pixels for image {ref.image} of "
+            raise DataError(f"{mask}: mask of {values.shape[1]}x{values.shape[0]} pixels for image {image} of "
                             f"{image_size[0]}x{image_size[1]}")
-        mask, subject = Image.fromarray(np.round(values * 255).astype(np.uint8)), subject_ids.index(ref.subject)
+        picture = Image.fromarray(np.round(values * 255).astype(np.uint8))
     buffer = io.BytesIO()
-    resize_shorter_side(mask, resolution).save(buffer, format="PNG", compress_level=1)
-    return {"instance_mask": buffer.getvalue(), "instance_subject": np.int32(subject)}
+    resize_shorter_side(picture, resolution).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,12 +304,14 @@ class GalTrainingSet(tfds.core.GeneratorBasedBuilder):
         metadata: dict[str, Any] | None = None,
         token_length: int = 77,
         with_masks: bool = False,
+        with_class_masks: bool = False,
         **kwargs,
     ):
         self._records = records
         self._metadata = metadata or {}
         self._token_length = token_length
         self._with_masks = with_masks
+        self._with_class_masks = with_class_masks
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -314,6 +332,11 @@ class GalTrainingSet(tfds.core.GeneratorBasedBuilder):
             features.update(
                 class_image=image, class_ids=ids, class_index=tfds.features.Scalar(dtype=np.int32)
             )
+            if self._with_class_masks:  # a masked prior set: each class image's mask and subject
+                features.update(
+                    class_mask=tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
+                    class_subject=tfds.features.Scalar(dtype=np.int32),
+                )
         return tfds.core.DatasetInfo(
             builder=self,
             features=tfds.features.FeaturesDict(features),
@@ -326,6 +349,35 @@ class GalTrainingSet(tfds.core.GeneratorBasedBuilder):
         del dl_manager  # nothing to download
         if self._records is None:
             raise ValueError("GalTrainingSet is built by write_training_set, which passes records")
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        yield from enumerate(self._records)
+
+
+class GalPriorSet(tfds.core.GeneratorBasedBuilder):
+    """TFDS builder of a masked prior set's images (image, mask, subject index), beside the
+    training records: Seg-Mix draws a random class image of another subject from all of them,
+    not only from those the records pair."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Class images with their masks and subject indices."}
+
+    def __init__(self, *, records: Iterable[dict[str, Any]] | None = None, **kwargs):
+        self._records = records
+        super().__init__(**kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(builder=self, disable_shuffling=True, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
+            "mask": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
+            "subject": tfds.features.Scalar(dtype=np.int32),
+        }))
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # nothing to download
+        if self._records is None:
+            raise ValueError("GalPriorSet is built by write_training_set, which passes records")
         return {"train": self._generate_examples()}
 
     def _generate_examples(self) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -347,7 +399,7 @@ def _tokenize_checked(
 
 def _fingerprint(
     references: Sequence[Reference], class_images: Sequence[Path], ids: np.ndarray, resolution: int,
-    subjects: Sequence[str] = (),
+    subjects: Sequence[str] = (), prior: MultiSubjectSet | None = None,
 ) -> str:
     """Returns a short hash of everything that decides the records' contents."""
     digest = hashlib.sha256(f"{resolution}".encode())
@@ -358,9 +410,30 @@ def _fingerprint(
         digest.update(json.dumps([list(subjects), [ref.subject for ref in references]]).encode())
         for ref in references:
             digest.update(Path(ref.mask).read_bytes() if ref.mask else b"no mask")
+    if prior is not None:  # only masked prior sets (their captions are in `ids`)
+        digest.update(json.dumps([prior.subjects, [item.subject for item in prior.images]]).encode())
+        for item in prior.images:
+            digest.update(Path(item.mask).read_bytes())
     for path in [ref.image for ref in references] + list(class_images):
         digest.update(Path(path).read_bytes())
     return digest.hexdigest()[:16]
+
+
+def _paired_class_images(references: Sequence[Reference], num_class_images: int,
+                        prior: MultiSubjectSet | None = None) -> list[int]:
+    """Returns the class image of every record (indices into the class images): record i's is
+    i mod m (diffusers DreamBooth), or with a masked `prior`, as MuDI pairs them, image i mod m_c of
+    the record's instance's subject c (in file order; instances of no prior subject: i mod m)."""
+    records = max(len(references), num_class_images)
+    if not num_class_images:
+        return []
+    by_subject = {} if prior is None else {
+        subject: [j for j, item in enumerate(prior.images) if item.subject == subject] for subject in prior.subjects}
+    paired = []
+    for i in range(records):
+        own = by_subject.get(references[i % len(references)].subject)
+        paired.append(own[i % len(own)] if own else i % num_class_images)
+    return paired
 
 
 def _records(
@@ -369,14 +442,18 @@ def _records(
     ids: np.ndarray,
     resolution: int,
     subject_ids: Sequence[str] = (),
+    prior: MultiSubjectSet | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Yields the record dicts: record i pairs instance i mod n with class image i mod m. With
-    `subject_ids` (multi-subject sets) instances carry their mask and subject index."""
+    """Yields the record dicts: record i pairs instance i mod n with its class image
+    (`_paired_class_images`). With `subject_ids` (multi-subject sets) instances carry their mask and
+    subject index; with a masked `prior`, class images carry their mask, their subject's index
+    among the prior's ids and their own caption's ids (`ids[n + j]` for class image j)."""
     n, m = len(references), len(class_images)
     # The few instance images recur in every record; the many class images are encoded as they
     # come, so the whole set never sits in memory.
     instance_png = [_encoded_resized(Path(ref.image), resolution) for ref in references]
     masks = [_mask_fields(ref, resolution, subject_ids) for ref in references] if subject_ids else None
+    paired = _paired_class_images(references, m, prior)
     for i in range(max(n, m)):
         record = {
             "instance_image": instance_png[i % n],
@@ -387,12 +464,42 @@ def _records(
         if masks:
             record.update(masks[i % n])
         if m:
+            j = paired[i]
             record.update(
-                class_image=_encoded_resized(Path(class_images[i % m]), resolution),
-                class_ids=ids[n],
-                class_index=np.int32(i % m),
+                class_image=_encoded_resized(Path(class_images[j]), resolution),
+                class_ids=ids[n + j] if prior is not None else ids[n],
+                class_index=np.int32(j),
             )
+            if prior is not None:
+                record.update(_prior_fields(prior, j, resolution))
         yield record
+
+
+def _prior_fields(prior: MultiSubjectSet, index: int, resolution: int) -> dict[str, Any]:
+    """Returns the class mask (PNG, resized as its image) and subject index of the prior's image `index`."""
+    item = prior.images[index]
+    return {"class_mask": _encoded_mask(item.image, item.mask, resolution),
+            "class_subject": np.int32(list(prior.subjects).index(item.subject))}
+
+
+def _prior_side_records(prior: MultiSubjectSet, resolution: int) -> Iterator[dict[str, Any]]:
+    """Yields the side set's records (`GalPriorSet`): every class image of the prior, in file order."""
+    for index, item in enumerate(prior.images):
+        fields = _prior_fields(prior, index, resolution)
+        yield {"image": _encoded_resized(item.image, resolution), "mask": fields["class_mask"],
+               "subject": fields["class_subject"]}
+
+
+def _checked_prior(prior: MultiSubjectSet, class_images: Sequence[Path], subject_ids: Sequence[str]) -> None:
+    """Raises ValueError unless `prior` is a masked prior set for these subjects and class images."""
+    if not subject_ids:
+        raise ValueError(f"{prior.file}: a masked prior set pairs class images with a multi-subject concept's "
+                         "subjects; pass `subjects`")
+    unknown = sorted(set(prior.subjects) - set(subject_ids))
+    if unknown:
+        raise ValueError(f"{prior.file}: prior ids {unknown} are not subjects of the concept ({list(subject_ids)})")
+    if [Path(p) for p in class_images] != [Path(item.image) for item in prior.images]:
+        raise ValueError(f"{prior.file}: class_images must be the prior set's images, in its order")
 
 
 def write_training_set(
@@ -403,6 +510,7 @@ def write_training_set(
     tokenize: Callable[[Sequence[str]], np.ndarray],
     resolution: int,
     subjects: dict[str, str] | None = None,
+    prior: MultiSubjectSet | None = None,
 ) -> Path:
     """Writes the round's training records as TFDS array_record under `out_dir`; returns out_dir.
 
@@ -414,30 +522,40 @@ def write_training_set(
     every instance carries its mask (references without one, such as GAL's queried images, carry
     none and are never mixed) and its subject, and the metadata holds the token ids of Seg-Mix's
     caption for every ordered pair of subjects.
+
+    `prior` (a multi-subject concept's masked prior set, MuDI's class_metadata.jsonl, whose images
+    `class_images` are) pairs class images by subject, each with its own caption (no class_prompt),
+    mask and subject; the metadata holds its class words and the ids of Seg-Mix's caption for every
+    ordered pair of them, and a side set (`GalPriorSet`) all its images.
     """
     if not references:
         raise ValueError("write_training_set needs at least one reference")
-    if class_images and not (class_prompt and class_prompt.strip()):
-        raise ValueError("class images need a non-empty class_prompt")
     subject_ids = list(subjects or {})
+    if prior is not None:
+        _checked_prior(prior, class_images, subject_ids)
+    elif class_images and not (class_prompt and class_prompt.strip()):
+        raise ValueError("class images need a non-empty class_prompt")
     unknown = sorted({ref.subject for ref in references if ref.mask is not None} - set(subject_ids))
     if unknown:
         raise ValueError(f"references with masks name subjects {unknown} that `subjects` lacks ({subject_ids})")
     out_dir = Path(out_dir).expanduser().absolute()
-    captions = [ref.prompt for ref in references] + ([class_prompt] if class_images else [])
-    ids = _tokenize_checked(tokenize, captions)
+    class_captions = [item.text for item in prior.images] if prior else [class_prompt] if class_images else []
+    ids = _tokenize_checked(tokenize, [ref.prompt for ref in references] + class_captions)
     metadata = {
         "resolution": resolution,
         "num_instances": len(references),
         "num_class_images": len(class_images),
-        "class_prompt": class_prompt if class_images else None,
-        "fingerprint": _fingerprint(references, class_images, ids, resolution, subject_ids),
+        "class_prompt": class_prompt if class_images and prior is None else None,
+        "fingerprint": _fingerprint(references, class_images, ids, resolution, subject_ids, prior),
     }
     if subject_ids:
         phrases = [subjects[s] for s in subject_ids]
-        pairs = [SEGMIX_CAPTION.format(first, second) for first in phrases for second in phrases]
-        pair_ids = _tokenize_checked(tokenize, pairs).reshape(len(phrases), len(phrases), -1)
-        metadata.update(subjects=subject_ids, subject_phrases=phrases, segmix_ids=pair_ids.tolist())
+        metadata.update(subjects=subject_ids, subject_phrases=phrases, segmix_ids=_pair_ids(tokenize, phrases))
+    if prior is not None:
+        words = list(prior.subjects.values())
+        metadata.update(prior_subjects=list(prior.subjects), prior_words=words,
+                        prior_segmix_ids=_pair_ids(tokenize, words),
+                        prior_image_subjects=[list(prior.subjects).index(item.subject) for item in prior.images])
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = io_utils.temporary_dir_beside(out_dir)
     try:
@@ -445,17 +563,28 @@ def write_training_set(
         tfds.display_progress_bar(False)
         with contextlib.redirect_stdout(io.StringIO()):
             GalTrainingSet(
-                records=_records(references, class_images, ids, resolution, subject_ids),
+                records=_records(references, class_images, ids, resolution, subject_ids, prior),
                 metadata=metadata,
                 token_length=ids.shape[1],
                 with_masks=bool(subject_ids),
+                with_class_masks=prior is not None,
                 config=_WITH_PRIOR if class_images else _INSTANCES_ONLY,
                 data_dir=str(tmp_dir),
             ).download_and_prepare(file_format="array_record")
+            if prior is not None:
+                GalPriorSet(records=_prior_side_records(prior, resolution), data_dir=str(tmp_dir)
+                            ).download_and_prepare(file_format="array_record")
         io_utils.replace_dir(tmp_dir, out_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return out_dir
+
+
+def _pair_ids(tokenize: Callable[[Sequence[str]], np.ndarray], words: Sequence[str]) -> list:
+    """Returns the token ids (nested lists, (k, k, L)) of Seg-Mix's caption for every ordered pair
+    of the k subjects named by `words` (first: the example's own subject)."""
+    pairs = [SEGMIX_CAPTION.format(first, second) for first in words for second in words]
+    return _tokenize_checked(tokenize, pairs).reshape(len(words), len(words), -1).tolist()
 
 
 def _config_name(data_dir: Path) -> str:
@@ -474,6 +603,13 @@ def open_training_set(data_dir: Path | str) -> tuple[Sequence[dict[str, Any]], d
     # tokenizer that wrote the set) are the written ones, not the builder class's defaults.
     builder = tfds.builder_from_directory(str(versions[-1]))
     return builder.as_data_source(split="train"), dict(builder.info.metadata)
+
+
+def open_prior_set(data_dir: Path | str) -> Sequence[dict[str, Any]]:
+    """Returns the random-access side set of a training set's masked prior (`GalPriorSet`): every
+    class image with its mask and subject index, in the prior file's order."""
+    versions = sorted((Path(data_dir).expanduser().absolute() / _PRIOR_BUILDER_NAME).iterdir())
+    return tfds.builder_from_directory(str(versions[-1])).as_data_source(split="train")
 
 
 def num_records(data_dir: Path | str) -> int:
@@ -581,16 +717,47 @@ class _PositionedSource(_TrainingSource):
         return (f"PositionedGalTrainingSet(fingerprint={self._fingerprint}, records={len(self._source)})")
 
 
+class _PriorSegments:
+    """A masked prior set's class images by subject index, read from its side set when Seg-Mix
+    draws one (grain workers pickle only the folder and the index)."""
+
+    def __init__(self, data_dir: Path, image_subjects: Sequence[int], num_subjects: int):
+        self._dir = Path(data_dir)
+        self._by_subject = [[j for j, s in enumerate(image_subjects) if s == subject]
+                            for subject in range(num_subjects)]
+        self._source = None
+
+    @property
+    def counts(self) -> list[int]:
+        """The number of class images of each subject."""
+        return [len(images) for images in self._by_subject]
+
+    def __call__(self, subject: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Returns (RGB uint8, mask float32 in [0, 1]) of class image `index` of subject `subject`."""
+        if self._source is None:
+            self._source = open_prior_set(self._dir)
+        record = self._source[self._by_subject[subject][index]]
+        return np.asarray(record["image"]), record["mask"][..., 0].astype(np.float32) / 255.0
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_source": None}
+
+
 @dataclasses.dataclass(frozen=True)
 class _SegMixPreprocess(_Preprocess):
     """`_Preprocess`, then Seg-Mix on the instance half (see `SegMix`); adds `loss_mask` (halves,
-    h, w) at latent resolution (ones for every example not mixed, as in MuDI)."""
+    h, w) at latent resolution (ones for every example not mixed, as in MuDI). When the instance
+    is mixed and its class image has a subject (a masked prior set), the class half is mixed too,
+    as MuDI mixes its prior: the class image's segment on the left, beside a random class image of
+    another prior subject, both at one height, at random scales."""
 
     segmix: SegMix = SegMix(0.0)
     records_per_step: int = 1
     latent_size: int = 8
     segments: tuple = ()  # per subject index: ((pixels uint8 (H, W, 3), mask float32 (H, W)), ...)
     pair_ids: np.ndarray | None = None  # (subjects, subjects, L) int32: Seg-Mix's caption per pair
+    prior: _PriorSegments | None = None  # a masked prior set's class images
+    prior_pair_ids: np.ndarray | None = None  # (prior subjects, prior subjects, L) int32
 
     def random_map(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
         position = record["position"]
@@ -601,15 +768,37 @@ class _SegMixPreprocess(_Preprocess):
         subject = int(record["instance_subject"])
         started = position // self.records_per_step >= self.segmix.start_step
         if started and coin < self.segmix.probability and subject >= 0:
-            own = (record["instance_image"], record["instance_mask"][..., 0].astype(np.float32) / 255.0)
-            pixels, union, other = mix_subjects(
-                own, subject, [len(images) for images in self.segments], lambda s, i: self.segments[s][i], rng,
-                self.resolution, relative_scale=self.segmix.relative_scale)
-            example["pixel_values"][0] = _to_unit_range(pixels)
-            example["input_ids"][0] = self.pair_ids[subject, other]
-            mask[0] = soft_mask(union.astype(np.float32), (self.latent_size,) * 2, self.segmix.soft_alpha)
+            counts = [len(images) for images in self.segments]
+            mask[0] = self._mix(example, record, "instance", counts, lambda s, i: self.segments[s][i], self.pair_ids,
+                                rng)
+            if self.prior is not None and int(record.get("class_subject", -1)) >= 0:
+                mask[1] = self._mix(example, record, "class", self.prior.counts, self.prior, self.prior_pair_ids, rng)
         example["loss_mask"] = mask
         return example
+
+    def _mix(self, example: dict[str, np.ndarray], record: dict[str, Any], half: str, counts: Sequence[int],
+             image: Callable[[int, int], tuple[np.ndarray, np.ndarray]], pair_ids: np.ndarray,
+             rng: np.random.Generator) -> np.ndarray:
+        """Replaces the example's `half` ("instance", or "class" in the prior's layout) by the
+        Seg-Mix of the record's with a random image (`image(s, i)`, i < counts[s]) of another
+        subject; returns its soft mask at latent resolution."""
+        row = 0 if half == "instance" else 1
+        own = (record[f"{half}_image"], record[f"{half}_mask"][..., 0].astype(np.float32) / 255.0)
+        subject = int(record[f"{half}_subject"])
+        pixels, union, other = mix_subjects(own, subject, counts, image, rng, self.resolution,
+                                            relative_scale=self.segmix.relative_scale, prior=half == "class")
+        example["pixel_values"][row] = _to_unit_range(pixels)
+        example["input_ids"][row] = pair_ids[subject, other]
+        return soft_mask(union.astype(np.float32), (self.latent_size,) * 2, self.segmix.soft_alpha)
+
+
+def _prior_mix(data_dir: Path | str, metadata: dict[str, Any]) -> dict[str, Any]:
+    """Returns `_SegMixPreprocess`'s prior fields for a set with a masked prior set, else {}."""
+    if not metadata.get("prior_subjects"):
+        return {}
+    prior = _PriorSegments(Path(data_dir).expanduser().absolute(), metadata["prior_image_subjects"],
+                           len(metadata["prior_subjects"]))
+    return {"prior": prior, "prior_pair_ids": np.asarray(metadata["prior_segmix_ids"], np.int32)}
 
 
 def _subject_segments(records: Sequence[dict[str, Any]], metadata: dict[str, Any]) -> tuple:
@@ -723,8 +912,8 @@ def make_train_iterator(
     worker_count (> 0: that many grain worker processes crop and scale).
 
     `segmix` (a multi-subject set's, see `SegMix`) mixes instances as MuDI does, a global batch
-    being one optimizer step for its start step; batches then also hold
-    loss_mask (b, latent_size, latent_size) float32.
+    being one optimizer step for its start step, and with a masked prior set the class image of
+    every mixed instance; batches then also hold loss_mask (b, latent_size, latent_size) float32.
     """
     records_per_process = _records_per_process(global_batch_size, process_index, process_count)
     records, metadata = open_training_set(data_dir)
@@ -745,7 +934,7 @@ def make_train_iterator(
         preprocess = _SegMixPreprocess(
             resolution, random_crop, flip, segmix=segmix, records_per_step=global_batch_size,
             latent_size=latent_size, segments=segments,
-            pair_ids=np.asarray(metadata["segmix_ids"], np.int32))
+            pair_ids=np.asarray(metadata["segmix_ids"], np.int32), **_prior_mix(data_dir, metadata))
         source = _PositionedSource(records, metadata["fingerprint"])
     loader = grain.DataLoader(
         data_source=source,

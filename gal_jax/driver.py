@@ -113,6 +113,8 @@ def check_inputs(config, workdir: Workdir, paths: inputs.RunPaths, concept: Conc
     """Records the input files' fingerprints, or refuses a resume in which one changed."""
     extra = [Path(config.eval.concepts_json)] if config.eval.enabled and config.eval.concepts_json else []
     extra += [r.mask for r in concept.references if r.mask is not None]
+    if concept.prior is not None:  # a masked prior set: its captions and masks decide the records too
+        extra += [concept.prior.file] + [image.mask for image in concept.prior.images]
     files = inputs.input_files(paths, [r.image for r in concept.references], concept.class_images,
                                concept.anchor_file, extra, concept_file=concept.concept_file)
     current = inputs.fingerprints(files)
@@ -358,7 +360,7 @@ def train_round(runtime: Runtime, references: list[data.Reference], paths: Round
         if io_utils.is_primary():
             data.write_training_set(references, list(concept.class_images), concept.class_prompt,
                                     paths.train_set, runtime.sd.tokenize, config.data.resolution,
-                                    subjects=concept.subjects or None)
+                                    subjects=concept.subjects or None, prior=concept.prior)
         io_utils.touch(paths.train_set_done)
     io_utils.sync(f"train_set {paths.dir}")
     # Without keep_training_state the checkpoints are deleted once the result is written: a final

@@ -118,8 +118,9 @@ def _tiny_paths(config) -> RunPaths:
     parts = tiny.make_tiny_paths(root, trained=trained)
     is_object = config.data.kind == "object"
     concept = "object_concept" if is_object else "style_concept"
+    class_dir = "reg_dir"  # the tiny class images are teapots
     if config.train.get("method", "") in personalize.MULTI_SUBJECT_METHODS:
-        concept = "multi_subject_concept"
+        concept, class_dir = "multi_subject_concept", "multi_subject_prior"  # teapots and cats, with masks
         if concept not in parts:
             raise InputsError("the tiny world has no multi-subject concept yet: set config.data.concept_dir to a "
                               "folder with MuDI's metadata.jsonl, or use the random tiny default (model.tiny_world=false)")
@@ -127,7 +128,7 @@ def _tiny_paths(config) -> RunPaths:
         sd=parts["sd"],
         clip=parts["clip"],
         concept=parts[concept],
-        class_dir=parts["reg_dir"] if is_object else None,  # the tiny class images are teapots
+        class_dir=parts[class_dir] if is_object else None,
         concepts_json=parts["concepts_json"],
         tiny=True,
     )

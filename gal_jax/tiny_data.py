@@ -6,6 +6,8 @@
     <root>/test_prompts/teapot.txt, <root>/concepts_list_tiny.json evaluation set, authors' format
     <root>/multi_subject/teapot_and_cat/metadata.jsonl, a0*.jpg,  two subjects in MuDI's layout,
         b0*.jpg, mask_*.png                                       their masks drawn with them
+    <root>/multi_subject/teapot_and_cat_prior/class_metadata.jsonl, ...   their masked prior set:
+                                                                  generic teapots and cats
 
 Everything is drawn with PIL from a numpy RNG, so a given (resolution, seed) always gives the same
 bytes. Paths inside the JSON files are written the authors' way, relative to <root>.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +42,9 @@ TEST_PROMPTS = (
 )
 CONCEPTS_JSON = "concepts_list_tiny.json"
 _MARKER = ".tiny_concepts.json"  # written last: its presence means the set is complete
-_FORMAT_VERSION = 2  # 2: the two-subject concept
+_FORMAT_VERSION = 3  # 2: the two-subject concept; 3: its masked prior set
 MULTI_SUBJECTS = {"a": f"{PLACEHOLDER} {OBJECT_CONCEPT}", "b": "<tiny-cat> cat"}
+PRIOR_CLASSES = {"a": OBJECT_CONCEPT, "b": "cat"}  # the prior set's ids name the class words
 _SUPERSAMPLE = 4  # draw large, then downsample, for smooth edges at tiny resolutions
 _CONCEPT_RED = (200, 40, 45)
 
@@ -55,6 +59,7 @@ def concept_paths(root: Path) -> dict[str, Path]:
         "test_prompts": root / "test_prompts" / f"{OBJECT_CONCEPT}.txt",
         "concepts_json": root / CONCEPTS_JSON,
         "multi_subject_concept": root / "multi_subject" / "teapot_and_cat",
+        "multi_subject_prior": root / "multi_subject" / "teapot_and_cat_prior",
     }
 
 
@@ -127,6 +132,7 @@ def _write_all(root: Path, resolution: int, rng: np.random.Generator) -> None:
     paths["concepts_json"].write_text(json.dumps(concepts, indent=4) + "\n")
     # Its own rng, so the parts above keep the bytes they had before it existed.
     _write_multi_subject_concept(paths["multi_subject_concept"], resolution, np.random.default_rng([0, 7]))
+    _write_multi_subject_prior(paths["multi_subject_prior"], resolution, np.random.default_rng([0, 8]))
 
 
 def _authors_path(path: Path, root: Path) -> str:
@@ -240,14 +246,31 @@ def _write_class_images(folder: Path, resolution: int, rng: np.random.Generator)
 
 def _write_multi_subject_concept(folder: Path, resolution: int, rng: np.random.Generator) -> None:
     """Writes three images of each subject of MULTI_SUBJECTS on a table or grass, each with its
-    mask (the pixels where the subject drawn over two different backdrops agrees), and
-    metadata.jsonl as MuDI ships it."""
+    mask, and metadata.jsonl as MuDI ships it."""
+    draw = {"a": _draw_concept_teapot, "b": _draw_cat}
+    _write_masked_set(folder / "metadata.jsonl", MULTI_SUBJECTS, draw, ("on a table", "on the grass", "on a table"),
+                      resolution, rng)
+
+
+def _write_multi_subject_prior(folder: Path, resolution: int, rng: np.random.Generator) -> None:
+    """Writes the two subjects' masked prior set as MuDI ships one (class_metadata.jsonl, ids
+    naming the class words): two generic teapots of random colour and shape, two cats."""
+    draw = {"a": _draw_generic_teapot, "b": _draw_cat}
+    _write_masked_set(folder / "class_metadata.jsonl", PRIOR_CLASSES, draw, ("on the grass", "on a table"),
+                      resolution, rng)
+
+
+def _write_masked_set(file: Path, phrases: dict[str, str], draw: dict, scenes: Sequence[str], resolution: int,
+                      rng: np.random.Generator) -> None:
+    """Writes one image per scene of each subject (`draw[id](canvas, rng)` draws it), each with
+    its mask (the pixels where the subject drawn over two different backdrops agrees), and `file`
+    in MuDI's metadata layout."""
+    folder = file.parent
     folder.mkdir(parents=True)
     size = resolution * _SUPERSAMPLE
-    draw = {"a": _draw_concept_teapot, "b": _draw_cat}
-    lines = [json.dumps({"id": MULTI_SUBJECTS})]
-    for subject, phrase in MULTI_SUBJECTS.items():
-        for index, scene in enumerate(("on a table", "on the grass", "on a table")):
+    lines = [json.dumps({"id": phrases})]
+    for subject, phrase in phrases.items():
+        for index, scene in enumerate(scenes):
             name = f"{subject}{index:02d}.jpg"
             canvas = _scene_background(scene, size, rng)
             state = rng.bit_generator.state
@@ -263,7 +286,15 @@ def _write_multi_subject_concept(folder: Path, resolution: int, rng: np.random.G
             mask.save(folder / f"mask_{subject}{index:02d}.png")
             lines.append(json.dumps({"id": subject, "file_name": name, "mask_path": f"mask_{subject}{index:02d}.png",
                                      "text": f"a photo of a {phrase} {scene}"}))
-    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    file.write_text("\n".join(lines) + "\n")
+
+
+def _draw_generic_teapot(canvas: Image.Image, rng: np.random.Generator) -> None:
+    """Draws a teapot of random colour, shape and place (a class image of the prior set)."""
+    size = canvas.size[0]
+    body = tuple(int(c) for c in rng.integers(20, 255, 3))
+    center = (size * rng.uniform(0.4, 0.6), size * rng.uniform(0.5, 0.6))
+    _draw_teapot(canvas, center, size * rng.uniform(0.35, 0.5), body, aspect=rng.uniform(0.55, 0.95))
 
 
 def _draw_cat(canvas: Image.Image, rng: np.random.Generator) -> None:

@@ -505,3 +505,49 @@ def test_shuffle_order_is_fixed_by_the_seed(prior_set):
 
     assert order(0) == order(0)
     assert any(order(0) != order(seed) for seed in (1, 2, 3))
+
+
+def _fingerprint_inputs(folder: Path):
+    """Files of fixed bytes (the fingerprint hashes bytes, not pixels): two masked instances of
+    subjects a and b, a queried image, two class images; token ids 0.."""
+    def file(name, content):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(content)
+        return folder / name
+
+    references = [
+        data.Reference(file("a0.png", b"instance a0"), "a photo of <a> toy", None, 1.0,
+                       mask=file("mask_a0.png", b"mask a0"), subject="a"),
+        data.Reference(file("b0.png", b"instance b0"), "a photo of <b> dog", None, 0.5,
+                       mask=file("mask_b0.png", b"mask b0"), subject="b"),
+        data.Reference(file("q.png", b"queried"), "a queried image", None, 0.25, "round-1"),
+    ]
+    classes = [file("c0.png", b"class 0"), file("c1.png", b"class 1")]
+    return references, classes, np.arange(4 * 77, dtype=np.int32).reshape(4, 77)
+
+
+def test_fingerprints_of_sets_without_a_masked_prior_stay_as_they_were(tmp_path):
+    """Existing workdirs resume: these values are those of the release before masked prior sets."""
+    references, classes, ids = _fingerprint_inputs(tmp_path)
+    assert data._fingerprint(references, classes, ids, 64) == "5a1706436bd01d3d"
+    assert data._fingerprint(references, classes, ids, 64, ["a", "b"]) == "792f8669445880fa"
+    assert data._fingerprint(references[2:], [], ids[:1], 32) == "dbaf74185e0ff694"
+
+
+def test_a_masked_prior_sets_captions_and_masks_change_the_fingerprint(tmp_path):
+    from gal_jax import multi_subject
+
+    references, classes, ids = _fingerprint_inputs(tmp_path)
+    (tmp_path / "mask_c0.png").write_bytes(b"class mask 0")
+    (tmp_path / "mask_c1.png").write_bytes(b"class mask 1")
+    prior = multi_subject.MultiSubjectSet(tmp_path / "class_metadata.jsonl", {"a": "toy", "b": "dog"}, tuple(
+        multi_subject.SubjectImage(s, tmp_path / f"c{i}.png", tmp_path / f"mask_c{i}.png", f"a photo of a {w}", i + 2)
+        for i, (s, w) in enumerate((("a", "toy"), ("b", "dog")))))
+    ids = np.arange(5 * 77, dtype=np.int32).reshape(5, 77)  # 3 instance captions, 2 class captions
+    first = data._fingerprint(references, classes, ids, 64, ["a", "b"], prior)
+    assert first != data._fingerprint(references, classes, ids, 64, ["a", "b"])
+    other_caption = ids.copy()
+    other_caption[4, 3] += 1
+    assert data._fingerprint(references, classes, other_caption, 64, ["a", "b"], prior) != first
+    (tmp_path / "mask_c1.png").write_bytes(b"another class mask")
+    assert data._fingerprint(references, classes, ids, 64, ["a", "b"], prior) != first

@@ -14,32 +14,43 @@ SUBJECTS = {"a": "olis harry potter toy", "b": "hta corgi"}
 
 
 COLOURS = {"a": (255, 0, 0), "b": (0, 0, 255)}
+# MuDI's prior set of the same two subjects (dataset/reg/<name>/class_metadata.jsonl): ids name classes.
+PRIOR_CLASSES = {"a": "harry potter toy", "b": "Corgi"}
+PRIOR_COLOURS = {"a": (0, 160, 0), "b": (240, 200, 0)}
 
 
-def write_dataset(folder, sizes=None, *, lines=None, first=None, solid=False):
-    """Writes a MuDI-style dataset: for each subject two images with a centred box mask, and their
-    metadata.jsonl (as MuDI ships it: the id mapping first, then one line per image). `solid`:
-    each subject's image is one colour (COLOURS), PNG so that it stays exact."""
+def write_dataset(folder, sizes=None, *, lines=None, first=None, solid=False, subjects=SUBJECTS, colours=COLOURS,
+                  file=multi_subject.METADATA, caption="A photo of a {} on a desk.", count=2):
+    """Writes a MuDI-style dataset: for each subject `count` images with a centred box mask, and
+    their `file` (as MuDI ships it: the id mapping first, then one line per image). `solid`: each
+    subject's image is one colour (`colours`), PNG so that it stays exact."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     rows = []
-    for subject, phrase in SUBJECTS.items():
-        for index in range(2):
+    for subject, phrase in subjects.items():
+        for index in range(count):
             name = f"{subject}{index:02d}.{'png' if solid else 'jpg'}"
             width, height = (sizes or {}).get(name, (40, 32))
             pixels = rng.integers(0, 255, (height, width, 3), np.uint8)
             if solid:
-                pixels[:] = COLOURS[subject]
+                pixels[:] = colours[subject]
             Image.fromarray(pixels).save(folder / name)
             mask = np.zeros((height, width), np.uint8)
             mask[height // 4: 3 * height // 4, width // 4: 3 * width // 4] = 255
             Image.fromarray(mask).save(folder / f"mask_{name}")
             rows.append({"id": subject, "file_name": name, "mask_path": f"mask_{name}",
-                         "text": f"A photo of a {phrase} on a desk."})
-    text = [json.dumps(first if first is not None else {"id": SUBJECTS})]
+                         "text": caption.format(phrase)})
+    text = [json.dumps(first if first is not None else {"id": subjects})]
     text += lines if lines is not None else [json.dumps(row) for row in rows]
-    (folder / multi_subject.METADATA).write_text("\n".join(text) + "\n")
+    (folder / file).write_text("\n".join(text) + "\n")
     return folder
+
+
+def write_prior(folder, **kwargs):
+    """Writes MuDI's prior set of SUBJECTS as they ship one (class_metadata.jsonl: ids naming the
+    class words, captions "A photo of a harry potter toy"), solid colours PRIOR_COLOURS."""
+    return write_dataset(folder, subjects=PRIOR_CLASSES, colours=PRIOR_COLOURS, file=multi_subject.CLASS_METADATA,
+                         caption="A photo of a {}", solid=True, **kwargs)
 
 
 def test_a_mudi_dataset_reads_as_it_ships(tmp_path):
@@ -81,6 +92,34 @@ def test_a_mask_of_another_size_is_named(tmp_path):
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(folder / "mask_b01.jpg")
     with pytest.raises(multi_subject.MultiSubjectDataError,
                        match=r"metadata.jsonl, line 5: mask mask_b01.jpg is 10x10, its image b01.jpg 40x32"):
+        multi_subject.read_metadata(folder)
+
+
+def test_a_prior_set_reads_as_mudi_ships_it(tmp_path):
+    folder = write_prior(tmp_path / "reg" / "actionfigure_2_and_dog0")
+    prior = multi_subject.read_metadata(folder)
+    assert prior.file.name == "class_metadata.jsonl"
+    assert prior.subjects == PRIOR_CLASSES and len(prior.images) == 4
+    assert [(i.subject, i.image.name, i.mask.name, i.text) for i in prior.of("b")] == [
+        ("b", "b00.png", "mask_b00.png", "A photo of a Corgi"), ("b", "b01.png", "mask_b01.png", "A photo of a Corgi")]
+
+
+@pytest.mark.parametrize("lines, message", [
+    ([_row(id="c"), _row(id="b", file_name="b00.png", mask_path="mask_b00.png")],
+     r"class_metadata.jsonl, line 2: id 'c' is not a subject of line 1"),
+    ([_row(file_name="a00.png", mask_path="mask_a00.png")], r"class_metadata.jsonl: subject 'b' \('Corgi'\) has no image"),
+])
+def test_a_bad_prior_set_is_named_with_its_line(tmp_path, lines, message):
+    folder = write_prior(tmp_path / "reg", lines=lines)
+    with pytest.raises(multi_subject.MultiSubjectDataError, match=message):
+        multi_subject.read_metadata(folder)
+
+
+def test_a_prior_mask_of_another_size_is_named(tmp_path):
+    folder = write_prior(tmp_path / "reg")
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(folder / "mask_a01.png")
+    with pytest.raises(multi_subject.MultiSubjectDataError,
+                       match=r"class_metadata.jsonl, line 3: mask mask_a01.png is 10x10, its image a01.png 40x32"):
         multi_subject.read_metadata(folder)
 
 

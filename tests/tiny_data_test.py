@@ -29,7 +29,8 @@ def test_same_seed_writes_the_same_bytes_anywhere(tiny, tmp_path):
     again = tiny_data.make_tiny_concepts(tmp_path / "elsewhere", resolution=RESOLUTION)
     first, second = tree_bytes(tiny["data_root"]), tree_bytes(again["data_root"])
     multi = 6 + 6 + 1  # two subjects x 3 images, their masks, metadata.jsonl
-    assert len(first) == 4 + 1 + 4 + 1 + tiny_data.NUM_CLASS_IMAGES + 1 + 1 + 1 + multi  # + marker
+    prior = 4 + 4 + 1  # two classes x 2 images, their masks, class_metadata.jsonl
+    assert len(first) == 4 + 1 + 4 + 1 + tiny_data.NUM_CLASS_IMAGES + 1 + 1 + 1 + multi + prior  # + marker
     assert first == second
 
 
@@ -94,7 +95,7 @@ def test_style_concept_has_captions_and_no_plain_prompt(tiny):
 
 def test_every_image_is_a_square_rgb_jpeg_at_the_resolution(tiny):
     images = sorted(tiny["data_root"].rglob("*.jpg"))
-    assert len(images) == 8 + tiny_data.NUM_CLASS_IMAGES + 6
+    assert len(images) == 8 + tiny_data.NUM_CLASS_IMAGES + 6 + 4  # + the two subjects and their prior set
     for path in images:
         with Image.open(path) as image:
             assert (image.format, image.mode) == ("JPEG", "RGB")
@@ -134,7 +135,9 @@ def test_concepts_json_names_a_test_prompt_file_and_the_plain_captions(tiny):
 def test_a_set_of_an_earlier_format_is_rebuilt_in_place(tmp_path):
     paths = tiny_data.make_tiny_concepts(tmp_path / "set", resolution=RESOLUTION)
     marker = paths["data_root"] / ".tiny_concepts.json"
-    marker.write_text(json.dumps({"version": 1, "resolution": RESOLUTION, "seed": 0}))
-    shutil.rmtree(paths["multi_subject_concept"])  # what a version-1 set lacks
-    assert tiny_data.make_tiny_concepts(tmp_path / "set", resolution=RESOLUTION) == paths
-    assert (paths["multi_subject_concept"] / "metadata.jsonl").is_file()
+    for version, lacks in ((1, "multi_subject_concept"), (2, "multi_subject_prior")):
+        marker.write_text(json.dumps({"version": version, "resolution": RESOLUTION, "seed": 0}))
+        shutil.rmtree(paths[lacks])  # what a set of that version lacks
+        assert tiny_data.make_tiny_concepts(tmp_path / "set", resolution=RESOLUTION) == paths
+        assert (paths["multi_subject_concept"] / "metadata.jsonl").is_file()
+        assert (paths["multi_subject_prior"] / "class_metadata.jsonl").is_file()
