@@ -154,3 +154,12 @@ def device_transfer_guard_on_cpu():
             yield
         finally:
             getbuffer.value = exported
+
+
+@pytest.fixture(scope="session")
+def loaded_default_sd(tiny_assets):
+    """(StableDiffusion, params) of the tiny default's SD (tiny_assets), loaded once per session;
+    tests must not mutate it."""
+    from gal_jax import models
+
+    return models.load_stable_diffusion(tiny_assets["sd"])

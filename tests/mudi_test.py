@@ -11,12 +11,12 @@ import pytest
 
 from configs import tiny_cpu
 from gal_jax import concept as concept_lib
-from gal_jax import data, models, multi_subject, personalize, sample, sharding
+from gal_jax import data, multi_subject, personalize, sample, sharding
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_assets):
-    return models.load_stable_diffusion(tiny_assets["sd"])
+def loaded(loaded_default_sd):
+    return loaded_default_sd
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from flax import traverse_util
 
 from configs import tiny_cpu
 from checkpoint_test import Killed, die_after_saving
-from gal_jax import data, export, loss_terms, models, personalize, sharding, train, trainer as trainer_lib
+from gal_jax import data, export, loss_terms, personalize, sharding, train, trainer as trainer_lib
 
 BATCH_SIZE = 4  # instance examples a step: with the class images 8 rows, one per fake device
 
@@ -30,8 +30,8 @@ def method_config(method: str, **train_overrides):
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_assets):
-    return models.load_stable_diffusion(tiny_assets["sd"])
+def loaded(loaded_default_sd):
+    return loaded_default_sd
 
 
 @pytest.fixture(scope="module")

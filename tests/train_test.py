@@ -33,8 +33,8 @@ def tiny_config(**train_overrides):
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_assets):
-    return models.load_stable_diffusion(tiny_assets["sd"])
+def loaded(loaded_default_sd):
+    return loaded_default_sd
 
 
 @pytest.fixture(scope="module")
