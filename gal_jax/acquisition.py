@@ -46,7 +46,7 @@ class DirectionScores:
     rates: np.ndarray  # float (D,): fraction of failed images per direction
     entropies: np.ndarray  # float (D,): binary entropy of the rate, natural log
     best_images: np.ndarray  # int (D,): per direction, the image with the highest sim_anchor
-    overfit: np.ndarray | None = None  # bool (D, N): sim_anchor <= max sim_plain (flags without the check)
+    overfit: np.ndarray  # bool (D, N): sim_anchor <= max sim_plain (the flags without the identity check)
     mixed: np.ndarray | None = None  # bool (D, N): identities mixed; None without the identity check
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import ml_collections
 
 from gal_jax import anchors, data, io_utils, multi_subject, personalize
+from gal_jax.records import NO_IDENTITY_CHECK
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +64,8 @@ def load_concept(config: ml_collections.ConfigDict, concept_dir: Path, class_dir
     if config.data.get("segmix") and config.data.segmix.prob and not multi:
         raise ValueError(f"config.data.segmix.prob={config.data.segmix.prob} mixes the subjects of a multi-subject "
                          f"concept; {concept_dir} has no {multi_subject.METADATA}")
-    check = config.gal.get("identity_check", "none")
-    if check != "none" and not multi:
+    check = identity_check(config)
+    if check != NO_IDENTITY_CHECK and not multi:
         raise ValueError(f"config.gal.identity_check={check!r} checks the subjects of a multi-subject concept; "
                          f"{concept_dir} has no {multi_subject.METADATA}")
     if multi:
@@ -116,6 +117,11 @@ def _anchors(config: ml_collections.ConfigDict, kind: str, phrase: str, subjects
             "anchor_file": None if named_set else Path(config.gal.anchors).expanduser().absolute()}
 
 
+def identity_check(config: ml_collections.ConfigDict) -> str:
+    """Returns config.gal.identity_check ('none' in configs written before it existed)."""
+    return config.gal.get("identity_check", NO_IDENTITY_CHECK)
+
+
 def is_multi_subject(concept_dir: Path) -> bool:
     """Whether the concept folder is a multi-subject set (MuDI's metadata.jsonl, no init.json)."""
     concept_dir = Path(concept_dir)
@@ -135,8 +141,8 @@ def _multi_subject_concept(config: ml_collections.ConfigDict, concept_dir: Path,
         raise ValueError(f"{concept_dir / multi_subject.METADATA}: config.data.placeholder and class_word name one "
                          "subject; a multi-subject concept takes its subjects from the file's first line")
     subjects = multi_subject.read_metadata(concept_dir / multi_subject.METADATA)
-    if config.gal.get("identity_check", "none") != "none" and len(subjects.subjects) < 2:
-        raise ValueError(f"{subjects.file}: config.gal.identity_check={config.gal.identity_check!r} compares "
+    if identity_check(config) != NO_IDENTITY_CHECK and len(subjects.subjects) < 2:
+        raise ValueError(f"{subjects.file}: config.gal.identity_check={identity_check(config)!r} compares "
                          f"subjects, and the file names one ({list(subjects.subjects)})")
     prior = _prior_set(config, class_dir, subjects.subjects)
     classes = {s: multi_subject.class_of(phrase) for s, phrase in subjects.subjects.items()}

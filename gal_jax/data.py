@@ -283,7 +283,25 @@ def _encoded_mask(image: Path, mask: Path | None, resolution: int) -> bytes:
 # The training set: TFDS GeneratorBasedBuilder, array_record files.
 
 
-class GalTrainingSet(tfds.core.GeneratorBasedBuilder):
+class _RecordsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """A TFDS builder of the record dicts it is given, in order (write_training_set passes them;
+    reading back needs none)."""
+
+    def __init__(self, *, records: Iterable[dict[str, Any]] | None = None, **kwargs):
+        self._records = records
+        super().__init__(**kwargs)
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # nothing to download
+        if self._records is None:
+            raise ValueError(f"{type(self).__name__} is built by write_training_set, which passes records")
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        yield from enumerate(self._records)
+
+
+class GalTrainingSet(_RecordsBuilder):
     """TFDS builder of one round's DreamBooth records (instance, and its paired class image).
 
     Built with the record dicts; read back (without them) by `tfds.data_source`. The config says
@@ -307,12 +325,11 @@ class GalTrainingSet(tfds.core.GeneratorBasedBuilder):
         with_class_masks: bool = False,
         **kwargs,
     ):
-        self._records = records
         self._metadata = metadata or {}
         self._token_length = token_length
         self._with_masks = with_masks
         self._with_class_masks = with_class_masks
-        super().__init__(**kwargs)
+        super().__init__(records=records, **kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
         image = tfds.features.Image(shape=(None, None, 3), encoding_format="png")
@@ -345,17 +362,8 @@ class GalTrainingSet(tfds.core.GeneratorBasedBuilder):
             metadata=tfds.core.MetadataDict(self._metadata),
         )
 
-    def _split_generators(self, dl_manager):
-        del dl_manager  # nothing to download
-        if self._records is None:
-            raise ValueError("GalTrainingSet is built by write_training_set, which passes records")
-        return {"train": self._generate_examples()}
 
-    def _generate_examples(self) -> Iterator[tuple[int, dict[str, Any]]]:
-        yield from enumerate(self._records)
-
-
-class GalPriorSet(tfds.core.GeneratorBasedBuilder):
+class GalPriorSet(_RecordsBuilder):
     """TFDS builder of a masked prior set's images (image, mask, subject index), beside the
     training records: Seg-Mix draws a random class image of another subject from all of them,
     not only from those the records pair."""
@@ -363,25 +371,12 @@ class GalPriorSet(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Class images with their masks and subject indices."}
 
-    def __init__(self, *, records: Iterable[dict[str, Any]] | None = None, **kwargs):
-        self._records = records
-        super().__init__(**kwargs)
-
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(builder=self, disable_shuffling=True, features=tfds.features.FeaturesDict({
             "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
             "mask": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
             "subject": tfds.features.Scalar(dtype=np.int32),
         }))
-
-    def _split_generators(self, dl_manager):
-        del dl_manager  # nothing to download
-        if self._records is None:
-            raise ValueError("GalPriorSet is built by write_training_set, which passes records")
-        return {"train": self._generate_examples()}
-
-    def _generate_examples(self) -> Iterator[tuple[int, dict[str, Any]]]:
-        yield from enumerate(self._records)
 
 
 def _tokenize_checked(

@@ -29,7 +29,7 @@ from gal_jax import (
     report,
     review, sample, schedulers, score, sharding, trainer,
 )
-from gal_jax.concept import Concept, load_concept
+from gal_jax.concept import Concept, identity_check, load_concept
 from gal_jax import workdir as workdir_lib
 from gal_jax.records import (NO_IDENTITY_CHECK, Direction, ImageScore, LossPoint, ReferenceEntry, RoundRecord,
                              SelectedEntry)
@@ -497,11 +497,6 @@ def choose(runtime, round_index, scores, directions, paths: RoundPaths) -> acqui
     return human_selection(runtime, round_index, directions, paths, weight, openness)
 
 
-def identity_check(config) -> str:
-    """Returns config.gal.identity_check ('none' in configs written before it existed)."""
-    return config.gal.get("identity_check", NO_IDENTITY_CHECK)
-
-
 def identity_fields(config, concept: Concept) -> dict:
     """Returns the record's identity_check and subjects (empty without the check)."""
     check = identity_check(config)
@@ -629,11 +624,13 @@ def _check_scores(sims: Any, prompts, plain, num: int, path: Path, subjects: int
 
 def _directions(pool, prompts, index, sim_anchor, sim_plain, scores, sim_subjects=None) -> tuple[Direction, ...]:
     num = sim_anchor.shape[1]
-    check = {}
-    if sim_subjects is not None:
-        check = {(d, n): {"sim_subjects": tuple(tuple(float(v) for v in row) for row in sim_subjects[d, n]),
-                          "identity_mixed": bool(scores.mixed[d, n])}
-                 for d in range(len(pool)) for n in range(num)}
+
+    def identity(d: int, n: int) -> dict:  # the identity check's fields of image (d, n), if it ran
+        if sim_subjects is None:
+            return {}
+        return {"sim_subjects": tuple(tuple(float(v) for v in row) for row in sim_subjects[d, n]),
+                "identity_mixed": bool(scores.mixed[d, n])}
+
     return tuple(
         Direction(
             prompt_id=prompt_id,
@@ -644,7 +641,7 @@ def _directions(pool, prompts, index, sim_anchor, sim_plain, scores, sim_subject
                 ImageScore(path=index[d * num + n]["path"], seed=index[d * num + n]["seed"],
                            sim_anchor=float(sim_anchor[d, n]),
                            sim_plain=tuple(float(s) for s in sim_plain[d, n]),
-                           overfit=bool(scores.overfit[d, n]), **check.get((d, n), {}))
+                           overfit=bool(scores.overfit[d, n]), **identity(d, n))
                 for n in range(num)
             ),
         )

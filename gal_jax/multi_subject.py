@@ -236,10 +236,30 @@ def scaled(segment: Segment, rng: np.random.Generator, canvas: int, fixed_scale:
     margin = canvas / 32
     largest = min((canvas / columns - margin) / width, (canvas - margin) / height)
     factor = largest * (fixed_scale if fixed_scale is not None else rng.uniform(0.75, 1.0))
+    return _resized(segment, factor)
+
+
+def _resized(segment: Segment, factor: float) -> Segment:
+    """Returns `segment` scaled by `factor` (at least one pixel each way): pixels bicubic, the
+    mask bilinear, clipped to [0, 1]."""
+    height, width = segment.mask.shape
     size = (max(1, int(width * factor)), max(1, int(height * factor)))
     pixels = Image.fromarray(segment.pixels).resize(size, Image.Resampling.BICUBIC)
     mask = Image.fromarray(segment.mask.astype(np.float32), mode="F").resize(size, Image.Resampling.BILINEAR)
     return Segment(np.asarray(pixels), np.clip(np.asarray(mask, np.float32), 0.0, 1.0))
+
+
+def _paste(image: np.ndarray, segment: Segment, top: int, left: int) -> np.ndarray:
+    """Pastes `segment`'s pixels where its mask > 0.5 into `image` (in place) with its top-left
+    corner at (top, left), clipped to the image; returns the bool mask (image's size) of the pixels
+    pasted."""
+    h = min(segment.mask.shape[0], image.shape[0] - top)
+    w = min(segment.mask.shape[1], image.shape[1] - left)
+    inside = segment.mask[:h, :w] > 0.5
+    image[top:top + h, left:left + w][inside] = segment.pixels[:h, :w][inside]
+    pasted = np.zeros(image.shape[:2], bool)
+    pasted[top:top + h, left:left + w] = inside
+    return pasted
 
 
 def collage(left: Segment, right: Segment, rng: np.random.Generator, canvas: int, *,
@@ -264,12 +284,7 @@ def collage(left: Segment, right: Segment, rng: np.random.Generator, canvas: int
     image = np.full((canvas, canvas, 3), 255, np.uint8)
     union = np.zeros((canvas, canvas), bool)
     for segment, top, x in placed:
-        h, w = segment.mask.shape
-        h, w = min(h, canvas - top), min(w, canvas - x)
-        inside = segment.mask[:h, :w] > 0.5
-        region = (slice(top, top + h), slice(x, x + w))
-        image[region][inside] = segment.pixels[:h, :w][inside]
-        union[region] |= inside
+        union |= _paste(image, segment, top, x)
     return image, union
 
 
@@ -416,13 +431,10 @@ def subjects_collage(segments: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]]
     column = canvas / len(chosen)
     for slot, subject in enumerate(rng.permutation(len(chosen))):
         segment = scaled(cut_out(*chosen[subject]), rng, canvas, columns=len(chosen))
-        mask = segment.mask > 0.5
-        height, width = mask.shape
+        height, width = segment.mask.shape
         left = int(slot * column + rng.integers(0, max(1, int(column) - width) + 1))
         top = int(rng.integers(0, canvas - height + 1))
-        h, w = min(height, canvas - top), min(width, canvas - left)
-        region = image[top:top + h, left:left + w]
-        region[mask[:h, :w]] = segment.pixels[:h, :w][mask[:h, :w]]
+        _paste(image, segment, top, left)
     return image
 
 
@@ -432,14 +444,20 @@ def initial_images(references: Sequence[Any], subjects: Sequence[str], resolutio
     (prompt_id, seed) of a generation grid: `subjects_collage` of the references with masks
     (objects with .image, .mask and .subject), image (p, s) drawn from its own numpy generator
     seeded (base_seed, round_index, p, s), so it does not depend on how the grid is chunked."""
-    segments = [[load_segment(r.image, r.mask, resolution) for r in references
-                 if r.subject == subject and r.mask is not None] for subject in subjects]
-    missing = [subject for subject, images in zip(subjects, segments) if not images]
-    if missing:
-        raise ValueError(f"subjects {missing} have no masked image for MuDI's initial collage")
+    segments = [[load_segment(r.image, r.mask, resolution) for r in masked]
+                for masked in _masked_by_subject(references, subjects, "MuDI's initial collage")]
     return np.stack([subjects_collage(segments, np.random.default_rng([base_seed, round_index, p, s]), resolution)
                      for p, s in grid])
 
+
+def _masked_by_subject(references: Sequence[Any], subjects: Sequence[str], purpose: str) -> list[list[Any]]:
+    """Returns per subject (in `subjects` order) its references with masks (objects with .image,
+    .mask and .subject); raises ValueError naming `purpose` when a subject has none."""
+    masked = [[r for r in references if r.subject == subject and r.mask is not None] for subject in subjects]
+    missing = [subject for subject, found in zip(subjects, masked) if not found]
+    if missing:
+        raise ValueError(f"subjects {missing} have no masked image for {purpose}")
+    return masked
 
 
 def subject_portrait(image: Path | str, mask: Path | str, size: int) -> np.ndarray:
@@ -447,25 +465,15 @@ def subject_portrait(image: Path | str, mask: Path | str, size: int) -> np.ndarr
     the square less a margin of size/16 on each side, centred on white (the reference the
     oracle's identity check compares an image's strips with)."""
     segment = cut_out(*load_segment(image, mask, size))
+    segment = _resized(segment, (size - size / 8) / max(segment.mask.shape))
     height, width = segment.mask.shape
-    factor = (size - size / 8) / max(height, width)
-    new = (max(1, int(width * factor)), max(1, int(height * factor)))
-    pixels = np.asarray(Image.fromarray(segment.pixels).resize(new, Image.Resampling.BICUBIC))
-    inside = np.asarray(Image.fromarray(segment.mask.astype(np.float32), mode="F").resize(
-        new, Image.Resampling.BILINEAR)) > 0.5
     portrait = np.full((size, size, 3), 255, np.uint8)
-    top, left = (size - new[1]) // 2, (size - new[0]) // 2
-    portrait[top:top + new[1], left:left + new[0]][inside] = pixels[inside]
+    _paste(portrait, segment, (size - height) // 2, (size - width) // 2)
     return portrait
 
 
 def subject_portraits(references: Sequence[Any], subjects: Sequence[str], size: int) -> list[np.ndarray]:
     """Returns per subject (in `subjects` order) the uint8 (r, size, size, 3) portraits of its
     references with masks (objects with .image, .mask and .subject)."""
-    portraits = [np.stack([subject_portrait(r.image, r.mask, size) for r in references
-                           if r.subject == subject and r.mask is not None] or [np.zeros((0, size, size, 3), np.uint8)])
-                 for subject in subjects]
-    missing = [subject for subject, images in zip(subjects, portraits) if not len(images)]
-    if missing:
-        raise ValueError(f"subjects {missing} have no masked reference for the identity check")
-    return [np.asarray(p, np.uint8).reshape(-1, size, size, 3) for p in portraits]
+    return [np.stack([subject_portrait(r.image, r.mask, size) for r in masked])
+            for masked in _masked_by_subject(references, subjects, "the identity check")]
