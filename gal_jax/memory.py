@@ -10,13 +10,18 @@ Nothing is allocated: models come as ShapeDtypeStructs, so an SD 1.5-sized confi
 CPU host before any accelerator is booked. The figures are the buffer assignment of the backend
 that compiles: XLA:GPU and XLA:TPU fuse and schedule differently, so on a CPU host they estimate
 an accelerator's need (`gal-jax bench` prints the measured peak where it runs on one).
+
+`linear_need` splits a function's need into fixed + per item from two batch sizes; `free_bytes`
+reads what the devices have free, so a batch can be sized to fit (the generation chunk's AUTO).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Iterable
 
 import jax
+import numpy as np
 
 GIB = 2**30
 
@@ -68,3 +73,59 @@ def fits(budget_gib: float, **needs: DeviceMemory) -> str:
 def abstract(tree):
     """Returns a tree of arrays (or ShapeDtypeStructs) as ShapeDtypeStructs without shardings."""
     return jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearNeed:
+    """Bytes one device allocates for a call of n items beyond its resident arguments (the
+    weights): fixed + per_item * n."""
+
+    fixed: int
+    per_item: int
+
+    def most_items(self, free: int) -> int:
+        """Returns the most items whose need fits in `free` bytes (0 when none does)."""
+        return max((free - self.fixed) // self.per_item, 0)
+
+
+def linear_need(small: DeviceMemory, large: DeviceMemory, *, items: tuple[int, int]) -> LinearNeed:
+    """Returns the need per call of the same function compiled for items[0] (`small`) and
+    items[1] (`large`) items per device: the per-item bytes are the peaks' slope (per-item
+    arguments included); the fixed bytes are what the call allocates (outputs, temporaries,
+    code) less its per-item part, leaving out the arguments, since the weights already sit on
+    the device."""
+    count = items[1] - items[0]
+    if count <= 0:
+        raise ValueError(f"linear_need: items {items} must grow")
+    small_allocated, large_allocated = small.peak - small.arguments, large.peak - large.arguments
+    fixed = small_allocated - (large_allocated - small_allocated) * items[0] // count
+    return LinearNeed(fixed=max(fixed, 0), per_item=max(-(-(large.peak - small.peak) // count), 1))
+
+
+def device_memory_stats(device: jax.Device) -> dict | None:
+    """Returns `device.memory_stats()`, or None where the backend keeps none (XLA:CPU)."""
+    try:
+        return device.memory_stats()
+    except (NotImplementedError, jax.errors.JaxRuntimeError):
+        return None
+
+
+def free_bytes(devices: Iterable[jax.Device]) -> int | None:
+    """Returns the fewest bytes free (bytes_limit - bytes_in_use) on any of `devices`, the same
+    number in every process (their minimum, to MiB); None where a device keeps no statistics."""
+    frees = []
+    for device in devices:
+        if device.process_index != jax.process_index():
+            continue
+        stats = device_memory_stats(device) or {}
+        if "bytes_limit" not in stats:
+            frees.append(None)
+        else:
+            frees.append(int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)))
+    mine = -1 if None in frees or not frees else min(frees) // 2**20
+    if jax.process_count() > 1:  # every process must choose the same shapes
+        from jax.experimental import multihost_utils
+
+        everyone = np.asarray(multihost_utils.process_allgather(np.int32(mine)))
+        mine = -1 if (everyone < 0).any() else int(everyone.min())
+    return None if mine < 0 else mine * 2**20
