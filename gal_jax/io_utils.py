@@ -204,17 +204,58 @@ def write_png(path: Path, image: np.ndarray) -> None:
 
 
 def write_pngs(paths: Sequence[Path], images: np.ndarray, *, workers: int | None = None) -> None:
-    """Writes image i to paths[i] as write_png does, on a pool of threads (PNG compression and
-    fsync release the GIL: ~2x on 2 cores for a round's grid). The first error is raised after
-    the other writes finish; each file is whole or absent."""
-    import concurrent.futures
+    """Writes image i to paths[i] as write_png does, on a pool of threads (`PngWriter`). The
+    first error is raised after the other writes finish; each file is whole or absent."""
+    with PngWriter(workers) as writer:
+        writer.submit(paths, images)
 
-    if len(paths) != len(images):
-        raise ValueError(f"{len(paths)} paths for {len(images)} images")
-    workers = workers or min(16, os.cpu_count() or 1)
-    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="write_png") as pool:
-        for future in [pool.submit(write_png, path, image) for path, image in zip(paths, images)]:
+
+class PngWriter:
+    """Writes PNGs as write_png does on a pool of threads while the caller goes on (PNG
+    compression and fsync release the GIL: ~2x on 2 cores for a round's grid), so a round's
+    images are written while the next chunk generates.
+
+    `wait()` returns once every submitted image is written and raises the first error (after the
+    other writes finish); leaving the `with` block waits too, so no write outlives it. Only
+    process 0 writes (the others skip the encoding too).
+    """
+
+    def __init__(self, workers: int | None = None):
+        import concurrent.futures
+
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            workers or min(16, os.cpu_count() or 1), thread_name_prefix="write_png")
+        self._pending: list = []
+
+    def submit(self, paths: Sequence[Path], images: np.ndarray) -> None:
+        """Queues image i for paths[i]; `images` must not change until written."""
+        if len(paths) != len(images):
+            raise ValueError(f"{len(paths)} paths for {len(images)} images")
+        if is_primary():
+            self._pending += [self._pool.submit(write_png, path, image) for path, image in zip(paths, images)]
+
+    def wait(self) -> None:
+        """Returns when every queued image is written; raises the first write's error."""
+        import concurrent.futures
+
+        pending, self._pending = self._pending, []
+        concurrent.futures.wait(pending)
+        for future in pending:
             future.result()
+
+    def __enter__(self) -> "PngWriter":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        try:
+            if kind is None:
+                self.wait()
+            else:  # the block's error wins; the writes still finish before it propagates
+                import concurrent.futures
+
+                concurrent.futures.wait(self._pending)
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def read_images(paths: Sequence[Path]) -> np.ndarray:
