@@ -135,7 +135,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample.steps = 50
     config.sample.guidance_scale = 7.5
     config.sample.num_per_prompt = 10
-    config.sample.max_images_per_device = 8
+    # Images per device in one compiled generation chunk. 0 (auto): as many as fit in 85% of the
+    # devices' free memory (the chunk's bytes per image read from XLA's buffer assignment at two
+    # sizes), at most 64, spread evenly over the first grid's chunks and kept for the run (a
+    # shrinking pool reuses one compilation); devices that report no memory (CPU) get 8. A
+    # positive number is a fixed bound: min(bound, the grid per device).
+    config.sample.max_images_per_device = 0
     config.sample.seed = 0
     # MuDI's initialisation (multi-subject concepts): start from noise shifted by init_gamma times
     # the VAE latents of a collage of the segmented subjects (0: plain noise).

@@ -157,7 +157,7 @@ def bench_sample(config, sd, sd_params, mesh) -> dict:
     from gal_jax import sample
 
     generator = sample.Generator.from_config(config, sd, mesh)
-    images = generator.chunk_size(config.sample.max_images_per_device * sharding.num_batch_shards(mesh))
+    images = generator.chunk_size(None, sd_params)
     start = time.perf_counter()
     compiled, args = generator.compiled_chunk(sd_params, images)
     compile_s = time.perf_counter() - start
@@ -280,7 +280,7 @@ def round_flops(config, mesh) -> dict[str, float]:
     rows, _ = train_rows(config)
     step_inputs = _train_step_inputs(config, trainer, trainer.sd, sd_params, mesh, rows)
     generator = sample.Generator.from_config(config, sd, mesh)
-    images = generator.chunk_size(config.sample.max_images_per_device * sharding.num_batch_shards(mesh))
+    images = generator.chunk_size(None, sd_params)
     _, chunk_args = generator.compiled_chunk(sd_params, images)
     clip, clip_params = build_models(config, "score")
     scorer = score.Scorer(clip, clip_params, mesh, batch_size=config.gal.score_batch)
@@ -299,7 +299,8 @@ def _significant(value: float, digits: int = 4) -> float:
 def bench_round(config, mesh) -> dict:
     """Runs GAL for two rounds in a temporary workdir (the loop as `gal-jax run` runs it, compiles
     included, through the persistent cache) and returns the first round's wall time per phase
-    (train, generate = denoising + VAE decode, write = PNGs, score) beside each phase's FLOPs, its
+    (train; generate = denoising + VAE decode, with the PNG writing that overlaps it; write = the
+    PNG writing left once the last chunk is done; score) beside each phase's FLOPs, its
     achieved TFLOP/s and, where the device's peak is known, its compute floor and time / floor."""
     from gal_jax import driver
 
@@ -454,9 +455,12 @@ def bench_unet(config, sd, sd_params, mesh) -> dict:
     the classes it replaced, on the same weights and one device: diffusers' Flax UNet (0.39, the
     last release with Flax; from the test extra) and, where installed, PyTorch diffusers eager
     (CPU threads or CUDA). Each reference is skipped, saying why, when it cannot be imported."""
+    from gal_jax import sample
+
     del mesh  # one device: the comparison is per kernel, not per mesh
     device = jax.local_devices()[0]
-    rows = 2 * config.sample.max_images_per_device  # conditional + unconditional rows
+    # Conditional + unconditional rows of a chunk (auto, 0: the bound it falls back to on CPU).
+    rows = 2 * (config.sample.max_images_per_device or sample.AUTO_FALLBACK_PER_DEVICE)
     # bench.latent_size: a smaller latent grid than the model's (an SD 1.5-sized gradient at 64x64
     # in three frameworks at once does not fit a 24 GiB host).
     size = config.bench.get("latent_size") or sd.resolution // sd.vae_scale_factor
@@ -701,7 +705,7 @@ def bench_memory(config, mesh) -> dict:
     start = time.perf_counter()
     train_need = memory.of_compiled(bench_trainer(config, sd, mesh).compile_for(params, rows))
     generator = sample.Generator.from_config(config, sd, mesh)
-    images = generator.chunk_size(config.sample.max_images_per_device * sharding.num_batch_shards(mesh))
+    images = generator.chunk_size(None, params)
     sample_need = memory.of_compiled(generator.compile_abstract(params, images))
     result = {
         "benchmark": "memory",

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gal_jax import bench_torch, sample, schedulers, sharding
+from gal_jax import bench_torch, io_utils, memory, sample, schedulers, sharding
 
 STEPS = 2
 # The anchor pool: prompt_id is the index here. Tests generate subsets in other orders.
@@ -254,5 +254,89 @@ def test_unknown_sampler_and_bad_chunk_bound_are_rejected(loaded_sd):
     sd, _ = loaded_sd
     with pytest.raises(schedulers.SchedulerConfigError, match="unknown sampler 'euler'"):
         sample.Generator(sd, sharding.make_mesh(), sampler="euler")
-    with pytest.raises(ValueError, match="max_images_per_device=0"):
-        sample.Generator(sd, sharding.make_mesh(), max_images_per_device=0)
+    with pytest.raises(ValueError, match="max_images_per_device=-1"):
+        sample.Generator(sd, sharding.make_mesh(), max_images_per_device=-1)
+
+
+def auto_generator(sd, mesh=None):
+    return sample.Generator(sd, mesh or sharding.make_mesh(4, 2), sampler="ddim", steps=STEPS,
+                            max_images_per_device=sample.AUTO)
+
+
+def test_auto_chunk_falls_back_on_cpu_says_why_once_and_keeps_its_size(loaded_sd, capsys):
+    sd, params = loaded_sd
+    generator = auto_generator(sd)
+    with pytest.raises(ValueError, match="pass its params"):
+        generator.chunk_size(100)
+    # 100 images over 8 shards: 13 a device, two chunks under the fallback bound of 8 -> 7 each.
+    assert generator.chunk_size(100, params) == 7 * 8
+    assert generator.chunk_size(16) == generator.chunk_size(1000, params) == 7 * 8  # a shrinking pool: no new shape
+    logged = capsys.readouterr().out
+    assert logged.count("generation chunk:") == 1
+    assert ("generation chunk: 7 images/device (auto: cpu devices report no free memory: the default bound "
+            f"of {sample.AUTO_FALLBACK_PER_DEVICE})") in logged
+
+
+def test_auto_chunk_follows_free_memory_and_stays_a_multiple_of_the_shards(loaded_sd, monkeypatch, capsys):
+    sd, params = loaded_sd
+    mesh = sharding.make_mesh(4, 2)
+    need = auto_generator(sd, mesh).chunk_memory(params)  # the chunk compiled at two sizes, on XLA:CPU
+    assert need.per_item > 0
+    monkeypatch.setattr(sample.Generator, "chunk_memory", lambda self, params, with_init=False: need)
+
+    def chosen(images_that_fit: float, num_images=None, in_use=3 * 2**30):
+        free = (need.fixed + images_that_fit * need.per_item) / sample.AUTO_FREE_FRACTION
+        stats = {"bytes_limit": in_use + int(free) + 2**20, "bytes_in_use": in_use}  # + the MiB free_bytes rounds off
+        monkeypatch.setattr(memory, "device_memory_stats", lambda device: stats)
+        return auto_generator(sd, mesh).chunk_size(num_images, params)
+
+    assert chosen(5.3) == 5 * 8
+    assert chosen(11.2) == 11 * 8
+    assert chosen(11.2, in_use=40 * 2**30) == 11 * 8  # what is free counts, not the limit
+    assert chosen(0.3) == 8  # not even one fits: one a device, and the log says so
+    assert "not even one image fits" in capsys.readouterr().out
+    assert chosen(10_000) == sample.AUTO_MAX_PER_DEVICE * 8
+    assert chosen(10_000, num_images=3 * 8) == 3 * 8  # no more than the grid
+    assert chosen(11.2, num_images=13 * 8) == 7 * 8  # 13 a device in two equal chunks
+    logged = capsys.readouterr().out
+    assert f"generation chunk: 7 images/device (auto: {need.per_item / 2**20:.1f} MiB/image" in logged
+    monkeypatch.setattr(memory, "device_memory_stats", lambda device: None)
+    assert memory.free_bytes(mesh.devices.flat) is None
+
+
+def test_generate_hands_each_chunk_on_once_the_next_is_queued(loaded_sd, generator8, monkeypatch):
+    _, params = loaded_sd
+    dispatched, chunk_fn = [], generator8.chunk_function
+
+    def counted(*args):
+        dispatched.append(len(dispatched))
+        return chunk_fn(*args)
+
+    monkeypatch.setattr(generator8, "_chunk_fn", counted)
+    handed = []
+
+    def on_chunk(rows, images):
+        handed.append((rows, len(dispatched), jax.device_get(images)))
+
+    images = generator8.generate(params, POOL[3:], [3], 0, 20, 0, progress=False, on_chunk=on_chunk)
+    assert [(rows, queued) for rows, queued, _ in handed] == [(range(0, 8), 2), (range(8, 16), 3), (range(16, 20), 3)]
+    assert all(chunk.shape == (8, 64, 64, 3) for _, _, chunk in handed)
+    stitched = np.concatenate([chunk[: len(rows)] for rows, _, chunk in handed])
+    np.testing.assert_array_equal(stitched, jax.device_get(images))
+
+
+def test_pngs_written_per_chunk_during_generation_are_the_files_written_after_it(loaded_sd, generator8, tmp_path):
+    """The driver's overlapped writing (PngWriter fed by on_chunk) against the former path (the
+    whole grid gathered, then write_pngs): the same files, byte for byte."""
+    _, params = loaded_sd
+    overlapped, after = tmp_path / "overlapped", tmp_path / "after"
+    names = [f"{i:05d}.png" for i in range(13)]
+    with io_utils.PngWriter() as writer:
+        images = generator8.generate(
+            params, POOL[3:], [3], 0, 13, 0, progress=False,
+            on_chunk=lambda rows, chunk: writer.submit([overlapped / names[i] for i in rows],
+                                                      sample.rows_to_host(chunk)[: len(rows)]))
+    io_utils.write_pngs([after / name for name in names], sample.to_host(images, 13).reshape(13, 64, 64, 3))
+    assert sorted(path.name for path in overlapped.iterdir()) == names
+    for name in names:
+        assert (overlapped / name).read_bytes() == (after / name).read_bytes()
