@@ -556,17 +556,23 @@ def generate_images(runtime, round_index, params, pool, paths: RoundPaths, timin
             )
         return io_utils.read_images([workdir.resolve(e["path"]) for e in index]), index
     prompts = [concept.anchor_prompts[i] for i in pool]
-    with io_utils.timed(timings, "generate"):
-        init = initial_collages(runtime, round_index, _grid(pool, config.sample.num_per_prompt))
-        images = runtime.generator.generate(
-            params, prompts, pool, round_index, config.sample.num_per_prompt, config.sample.seed,
-            desc=f"round {round_index} generate", init_images=init, init_gamma=config.sample.get("init_gamma", 0.0),
-        )
-        images.block_until_ready()
-    with io_utils.timed(timings, "write"):
-        host = sample.to_host(images, config.sample.num_per_prompt).reshape(-1, *images.shape[1:])
-        io_utils.write_pngs([workdir.resolve(entry["path"]) for entry in expected], host[: len(expected)])
-        io_utils.write_json(paths.generated, expected)  # the marker that generation is finished
+    files, writer = [workdir.resolve(entry["path"]) for entry in expected], io_utils.PngWriter()
+
+    def write_chunk(rows: range, chunk) -> None:  # PNGs written on threads while the next chunk generates
+        writer.submit(files[rows.start : rows.stop], sample.rows_to_host(chunk)[: len(rows)])
+
+    with writer:
+        with io_utils.timed(timings, "generate"):
+            init = initial_collages(runtime, round_index, _grid(pool, config.sample.num_per_prompt))
+            images = runtime.generator.generate(
+                params, prompts, pool, round_index, config.sample.num_per_prompt, config.sample.seed,
+                desc=f"round {round_index} generate", init_images=init,
+                init_gamma=config.sample.get("init_gamma", 0.0), on_chunk=write_chunk,
+            )
+            images.block_until_ready()
+        with io_utils.timed(timings, "write"):  # the writing that generation did not hide
+            writer.wait()
+            io_utils.write_json(paths.generated, expected)  # the marker that generation is finished
     io_utils.sync(f"generated {paths.dir}")
     return images, expected
 
