@@ -53,6 +53,22 @@ def test_fits_names_what_is_over_the_budget():
     assert memory.fits(2, train=small, sample=large) == "no: sample 4.00 GiB > 2 GiB"
 
 
+def test_linear_need_leaves_out_the_resident_weights_and_counts_per_item_arguments():
+    weights, fixed_temporaries, code = 100, 50, 7
+    per_item = {"arguments": 10, "outputs": 5, "temporaries": 30}
+
+    def compiled(items):
+        return memory.DeviceMemory(weights + items * per_item["arguments"], items * per_item["outputs"], 0,
+                                   fixed_temporaries + items * per_item["temporaries"], code)
+
+    need = memory.linear_need(compiled(2), compiled(4), items=(2, 4))
+    assert need == memory.LinearNeed(fixed=fixed_temporaries + code, per_item=sum(per_item.values()))
+    assert need.most_items(need.fixed + 3 * need.per_item + need.per_item - 1) == 3
+    assert need.most_items(need.fixed - 1) == 0
+    with pytest.raises(ValueError, match="must grow"):
+        memory.linear_need(compiled(4), compiled(2), items=(4, 2))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fsdp, batch_size, budget_gib", [
     (1, 1, 24),  # one 24 GiB GPU: batch 1 + 1 class image
