@@ -467,7 +467,7 @@ def bench_unet(config, sd, sd_params, mesh) -> dict:
     rng = np.random.default_rng(0)
     latents = rng.standard_normal((rows, sd.latent_channels, size, size)).astype(np.float32)
     timesteps = rng.integers(0, 1000, rows).astype(np.int32)
-    context = rng.standard_normal((rows, sd.max_length, sd.unet.config.cross_attention_dim)).astype(np.float32)
+    context = rng.standard_normal((rows, *sd.context_shape)).astype(np.float32)
     inputs = jax.device_put((latents, timesteps, context), device)
     params = jax.device_put(sd_params.unet, device)
     iters, warmup = config.bench.iters, config.bench.warmup

@@ -354,7 +354,7 @@ def _with_tokens(sd: models.StableDiffusion, tokens: Sequence[str], file: Path) 
     vocabulary = sd.tokenizer.get_vocab()
     if all(token in vocabulary for token in tokens):
         ids = [vocabulary[token] for token in tokens]
-        size = sd.text_encoder.config.vocab_size
+        size = sd.vocab_size
         if ids != list(range(size - len(tokens), size)):
             raise ExportError(f"{file}: the model knows {list(tokens)} at other rows ({ids})")
         return sd

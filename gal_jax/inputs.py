@@ -31,6 +31,9 @@ SD_CONFIG_FILES = (
     "model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
     "scheduler/scheduler_config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
     "tokenizer/tokenizer_config.json",
+    # SDXL's second encoder and tokenizer (absent from SD 1.x / 2.x folders, then not listed)
+    "text_encoder_2/config.json", "tokenizer_2/vocab.json", "tokenizer_2/merges.txt",
+    "tokenizer_2/tokenizer_config.json",
 )
 CLIP_CONFIG_FILES = ("config.json", "preprocessor_config.json", "vocab.json", "merges.txt",
                      "tokenizer_config.json")

@@ -42,6 +42,8 @@ from gal_jax.nn import vae as nn_vae  # noqa: E402
 
 Params = Any
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SDXL_COMPONENTS = ("text_encoder_2", "tokenizer_2")  # besides SD_COMPONENTS
+SDXL_TIME_IDS = 6  # original size (h, w), crop top-left (y, x), target size (h, w)
 DIFFUSERS_WEIGHTS = (
     "diffusion_pytorch_model.safetensors",
     "diffusion_pytorch_model.safetensors.index.json",
@@ -68,14 +70,41 @@ class StableDiffusion:
 
     The VAE module works in NHWC (images and latents); the UNet takes and returns NCHW latents, as
     diffusers' does, so the latents every caller sees are NCHW.
+
+    SD 1.x / 2.x have one text encoder (`text_encoder` a ClipTextModel). SDXL has two
+    (`text_encoder` an nn.clip.SdxlTextEncoders, `tokenizer_2` the second tokenizer): token ids are
+    both tokenizers' side by side (B, 2L), the text conditioning is (B, L + 1, D1 + D2) with the
+    pooled embedding in its last row, and `apply_unet` unpacks it and adds the time ids, so every
+    caller handles one (batch, tokens, features) array whatever the family. With
+    `empty_prompt_is_zero` (SDXL's force_zeros_for_empty_prompt) the unconditional branch of
+    guidance is all zeros rather than the empty prompt's encoding, as diffusers' pipeline does.
     """
 
     path: Path
     unet: nn_unet.UNet2DConditionModel
     vae: nn_vae.AutoencoderKL
-    text_encoder: nn_clip.ClipTextModel
+    text_encoder: nn_clip.ClipTextModel | nn_clip.SdxlTextEncoders
     tokenizer: CLIPTokenizer
     scheduler_config: dict
+    tokenizer_2: CLIPTokenizer | None = None
+    empty_prompt_is_zero: bool = False
+
+    @property
+    def is_sdxl(self) -> bool:
+        return isinstance(self.text_encoder, nn_clip.SdxlTextEncoders)
+
+    @property
+    def vocab_size(self) -> int:
+        """Returns the rows of the (smallest) token embedding table: every token id must be below it."""
+        encoders = self.text_encoder.towers if self.is_sdxl else (self.text_encoder,)
+        return min(encoder.config.vocab_size for encoder in encoders)
+
+    @property
+    def context_shape(self) -> tuple[int, int]:
+        """Returns the (tokens, features) of one prompt's text conditioning (`encode_text`)."""
+        if self.is_sdxl:
+            return self.max_length + 1, self.text_encoder.context_width
+        return self.max_length, self.text_encoder.config.hidden_size
 
     @property
     def vae_scale_factor(self) -> int:
@@ -103,11 +132,21 @@ class StableDiffusion:
 
     @property
     def max_length(self) -> int:
+        """Returns the tokenizer's limit L (tokens per prompt and tokenizer)."""
         return int(self.tokenizer.model_max_length)
 
+    @property
+    def token_length(self) -> int:
+        """Returns the width of `tokenize`'s ids: L, or 2L for SDXL's two tokenizers."""
+        return self.max_length * (2 if self.is_sdxl else 1)
+
     def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
-        """Returns int32 token ids (len(prompts), max_length), padded and truncated."""
-        return tokenize(self.tokenizer, prompts)
+        """Returns int32 token ids (len(prompts), max_length), padded and truncated; for SDXL
+        (len(prompts), 2 * max_length): the first tokenizer's ids, then the second's."""
+        ids = tokenize(self.tokenizer, prompts)
+        if not self.is_sdxl:
+            return ids
+        return np.concatenate([ids, tokenize(self.tokenizer_2, prompts)[:, : ids.shape[1]]], axis=1)
 
     def with_attention(self, attention: str) -> StableDiffusion:
         """Returns this model with every attention layer (UNet, VAE, text encoder) computed by
@@ -124,8 +163,24 @@ class StableDiffusion:
         return _logical_axes(self.unet, self.vae, self.text_encoder)
 
     def encode_text(self, text_params: Params, input_ids: jax.Array) -> jax.Array:
-        """Returns the text encoder's last hidden states (B, L, D): the UNet's cross-attention context."""
+        """Returns the UNet's text conditioning of token ids (`tokenize`): the text encoder's last
+        hidden states (B, L, D), the cross-attention context; for SDXL the packed (B, L + 1, D1 + D2)
+        of nn.clip.SdxlTextEncoders (penultimate states of both encoders, then the pooled embedding)."""
+        if self.is_sdxl:
+            return self.text_encoder.apply({"params": text_params}, input_ids)
         return self.text_encoder.apply({"params": text_params}, input_ids).last_hidden_state
+
+    def unet_inputs(self, latents, context) -> tuple[jax.Array, dict | None]:
+        """Returns (cross-attention context, added conditions or None) of a text conditioning for
+        NCHW `latents`: for SDXL the pooled embedding and the time ids of an uncropped image of the
+        latents' size (original = target = (H, W), crop (0, 0)), as diffusers' pipeline passes them."""
+        if not self.is_sdxl:
+            return context, None
+        context, pooled = nn_clip.split_sdxl_conditioning(context, self.text_encoder.pooled_width)
+        height, width = (size * self.vae_scale_factor for size in latents.shape[2:])
+        time_ids = jnp.broadcast_to(jnp.asarray([height, width, 0, 0, height, width], jnp.float32),
+                                    (latents.shape[0], SDXL_TIME_IDS))
+        return context, {"text_embeds": pooled, "time_ids": time_ids}
 
     def apply_unet(
         self,
@@ -149,9 +204,10 @@ class StableDiffusion:
         del train
         policy = nn_layers.remat_policy(remat)
         unet = self.unet.clone(remat=policy) if policy != "none" and self.unet.remat == "none" else self.unet
+        context, added = self.unet_inputs(latents, context)
         if not capture_attention:
-            return unet.apply({"params": unet_params}, latents, timesteps, context)
-        prediction, state = unet.apply({"params": unet_params}, latents, timesteps, context,
+            return unet.apply({"params": unet_params}, latents, timesteps, context, added)
+        prediction, state = unet.apply({"params": unet_params}, latents, timesteps, context, added,
                                        capture_attention=capture_attention, mutable=["intermediates"])
         return prediction, nn_unet.captured_attention(state)
 
@@ -292,7 +348,11 @@ def load_stable_diffusion(
     target = _Target(jnp.dtype(compute_dtype), jnp.dtype(param_dtype), mesh, rules, allow_bin)
     unet, unet_params = _load_diffusers_model(_UNET, path / "unet", target)
     vae, vae_params = _load_diffusers_model(_VAE, path / "vae", target)
-    text_encoder, text_params = _load_clip_family(path / "text_encoder", target)
+    sdxl = {}
+    if unet.config.addition_embed_type == "text_time":
+        text_encoder, text_params, sdxl = _load_sdxl_text_encoders(path, unet.config, target)
+    else:
+        text_encoder, text_params = _load_clip_family(path / "text_encoder", target)
     sd = StableDiffusion(
         path=path,
         unet=unet,
@@ -300,6 +360,7 @@ def load_stable_diffusion(
         text_encoder=text_encoder,
         tokenizer=_load_tokenizer(path / "tokenizer"),
         scheduler_config=_read_json(_require_file(path / "scheduler", "scheduler_config.json")),
+        **sdxl,
     )
     params = StableDiffusionParams(unet=unet_params, vae=vae_params, text_encoder=text_params)
     return sd.with_attention(attention), params
@@ -497,6 +558,49 @@ def _load_clip_family(folder: Path, target: _Target):
             stored = nn_clip.weight_files(weights_file)
             model = nn_clip.ClipTextModel(config, "text_projection.weight" in stored, **dtypes)
         return model, _read_params(nn_clip, model, weights_file, target)
+
+
+def _load_sdxl_text_encoders(path: Path, unet_config: nn_unet.UNetConfig, target: _Target):
+    """Returns (SdxlTextEncoders, their params, the SDXL fields of StableDiffusion) of an SDXL
+    pipeline folder, checking the encoders fit its UNet (context width, pooled width, time ids)."""
+    missing = [name for name in SDXL_COMPONENTS if not (path / name).is_dir()]
+    if missing:
+        raise ModelLoadError(
+            f"{path}: its UNet has SDXL's text_time embedding, but {', '.join(m + '/' for m in missing)} "
+            "(SDXL's second text encoder and tokenizer) is missing; only SDXL base pipelines are read "
+            "(a refiner, with one text encoder, is not supported)."
+        )
+    towers = [_load_clip_family(path / name, target) for name in nn_clip.SDXL_TEXT_ENCODERS]
+    (first, first_params), (second, second_params) = towers
+    for model, name in ((first, "text_encoder"), (second, "text_encoder_2")):
+        if not isinstance(model, nn_clip.ClipTextModel):
+            raise ModelLoadError(f"{path / name}: expected a CLIP text model, found a {type(model).__name__}.")
+    if not second.projection:
+        raise ModelLoadError(f"{path / 'text_encoder_2'}: SDXL's second text encoder must be a "
+                             "CLIPTextModelWithProjection (its weights have no text_projection.weight).")
+    try:
+        encoders = nn_clip.SdxlTextEncoders(first.config, second.config, dtype=target.compute_dtype,
+                                            param_dtype=target.param_dtype)
+    except ValueError as err:
+        raise ModelLoadError(f"{path}: {err}") from err
+    time_width = SDXL_TIME_IDS * unet_config.addition_time_embed_dim
+    problems = []
+    if unet_config.cross_attention_dim != encoders.context_width:
+        problems.append(f"cross_attention_dim {unet_config.cross_attention_dim} is not the text encoders' "
+                        f"{first.config.hidden_size} + {second.config.hidden_size} hidden features")
+    if unet_config.projection_class_embeddings_input_dim != encoders.pooled_width + time_width:
+        problems.append(f"projection_class_embeddings_input_dim {unet_config.projection_class_embeddings_input_dim} "
+                        f"is not text_encoder_2's projection_dim {encoders.pooled_width} + {SDXL_TIME_IDS} time ids "
+                        f"x addition_time_embed_dim {unet_config.addition_time_embed_dim}")
+    if problems:
+        raise ModelLoadError(f"{path / 'unet' / 'config.json'}: does not fit the pipeline's text encoders: "
+                             + "; ".join(problems) + ".")
+    index_file = path / "model_index.json"
+    index = _read_json(index_file) if index_file.is_file() else {}
+    fields = dict(tokenizer_2=_load_tokenizer(path / "tokenizer_2"),
+                  empty_prompt_is_zero=bool(index.get("force_zeros_for_empty_prompt", True)))
+    params = dict(zip(nn_clip.SDXL_TEXT_ENCODERS, (first_params, second_params)))
+    return encoders, params, fields
 
 
 def _check_bin_allowed(file: Path, target: _Target) -> None:

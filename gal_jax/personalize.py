@@ -231,6 +231,9 @@ def prepare(config: ml_collections.ConfigDict, sd, *, placeholder: str = "", cla
     else the first word of `class_word`) and its text encoder's table grown by a row.
     """
     name = method_name(config)
+    lora = lora_from_config(config)
+    if getattr(sd, "is_sdxl", False):
+        _check_sdxl_method(name, lora)
     stages = stages_from_config(config)
     new = None
     if name in NEW_TOKEN_METHODS:
@@ -242,13 +245,27 @@ def prepare(config: ml_collections.ConfigDict, sd, *, placeholder: str = "", cla
                 f"from its class word; this run has placeholder {token!r} and class word {init_word!r} "
                 "(object concepts only; set config.train.new_token and config.train.new_token_init)")
         sd, new = add_new_tokens(sd, [token], [init_word])
-    return sd, Method(name=name, stages=stages, lora=lora_from_config(config), new_tokens=new)
+    return sd, Method(name=name, stages=stages, lora=lora, new_tokens=new)
+
+
+def _check_sdxl_method(name: str, lora: LoraSpec | None) -> None:
+    """Raises MethodConfigError for what SDXL's two text encoders do not support yet: new tokens
+    (both tables would need them, and diffusers' loader reads them per encoder) and text-encoder LoRA."""
+    if name in NEW_TOKEN_METHODS:
+        raise MethodConfigError(
+            f"config.train.method={name!r} is not supported on SDXL yet: its new token would need rows in both "
+            f"text encoders; use 'dreambooth' or 'lora' (UNet LoRA)")
+    if lora is not None and lora.text_encoder_targets:
+        raise MethodConfigError("config.lora.train_text_encoder is not supported on SDXL yet (two text encoders); "
+                                "train UNet LoRA only (config.lora.train_text_encoder=False)")
 
 
 def add_new_tokens(sd, new_tokens: Sequence[str], init_words: Sequence[str]):
     """Returns (sd with a tokenizer that knows `new_tokens` and a text encoder with their rows,
     NewTokens)."""
-    table = sd.text_encoder.config.vocab_size
+    if sd.is_sdxl:
+        raise MethodConfigError("new tokens are not supported on SDXL yet (they would need rows in both text encoders)")
+    table = sd.vocab_size
     try:
         tokenizer, new = nn_tokens.add_tokens(sd.tokenizer, new_tokens, init_words, vocab_size=table)
     except ValueError as err:

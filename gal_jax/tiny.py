@@ -109,6 +109,31 @@ TINY_TEXT = dict(
     eos_token_id=49407,
     pad_token_id=49407,
 )
+# A tiny SDXL in SDXL's layout: no attention at the first level, transformer depth per level, linear
+# projections, two text encoders (the second with a projection, gelu, a different width) whose
+# penultimate states make the context (32 + 48 features) and whose pooled embedding (40) joins
+# six time ids of 8 features in the added embedding.
+TINY_TEXT_SDXL_2 = dict(TINY_TEXT, hidden_size=48, intermediate_size=96, num_attention_heads=4, projection_dim=40,
+                        hidden_act="gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1)
+TINY_UNET_SDXL = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=TINY_TEXT["hidden_size"] + TINY_TEXT_SDXL_2["hidden_size"],
+    attention_head_dim=(2, 4),
+    transformer_layers_per_block=(1, 2),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=TINY_TEXT_SDXL_2["projection_dim"] + 6 * 8,
+    norm_num_groups=32,
+)
+SDXL_SCHEDULER = dict(SD1_SCHEDULER, _class_name="EulerDiscreteScheduler", interpolation_type="linear",
+                      use_karras_sigmas=False)
 TINY_VISION = dict(
     image_size=224,
     patch_size=32,
@@ -148,8 +173,9 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, codes)))
 
 
-def write_tokenizer(folder: Path) -> None:
-    """Writes a transformers CLIPTokenizer (vocab.json, merges.txt, configs) with the real vocabulary."""
+def write_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> None:
+    """Writes a transformers CLIPTokenizer (vocab.json, merges.txt, configs) with the real vocabulary;
+    SDXL's second tokenizer pads with "!"."""
     vocab, merges = clip_bpe_vocabulary()
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
@@ -162,7 +188,7 @@ def write_tokenizer(folder: Path) -> None:
                 "bos_token": "<|startoftext|>",
                 "eos_token": "<|endoftext|>",
                 "unk_token": "<|endoftext|>",
-                "pad_token": "<|endoftext|>",
+                "pad_token": pad_token,
                 "do_lower_case": True,
             },
             indent=2,
@@ -170,7 +196,7 @@ def write_tokenizer(folder: Path) -> None:
     )
     (folder / "special_tokens_map.json").write_text(
         json.dumps({"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-                    "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"})
+                    "unk_token": "<|endoftext|>", "pad_token": pad_token})
     )
 
 
@@ -195,6 +221,48 @@ def write_tiny_stable_diffusion(folder: Path, *, seed: int = 0, unet_config: dic
     write_tokenizer(folder / "tokenizer")
     tiny_train_io.write_pipeline_files(folder)
     return folder
+
+
+def write_tiny_stable_diffusion_xl(folder: Path, *, seed: int = 0, unet_config: dict = TINY_UNET_SDXL) -> Path:
+    """Writes a random-init tiny SDXL pipeline folder in the diffusers layout (two text encoders and
+    tokenizers, a text_time UNet, SDXL's VAE scaling); returns it. As write_tiny_stable_diffusion:
+    our modules, diffusers' names and configs, no PyTorch needed."""
+    import jax
+
+    from gal_jax import tiny_train_io
+    from gal_jax.nn import clip as nn_clip, vae as nn_vae
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tiny_train_io.save_random_unet(folder / "unet", unet_config, seed)
+    vae = nn_vae.AutoencoderKL(nn_vae.VaeConfig.from_dict(dict(TINY_VAE, scaling_factor=0.13025)))
+    nn_vae.save_params(vae, nn_vae.init_params(vae, jax.random.key(seed + 1)), folder / "vae")
+    for offset, (name, text_config) in enumerate((("text_encoder", TINY_TEXT), ("text_encoder_2", TINY_TEXT_SDXL_2))):
+        text = nn_clip.ClipTextModel(nn_clip.ClipTextConfig.from_dict(text_config), projection=bool(offset))
+        (folder / name).mkdir(exist_ok=True)
+        nn_clip.save_params(text, nn_clip.init_params(text, jax.random.key(seed + 2 + offset)), folder / name)
+    write_tokenizer(folder / "tokenizer")
+    write_tokenizer(folder / "tokenizer_2", pad_token="!")
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SDXL_SCHEDULER, indent=2))
+    (folder / "model_index.json").write_text(json.dumps(_sdxl_model_index(), indent=2))
+    return folder
+
+
+def _sdxl_model_index() -> dict:
+    return {
+        "_class_name": "StableDiffusionXLPipeline",
+        "_diffusers_version": "0.39.0",
+        "feature_extractor": [None, None],
+        "force_zeros_for_empty_prompt": True,
+        "image_encoder": [None, None],
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
 
 
 def _model_index() -> dict:

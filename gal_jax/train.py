@@ -480,7 +480,7 @@ def abstract_batch(
     sharded over the mesh's batch axes (with a per-pixel `loss_mask` when Seg-Mix is on)."""
     rows = (num_examples,)
     batch = {
-        "input_ids": jax.ShapeDtypeStruct(rows + (sd.max_length,), jnp.int32),
+        "input_ids": jax.ShapeDtypeStruct(rows + (sd.token_length,), jnp.int32),
         "weight": jax.ShapeDtypeStruct(rows, jnp.float32),
         "is_prior": jax.ShapeDtypeStruct(rows, jnp.bool_),
     }

@@ -429,7 +429,7 @@ class Trainer:
         """Raises ValueError when the set's token ids lie beyond the text encoder's table, or when
         a stage trains new token rows but the set's prompts do not hold the tokens (tokenized by a
         tokenizer that lacks them): the rows would get no gradient."""
-        ids, size = host_batch["input_ids"], self.sd.text_encoder.config.vocab_size
+        ids, size = host_batch["input_ids"], self.sd.vocab_size
         if ids.max() >= size:
             raise ValueError(f"{train_set_dir}: token id {int(ids.max())} is beyond the text encoder's {size} rows: the "
                              "set was tokenized with a tokenizer that knows more tokens than this model")

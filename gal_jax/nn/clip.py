@@ -32,6 +32,7 @@ from gal_jax.nn import layers, weights
 Params = Any
 CONFIG_FILE = "config.json"
 WEIGHTS_STEM = "model"
+SDXL_TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # the pipeline's folder names
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,6 +424,67 @@ class ClipTextModel(nn.Module):
         return ClipTextOutput(out.last_hidden_state, out.pooled_output, out.hidden_states, text_embeds)
 
 
+class SdxlTextEncoders(nn.Module):
+    """SDXL's two text encoders read as one: transformers' CLIPTextModel (`text_encoder`) and
+    CLIPTextModelWithProjection (`text_encoder_2`), as StableDiffusionXLPipeline.encode_prompt
+    combines them.
+
+    Input: (B, 2L) token ids, the first tokenizer's L ids followed by the second's. Output: the
+    UNet's conditioning packed in one array (B, L + 1, D1 + D2): rows 0..L-1 are both encoders'
+    penultimate hidden states side by side (the cross-attention context), row L holds the second
+    encoder's projected pooled embedding (P features, zero-padded to D1 + D2), which SDXL's UNet
+    reads through its added text-time embedding. One array keeps the conditioning a plain
+    (batch, tokens, features) array for vmap, sharding and caching; `split_sdxl_conditioning`
+    unpacks it.
+    """
+
+    config: ClipTextConfig
+    config_2: ClipTextConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    attention: layers.AttentionImplementation = "xla"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.config_2.projection_dim > self.config.hidden_size + self.config_2.hidden_size:
+            raise ValueError(f"text_encoder_2's projection_dim {self.config_2.projection_dim} is wider than the "
+                             f"two encoders' hidden states ({self.config.hidden_size} + {self.config_2.hidden_size})")
+
+    @property
+    def towers(self) -> tuple[ClipTextModel, ClipTextModel]:
+        """The two encoders as standalone modules (their params are this module's two subtrees)."""
+        return self._tower(0, parent=None), self._tower(1, parent=None)
+
+    def _tower(self, index: int, **where) -> ClipTextModel:
+        dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype, attention=self.attention)
+        return ClipTextModel((self.config, self.config_2)[index], bool(index), **dtypes, **where)
+
+    @property
+    def context_width(self) -> int:
+        return self.config.hidden_size + self.config_2.hidden_size
+
+    @property
+    def pooled_width(self) -> int:
+        return self.config_2.projection_dim
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array) -> jax.Array:
+        length = input_ids.shape[-1] // 2
+        if input_ids.shape[-1] != 2 * length:
+            raise ValueError(f"input ids of shape {input_ids.shape}: expected (B, 2L), both tokenizers' ids")
+        one = self._tower(0, name=SDXL_TEXT_ENCODERS[0])(input_ids[:, :length], output_hidden_states=True)
+        two = self._tower(1, name=SDXL_TEXT_ENCODERS[1])(input_ids[:, length:], output_hidden_states=True)
+        context = jnp.concatenate([one.hidden_states[-2], two.hidden_states[-2]], axis=-1)
+        pooled = jnp.pad(two.text_embeds, ((0, 0), (0, context.shape[-1] - two.text_embeds.shape[-1])))
+        return jnp.concatenate([context, pooled[:, None].astype(context.dtype)], axis=1)
+
+
+def split_sdxl_conditioning(conditioning: jax.Array, pooled_width: int) -> tuple[jax.Array, jax.Array]:
+    """Returns (context (B, L, D), pooled text embedding (B, pooled_width)) of SdxlTextEncoders'
+    packed output."""
+    return conditioning[:, :-1], conditioning[:, -1, :pooled_width]
+
+
 class ClipModel(nn.Module):
     """transformers' CLIPModel: both towers, their projections (no bias) and the logit scale."""
 
@@ -463,13 +525,16 @@ class ClipModel(nn.Module):
         return ClipOutput(logits_per_text.T, logits_per_text, text_embeds, image_embeds)
 
 
-ClipModule = ClipModel | ClipTextModel
+ClipModule = ClipModel | ClipTextModel | SdxlTextEncoders
 
 
 def _example_inputs(model: ClipModule) -> tuple[jax.Array, ...]:
     """Returns the smallest inputs `model.init` accepts (built inside a trace: no transfers)."""
     text = model.config.text if isinstance(model, ClipModel) else model.config
     input_ids = jnp.zeros((1, text.max_position_embeddings), jnp.int32)
+    if isinstance(model, SdxlTextEncoders):
+        length = min(text.max_position_embeddings, model.config_2.max_position_embeddings)
+        return (jnp.zeros((1, 2 * length), jnp.int32),)
     if isinstance(model, ClipTextModel):
         return (input_ids,)
     vision = model.config.vision
