@@ -182,7 +182,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.export = ml_collections.ConfigDict()
     config.export.dtype = "float16"  # UNet weights: 'float16' (half the size) | 'float32' | 'bfloat16'
 
-    # `gal-jax bench`: 'config' benchmarks the models this config loads; 'sd15' random SD 1.5 + CLIP B/32.
+    # `gal-jax bench`: 'config' benchmarks the models this config loads; 'sd15' random SD 1.5 + CLIP B/32;
+    # 'sdxl' random SDXL base (UNet, VAE, both text encoders) + CLIP B/32.
     config.bench = ml_collections.ConfigDict()
     config.bench.model = "config"
     config.bench.iters = 5

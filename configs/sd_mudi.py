@@ -1,14 +1,18 @@
 r"""MuDI (Jang et al. 2024) inside GAL: several subjects personalized at once with Seg-Mix, on
-Stable Diffusion 1.5 or 2.1-base (the model folder decides; nothing else differs), with MuDI's
-training settings.
+Stable Diffusion 1.5 or 2.1-base (the model folder decides; nothing else differs) or, with the
+'sdxl' variant, on SDXL base 1.0 at 1024 px as their launch line runs it, with MuDI's training
+settings.
 
 Their launch line (README, train_segmix_lora_sdxl.py): LoRA rank 32 (alpha 32) on to_q, to_k,
 to_v and to_out.0, lr 1e-4 constant without warmup, 2010 steps at batch 1 x 2 gradient
 accumulation, AdamW weight decay 1e-4, gradient clipping 1.0, Seg-Mix probability 0.3 from step
 0 at random scales (relative_scale 0) with soft_alpha 1.0 (every latent pixel weighs alike), and
 the DCO loss (beta 1000) instead of prior preservation, as their public code does. Their scripts
-train SDXL at 1024 px; the SDXL UNet is not in this project yet, so these configs run the same
-recipe on SD 1.5 / 2.1-base at 512 px.
+train SDXL at 1024 px (`configs/sd_mudi.py:sdxl`, frozen weights in bfloat16, LoRA in float32;
+they report about 18 GB of GPU memory, under 15 GB with gradient checkpointing); the default
+variant runs the same recipe on SD 1.5 / 2.1-base at 512 px. Their SDXL line also swaps in the
+fp16-fix VAE (--pretrained_vae_model_name_or_path): our compute is bfloat16, which SDXL's own VAE
+does not overflow, so it is not needed.
 
 Generation starts from MuDI's mean-shifted noise: gamma (sample.init_gamma) times the VAE latents
 of a collage of the segmented subjects is added to the first noise. The value of gamma their
@@ -24,7 +28,8 @@ and masks: class images paired with their subject and Seg-Mixed with the instanc
       --config.model.clip_path=/models/clip-vit-base-patch32 \
       --config.data.concept_dir=/data/MuDI/dataset/category/actionfigure_2_and_dog0
 
-  (SD 2.1-base: the same line with --config.model.sd_path=/models/stable-diffusion-2-1-base)
+  (SD 2.1-base: the same line with --config.model.sd_path=/models/stable-diffusion-2-1-base;
+   SDXL: --config=configs/sd_mudi.py:sdxl --config.model.sd_path=/models/stable-diffusion-xl-base-1.0)
 
 GAL's anchors name all subjects ("a olis harry potter toy and hta corgi on the beach"); the
 overfit oracle's plain prompts are the captions with each identifier phrase replaced by its class,
@@ -36,7 +41,7 @@ GAL queries the directions where the subjects get confused. Named-slot anchors:
 The final model is the base pipeline with the LoRA beside it (`pipe.load_lora_weights(DIR/model)`).
 """
 
-from configs import sd15_object
+from configs import sd15_object, sdxl_lora
 
 
 def use_mudi(config):
@@ -64,8 +69,8 @@ def use_mudi(config):
 
 
 def get_config(variant: str = ""):
-    """Returns the MuDI config (SD 1.5 or 2.1-base, by config.model.sd_path)."""
-    if variant:
-        raise ValueError(f"sd_mudi has no variants, got {variant!r}")
-    config = sd15_object.get_config()
-    return use_mudi(config)
+    """Returns the MuDI config (SD 1.5 or 2.1-base, by config.model.sd_path; 'sdxl': SDXL base at 1024 px)."""
+    if variant not in ("", "sdxl"):
+        raise ValueError(f"unknown variant {variant!r} of sd_mudi (known: 'sdxl')")
+    config = use_mudi(sd15_object.get_config())
+    return sdxl_lora.use_sdxl(config) if variant == "sdxl" else config

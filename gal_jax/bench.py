@@ -8,7 +8,8 @@ Each benchmark compiles the same function the GAL loop runs, times `bench.iters`
 `bench.warmup`, and counts the matmul and convolution FLOPs of one call from its jaxpr with loops
 counted as often as they run (`gal_jax.flops`; XLA's cost analysis, shown beside it, counts a loop
 body once: a 50-step sampler as one step). MFU divides achieved FLOP/s by the detected device's
-peak dense bf16 FLOP/s; it reads "n/a" where the peak is unknown (CPU). `bench.model='sd15'` swaps in SD 1.5 / CLIP ViT-B/32-sized models with random weights.
+peak dense bf16 FLOP/s; it reads "n/a" where the peak is unknown (CPU). `bench.model='sd15'` swaps in SD
+1.5 / CLIP ViT-B/32-sized models with random weights, `bench.model='sdxl'` SDXL base-sized ones.
 Each benchmark builds only the model it times (score: CLIP alone), and compiles through the
 persistent compilation cache.
 """
@@ -128,25 +129,47 @@ def summarize(name: str, compile_s: float, times: list[float], items: int, unit:
     }
 
 
+RANDOM_MODELS = tuple(models.MODEL_SIZES)  # bench.model values besides 'config'
+
+
+def random_model_size(config) -> str:
+    """Returns config.bench.model when it names a random-weight architecture (models.MODEL_SIZES),
+    '' for 'config' (the config's own models); raises ValueError for anything else."""
+    name = config.bench.model
+    if name != "config" and name not in RANDOM_MODELS:
+        raise ValueError(f"config.bench.model={name!r}; expected 'config' or one of {', '.join(RANDOM_MODELS)}")
+    return "" if name == "config" else name
+
+
+def random_stable_diffusion(config, *, abstract: bool = False) -> tuple[Any, Any]:
+    """Returns (sd, params) of bench.model's architecture with random weights in the config's
+    dtypes and attention (`abstract`: ShapeDtypeStructs, nothing allocated). Random weights need
+    only the real CLIP vocabulary, which ships with the package."""
+    from gal_jax import tiny
+
+    unet, vae, text, text_2 = models.MODEL_SIZES[random_model_size(config)]
+    with tempfile.TemporaryDirectory(prefix="gal_jax_tokenizer_") as tokenizer_dir:
+        tiny.write_tokenizer(Path(tokenizer_dir))
+        sd, params = models.random_stable_diffusion(
+            Path(tokenizer_dir), tiny.SD1_SCHEDULER, unet_config=unet, vae_config=vae, text_config=text,
+            text_config_2=text_2, param_dtype=config.model.param_dtype, compute_dtype=config.model.compute_dtype,
+            abstract=abstract,
+        )
+    return sd.with_attention(config.model.attention), params
+
+
 def build_models(config, target: str) -> tuple[Any, Any]:
     """Returns (model, params) of what `target` runs: CLIP for 'score', Stable Diffusion for
     'sample' and 'train'; the config's models, or SD 1.5 / CLIP B/32-sized random ones."""
     from gal_jax import driver, inputs, tiny
 
-    if config.bench.model not in ("config", "sd15"):
-        raise ValueError(f"config.bench.model={config.bench.model!r}; expected 'config' or 'sd15'")
-    if config.bench.model == "sd15":
-        # Random weights need only the real CLIP vocabulary, which ships with the package.
+    if random_model_size(config) and target == "score":
         with tempfile.TemporaryDirectory(prefix="gal_jax_tokenizer_") as tokenizer_dir:
             tiny.write_tokenizer(Path(tokenizer_dir))
-            if target == "score":
-                clip, params = models.random_clip(Path(tokenizer_dir))
-                return clip.with_attention(config.model.attention), params
-            sd, params = models.random_stable_diffusion(
-                Path(tokenizer_dir), tiny.SD1_SCHEDULER,
-                param_dtype=config.model.param_dtype, compute_dtype=config.model.compute_dtype,
-            )
-            return sd.with_attention(config.model.attention), params
+            clip, params = models.random_clip(Path(tokenizer_dir))
+            return clip.with_attention(config.model.attention), params
+    if random_model_size(config):
+        return random_stable_diffusion(config)
     if target == "score":
         return driver.load_clip(config, inputs.resolve(config, need=("clip",)).clip)
     return driver.load_sd(config, inputs.resolve(config, need=("sd",)).sd)
@@ -622,8 +645,9 @@ def bench_load(config, mesh) -> dict:
     from gal_jax import inputs
 
     with tempfile.TemporaryDirectory(prefix="gal_jax_bench_load_") as scratch:
-        if config.bench.model == "sd15":
-            folder = write_random_unet(Path(scratch) / "unet", models.SD15_UNET, dtype=config.model.param_dtype)
+        if random_model_size(config):
+            unet = models.MODEL_SIZES[random_model_size(config)][0]
+            folder = write_random_unet(Path(scratch) / "unet", unet, dtype=config.model.param_dtype)
         else:
             folder = inputs.resolve(config, need=("sd",)).sd / "unet"
         return load_figures(folder, mesh, config.model.param_dtype, sharding.logical_rules(config.mesh.rules))
@@ -669,16 +693,10 @@ def load_figures(folder: Path, mesh, param_dtype, rules=sharding.DEFAULT_LOGICAL
 def abstract_stable_diffusion(config) -> tuple[Any, Any]:
     """Returns (sd, params as ShapeDtypeStructs) of the config's SD model (`bench.model='sd15'`:
     SD 1.5-sized), in the config's dtypes and attention; nothing model-sized is allocated."""
-    from gal_jax import driver, inputs, memory, tiny
+    from gal_jax import driver, inputs, memory
 
-    if config.bench.model == "sd15":
-        with tempfile.TemporaryDirectory(prefix="gal_jax_tokenizer_") as tokenizer_dir:
-            tiny.write_tokenizer(Path(tokenizer_dir))
-            sd, params = models.random_stable_diffusion(
-                Path(tokenizer_dir), tiny.SD1_SCHEDULER, param_dtype=config.model.param_dtype,
-                compute_dtype=config.model.compute_dtype, abstract=True,
-            )
-        return sd.with_attention(config.model.attention), params
+    if random_model_size(config):
+        return random_stable_diffusion(config, abstract=True)
     sd, params = driver.load_sd(config, inputs.resolve(config, need=("sd",)).sd)
     return sd, memory.abstract(params)
 
@@ -698,8 +716,6 @@ def bench_memory(config, mesh) -> dict:
     allocated, so SD 1.5-sized configs are checked on any host), next to bench.memory_budget_gib."""
     from gal_jax import memory, sample
 
-    if config.bench.model not in ("config", "sd15"):
-        raise ValueError(f"config.bench.model={config.bench.model!r}; expected 'config' or 'sd15'")
     sd, params = abstract_stable_diffusion(config)
     rows, _ = train_rows(config)
     start = time.perf_counter()

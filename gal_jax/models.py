@@ -718,6 +718,33 @@ CLIP_B32_VISION = dict(
     num_attention_heads=12,
     projection_dim=512,
 )
+# SDXL base 1.0: no attention at the first level, 2 and 10 transformer blocks deeper down, CLIP ViT-L
+# and OpenCLIP ViT-bigG text towers (penultimate states 768 + 1280 wide, bigG's pooled projection 1280),
+# six time ids of 256 features.
+SDXL_UNET = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=2048,
+    attention_head_dim=(5, 10, 20),
+    transformer_layers_per_block=(1, 2, 10),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+SDXL_VAE = dict(SD15_VAE, sample_size=1024, scaling_factor=0.13025)
+SDXL_TEXT_2 = dict(SD15_TEXT, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                   projection_dim=1280, hidden_act="gelu")
+# The architectures `random_stable_diffusion(size=...)` builds: (unet, vae, text, second text or None).
+MODEL_SIZES = {
+    "sd15": (SD15_UNET, SD15_VAE, SD15_TEXT, None),
+    "sdxl": (SDXL_UNET, SDXL_VAE, SD15_TEXT, SDXL_TEXT_2),
+}
 
 
 def random_stable_diffusion(
@@ -727,17 +754,24 @@ def random_stable_diffusion(
     unet_config: dict = SD15_UNET,
     vae_config: dict = SD15_VAE,
     text_config: dict = SD15_TEXT,
+    text_config_2: dict | None = None,
     seed: int = 0,
     param_dtype="float32",
     compute_dtype="float32",
     abstract: bool = False,
 ) -> tuple[StableDiffusion, StableDiffusionParams]:
-    """Returns an SD model of the given architecture (SD 1.5 by default) with random weights;
+    """Returns an SD model of the given architecture (SD 1.5 by default; an SDXL one with
+    `text_config_2`, the second text encoder, see MODEL_SIZES) with random weights;
     `abstract=True` gives their shapes and dtypes only (ShapeDtypeStructs, nothing allocated)."""
     compute_dtype = jnp.dtype(compute_dtype)
     unet = _UNET.build(nn_unet.UNetConfig.from_dict(unet_config), compute_dtype, jnp.float32)
     vae = _VAE.build(nn_vae.VaeConfig.from_dict(vae_config), compute_dtype, jnp.float32)
-    text_encoder = nn_clip.ClipTextModel(nn_clip.ClipTextConfig.from_dict(text_config), dtype=compute_dtype)
+    text = nn_clip.ClipTextConfig.from_dict(text_config)
+    if text_config_2 is None:
+        text_encoder = nn_clip.ClipTextModel(text, dtype=compute_dtype)
+    else:
+        text_encoder = nn_clip.SdxlTextEncoders(text, nn_clip.ClipTextConfig.from_dict(text_config_2),
+                                                dtype=compute_dtype)
 
     def init(key):
         keys = jax.random.split(key, 3)
@@ -747,13 +781,16 @@ def random_stable_diffusion(
             text_encoder=nn_clip.init_params(text_encoder, keys[2]),
         ), param_dtype)
 
+    tokenizer = _load_tokenizer(Path(tokenizer_dir))
     sd = StableDiffusion(
         path=Path(f"random:{unet_config['block_out_channels']}"),
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=_load_tokenizer(Path(tokenizer_dir)),
+        tokenizer=tokenizer,
         scheduler_config=dict(scheduler_config),
+        tokenizer_2=None if text_config_2 is None else tokenizer,
+        empty_prompt_is_zero=text_config_2 is not None,
     )
     return sd, (jax.eval_shape(init, jax.random.key(seed)) if abstract else init(jax.random.key(seed)))
 

@@ -75,3 +75,22 @@ def test_tiny_config_keeps_the_evaluation_sampler_and_seed_but_is_small():
 def test_unknown_variant_is_named():
     with pytest.raises(ValueError, match="unknown variant 'oficial'"):
         sd15_object.get_config("oficial")
+
+
+def test_sdxl_configs_train_lora_at_1024_with_bf16_frozen_weights():
+    from configs import sd_mudi, sdxl_lora
+
+    lora = sdxl_lora.get_config()
+    # diffusers' train_dreambooth_lora_sdxl.py example: rank 4, lr 1e-4 constant, 500 steps, 1 x 4 accumulation.
+    assert (lora.train.method, lora.lora.rank, lora.train.learning_rate, lora.train.lr_schedule) == (
+        "lora", 4, 1e-4, "constant")
+    assert (lora.train.steps, lora.train.batch_size, lora.train.grad_accum_steps) == (500, 1, 4)
+    mudi = sd_mudi.get_config("sdxl")
+    # MuDI's SDXL launch line: rank 32, lr 1e-4, 2010 steps at 1 x 2 accumulation.
+    assert (mudi.train.method, mudi.lora.rank, mudi.train.steps, mudi.train.grad_accum_steps) == ("mudi", 32, 2010, 2)
+    for config in (lora, mudi):
+        assert (config.data.resolution, config.model.param_dtype, config.model.compute_dtype) == (
+            1024, "bfloat16", "bfloat16")
+    assert sd_mudi.get_config().data.resolution == 512
+    with pytest.raises(ValueError, match="known: 'sdxl'"):
+        sd_mudi.get_config("xl")
