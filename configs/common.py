@@ -56,12 +56,17 @@ def get_config() -> ml_collections.ConfigDict:
     # their scales (0: random); the loss weighs latent pixels by mask * (1 - soft_alpha) + soft_alpha.
     config.data.segmix = ml_collections.ConfigDict(dict(prob=0.0, start_step=0, relative_scale=0.0, soft_alpha=1.0))
 
-    # Device mesh: -1 fills the remaining devices.
+    # Device mesh data x fsdp x tensor = all devices; one of them may be -1 (the remaining devices).
+    # 'data' and 'fsdp' split the batch ('fsdp' also shards params and optimizer state); 'tensor'
+    # splits attention heads and MLP hidden units over its devices (Megatron-style model
+    # parallelism: they all see the same examples), for a model whose activations crowd one device.
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1
     config.mesh.fsdp = 1
-    # Parameter sharding over 'fsdp': (logical axis, mesh axis or None) pairs in priority order;
-    # None or () takes gal_jax.sharding.DEFAULT_LOGICAL_RULES. Logical axes: gal_jax/nn/layers.py.
+    config.mesh.tensor = 1
+    # Parameter sharding: (logical axis, mesh axis or None) pairs in priority order; None or () takes
+    # gal_jax.sharding.DEFAULT_LOGICAL_RULES ("heads" and "mlp" over 'tensor' first, then every
+    # axis over 'fsdp'; a mesh axis of size 1 shards nothing). Logical axes: gal_jax/nn/layers.py.
     config.mesh.rules = None
 
     # Training, from the base weights every round.

@@ -726,7 +726,7 @@ def bench_memory(config, mesh) -> dict:
     result = {
         "benchmark": "memory",
         "device": f"{mesh.devices.size} x {mesh.devices.flat[0].device_kind}",
-        "mesh": f"data={mesh.shape['data']} fsdp={mesh.shape['fsdp']}",
+        "mesh": f"data={mesh.shape['data']} fsdp={mesh.shape['fsdp']}" + (f" tensor={mesh.shape['tensor']}" if mesh.shape['tensor'] > 1 else ""),
         "compile_s": round(time.perf_counter() - start, 1),
         "train_examples": rows,
         "train_method": trainer_method_label(config),
@@ -765,7 +765,7 @@ def run(target: str, config) -> dict:
     # A rerun on the same machine then loads its executables instead of compiling (compile_s
     # reads the load time): device time is scarce.
     io_utils.enable_compilation_cache()
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    mesh = sharding.mesh_from_config(config.mesh)
     if target == "all":
         result = {"benchmark": "all", "device": f"{mesh.devices.size} x {mesh.devices.flat[0].device_kind}"}
         for name in ALL:

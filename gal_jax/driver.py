@@ -85,6 +85,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         if value not in export.DTYPES:
             raise ValueError(f"config.{field}={value!r}; expected one of {tuple(export.DTYPES)}")
     _check_query_and_eval_options(config)
+    sharding.mesh_from_config(config.mesh)  # sizes that do not cover the devices
+    sharding.logical_rules(config.mesh.rules)
 
 
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: Workdir) -> None:
@@ -144,7 +146,7 @@ def load_clip(config: ml_collections.ConfigDict, path: Path, mesh: Mesh | None =
 
 def build_runtime(config, workdir: Workdir, paths: inputs.RunPaths, concept: Concept) -> Runtime:
     """Returns models, mesh and compiled functions for a run (built once, reused every round)."""
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    mesh = sharding.mesh_from_config(config.mesh)
     sd, sd_params = load_sd(config, paths.sd, mesh)
     sd, method = personalize.prepare(config, sd, placeholder=concept.placeholder, class_word=concept.class_word)
     clip, clip_params = load_clip(config, paths.clip, mesh)

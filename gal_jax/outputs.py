@@ -130,5 +130,5 @@ def _sample(config, sd, params, prompts, num_per_prompt, out: Path, concept=None
             grid = [(p, s) for p in range(len(prompts)) for s in range(num)]
             init = multi_subject.initial_images(concept.references, list(concept.subjects), sd.resolution,
                                                 config.sample.seed, 0, grid)
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    mesh = sharding.mesh_from_config(config.mesh)
     sample.sample_to_dir(config, sd, params, prompts, num, out, mesh=mesh, init_images=init)

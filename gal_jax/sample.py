@@ -504,7 +504,7 @@ def sample_to_dir(config, sd: StableDiffusion, params: StableDiffusionParams, pr
     """Returns the index after generating `num_per_prompt` images per prompt (round 0, seed
     config.sample.seed; `init_images` with config.sample.init_gamma: MuDI's initialisation) and
     writing them with `write_images` to `out_dir`."""
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp) if mesh is None else mesh
+    mesh = sharding.mesh_from_config(config.mesh) if mesh is None else mesh
     generator = Generator.from_config(config, sd, mesh)
     images = generator.generate(params, prompts, range(len(prompts)), 0, num_per_prompt, config.sample.seed,
                                 init_images=init_images, init_gamma=config.sample.get("init_gamma", 0.0))

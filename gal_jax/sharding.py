@@ -1,14 +1,20 @@
 """Device mesh, parameter partition rules and global batches.
 
-The mesh has two axes: 'data' (batch parallelism, params replicated) and 'fsdp' (batch parallelism
-with parameters and optimizer state sharded, ZeRO-3 style). Batches are sharded over both axes.
+The mesh has three axes: 'data' (batch parallelism, params replicated), 'fsdp' (batch parallelism
+with parameters and optimizer state sharded, ZeRO-3 style) and 'tensor' (Megatron-style model
+parallelism: attention heads and MLP hidden units split over its devices, which all see the same
+examples). Batches are sharded over ('data', 'fsdp') only and replicated over 'tensor'. With
+mesh.tensor=1 (the default) the 'tensor' axis has size 1 and every sharding is what a two-axis
+('data', 'fsdp') mesh gives.
 
 Parameters are sharded by their logical axis names (MaxText style): every param of our models
 (`gal_jax.nn`) names its axes ("embed", "mlp", "heads", "conv_out", ...; `nn.layers` lists them), and
 a rule table maps logical names onto mesh axes in priority order. A dimension whose size the mesh
 axis does not divide stays unsharded (the next rule may then take the mesh axis), and small arrays
 (norms, biases) stay replicated. Optimizer states mirror the params, so a state leaf takes the axes
-of the param whose path ends its own.
+of the param whose path ends its own. The default table first gives "heads" and "mlp" to 'tensor'
+(inert while it has size 1), then every axis to 'fsdp': with both larger than 1, an attention or MLP
+kernel (embed, heads) splits its heads over 'tensor' and its embed rows over 'fsdp'.
 
 Activations carry logical axes too (`ACTIVATION_NHWC`, `ACTIVATION_TOKENS`): the models mark block
 outputs with `constrain`, which pins them (by `DEFAULT_ACTIVATION_RULES`: the batch over both mesh
@@ -26,13 +32,18 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXES = ("data", "fsdp")
+MESH_AXES = (*DATA_AXES, "tensor")
 BATCH = P(DATA_AXES)
 REPLICATED = P()
 
 # (logical axis, mesh axis or None), in priority order: the first rule that names one of an array's
 # logical axes, whose mesh axis is still free and divides that dimension, shards it.
 LogicalRules = Sequence[tuple[str, "str | None"]]
-DEFAULT_LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
+# Megatron's split first: the query/key/value and fc1 kernels' output units and the output and fc2
+# kernels' input units go to 'tensor', so each device computes whole heads and a slice of the MLP
+# and one all-reduce per block joins them. While 'tensor' has size 1 these two rules do nothing.
+TENSOR_LOGICAL_RULES: tuple[tuple[str, str], ...] = (("heads", "tensor"), ("mlp", "tensor"))
+DEFAULT_LOGICAL_RULES: tuple[tuple[str, str | None], ...] = TENSOR_LOGICAL_RULES + (
     ("embed", "fsdp"),
     ("mlp", "fsdp"),
     ("heads", "fsdp"),
@@ -48,22 +59,37 @@ DEFAULT_LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
 MIN_SHARDED_SIZE = 2**14
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Returns a ('data', 'fsdp') mesh; a size of -1 takes all remaining devices."""
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Returns a ('data', 'fsdp', 'tensor') mesh; one size of -1 takes all remaining devices.
+
+    Raises ValueError naming the config fields (mesh.data, mesh.fsdp, mesh.tensor) when the sizes
+    are not positive (or -1) or do not multiply to the number of devices. 'tensor' varies fastest,
+    so a tensor group is made of neighbouring devices (the fastest links on a GPU host or TPU slice).
+    """
     devices = list(jax.devices() if devices is None else devices)
     count = len(devices)
-    if data == -1 and fsdp == -1:
-        raise ValueError("mesh: at most one of mesh.data and mesh.fsdp may be -1")
-    if data == -1:
-        data = count // max(fsdp, 1)
-    if fsdp == -1:
-        fsdp = count // max(data, 1)
-    if data < 1 or fsdp < 1 or data * fsdp != count:
-        raise ValueError(
-            f"mesh: data={data} x fsdp={fsdp} does not cover the {count} available devices"
-        )
-    grid = np.asarray(devices, dtype=object).reshape(data, fsdp)
-    return Mesh(grid, DATA_AXES)
+    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    for name, size in sizes.items():
+        if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or (size < 1 and size != -1):
+            raise ValueError(f"mesh.{name}={size!r}: a mesh axis size is a positive integer or -1 (the remaining devices)")
+    free = [name for name, size in sizes.items() if size == -1]
+    if len(free) > 1:
+        raise ValueError(f"mesh: at most one of mesh.data, mesh.fsdp and mesh.tensor may be -1 (got {', '.join('mesh.' + n for n in free)})")
+    fixed = int(np.prod([size for size in sizes.values() if size != -1]))
+    if free:
+        sizes[free[0]] = count // fixed if count % fixed == 0 else -1
+    if any(size < 1 for size in sizes.values()) or int(np.prod(list(sizes.values()))) != count:
+        given = " x ".join(f"mesh.{name}={size}" for name, size in zip(sizes, (data, fsdp, tensor)))
+        raise ValueError(f"mesh: {given} does not cover the {count} available devices")
+    grid = np.asarray(devices, dtype=object).reshape(sizes["data"], sizes["fsdp"], sizes["tensor"])
+    return Mesh(grid, MESH_AXES)
+
+
+def mesh_from_config(mesh_config: Any) -> Mesh:
+    """Returns the mesh config.mesh describes over all devices (its data, fsdp and tensor sizes; a
+    config written before mesh.tensor existed means tensor=1)."""
+    return make_mesh(mesh_config.data, mesh_config.fsdp, mesh_config.get("tensor", 1))
 
 
 def num_batch_shards(mesh: Mesh) -> int:
@@ -118,7 +144,8 @@ def spec_for(logical_axes: Sequence[str | None], shape: tuple[int, ...], mesh_sh
 # ---------------------------------------------------------------------------------------------
 
 # (logical activation axis, mesh axes): the batch over both data axes; everything else is left to
-# XLA (a 'tensor' axis would take activation_embed / activation_heads here).
+# XLA, which under 'tensor' follows the heads/mlp split of the weights inside a block and returns
+# its output replicated over 'tensor' (the Megatron pattern) without a constraint here.
 ActivationRules = Sequence[tuple[str, "str | tuple[str, ...]"]]
 DEFAULT_ACTIVATION_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (("activation_batch", DATA_AXES),)
 ACTIVATION_NHWC = ("activation_batch", "activation_height", "activation_width", "activation_embed")
@@ -176,9 +203,9 @@ def logical_rules(rules: Any) -> tuple[tuple[str, str | None], ...]:
     checked = []
     for rule in rules:
         if (not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str)
-                or not (rule[1] is None or rule[1] in DATA_AXES)):
+                or not (rule[1] is None or rule[1] in MESH_AXES)):
             raise ValueError(
-                f"mesh.rules: {rule!r} is not a (logical axis, mesh axis) pair; mesh axes are {DATA_AXES} or None"
+                f"mesh.rules: {rule!r} is not a (logical axis, mesh axis) pair; mesh axes are {MESH_AXES} or None"
             )
         checked.append((rule[0], rule[1]))
     return tuple(checked)

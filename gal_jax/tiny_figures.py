@@ -143,7 +143,7 @@ def evaluate_run(workdir: Path | str, *, num_per_prompt: int, seed: int = 8888,
     paths = inputs.resolve(config, need=("sd", "clip"))
     concept = _tiny_concept(paths)
     sd, params = outputs.load_base(config)
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    mesh = sharding.mesh_from_config(config.mesh)
     generator = sample.Generator.from_config(config, sd, mesh, section="eval")
     clip, clip_params = models.load_clip(paths.clip)
     scorer = score.Scorer(clip, clip_params, mesh)

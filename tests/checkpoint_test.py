@@ -3,9 +3,10 @@
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
 from configs import tiny_cpu
 from gal_jax import checkpoint, data, models, sharding, train, trainer as trainer_lib
@@ -14,10 +15,10 @@ from gal_jax import checkpoint, data, models, sharding, train, trainer as traine
 LOGICAL_AXES = {"dense": {"kernel": P("embed", "mlp"), "bias": P("mlp")}}
 
 
-def small_state(mesh):
+def small_state(mesh, rules=sharding.DEFAULT_LOGICAL_RULES):
     params = {"dense": {"kernel": jnp.arange(64 * 512, dtype=jnp.float32).reshape(64, 512), "bias": jnp.ones(512)}}
     optimizer = optax.adamw(1e-3)
-    return params, optimizer, train.init_train_state(params, optimizer, mesh, LOGICAL_AXES)
+    return params, optimizer, train.init_train_state(params, optimizer, mesh, LOGICAL_AXES, rules)
 
 
 def test_sharded_state_round_trips_with_its_shardings(tmp_path):
@@ -34,6 +35,28 @@ def test_sharded_state_round_trips_with_its_shardings(tmp_path):
     for leaf, original in zip(jax.tree_util.tree_leaves(restored.state), jax.tree_util.tree_leaves(state)):
         assert leaf.sharding.is_equivalent_to(original.sharding, leaf.ndim)
     assert "fsdp" in restored.state.params["dense"]["kernel"].sharding.spec
+
+
+def test_a_checkpoint_from_a_two_axis_mesh_restores_onto_three_axis_meshes(tmp_path):
+    """Checkpoints written before the 'tensor' axis existed (a ('data', 'fsdp') mesh) restore onto
+    a tensor=1 mesh with the same layout, and onto a tensor mesh resharded."""
+    two_axis = Mesh(np.asarray(jax.devices()).reshape(4, 2), ("data", "fsdp"))
+    params, optimizer, state = small_state(two_axis, rules=(("embed", "fsdp"), ("mlp", "fsdp")))
+    assert state.params["dense"]["kernel"].sharding.spec == P("fsdp", None)
+    with checkpoint.Checkpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(3, state, metadata={})
+    for shape in ((4, 2, 1), (2, 2, 2)):
+        mesh = sharding.make_mesh(*shape)
+        with checkpoint.Checkpointer(tmp_path / "ckpt") as ckpt:
+            restored = ckpt.restore(train.abstract_train_state(params, optimizer, mesh, LOGICAL_AXES)).state
+        chex.assert_trees_all_equal(jax.device_get(restored), jax.device_get(state))
+        if shape[2] == 1:
+            for leaf, original in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(state)):
+                assert leaf.sharding.spec == original.sharding.spec
+                assert leaf.sharding.is_equivalent_to(original.sharding, leaf.ndim)
+        else:
+            assert restored.params["dense"]["kernel"].sharding.spec == P("fsdp", "tensor")
+            assert restored.opt_state[0].mu["dense"]["kernel"].sharding.spec == P("fsdp", "tensor")
 
 
 def test_only_the_last_checkpoints_are_kept(tmp_path):
