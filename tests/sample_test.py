@@ -65,6 +65,22 @@ def test_image_depends_only_on_round_prompt_and_seed(loaded_sd, generator8, refe
             assert_same_image(host[row, seed], reference[(0, prompt_id, seed)])
 
 
+@pytest.mark.parametrize("mesh_shape", [(2, 2, 2), pytest.param((1, 1, 8), marks=pytest.mark.slow)])
+def test_images_on_a_tensor_mesh_with_split_weights_equal_one_devices(loaded_sd, reference, monkeypatch, mesh_shape):
+    sd, params = loaded_sd
+    monkeypatch.setattr(sharding, "MIN_SHARDED_SIZE", 1)  # split every attention and MLP layer of the tiny UNet
+    mesh = sharding.make_mesh(*mesh_shape)
+    placed = jax.device_put(params, sharding.param_shardings(params, mesh, sd.logical_axes()))
+    block = placed.unet["mid_block"]["attentions_0"]["transformer_blocks_0"]
+    assert block["attn2"]["to_out_0"]["kernel"].sharding.spec[0] == "tensor"
+    assert block["ff"]["net_2"]["kernel"].sharding.spec[0] == "tensor"
+    generator = sample.Generator(sd, mesh, sampler="ddpm", steps=STEPS, max_images_per_device=2)
+    host = sample.to_host(generator.generate(placed, POOL[:3], [0, 1, 2], 0, 4, 0, progress=False), 4)
+    for prompt_id in range(3):
+        for seed in range(4):
+            assert_same_image(host[prompt_id, seed], reference[(0, prompt_id, seed)])
+
+
 def test_images_change_with_round_seed_and_base_seed(loaded_sd, generator8, reference):
     _, params = loaded_sd
     round1 = sample.to_host(generator8.generate(params, POOL[:1], [0], 1, 2, 0, progress=False), 2)

@@ -115,23 +115,29 @@ def test_logical_axes_cover_every_param(loaded_sd):
     assert isinstance(sd, models.StableDiffusion)
 
 
-def test_facade_loads_every_weight_straight_onto_its_sharding(tiny_models, loaded_sd):
+@pytest.mark.parametrize("mesh_shape", [(1, 8, 1), (2, 2, 2)])
+def test_facade_loads_every_weight_straight_onto_its_sharding(tiny_models, loaded_sd, mesh_shape, monkeypatch):
     """load_stable_diffusion(mesh=...) puts each array where the trainer lays it out, with the
     values of an unsharded load, and no array is first gathered on one device."""
     sd, params = loaded_sd
-    mesh = sharding.make_mesh(1, 8)
+    if mesh_shape[2] > 1:  # split every attention and MLP layer of the tiny model, not only its largest
+        monkeypatch.setattr(sharding, "MIN_SHARDED_SIZE", 1)
+    mesh = sharding.make_mesh(*mesh_shape)
     with jax.transfer_guard("disallow"):  # only the explicit per-shard copies of the reader
         _, placed = models.load_stable_diffusion(tiny_models["sd"], mesh=mesh)
     axes = sd.logical_axes()
-    sharded = 0
+    sharded = {"fsdp": 0, "tensor": 0}
     for component in ("unet", "vae", "text_encoder"):
         expected = sharding.param_shardings(getattr(params, component), mesh, getattr(axes, component))
         got, want = getattr(placed, component), getattr(params, component)
         for path, leaf in traverse_util.flatten_dict(got).items():
             assert leaf.sharding == traverse_util.flatten_dict(expected)[path], (component, path)
-            sharded += "fsdp" in leaf.sharding.spec
+            sharded = {axis: count + (axis in leaf.sharding.spec) for axis, count in sharded.items()}
             np.testing.assert_array_equal(np.asarray(leaf), np.asarray(traverse_util.flatten_dict(want)[path]))
-    assert sharded >= 10
+    assert sharded["fsdp"] >= 10 and (sharded["tensor"] >= 10) == (mesh_shape[2] > 1)
+    if mesh_shape[2] > 1:
+        q_proj = placed.text_encoder["text_model"]["encoder"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
+        assert q_proj.sharding.spec == P("fsdp", "tensor") and q_proj.addressable_shards[0].data.shape == (16, 16)
     # CLIP for data-parallel scoring: no rules, every array replicated on the mesh.
     _, clip_params = models.load_clip(tiny_models["clip"], mesh=mesh, rules=())
     assert all(leaf.sharding.is_fully_replicated and leaf.sharding.mesh == mesh

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from flax import traverse_util
+from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 from configs import tiny_cpu
@@ -256,12 +257,15 @@ def _one_step(trainer, sd, params, host_batch):
 
 @pytest.mark.parametrize(
     "mesh_shape",
-    [pytest.param((8, 1), marks=pytest.mark.slow), (4, 2), pytest.param((2, 4), marks=pytest.mark.slow)],
+    [pytest.param((8, 1, 1), marks=pytest.mark.slow), (4, 2, 1), pytest.param((2, 4, 1), marks=pytest.mark.slow),
+     (2, 2, 2), pytest.param((4, 1, 2), marks=pytest.mark.slow), pytest.param((1, 1, 8), marks=pytest.mark.slow)],
 )
-def test_train_step_on_mesh_equals_single_device(loaded, trainer, mesh_shape):
+def test_train_step_on_mesh_equals_single_device(loaded, trainer, mesh_shape, monkeypatch):
     sd, params = loaded
     host_batch = synthetic_batch(sd, BATCH_SIZE)
     expected, expected_metrics = _one_step(trainer, sd, params, host_batch)
+    if mesh_shape[2] > 1:  # split every attention and MLP layer of the tiny UNet, not only its largest
+        monkeypatch.setattr(sharding, "MIN_SHARDED_SIZE", 1)
     sharded = trainer_lib.Trainer(tiny_config(), sd, sharding.make_mesh(*mesh_shape))
     state, metrics = _one_step(sharded, sd, params, host_batch)
     chex.assert_trees_all_close(jax.device_get(state.params), jax.device_get(expected.params), atol=1e-5, rtol=0)
@@ -273,6 +277,10 @@ def test_train_step_on_mesh_equals_single_device(loaded, trainer, mesh_shape):
         assert leaf.sharding.is_equivalent_to(want, leaf.ndim)
     specs = {leaf.sharding.spec for leaf in jax.tree_util.tree_leaves(state.params)}
     assert any("fsdp" in spec for spec in specs) == (mesh_shape[1] > 1)
+    assert any("tensor" in spec for spec in specs) == (mesh_shape[2] > 1)
+    if mesh_shape[2] > 1:
+        to_q = state.params["unet"]["mid_block"]["attentions_0"]["transformer_blocks_0"]["attn1"]["to_q"]["kernel"]
+        assert to_q.sharding.spec == P("fsdp" if mesh_shape[1] > 1 else None, "tensor")
 
 
 # ---------------------------------------------------------------------------------------------
