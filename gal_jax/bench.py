@@ -726,7 +726,7 @@ def bench_memory(config, mesh) -> dict:
     result = {
         "benchmark": "memory",
         "device": f"{mesh.devices.size} x {mesh.devices.flat[0].device_kind}",
-        "mesh": f"data={mesh.shape['data']} fsdp={mesh.shape['fsdp']}" + (f" tensor={mesh.shape['tensor']}" if mesh.shape['tensor'] > 1 else ""),
+        "mesh": " ".join(f"{axis}={size}" for axis, size in mesh.shape.items() if axis != "tensor" or size > 1),
         "compile_s": round(time.perf_counter() - start, 1),
         "train_examples": rows,
         "train_method": trainer_method_label(config),

@@ -40,8 +40,9 @@ REPLICATED = P()
 # logical axes, whose mesh axis is still free and divides that dimension, shards it.
 LogicalRules = Sequence[tuple[str, "str | None"]]
 # Megatron's split first: the query/key/value and fc1 kernels' output units and the output and fc2
-# kernels' input units go to 'tensor', so each device computes whole heads and a slice of the MLP
-# and one all-reduce per block joins them. While 'tensor' has size 1 these two rules do nothing.
+# kernels' input units go to 'tensor', so each device computes its heads and its slice of the MLP,
+# and the partial sums of the output projection and fc2 are all-reduced. While 'tensor' has size 1
+# these two rules do nothing.
 TENSOR_LOGICAL_RULES: tuple[tuple[str, str], ...] = (("heads", "tensor"), ("mlp", "tensor"))
 DEFAULT_LOGICAL_RULES: tuple[tuple[str, str | None], ...] = TENSOR_LOGICAL_RULES + (
     ("embed", "fsdp"),
@@ -72,10 +73,13 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
     sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
     for name, size in sizes.items():
         if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or (size < 1 and size != -1):
-            raise ValueError(f"mesh.{name}={size!r}: a mesh axis size is a positive integer or -1 (the remaining devices)")
+            raise ValueError(
+                f"mesh.{name}={size!r}: a mesh axis size is a positive integer or -1 (the remaining devices)"
+            )
     free = [name for name, size in sizes.items() if size == -1]
     if len(free) > 1:
-        raise ValueError(f"mesh: at most one of mesh.data, mesh.fsdp and mesh.tensor may be -1 (got {', '.join('mesh.' + n for n in free)})")
+        named = ", ".join(f"mesh.{name}" for name in free)
+        raise ValueError(f"mesh: at most one of mesh.data, mesh.fsdp and mesh.tensor may be -1 (got {named})")
     fixed = int(np.prod([size for size in sizes.values() if size != -1]))
     if free:
         sizes[free[0]] = count // fixed if count % fixed == 0 else -1
@@ -143,9 +147,10 @@ def spec_for(logical_axes: Sequence[str | None], shape: tuple[int, ...], mesh_sh
 # Activations: logical constraints inside the models, active only where a mesh is given
 # ---------------------------------------------------------------------------------------------
 
-# (logical activation axis, mesh axes): the batch over both data axes; everything else is left to
-# XLA, which under 'tensor' follows the heads/mlp split of the weights inside a block and returns
-# its output replicated over 'tensor' (the Megatron pattern) without a constraint here.
+# (logical activation axis, mesh axes): the batch over both data axes; the other dimensions are
+# not split. A constraint pins an array replicated over the mesh axes it does not name, so under
+# 'tensor' each marked block output is whole on every device of a tensor group (Megatron's layout
+# between blocks), while inside a block XLA follows the heads/mlp split of the weights.
 ActivationRules = Sequence[tuple[str, "str | tuple[str, ...]"]]
 DEFAULT_ACTIVATION_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (("activation_batch", DATA_AXES),)
 ACTIVATION_NHWC = ("activation_batch", "activation_height", "activation_width", "activation_embed")

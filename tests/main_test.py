@@ -110,7 +110,8 @@ def assert_one_line_error(result, command: str, code: int, *fragments: str):
     (["--config.train.steps=abc"], ["--config.train.steps=abc: invalid literal for int()"]),
     (["--config.gal.feedback=oracle"], ["config.gal.feedback='oracle'; expected one of"]),
     (["--config.train.save_dtype=int8"], ["config.train.save_dtype='int8'; expected one of"]),
-    (["--config.mesh.tensor=2"], ["mesh: mesh.data=-1 x mesh.fsdp=1 x mesh.tensor=2 does not cover the 1 available devices"]),
+    (["--config.mesh.tensor=2"],
+     ["mesh: mesh.data=-1 x mesh.fsdp=1 x mesh.tensor=2 does not cover the 1 available devices"]),
     (["--config.mesh.tensor=0"], ["mesh.tensor=0: a mesh axis size is a positive integer or -1"]),
 ])
 def test_bad_flags_and_config_fields_are_usage_errors(tmp_path, args, fragments):
