@@ -142,6 +142,8 @@ def test_gal_runs_on_sdxl_and_pytorch_loads_the_exported_pipeline(tiny_assets, s
     from gal_jax import driver
 
     config = real_paths_config(tiny_assets, train__method=method, gal__rounds=rounds, export__dtype="float32")
+    if method == "lora":  # a few steps must move the (zero-started) deltas well past the parity tolerance
+        config.train.learning_rate = 5e-2
     config.model.sd_path = str(sdxl_folder)
     workdir = tmp_path / "work"
     driver.run(config, workdir)
@@ -164,7 +166,7 @@ def test_gal_runs_on_sdxl_and_pytorch_loads_the_exported_pipeline(tiny_assets, s
     ours = np.asarray(sd.apply_unet(tuned.unet, latents, np.array([500]), conditioning))
     before = np.asarray(sd.apply_unet(base.unet, latents, np.array([500]), conditioning))
     np.testing.assert_allclose(theirs.numpy(), ours, atol=1e-4)
-    assert np.abs(ours - before).max() > 1e-4  # training changed the UNet (or its LoRA)
+    assert np.abs(ours - before).max() > 1e-3  # training changed the UNet (or its LoRA) beyond the tolerance
 
 
 def test_mudi_trains_with_segmix_and_dco_and_generates_from_the_collage_on_sdxl(tiny_assets, loaded_sdxl, tmp_path):
