@@ -489,13 +489,17 @@ def write_images(images, prompts: Sequence[str], seeds: Sequence[int], out_dir: 
     images = np.asarray(jax.device_get(images))
     if not len(images) == len(prompts) == len(seeds):
         raise ValueError(f"write_images: {len(images)} images, {len(prompts)} prompts, {len(seeds)} seeds")
-    out_dir, writer = Path(out_dir), jax.process_index() == 0
-    index = [{"prompt": prompt, "seed": int(seed), "path": str(Path("images") / f"{i:05d}.png")}
-             for i, (prompt, seed) in enumerate(zip(prompts, seeds))]
-    if writer:
-        io_utils.write_pngs([out_dir / entry["path"] for entry in index], images)
-        io_utils.write_json(out_dir / "index.json", index)
+    index = image_index(prompts, seeds)
+    io_utils.write_pngs([Path(out_dir) / entry["path"] for entry in index], images)
+    if jax.process_index() == 0:
+        io_utils.write_json(Path(out_dir) / "index.json", index)
     return index
+
+
+def image_index(prompts: Sequence[str], seeds: Sequence[int]) -> list[dict]:
+    """Returns the index [{prompt, seed, path}] of images written in order (paths images/00000.png, ...)."""
+    return [{"prompt": prompt, "seed": int(seed), "path": str(Path("images") / f"{i:05d}.png")}
+            for i, (prompt, seed) in enumerate(zip(prompts, seeds))]
 
 
 def sample_to_dir(config, sd: StableDiffusion, params: StableDiffusionParams, prompts: Sequence[str],
@@ -503,12 +507,19 @@ def sample_to_dir(config, sd: StableDiffusion, params: StableDiffusionParams, pr
                   init_images: np.ndarray | None = None) -> list[dict]:
     """Returns the index after generating `num_per_prompt` images per prompt (round 0, seed
     config.sample.seed; `init_images` with config.sample.init_gamma: MuDI's initialisation) and
-    writing them with `write_images` to `out_dir`."""
+    writing them to `out_dir` as `write_images` does, each chunk's PNGs on threads while the next
+    chunk generates."""
     mesh = sharding.mesh_from_config(config.mesh) if mesh is None else mesh
     generator = Generator.from_config(config, sd, mesh)
-    images = generator.generate(params, prompts, range(len(prompts)), 0, num_per_prompt, config.sample.seed,
-                                init_images=init_images, init_gamma=config.sample.get("init_gamma", 0.0))
-    host = to_host(images, num_per_prompt)
-    grid_prompts = [p for p in prompts for _ in range(num_per_prompt)]
-    grid_seeds = list(range(num_per_prompt)) * len(prompts)
-    return write_images(host.reshape(-1, *host.shape[2:]), grid_prompts, grid_seeds, out_dir)
+    index = image_index([p for p in prompts for _ in range(num_per_prompt)], list(range(num_per_prompt)) * len(prompts))
+    files = [Path(out_dir) / entry["path"] for entry in index]
+    with io_utils.PngWriter() as writer:
+        def write_chunk(rows: range, chunk) -> None:
+            writer.submit(files[rows.start : rows.stop], rows_to_host(chunk)[: len(rows)])
+
+        generator.generate(params, prompts, range(len(prompts)), 0, num_per_prompt, config.sample.seed,
+                           init_images=init_images, init_gamma=config.sample.get("init_gamma", 0.0),
+                           on_chunk=write_chunk)
+    if jax.process_index() == 0:
+        io_utils.write_json(Path(out_dir) / "index.json", index)
+    return index

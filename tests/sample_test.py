@@ -217,11 +217,15 @@ def test_sample_to_dir_writes_the_grid_in_prompt_major_order(loaded_sd, tmp_path
         "mesh": {"data": 8, "fsdp": 1},
         "sample": {"sampler": "ddim", "steps": 1, "guidance_scale": 1.0, "max_images_per_device": 1, "seed": 3},
     })
-    index = sample.sample_to_dir(config, sd, params, ["a red teapot", "a blue teapot"], 2, tmp_path / "out")
-    assert [(e["prompt"], e["seed"]) for e in index] == [
-        ("a red teapot", 0), ("a red teapot", 1), ("a blue teapot", 0), ("a blue teapot", 1)]
-    files = [np.asarray(Image.open(tmp_path / "out" / e["path"])) for e in index]
-    assert all(f.shape == (64, 64, 3) for f in files)
+    prompts = ["a red teapot", "a blue teapot", "a cat"]
+    index = sample.sample_to_dir(config, sd, params, prompts, 4, tmp_path / "out")  # 2 chunks of 8, 1 padded
+    assert [(e["prompt"], e["seed"]) for e in index[:5]] == [
+        ("a red teapot", 0), ("a red teapot", 1), ("a red teapot", 2), ("a red teapot", 3), ("a blue teapot", 0)]
+    assert json.loads((tmp_path / "out" / "index.json").read_text()) == index
+    files = np.stack([np.asarray(Image.open(tmp_path / "out" / e["path"])) for e in index])
+    expected = sample.Generator.from_config(config, sd, sharding.make_mesh(8, 1)).generate(
+        params, prompts, range(3), 0, 4, 3, progress=False)
+    np.testing.assert_array_equal(files, np.asarray(expected))  # each chunk's rows written to their files
     assert np.abs(files[0].astype(int) - files[1]).mean() > 1.0
 
 
