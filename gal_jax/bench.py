@@ -400,7 +400,7 @@ def _compare(config, sd, sd_params, ours: Callable[[], Any], ours_items: int, un
     from gal_jax import bench_torch
 
     why = bench_torch.unavailable()
-    if sd.is_sdxl:  # bench_torch builds StableDiffusionPipeline / one text encoder
+    if not why and getattr(sd, "is_sdxl", False):  # bench_torch builds StableDiffusionPipeline, one text encoder
         why = "not compared: the PyTorch references are SD 1.x/2.x pipelines, not SDXL yet"
     if why:
         return {"torch": why}

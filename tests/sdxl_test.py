@@ -100,6 +100,18 @@ def test_new_token_methods_and_text_encoder_lora_are_refused_on_sdxl(loaded_sdxl
             personalize.prepare(config, sd, placeholder="sks", class_word="dog")
 
 
+def test_compare_torch_says_sdxl_is_not_compared(loaded_sdxl):
+    from configs import tiny_cpu
+
+    from gal_jax import bench
+
+    sd, params = loaded_sdxl
+    config = tiny_cpu.get_config()
+    config.bench.compare_torch = True
+    assert bench.compare_sample(config, sd, params, None, 2) == {
+        "torch": "not compared: the PyTorch references are SD 1.x/2.x pipelines, not SDXL yet"}
+
+
 def _broken_copy(folder, tmp_path, name):
     broken = shutil.copytree(folder, tmp_path / name)
     return broken
