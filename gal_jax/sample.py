@@ -287,8 +287,9 @@ class Generator:
                                  f"got {init_images.dtype} {init_images.shape}")
         weights = _on_mesh((params.unet, params.vae), self.mesh)
         embeddings = self.text_embeddings(params.text_encoder, [""] + list(prompts))
-        # SDXL's pipelines guide against zeros, not the empty prompt (force_zeros_for_empty_prompt).
-        uncond = embeddings[0] * (not self.sd.empty_prompt_is_zero)
+        uncond = embeddings[0]
+        if self.sd.empty_prompt_is_zero:  # SDXL's pipelines guide against zeros (force_zeros_for_empty_prompt)
+            uncond = np.zeros_like(uncond)
         grid = _Grid(np.repeat(np.arange(len(prompts)), num_per_prompt), np.tile(np.arange(num_per_prompt), len(prompts)),
                      prompt_ids, embeddings[1:], uncond, base_seed, round_index, init_images, init_gamma)
         total = len(grid.prompt)

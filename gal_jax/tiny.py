@@ -206,6 +206,18 @@ def write_tiny_stable_diffusion(folder: Path, *, seed: int = 0, unet_config: dic
     The models are ours (`gal_jax.nn`), initialised from `seed` and written with diffusers' names
     and configs, so PyTorch diffusers and our loader read the folder alike; no PyTorch needed.
     """
+    from gal_jax import tiny_train_io
+
+    _write_random_models(folder, seed, unet_config, TINY_VAE, {"text_encoder": TINY_TEXT})
+    write_tokenizer(folder / "tokenizer")
+    tiny_train_io.write_pipeline_files(folder)
+    return folder
+
+
+def _write_random_models(folder: Path, seed: int, unet_config: dict, vae_config: dict, text_configs: dict) -> None:
+    """Writes unet/, vae/ and one folder per text encoder ({name: config}; every one after the first
+    with a projection, as SDXL's second) of random-init models under `folder`, from seed, seed + 1,
+    seed + 2, ..."""
     import jax
 
     from gal_jax import tiny_train_io
@@ -213,33 +225,20 @@ def write_tiny_stable_diffusion(folder: Path, *, seed: int = 0, unet_config: dic
 
     folder.mkdir(parents=True, exist_ok=True)
     tiny_train_io.save_random_unet(folder / "unet", unet_config, seed)
-    vae = nn_vae.AutoencoderKL(nn_vae.VaeConfig.from_dict(TINY_VAE))
+    vae = nn_vae.AutoencoderKL(nn_vae.VaeConfig.from_dict(vae_config))
     nn_vae.save_params(vae, nn_vae.init_params(vae, jax.random.key(seed + 1)), folder / "vae")
-    text = nn_clip.ClipTextModel(nn_clip.ClipTextConfig.from_dict(TINY_TEXT))
-    (folder / "text_encoder").mkdir(exist_ok=True)
-    nn_clip.save_params(text, nn_clip.init_params(text, jax.random.key(seed + 2)), folder / "text_encoder")
-    write_tokenizer(folder / "tokenizer")
-    tiny_train_io.write_pipeline_files(folder)
-    return folder
+    for offset, (name, text_config) in enumerate(text_configs.items()):
+        text = nn_clip.ClipTextModel(nn_clip.ClipTextConfig.from_dict(text_config), projection=bool(offset))
+        (folder / name).mkdir(exist_ok=True)
+        nn_clip.save_params(text, nn_clip.init_params(text, jax.random.key(seed + 2 + offset)), folder / name)
 
 
 def write_tiny_stable_diffusion_xl(folder: Path, *, seed: int = 0, unet_config: dict = TINY_UNET_SDXL) -> Path:
     """Writes a random-init tiny SDXL pipeline folder in the diffusers layout (two text encoders and
     tokenizers, a text_time UNet, SDXL's VAE scaling); returns it. As write_tiny_stable_diffusion:
     our modules, diffusers' names and configs, no PyTorch needed."""
-    import jax
-
-    from gal_jax import tiny_train_io
-    from gal_jax.nn import clip as nn_clip, vae as nn_vae
-
-    folder.mkdir(parents=True, exist_ok=True)
-    tiny_train_io.save_random_unet(folder / "unet", unet_config, seed)
-    vae = nn_vae.AutoencoderKL(nn_vae.VaeConfig.from_dict(dict(TINY_VAE, scaling_factor=0.13025)))
-    nn_vae.save_params(vae, nn_vae.init_params(vae, jax.random.key(seed + 1)), folder / "vae")
-    for offset, (name, text_config) in enumerate((("text_encoder", TINY_TEXT), ("text_encoder_2", TINY_TEXT_SDXL_2))):
-        text = nn_clip.ClipTextModel(nn_clip.ClipTextConfig.from_dict(text_config), projection=bool(offset))
-        (folder / name).mkdir(exist_ok=True)
-        nn_clip.save_params(text, nn_clip.init_params(text, jax.random.key(seed + 2 + offset)), folder / name)
+    _write_random_models(folder, seed, unet_config, dict(TINY_VAE, scaling_factor=0.13025),
+                         {"text_encoder": TINY_TEXT, "text_encoder_2": TINY_TEXT_SDXL_2})
     write_tokenizer(folder / "tokenizer")
     write_tokenizer(folder / "tokenizer_2", pad_token="!")
     (folder / "scheduler").mkdir(exist_ok=True)
