@@ -1,7 +1,10 @@
 r"""Measures GAL's effect on the tiny world: feedback none vs random vs uncertainty + balance.
 
-    python tools/tiny_gal_figures.py --out=workdirs/tiny_figures --config=configs/tiny_cpu.py \
-        --config.model.tiny_world=true --config.gal.rounds=4 --config.eval.steps=25
+    python tools/tiny_gal_figures.py --out=workdirs/tiny_figures --config=configs/tiny_world.py
+    python tools/tiny_gal_figures.py --out=workdirs/tiny_figures_w1 --config=configs/tiny_world.py \
+        --config.gal.balance=false --modes=uncertainty      # new references at weight 1
+
+About 25 minutes on 2 CPU cores for the three modes (README "The tiny world" has the table).
 
 Runs the GAL loop once per feedback mode (workdirs under --out, resumable), evaluates the base
 model and every round on the tiny concept's test prompts (TXT-ALN, IMG-ALN, OVF and the rule-based
@@ -17,7 +20,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny_cpu.py", "Experiment config.", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny_world.py", "Experiment config.", lock_config=True)
 _OUT = flags.DEFINE_string("out", None, "Folder for the runs and the figures.", required=True)
 _MODES = flags.DEFINE_list("modes", ["none", "random", "uncertainty"], "Feedback modes to compare.")
 _NUM_PER_PROMPT = flags.DEFINE_integer("num_per_prompt", 4, "Evaluation pictures per test prompt.")
