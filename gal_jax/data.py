@@ -283,6 +283,15 @@ def _encoded_mask(image: Path, mask: Path | None, resolution: int) -> bytes:
 # The training set: TFDS GeneratorBasedBuilder, array_record files.
 
 
+class _LocalDatasetInfo(tfds.core.DatasetInfo):
+    """DatasetInfo of a set built here: nothing about it is in TFDS's bucket, so the builder's
+    look-up there (which leaves an empty /tmp/tmp*tfds folder behind on every set written, and
+    asks the network) is skipped."""
+
+    def initialize_from_bucket(self) -> None:
+        pass
+
+
 class _RecordsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """A TFDS builder of the record dicts it is given, in order (write_training_set passes them;
     reading back needs none)."""
@@ -354,7 +363,7 @@ class GalTrainingSet(_RecordsBuilder):
                     class_mask=tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
                     class_subject=tfds.features.Scalar(dtype=np.int32),
                 )
-        return tfds.core.DatasetInfo(
+        return _LocalDatasetInfo(
             builder=self,
             features=tfds.features.FeaturesDict(features),
             # Record i must stay record i: the pairing and resumption depend on it.
@@ -372,7 +381,7 @@ class GalPriorSet(_RecordsBuilder):
     RELEASE_NOTES = {"1.0.0": "Class images with their masks and subject indices."}
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(builder=self, disable_shuffling=True, features=tfds.features.FeaturesDict({
+        return _LocalDatasetInfo(builder=self, disable_shuffling=True, features=tfds.features.FeaturesDict({
             "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
             "mask": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
             "subject": tfds.features.Scalar(dtype=np.int32),

@@ -1,6 +1,7 @@
 """Tests of gal_jax.data: init.json parsing, preprocessing, the TFDS set, the grain iterator."""
 
 import json
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -312,6 +313,17 @@ def test_rewriting_a_set_replaces_it_and_leaves_no_temporary_folders(tmp_path):
     data.write_training_set(refs[:2], [], None, out, fake_tokenize, RESOLUTION)
     assert data.num_records(out) == 2
     assert [p.name for p in out.parent.iterdir()] == ["round1"]
+
+
+def test_writing_a_set_leaves_nothing_in_the_system_temporary_folder(tmp_path, monkeypatch):
+    # TFDS's bucket look-up made an empty tmp*tfds folder there for every set written.
+    system_tmp = tmp_path / "system_tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    data.write_training_set(references(tmp_path / "refs", [1.0, 1.0]), [], None, tmp_path / "set",
+                            fake_tokenize, RESOLUTION)
+    assert data.num_records(tmp_path / "set") == 2
+    assert list(system_tmp.iterdir()) == []
 
 
 def test_class_images_without_class_prompt_are_rejected(tmp_path):
