@@ -7,7 +7,7 @@ r"""The `gal-jax` command line.
                                                                        # images from a run's model
   gal-jax sample --config=... --prompts=FILE --num_per_prompt=N --out=DIR   # images from a base model
   gal-jax make-tiny [--out=DIR]                                        # build the tiny default models/data
-  gal-jax make-tiny --train --out=DIR [--seed=S] [--recipe=default|smoke] [--num_train=N]
+  gal-jax make-tiny --train --out=DIR [--seed=S] [--recipe=default|smoke|object_negatives] [--num_train=N] [--vae_from=SD_DIR]
                                                                        # retrain the tiny world's models
   gal-jax evaluate --workdir=DIR                                       # TXT-ALN / IMG-ALN / OVF per round
   gal-jax evaluate --workdir=DIR --images=D --prompts=F --references=D --captions=F --clip_path=D
@@ -58,8 +58,10 @@ _PORT = flags.DEFINE_integer("port", 0, "Port for `review` (0 picks a free one).
 _FORCE = flags.DEFINE_bool("force", False, "make-tiny: rebuild even if present.")
 _TRAIN = flags.DEFINE_bool("train", False, "make-tiny: retrain the tiny CLIP, VAE and UNet on the tiny world.")
 _SEED = flags.DEFINE_integer("seed", 0, "make-tiny --train: seed of the world and of the training.")
-_RECIPE = flags.DEFINE_enum("recipe", "default", ["default", "smoke"],
-                            "make-tiny --train: model sizes and schedules (smoke: a few steps of small models).")
+_RECIPE = flags.DEFINE_enum("recipe", "default", ["default", "smoke", "object_negatives"],
+                            "make-tiny --train: model sizes and schedules (smoke: a few steps of small models; "
+                            "object_negatives: CLIP with object-swap hard negatives, tried and not shipped).")
+_VAE_FROM = flags.DEFINE_string("vae_from", None, "make-tiny --train: keep this SD folder's VAE instead of training one.")
 _NUM_TRAIN = flags.DEFINE_integer("num_train", None, "make-tiny --train: pretraining pictures (default 10000).")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Multi-host: call jax.distributed.initialize (auto-detects TPU pods and SLURM)."
@@ -121,8 +123,11 @@ def _cmd_make_tiny(args):
         num_train = tiny_build.NUM_TRAIN if _NUM_TRAIN.value is None else _NUM_TRAIN.value
         if num_train < 1:
             raise UsageError(f"--num_train={num_train} must be >= 1")
-        report = tiny_build.train_tiny_world(out, seed=_SEED.value, recipe=tiny_train.RECIPES[_RECIPE.value],
-                                             num_train=num_train)
+        try:
+            report = tiny_build.train_tiny_world(out, seed=_SEED.value, recipe=tiny_train.RECIPES[_RECIPE.value],
+                                                 num_train=num_train, vae_from=_VAE_FROM.value)
+        except ValueError as error:
+            raise UsageError(str(error)) from error
         print(report.summary())
         print(f"Models: {out / 'clip'}, {out / 'sd'}; figures: {out / tiny_build.REPORT_FILE}")
         return

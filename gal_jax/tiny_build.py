@@ -26,8 +26,8 @@ import numpy as np
 from gal_jax import data, export, io_utils, models, score, sharding, tiny_train_io
 from gal_jax.tiny_train import (
     DEFAULT_RECIPE, LOG_EVERY, ClipData, Params, Recipe, caption_groups, init_clip, init_vae,
-    latent_scaling_factor, retrieval_accuracy, split_held_out, train_clip, train_vae, vae_psnr,
-    world_dataset,
+    latent_scaling_factor, retrieval_accuracy, split_held_out, train_clip, train_vae, trim_padding,
+    vae_psnr, world_dataset,
 )
 
 NUM_TRAIN = 10_000  # pretraining pictures of the shipped models
@@ -110,6 +110,7 @@ class BuildReport:
     vae_held_out_psnr: float = math.nan
     vae_scaling_factor: float = math.nan
     unet_loss: float = math.nan
+    vae_from: str | None = None  # the VAE was copied from this folder, not trained
     # tiny_figures' figure 1 (CLIP zero-shot, judge agreement) and 2 (base model's contexts)
     figures: dict[str, Any] = dataclasses.field(default_factory=dict)
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -123,8 +124,9 @@ class BuildReport:
         return "\n".join([
             f"CLIP: loss {self.clip_loss:.3f}, top-1 caption retrieval {self.clip_train_accuracy:.1%} "
             f"train / {self.clip_held_out_accuracy:.1%} held-out",
-            f"VAE: loss {self.vae_loss:.4f}, PSNR {self.vae_train_psnr:.1f} dB train / "
-            f"{self.vae_held_out_psnr:.1f} dB held-out, scaling_factor {self.vae_scaling_factor:.4f}",
+            (f"VAE: not trained (taken from {self.vae_from})" if self.vae_from else
+             f"VAE: loss {self.vae_loss:.4f}, PSNR {self.vae_train_psnr:.1f} dB train / "
+             f"{self.vae_held_out_psnr:.1f} dB held-out, scaling_factor {self.vae_scaling_factor:.4f}"),
             f"UNet: loss {self.unet_loss:.4f}",
             *self._figure_lines(),
             f"time: {seconds}",
@@ -148,15 +150,21 @@ class BuildReport:
 
 
 def train_tiny_world(out: Path | str, *, seed: int = 0, recipe: Recipe = DEFAULT_RECIPE,
-                     num_train: int = NUM_TRAIN, progress: bool = True) -> "BuildReport":
+                     num_train: int = NUM_TRAIN, progress: bool = True,
+                     vae_from: Path | str | None = None) -> "BuildReport":
     """Trains the tiny default's models on `num_train` pictures of the tiny world from `seed`,
     writes out/clip and out/sd, measures figures 1 and 2 (`tiny_figures`) and returns the report
-    (also in out/tiny_train.json)."""
+    (also in out/tiny_train.json). With `recipe.clip_object_negatives` CLIP's hard negatives are
+    each caption's object swaps (`tiny_world.object_swaps`); `vae_from` as `build_trained_tiny`
+    takes it."""
     from gal_jax import tiny_world
 
     images, captions = world_dataset(num_train, seed)
     report = build_trained_tiny(out, images, captions, seed=seed, recipe=recipe, progress=progress,
-                                plain_captions=[tiny_world.without_identifiers(c) for c in captions])
+                                plain_captions=[tiny_world.without_identifiers(c) for c in captions],
+                                negative_captions=([tiny_world.object_swaps(c) for c in captions]
+                                                   if recipe.clip_object_negatives else None),
+                                vae_from=vae_from)
     with io_utils.timed(report.seconds, "figures"):
         report.figures = measure_figures(Path(out).expanduser().absolute(), progress=progress,
                                          held_out=FIGURE_IMAGES if recipe is DEFAULT_RECIPE else 32,
@@ -181,12 +189,20 @@ def measure_figures(out: Path, *, held_out: int, per_context: int, progress: boo
 
 def build_trained_tiny(out: Path | str, images: np.ndarray, captions: Sequence[str], *, seed: int = 0,
                        recipe: Recipe = DEFAULT_RECIPE, progress: bool = True,
-                       plain_captions: Sequence[str] | None = None) -> BuildReport:
+                       plain_captions: Sequence[str] | None = None,
+                       negative_captions: Sequence[Sequence[str]] | None = None,
+                       vae_from: Path | str | None = None) -> BuildReport:
     """Trains CLIP, VAE and UNet from `seed` on the captioned images; writes out/clip and out/sd.
 
     `plain_captions` (one per image: the caption without its identifier words, e.g. "sks") makes
     CLIP's text tower map a caption and its plain form to the same embedding
     (`tiny_train.identifier_loss`), so a placeholder shifts no CLIP similarity.
+    `negative_captions` (the same number K per image) are extra negatives of each image's
+    image-to-text term (`tiny_train.contrastive_loss`): captions that differ from its own in what
+    random batches would not teach (the object kind).
+    `vae_from`: an SD folder whose VAE (`vae/`, with its scaling factor) is taken as it is instead
+    of training one: the VAE depends on the pictures only, so a rebuild that changes CLIP or the
+    UNet can keep it (the report's VAE figures are then NaN).
 
     A random `recipe.held_out_fraction` of the images is held out to measure CLIP and the VAE.
     Both folders are built beside their targets and renamed into place only when all three
@@ -194,10 +210,16 @@ def build_trained_tiny(out: Path | str, images: np.ndarray, captions: Sequence[s
     written to out/REPORT_FILE).
     """
     images = _checked_images(images, captions, recipe)
-    if plain_captions is not None and len(plain_captions) != len(captions):
-        raise ValueError(f"{len(captions)} captions but {len(plain_captions)} plain captions")
+    for name, extra in (("plain captions", plain_captions), ("negative caption lists", negative_captions)):
+        if extra is not None and len(extra) != len(captions):
+            raise ValueError(f"{len(captions)} captions but {len(extra)} {name}")
+    if negative_captions is not None and len({len(n) for n in negative_captions}) > 1:
+        raise ValueError("every caption needs the same number of negative captions, got "
+                         f"{sorted({len(n) for n in negative_captions})}")
+    vae_source = None if vae_from is None else _checked_vae_folder(vae_from, recipe)
     out = Path(out).expanduser().absolute()
-    report = BuildReport(seed=seed, num_train=0, num_held_out=0)
+    report = BuildReport(seed=seed, num_train=0, num_held_out=0,
+                         vae_from=None if vae_source is None else str(vae_source))
     train_rows, held_rows = split_held_out(len(images), recipe.held_out_fraction, seed)
     report.num_train, report.num_held_out = len(train_rows), len(held_rows)
     # What a killed build left: its staging folder goes when the new one is made beside out/sd,
@@ -209,15 +231,23 @@ def build_trained_tiny(out: Path | str, images: np.ndarray, captions: Sequence[s
             tiny_train_io.write_tokenizer(staging / "tokenizer", recipe.max_length))
         ids = tiny_train_io.tokenize_captions(tokenizer, captions)
         plain_ids = None if plain_captions is None else tiny_train_io.tokenize_captions(tokenizer, plain_captions)
+        negative_ids = None
+        if negative_captions is not None:
+            flat = tiny_train_io.tokenize_captions(tokenizer, [n for row in negative_captions for n in row])
+            negative_ids = flat.reshape(len(captions), -1, flat.shape[-1])
         groups = caption_groups(captions)
         with io_utils.timed(report.seconds, "clip"):
             model, clip_params = _build_clip(report, images, ids, groups, train_rows, held_rows, recipe,
-                                             seed, progress, plain_ids)
+                                             seed, progress, plain_ids, negative_ids)
             tiny_train_io.save_clip(staging / "clip", model, clip_params, recipe.dtype)
-        with io_utils.timed(report.seconds, "vae"):
-            vae, vae_params = _build_vae(report, images, train_rows, held_rows, recipe, seed + 1, progress)
-        sd_dir = _write_untrained_sd(staging / "sd", staging / "clip", recipe, vae_params,
-                                     report.vae_scaling_factor, seed + 2)
+        if vae_source is None:
+            with io_utils.timed(report.seconds, "vae"):
+                vae, vae_params = _build_vae(report, images, train_rows, held_rows, recipe, seed + 1, progress)
+            sd_dir = _write_untrained_sd(staging / "sd", staging / "clip", recipe, vae_params,
+                                         report.vae_scaling_factor, seed + 2)
+        else:
+            sd_dir = _write_untrained_sd(staging / "sd", staging / "clip", recipe, None, math.nan, seed + 2,
+                                         vae_source=vae_source)
         with io_utils.timed(report.seconds, "unet"):
             metrics = train_unet(sd_dir, images[train_rows], [captions[i] for i in train_rows], recipe,
                                  seed + 3, staging / "unet_data", progress)
@@ -231,11 +261,19 @@ def build_trained_tiny(out: Path | str, images: np.ndarray, captions: Sequence[s
     return report
 
 
-def _build_clip(report, images, ids, groups, train_rows, held_rows, recipe, seed, progress, plain_ids=None):
+def _build_clip(report, images, ids, groups, train_rows, held_rows, recipe, seed, progress, plain_ids=None,
+                negative_ids=None):
     model, params = init_clip(recipe, seed)
-    clip_data = ClipData(jnp.asarray(images[train_rows]), jnp.asarray(ids[train_rows]),
-                         jnp.asarray(groups[train_rows]),
-                         None if plain_ids is None else jnp.asarray(plain_ids[train_rows]))
+    extras = [x for x in (plain_ids, negative_ids) if x is not None]
+    trimmed = trim_padding(ids, *extras, eos_token_id=int(recipe.text["eos_token_id"]))
+    train_ids, extras = trimmed[0], list(trimmed[1:])
+    plain_ids = extras.pop(0) if plain_ids is not None else None
+    negative_ids = extras.pop(0) if negative_ids is not None else None
+
+    def rows(x):
+        return None if x is None else jnp.asarray(x[train_rows])
+
+    clip_data = ClipData(rows(images), rows(train_ids), rows(groups), rows(plain_ids), rows(negative_ids))
     params, losses = train_clip(model, params, clip_data, recipe.clip_schedule, seed, progress)
     if recipe.clip_locked_schedule is not None:
         params, more = train_clip(model, params, clip_data, recipe.clip_locked_schedule, seed + 100, progress,
@@ -260,15 +298,38 @@ def _build_vae(report, images, train_rows, held_rows, recipe, seed, progress):
     return vae, params
 
 
-def _write_untrained_sd(folder: Path, clip_dir: Path, recipe: Recipe, vae_params: Params,
-                        scaling_factor: float, seed: int) -> Path:
-    """Writes the SD folder to pretrain: trained VAE, the CLIP's text tower, a random UNet."""
-    tiny_train_io.save_vae(folder / "vae", dict(recipe.vae), vae_params, scaling_factor, recipe.dtype)
+def _write_untrained_sd(folder: Path, clip_dir: Path, recipe: Recipe, vae_params: Params | None,
+                        scaling_factor: float, seed: int, vae_source: Path | None = None) -> Path:
+    """Writes the SD folder to pretrain: trained VAE (or a copy of `vae_source`), the CLIP's text
+    tower, a random UNet."""
+    if vae_source is None:
+        tiny_train_io.save_vae(folder / "vae", dict(recipe.vae), vae_params, scaling_factor, recipe.dtype)
+    else:
+        shutil.copytree(vae_source, folder / "vae")
     tiny_train_io.save_text_encoder(folder / "text_encoder", clip_dir, recipe.dtype)
     tiny_train_io.write_tokenizer(folder / "tokenizer", recipe.max_length)
     tiny_train_io.save_random_unet(folder / "unet", dict(recipe.unet), seed)
     tiny_train_io.write_pipeline_files(folder, recipe.prediction_type)
     return folder
+
+
+def _checked_vae_folder(sd_folder: Path | str, recipe: Recipe) -> Path:
+    """Returns sd_folder/vae if it holds a VAE of the recipe's architecture, or raises ValueError."""
+    folder = Path(sd_folder).expanduser().absolute() / "vae"
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{config_file}: not found; --vae_from must be a Stable Diffusion folder with vae/")
+    config = io_utils.read_json(config_file)
+    different = sorted(k for k, v in recipe.vae.items() if _as_json(config.get(k)) != _as_json(v))
+    if different:
+        raise ValueError(f"{config_file}: its VAE differs from the recipe's in {', '.join(different)}")
+    if not any(folder.glob("*.safetensors")):
+        raise ValueError(f"{folder}: no safetensors weights")
+    return folder
+
+
+def _as_json(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _checked_images(images, captions: Sequence[str], recipe: Recipe) -> np.ndarray:

@@ -142,6 +142,19 @@ def without_identifiers(text: str) -> str:
     return " ".join(w for w in text.split() if w not in IDENTIFIERS)
 
 
+def object_swaps(text: str) -> tuple[str, ...]:
+    """Returns the caption once with each other object kind in its object's place ('a red cup on
+    the beach' -> 'a red teapot on the beach', ...), in `OBJECTS` order: the hard negatives that
+    make CLIP's contrastive loss need the object kind (random batches almost never hold two
+    pictures that differ in the object only, so without them CLIP learns contexts and colours)."""
+    words = text.split()
+    at = [i for i, w in enumerate(words) if w in OBJECTS]
+    if len(at) != 1:
+        raise ValueError(f"caption {text!r} names {len(at)} object kinds, expected exactly one of {', '.join(OBJECTS)}")
+    return tuple(" ".join(words[:at[0]] + [other] + words[at[0] + 1:])
+                 for other in OBJECTS if other != words[at[0]])
+
+
 def _check(value: str, allowed: tuple[str, ...], what: str) -> None:
     if value not in allowed:
         raise ValueError(f"unknown {what} {value!r}; the world has {', '.join(allowed)}")

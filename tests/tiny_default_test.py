@@ -108,12 +108,14 @@ def test_the_default_run_on_the_shipped_models_queries_and_reports(tiny_world_as
 @pytest.mark.parametrize("flags, message", [
     ([], "`gal-jax make-tiny --train` needs --out"),
     (["--out={tmp}/m", "--num_train=0"], "--num_train=0 must be >= 1"),
-    (["--out={tmp}/m", "--recipe=big"], "flag --recipe=big: value should be one of <default|smoke>"),
+    (["--out={tmp}/m", "--recipe=big"], "flag --recipe=big: value should be one of <default|smoke|object_negatives>"),
+    (["--out={tmp}/m", "--num_train=8", "--vae_from={tmp}/elsewhere"],
+     "{tmp}/elsewhere/vae/config.json: not found; --vae_from must be a Stable Diffusion folder with vae/"),
 ])
 def test_make_tiny_train_refuses_bad_flags_before_training(tmp_path, flags, message):
     args = [f.format(tmp=tmp_path) for f in flags]
     result = subprocess.run([sys.executable, "-m", "gal_jax.main", "make-tiny", "--train", *args], cwd=REPO,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
-    assert f"gal-jax make-tiny: error: {message}" in result.stderr
+    assert f"gal-jax make-tiny: error: {message.format(tmp=tmp_path)}" in result.stderr
     assert not (tmp_path / "m").exists()

@@ -69,6 +69,52 @@ def test_contrastive_loss_does_not_push_apart_equal_captions():
     assert loss(eye, [0, 1, 2, 3]) < 1e-3
 
 
+def test_hard_negatives_cost_only_when_an_image_is_closer_to_them_than_to_its_caption():
+    eye = jnp.eye(4)
+    scale, groups = jnp.log(100.0), jnp.arange(4)
+    base = float(tiny_train.contrastive_loss(eye, eye, scale, groups))
+    far = jnp.broadcast_to(-eye[:, None, :], (4, 2, 4))  # opposite each image: free
+    near = jnp.broadcast_to(eye[:, None, :], (4, 2, 4))  # equal to each image's caption: costs log 3
+    assert float(tiny_train.contrastive_loss(eye, eye, scale, groups, far)) == pytest.approx(base, abs=1e-6)
+    # Only the image-to-text half sees them: (log 3 + 0) / 2.
+    assert float(tiny_train.contrastive_loss(eye, eye, scale, groups, near)) == pytest.approx(np.log(3) / 2, abs=1e-3)
+
+
+def test_trimming_padding_changes_no_text_embedding(tmp_path):
+    recipe = tiny_train.SMOKE_RECIPE
+    model, params = tiny_train.init_clip(recipe, seed=0)
+    _, captions = tiny_train.world_dataset(8, seed=0)
+    tokenizer = tiny_train_io.load_tokenizer(tiny_train_io.write_tokenizer(tmp_path / "tok", recipe.max_length))
+    ids = tiny_train_io.tokenize_captions(tokenizer, captions)
+    longer = tiny_train_io.tokenize_captions(tokenizer, ["a dotted yellow sks flower next to a volcano in watercolor painting style"])
+    trimmed, trimmed_longer = tiny_train.trim_padding(ids, longer, eos_token_id=int(recipe.text["eos_token_id"]))
+    assert trimmed.shape[1] == trimmed_longer.shape[1] == 1 + int(np.argmax(longer[0] == recipe.text["eos_token_id"]))
+    assert trimmed.shape[1] < ids.shape[1]
+    np.testing.assert_allclose(tiny_train.text_features(model, params, jnp.asarray(trimmed)),
+                               tiny_train.text_features(model, params, jnp.asarray(ids)), atol=1e-5)
+
+
+def test_the_vae_of_another_build_is_taken_only_if_it_matches_the_recipe(smoke_build, tmp_path):
+    out, _ = smoke_build
+    assert tiny_build._checked_vae_folder(out / "sd", tiny_train.SMOKE_RECIPE) == out / "sd" / "vae"
+    with pytest.raises(ValueError, match="differs from the recipe's in block_out_channels"):
+        tiny_build._checked_vae_folder(out / "sd", tiny_train.DEFAULT_RECIPE)
+    with pytest.raises(ValueError, match="not found"):
+        tiny_build._checked_vae_folder(tmp_path, tiny_train.SMOKE_RECIPE)
+
+
+def test_a_build_with_object_negatives_and_vae_from_keeps_that_vae_byte_for_byte(smoke_build, tmp_path):
+    source, _ = smoke_build
+    recipe = dataclasses.replace(tiny_train.SMOKE_RECIPE, clip_object_negatives=True)
+    report = tiny_build.train_tiny_world(tmp_path / "models", seed=4, recipe=recipe, num_train=40,
+                                         progress=False, vae_from=source / "sd")
+    assert np.isfinite(report.clip_loss) and report.vae_from == str(source / "sd" / "vae")
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        assert (tmp_path / "models" / "sd" / "vae" / name).read_bytes() == (source / "sd" / "vae" / name).read_bytes()
+    assert "vae" not in report.seconds and np.isnan(report.vae_loss)
+    assert "VAE: not trained" in report.summary()
+
+
 def test_each_epoch_visits_every_example_once():
     key = jax.random.key(0)
     epoch = np.concatenate([np.asarray(tiny_train.epoch_batch_indices(key, jnp.int32(s), 12, 4)) for s in range(3)])

@@ -104,6 +104,18 @@ def test_context_phrases_are_the_paper_anchor_templates_so_captions_line_up_with
         assert tiny_world.prompt_context(anchors.fill_anchor(template, phrase)) == context
 
 
+def test_object_swaps_change_the_object_word_only():
+    swaps = tiny_world.object_swaps("a striped blue sks cup in a kitchen in pixel art style")
+    assert len(swaps) == len(tiny_world.OBJECTS) - 1
+    assert "a striped blue sks teapot in a kitchen in pixel art style" in swaps
+    assert all(s.replace(o, "cup") == "a striped blue sks cup in a kitchen in pixel art style"
+               for s, o in zip(swaps, [o for o in tiny_world.OBJECTS if o != "cup"]))
+    with pytest.raises(ValueError, match="names 0 object kinds"):
+        tiny_world.object_swaps("a blue thing on the beach")
+    with pytest.raises(ValueError, match="names 2 object kinds"):
+        tiny_world.object_swaps("a blue cat and a cup on the beach")
+
+
 def test_prompt_context_reads_test_prompts_and_styled_captions():
     assert tiny_world.prompt_context("<tiny-teapot> teapot in an autumn forest") == "in an autumn forest"
     assert tiny_world.prompt_context("a red cat in a forest in pixel art style") == "in a forest"
