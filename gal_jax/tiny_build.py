@@ -240,14 +240,12 @@ def build_trained_tiny(out: Path | str, images: np.ndarray, captions: Sequence[s
             model, clip_params = _build_clip(report, images, ids, groups, train_rows, held_rows, recipe,
                                              seed, progress, plain_ids, negative_ids)
             tiny_train_io.save_clip(staging / "clip", model, clip_params, recipe.dtype)
+        vae_params = None
         if vae_source is None:
             with io_utils.timed(report.seconds, "vae"):
-                vae, vae_params = _build_vae(report, images, train_rows, held_rows, recipe, seed + 1, progress)
-            sd_dir = _write_untrained_sd(staging / "sd", staging / "clip", recipe, vae_params,
-                                         report.vae_scaling_factor, seed + 2)
-        else:
-            sd_dir = _write_untrained_sd(staging / "sd", staging / "clip", recipe, None, math.nan, seed + 2,
-                                         vae_source=vae_source)
+                _, vae_params = _build_vae(report, images, train_rows, held_rows, recipe, seed + 1, progress)
+        sd_dir = _write_untrained_sd(staging / "sd", staging / "clip", recipe, vae_params,
+                                     report.vae_scaling_factor, seed + 2, vae_source)
         with io_utils.timed(report.seconds, "unet"):
             metrics = train_unet(sd_dir, images[train_rows], [captions[i] for i in train_rows], recipe,
                                  seed + 3, staging / "unet_data", progress)
@@ -264,16 +262,13 @@ def build_trained_tiny(out: Path | str, images: np.ndarray, captions: Sequence[s
 def _build_clip(report, images, ids, groups, train_rows, held_rows, recipe, seed, progress, plain_ids=None,
                 negative_ids=None):
     model, params = init_clip(recipe, seed)
-    extras = [x for x in (plain_ids, negative_ids) if x is not None]
-    trimmed = trim_padding(ids, *extras, eos_token_id=int(recipe.text["eos_token_id"]))
-    train_ids, extras = trimmed[0], list(trimmed[1:])
-    plain_ids = extras.pop(0) if plain_ids is not None else None
-    negative_ids = extras.pop(0) if negative_ids is not None else None
+    ids, plain_ids, negative_ids = trim_padding(ids, plain_ids, negative_ids,
+                                                eos_token_id=int(recipe.text["eos_token_id"]))
 
     def rows(x):
         return None if x is None else jnp.asarray(x[train_rows])
 
-    clip_data = ClipData(rows(images), rows(train_ids), rows(groups), rows(plain_ids), rows(negative_ids))
+    clip_data = ClipData(rows(images), rows(ids), rows(groups), rows(plain_ids), rows(negative_ids))
     params, losses = train_clip(model, params, clip_data, recipe.clip_schedule, seed, progress)
     if recipe.clip_locked_schedule is not None:
         params, more = train_clip(model, params, clip_data, recipe.clip_locked_schedule, seed + 100, progress,

@@ -211,16 +211,14 @@ jax.tree_util.register_dataclass(
     ClipData, data_fields=["images", "input_ids", "groups", "plain_ids", "negative_ids"], meta_fields=[])
 
 
-def trim_padding(*token_ids: np.ndarray, eos_token_id: int) -> tuple[np.ndarray, ...]:
-    """Returns the token id arrays (each (..., L)) cut after the last column where any of them
-    still holds its first end-of-text token: CLIP's text attention is causal and its pooled output
-    is read at that token, so the cut columns change no embedding, and training skips them (the
-    world's captions take about a third of the 32 positions)."""
-    def first_eos(ids):
-        return np.argmax(ids == eos_token_id, axis=-1).max() if ids.size else 0
-
-    length = 1 + max(int(first_eos(ids)) for ids in token_ids)
-    return tuple(ids[..., :length] for ids in token_ids)
+def trim_padding(*token_ids: np.ndarray | None, eos_token_id: int) -> tuple[np.ndarray | None, ...]:
+    """Returns the token id arrays (each (..., L); None passes through) cut after the last column
+    where any of them still holds its first end-of-text token: CLIP's text attention is causal and
+    its pooled output is read at that token, so the cut columns change no embedding, and training
+    skips them (the world's captions take about a third of the 32 positions)."""
+    present = [ids for ids in token_ids if ids is not None and ids.size]
+    length = 1 + max(int(np.argmax(ids == eos_token_id, axis=-1).max()) for ids in present)
+    return tuple(None if ids is None else ids[..., :length] for ids in token_ids)
 
 
 def clip_config(recipe: Recipe) -> nn_clip.ClipConfig:
