@@ -82,6 +82,8 @@ def load_concept(config: ml_collections.ConfigDict, concept_dir: Path, class_dir
         phrase = anchors.style_descriptor(references[0].prompt)
         plain = [r.prompt for r in references]
         class_prompt = config.data.class_prompt
+    if personalize.method_name(config) in personalize.NEW_TOKEN_METHODS:
+        check_new_token_is_used(config.train.get("new_token", "") or placeholder, references, phrase, concept_dir)
     return Concept(
         kind=kind,
         references=references,
@@ -93,6 +95,25 @@ def load_concept(config: ml_collections.ConfigDict, concept_dir: Path, class_dir
         placeholder=placeholder,
         class_word=noun,
     )
+
+
+def check_new_token_is_used(token: str, references, phrase: str, concept_dir: Path) -> None:
+    """Raises ValueError unless the new token of textual inversion / AttnDreamBooth is in every
+    reference's caption and in the concept phrase: a token in neither would be trained on captions
+    that never read it (or never asked for in the anchor prompts), and the run would learn nothing.
+    An empty token is left to `personalize.prepare`, which names the fields to set."""
+    if not token:
+        return
+    for reference in references:
+        if token not in reference.prompt:
+            raise ValueError(
+                f"{concept_dir}/{data.INIT_JSON}: the new token {token!r} (config.train.new_token, else the "
+                f"placeholder) is not in the caption {reference.prompt!r} of {reference.image.name}: textual "
+                "inversion would never train it; write it into every caption (a style: 'A cat in "
+                f"{token} style')")
+    if token not in phrase:
+        raise ValueError(f"the new token {token!r} (config.train.new_token) is not in the concept phrase {phrase!r} "
+                         "that every anchor prompt is built from; set config.data.placeholder to it (objects)")
 
 
 def _class_images(config: ml_collections.ConfigDict, class_dir: Path | None) -> tuple[Path, ...]:

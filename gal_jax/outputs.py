@@ -81,16 +81,19 @@ def sample_from_run(workdir: Path | str, round_index: int | None, prompts_file: 
     prompts = read_prompts(prompts_file)
     method = personalize.method_name(config)
     chosen = finished_round(workdir, round_index, method)
-    sd, params = load_base(config)
-    result_dir = workdir.round(chosen).result(method)
-    if method == "dreambooth":
-        unet = export.load_unet(sd, result_dir, param_dtype=config.model.param_dtype)
-        params = dataclasses.replace(params, unet=unet)
-    else:
-        sd, params = export.personalized_model(sd, params, result_dir, param_dtype=config.model.param_dtype)
+    sd, params = round_model(config, *load_base(config), workdir.round(chosen).result(method))
     out = Path(out).expanduser() if out else workdir.samples_dir(chosen)
     _sample(config, sd, params, prompts, num_per_prompt, out, _run_concept(config))
     return out
+
+
+def round_model(config: ml_collections.ConfigDict, sd, params, result_dir: Path):
+    """Returns (sd, params): the base model with a round's result (`DIR/rounds/<r>/unet` of
+    DreamBooth, or the personalization folder of any other method) in place."""
+    if personalize.method_name(config) == "dreambooth":
+        unet = export.load_unet(sd, result_dir, param_dtype=config.model.param_dtype)
+        return sd, dataclasses.replace(params, unet=unet)
+    return export.personalized_model(sd, params, result_dir, param_dtype=config.model.param_dtype)
 
 
 def _run_concept(config: ml_collections.ConfigDict):

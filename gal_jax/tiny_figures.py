@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from gal_jax import evaluate, export, outputs, sample, tiny_world, tiny_world_judge
+from gal_jax import evaluate, outputs, personalize, sample, tiny_world, tiny_world_judge
 from gal_jax.workdir import Workdir
 
 ATTRIBUTES = ("context", "object", "colour")
@@ -142,17 +142,20 @@ def evaluate_run(workdir: Path | str, *, num_per_prompt: int, seed: int = 8888,
     config = outputs.run_config(workdir)
     paths = inputs.resolve(config, need=("sd", "clip"))
     concept = _tiny_concept(paths)
+    method = personalize.method_name(config)
     sd, params = outputs.load_base(config)
     mesh = sharding.mesh_from_config(config.mesh)
-    generator = sample.Generator.from_config(config, sd, mesh, section="eval")
+    base_generator = sample.Generator.from_config(config, sd, mesh, section="eval")
     clip, clip_params = models.load_clip(paths.clip)
     scorer = score.Scorer(clip, clip_params, mesh)
     references = evaluate.load_images(concept.reference_images, clip.image_size)
     figures = []
-    for round_index in (rounds if rounds is not None else _finished_rounds(workdir.root)):
-        unet = params.unet if round_index == 0 else export.load_unet(
-            sd, workdir.round(round_index).unet, param_dtype=config.model.param_dtype)
-        round_params = dataclasses.replace(params, unet=unet)
+    for round_index in (rounds if rounds is not None else _finished_rounds(workdir.root, method)):
+        round_sd, round_params = (sd, params) if round_index == 0 else outputs.round_model(
+            config, sd, params, workdir.round(round_index).result(method))
+        # A new token grows the tokenizer: that round's prompts are read by its own.
+        generator = base_generator if round_sd is sd else sample.Generator.from_config(
+            config, round_sd, mesh, section="eval")
         prompts = concept.generation_prompts()
         images = np.asarray(generator.generate(round_params, prompts, range(len(prompts)),
                                                evaluate.EVAL_ROUND_INDEX, num_per_prompt, seed,
@@ -209,7 +212,8 @@ def run_comparison(out: Path | str, config, modes: Sequence[str] = ("none", "ran
         mode_config.gal.feedback = mode
         driver.run(mode_config, out / mode)
         figures = evaluate_run(out / mode, num_per_prompt=num_per_prompt, progress=progress,
-                               rounds=None if base is not None else [0] + _finished_rounds(out / mode))
+                               rounds=None if base is not None else [0] + _finished_rounds(
+                                   out / mode, personalize.method_name(mode_config)))
         if base is None:
             base, figures = figures[:1], figures[1:]
         runs[mode] = figures
@@ -223,7 +227,8 @@ def run_comparison(out: Path | str, config, modes: Sequence[str] = ("none", "ran
     return result
 
 
-def _finished_rounds(root: Path) -> list[int]:
+def _finished_rounds(root: Path, method: str) -> list[int]:
+    """Returns the rounds of the run at `root` that have a record and a result of `method`."""
     workdir = Workdir(root)
     return [r for r in workdir.round_indices()
-            if workdir.round(r).record.is_file() and (workdir.round(r).unet / "config.json").is_file()]
+            if workdir.round(r).record.is_file() and workdir.round(r).result(method).is_dir()]

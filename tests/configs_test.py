@@ -94,3 +94,24 @@ def test_sdxl_configs_train_lora_at_1024_with_bf16_frozen_weights():
     assert sd_mudi.get_config().data.resolution == 512
     with pytest.raises(ValueError, match="known: 'sdxl'"):
         sd_mudi.get_config("xl")
+
+
+@pytest.mark.parametrize("variant, method, trains", [
+    ("", "dreambooth", "^unet/"), ("lora", "lora", "^lora/"),
+    ("textual_inversion", "textual_inversion", "^new_tokens$"), ("attndreambooth", "attndreambooth", "^new_tokens$"),
+])
+def test_tiny_world_variants_prepare_their_method_on_the_shipped_models(variant, method, trains, tiny_world_assets):
+    from configs import tiny_world
+    from gal_jax import models, personalize
+
+    config = tiny_world.get_config(variant)
+    assert config.model.tiny_world and config.train.steps == 400
+    sd, _ = models.load_stable_diffusion(tiny_world_assets["sd"])
+    # The tiny world's placeholder "sks" is not one token of its tokenizer: the new-token methods add it.
+    sd, prepared = personalize.prepare(config, sd, placeholder="sks", class_word="teapot")
+    assert prepared.name == method and prepared.stages[0].trainable == trains
+    assert (prepared.new_tokens is not None) == (method in personalize.NEW_TOKEN_METHODS)
+    if method == "attndreambooth":
+        assert [s.name for s in prepared.stages] == ["s1_inversion", "s2_attention", "s3_unet"]
+    with pytest.raises(ValueError, match="unknown variant 'loRA' of tiny_world"):
+        tiny_world.get_config("loRA")

@@ -4,6 +4,7 @@ exported model hold, and AttnDreamBooth killed inside its second stage, then res
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 
 import pytest
@@ -145,3 +146,29 @@ def test_two_subjects_run_gal_rounds_resume_after_a_kill_and_export_a_lora_diffu
     index = json.loads((out / "index.json").read_text())
     assert [e["prompt"] for e in index] == ["<tiny-teapot> teapot and <tiny-cat> cat on the beach"] * 2
     assert all((out / e["path"]).is_file() for e in index)
+
+
+def test_textual_inversion_on_a_style_concept_needs_and_trains_the_token_its_captions_read(tiny_assets, tmp_path):
+    style = tmp_path / "style"
+    shutil.copytree(tiny_assets["style_concept"], style)
+    config = tiny_cpu.with_method(small_config(tiny_assets, data__kind="style", gal__rounds=2), "textual_inversion")
+    config.data.concept_dir = str(style)
+    config.model.sd_path, config.model.clip_path = str(tiny_assets["sd"]), str(tiny_assets["clip"])
+    config.train.new_token, config.train.new_token_init = "<wc>", "painting"
+    # Captions that never read the token: refused before anything trains (it would learn nothing).
+    with pytest.raises(ValueError, match=r"init.json: the new token '<wc>' .* is not in the caption 'A "):
+        driver.run(config, tmp_path / "refused")
+    assert not (tmp_path / "refused" / "rounds").exists()
+    entries = json.loads((style / "init.json").read_text())
+    for entry in entries:
+        entry["instance_prompt"] = entry["instance_prompt"].replace("watercolor painting style", "<wc> style")
+    (style / "init.json").write_text(json.dumps(entries))
+    driver.run(config, tmp_path / "run")
+    records = driver.read_records(tmp_path / "run")
+    assert records[0].concept_phrase == "in <wc> style"
+    assert records[0].directions and all(d.prompt.endswith("in <wc> style") for d in records[0].directions)
+    # The random-init tiny models may stop after round 1; every round run and the export hold the token.
+    rounds = [tmp_path / "run" / "rounds" / str(r.round) / "personalization" for r in records]
+    for embeds in [folder / EMBEDDINGS_FILE for folder in rounds] + [tmp_path / "run" / "model" / EMBEDDINGS_FILE]:
+        with safe_open(embeds, "numpy") as saved:
+            assert list(saved.keys()) == ["<wc>"]

@@ -122,3 +122,24 @@ def test_table_lists_each_mode_and_round():
     text = tiny_figures.table({"none": [row], "uncertainty": [row, tiny_figures.RoundFigures(2, 0.3, 0.79, 0.2, 0.7, 7)]})
     lines = text.splitlines()
     assert len(lines) == 5 and lines[2].startswith("| none | 1 | 4 |") and "| 0.200 | 0.700 |" in lines[4]
+
+
+@pytest.mark.parametrize("method", ["textual_inversion", "lora"])
+def test_comparison_evaluates_the_rounds_of_every_method(method, tiny_world_assets, tmp_path):
+    """The figures read each round's result as its method left it (a new token: the round's own
+    tokenizer; LoRA: merged deltas), not only DreamBooth's UNet folder."""
+    from configs import tiny_world as tiny_world_config
+
+    config = tiny_world_config.get_config(method)
+    config.model.tiny_dir = str(tiny_world_assets["root"])
+    config.train.steps, config.train.checkpoint_every = 2, 2
+    config.sample.steps, config.sample.num_per_prompt = 2, 2
+    config.gal.rounds, config.eval.steps = 2, 2
+    config.train.batch_size = 8  # over the 8 fake test devices
+    result = tiny_figures.run_comparison(tmp_path, config, ["uncertainty"], num_per_prompt=1, progress=False)
+    rounds = [r["round"] for r in result["runs"]["uncertainty"]]
+    assert rounds and rounds[0] == 1 and [r["round"] for r in result["base"]] == [0]
+    assert result["table"].count("| uncertainty |") == len(rounds)
+    # The personalized model is not the base one: its pictures, and so its scores, differ.
+    first = result["runs"]["uncertainty"][0]
+    assert (first["txt_aln"], first["img_aln"]) != (result["base"][0]["txt_aln"], result["base"][0]["img_aln"])
