@@ -24,7 +24,7 @@ initialised from "teapot", lr 2e-2 at batch 4, no prior), `:attndreambooth` (the
 world's DreamBooth lr is SD 1.5's).
 """
 
-from configs import sd21_attndreambooth, tiny_cpu
+from configs import tiny_cpu
 
 
 def get_config(variant: str = ""):
@@ -46,22 +46,26 @@ def get_config(variant: str = ""):
     return with_method(config, variant)
 
 
+METHODS = ("lora", "textual_inversion", "attndreambooth")
+
+
 def with_method(config, method: str):
-    """Returns `config` training `method` ('' keeps DreamBooth) with settings tried on this world."""
+    """Returns `config` training `method` ('' keeps DreamBooth) with settings tried on this world:
+    tiny_cpu.with_method switches the method on, this world's values replace its tiny lengths."""
     if method in ("", "dreambooth"):
         return config
+    if method not in METHODS:
+        raise ValueError(f"unknown variant {method!r} of tiny_world (known: {', '.join(METHODS)})")
+    config = tiny_cpu.with_method(config, method)
     if method == "lora":
-        config.train.method = "lora"
         config.lora.rank = 16
         config.lora.alpha = 16.0
         config.train.learning_rate = 5e-3
     elif method == "textual_inversion":
-        config.train.method = "textual_inversion"
         config.train.with_prior = False
         config.train.batch_size = 4
         config.train.learning_rate = 2e-2
-    elif method == "attndreambooth":
-        sd21_attndreambooth.use_attndreambooth(config)
+    else:  # attndreambooth
         config.train.checkpoint_every = 100
         # The authors' stages and regularizer weights; stage 1 at this world's textual-inversion lr,
         # stages 2-3 at theirs scaled as this world's DreamBooth lr is (1e-3 here, 5e-6 on SD 1.5:
@@ -70,6 +74,4 @@ def with_method(config, method: str):
         stages.s1_inversion.update(learning_rate=2e-2, steps=100, batch_size=4)
         stages.s2_attention.update(learning_rate=4e-3, steps=100, batch_size=4)
         stages.s3_unet.update(learning_rate=4e-4, steps=200, batch_size=4)
-    else:
-        raise ValueError(f"unknown variant {method!r} of tiny_world (known: lora, textual_inversion, attndreambooth)")
     return config
