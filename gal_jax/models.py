@@ -19,20 +19,14 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-# transformers is only the tokenizer here: its import-time advice (no PyTorch, no TensorFlow) is noise.
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-import transformers  # noqa: E402
-
-transformers.utils.logging.set_verbosity_error()
-
-from transformers import CLIPTokenizer  # noqa: E402
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
 
 from gal_jax import sharding  # noqa: E402
 from gal_jax.nn import clip as nn_clip  # noqa: E402
@@ -639,11 +633,23 @@ def _read_torch_weights(file: Path) -> dict[str, np.ndarray]:
         raise ModelLoadError(f"{file}: unreadable or truncated weights file ({type(err).__name__}: {err}).") from err
 
 
+def tokenizer_class() -> type[CLIPTokenizer]:
+    """Returns transformers' CLIPTokenizer, imported on first use: transformers (the tokenizer is all
+    we take from it) imports PyTorch where installed, seconds that a usage error need not wait."""
+    # Its import-time advice (no PyTorch, no TensorFlow) is noise here.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    return transformers.CLIPTokenizer
+
+
 def _load_tokenizer(folder: Path) -> CLIPTokenizer:
     for name in ("vocab.json", "merges.txt"):
         _require_file(folder, name)
     try:
-        return CLIPTokenizer.from_pretrained(folder)
+        return tokenizer_class().from_pretrained(folder)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"{folder}: not a loadable CLIP tokenizer ({err}).") from err
 

@@ -36,7 +36,7 @@ def write_tokenizer(folder: Path, max_length: int) -> Path:
 
 def load_tokenizer(folder: Path):
     """Returns the CLIPTokenizer saved in `folder`."""
-    return models.CLIPTokenizer.from_pretrained(folder)
+    return models.tokenizer_class().from_pretrained(folder)
 
 
 def tokenize_captions(tokenizer, captions) -> np.ndarray:
