@@ -13,6 +13,35 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+# A worker's peak resident memory: 8 fake devices, the tiny models, a GAL run in a subprocess.
+WORKER_MEMORY_BYTES = 6 * 2**30
+MAX_WORKERS = 4
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto` (pytest.ini): one worker per core, as many as memory allows, at most MAX_WORKERS.
+
+    XLA's CPU compiles, most of this suite's time, run on one thread, so a second process keeps
+    the second core busy; beyond a few workers each one's copy of the session fixtures costs more
+    than it saves."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = WORKER_MEMORY_BYTES
+    return max(1, min(cores, memory // WORKER_MEMORY_BYTES, MAX_WORKERS))
+
+
+# The files that take minutes (GAL runs in subprocesses, kills and resumes), in descending time:
+# dealt out first under `-n`, so that no worker is left with one of them after the others are done.
+RUN_FIRST = ("driver_test.py", "methods_run_test.py", "main_test.py", "crash_test.py",
+             "personalize_test.py", "tiny_train_test.py", "sdxl_test.py", "op_profile_test.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(RUN_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(RUN_FIRST)))  # stable: in-file order kept
+
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
