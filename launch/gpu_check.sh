@@ -56,13 +56,15 @@ step tiny_run "${T_TINY:-110}" "$PY" -m gal_jax.main run --config=configs/tiny_c
 
 # The train loop's transfer guard on a real device (CPU arrays are guarded only by conftest's
 # imitation): the guard tests and the rounds that train and save under it. Full float32 matmuls
-# (no TF32), so the tests' CPU tolerances hold.
+# (no TF32), so the tests' CPU tolerances hold. In one process (pytest.ini's `-n auto` cleared: the
+# image may lack pytest-xdist, and workers would share the one GPU).
 GUARD_TESTS="(transfer_guard and not sharded) or tiny_concept or restart or non_finite"
 GUARD_TESTS+=" or killed or finished or different_run or cudnn"
 if "$PY" -c "import pytest" 2>/dev/null; then
   step guard_tests "${T_GUARD_TESTS:-100}" env JAX_PLATFORMS="${TEST_PLATFORMS:-cuda}" \
     JAX_DEFAULT_MATMUL_PRECISION=highest JAX_COMPILATION_CACHE_DIR="$GAL_JAX_CACHE/xla" \
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 "$PY" -m pytest -x -q -k "$GUARD_TESTS" \
+    -o addopts= -p no:cacheprovider -m "not slow" \
     tests/transfer_guard_test.py tests/checkpoint_test.py tests/train_test.py tests/nn_layers_test.py
 else
   echo "guard_tests skipped: no pytest" | tee -a "$OUT/summary.txt"

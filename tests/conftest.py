@@ -18,12 +18,16 @@ WORKER_MEMORY_BYTES = 6 * 2**30
 MAX_WORKERS = 4
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist's: unknown where it is absent or off
 def pytest_xdist_auto_num_workers(config) -> int:
-    """`-n auto` (pytest.ini): one worker per core, as many as memory allows, at most MAX_WORKERS.
+    """`-n auto` (pytest.ini): one worker per core, as many as memory allows, at most MAX_WORKERS;
+    one where the tests run on an accelerator (JAX_PLATFORMS=cuda...), which workers would share.
 
     XLA's CPU compiles, most of this suite's time, run on one thread, so a second process keeps
     the second core busy; beyond a few workers each one's copy of the session fixtures costs more
     than it saves."""
+    if os.environ["JAX_PLATFORMS"] != "cpu":
+        return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
