@@ -42,7 +42,7 @@ setup(
         # `torch` pulls several GB of CUDA. selenium drives Debian chromium in the browser tests.
         # peft: diffusers' load_lora_weights needs it (the LoRA export test loads ours with it).
         # pytest-xdist: pytest.ini runs the suite over several processes (`-n auto`, conftest.py).
-        "test": ["pytest", "pytest-xdist>=3.6", "chex", "selenium", "torch>=2.11", "diffusers>=0.39.0", "peft>=0.17"],
+        "test": ["pytest", "pytest-xdist>=3.8", "chex", "selenium", "torch>=2.11", "diffusers>=0.39.0", "peft>=0.17"],
     },
     entry_points={"console_scripts": ["gal-jax=gal_jax.main:run"]},
 )
