@@ -25,14 +25,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gal_jax import sharding
+from gal_jax.nn import clip as nn_clip
+from gal_jax.nn import layers as nn_layers
+from gal_jax.nn import unet as nn_unet
+from gal_jax.nn import vae as nn_vae
+
 if TYPE_CHECKING:
     from transformers import CLIPTokenizer
-
-from gal_jax import sharding  # noqa: E402
-from gal_jax.nn import clip as nn_clip  # noqa: E402
-from gal_jax.nn import layers as nn_layers  # noqa: E402
-from gal_jax.nn import unet as nn_unet  # noqa: E402
-from gal_jax.nn import vae as nn_vae  # noqa: E402
 
 Params = Any
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
