@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from absl import logging
 from PIL import Image
 
 from gal_jax import faults
@@ -291,10 +292,40 @@ def enable_compilation_cache(directory: Path = COMPILATION_CACHE,
     import jax
 
     directory.mkdir(parents=True, exist_ok=True)
+    repair_compilation_cache(directory)
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_compilation_cache_max_size", max_bytes)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def repair_compilation_cache(directory: Path, lock_timeout_s: float = 10.0) -> list[str]:
+    """Deletes the half-written entries of a size-limited persistent cache and returns their names.
+
+    jax writes an entry ("<key>-cache") and then its access-time file ("<key>-atime"); a process
+    killed between the two (or during the first, leaving it truncated) leaves an entry without an
+    access time, and from then on every write to the folder fails ("Error writing persistent
+    compilation cache entry ... FileNotFoundError: ...-atime"), for every process, so nothing new is
+    ever cached. Runs under jax's own lock file, so no live writer is interrupted; if another
+    process holds it for `lock_timeout_s`, the repair is left to the next start."""
+    import filelock
+
+    try:
+        with filelock.FileLock(directory / ".lockfile", timeout=lock_timeout_s):
+            names = set(os.listdir(directory))
+            entries = {name[:-len("-cache")] for name in names if name.endswith("-cache")}
+            stamps = {name[:-len("-atime")] for name in names if name.endswith("-atime")}
+            removed = sorted([f"{key}-cache" for key in entries - stamps] + [f"{key}-atime" for key in stamps - entries])
+            for name in removed:
+                (directory / name).unlink(missing_ok=True)
+    except filelock.Timeout:
+        logging.warning("The compilation cache %s is locked by another process; not checked for half-written entries.",
+                        directory)
+        return []
+    if removed:
+        logging.warning("Removed %d half-written compilation cache entries from %s (a process was killed while "
+                        "writing them).", len(removed), directory)
+    return removed
 
 
 class _ExecutableLog:

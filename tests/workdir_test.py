@@ -318,6 +318,52 @@ def test_a_fresh_process_caches_executables_beside_an_earlier_versions_cache(tmp
     assert any(name.endswith("-cache") for name in entries) and any(name.endswith("-atime") for name in entries)
 
 
+def test_a_kill_while_jax_writes_a_cache_entry_does_not_stop_later_processes_caching(tmp_path):
+    """jax writes an entry, then its access-time file: a process killed between the two left an
+    entry without one, and every later write to the folder failed (no process cached anything new)."""
+    cache = tmp_path / "xla-lru"
+    cache.mkdir()
+    (cache / "jit_f-0123-cache").write_bytes(b"a whole entry whose access time was never written")
+    (cache / "jit_g-4567-cache").write_bytes(b"a kept entry")
+    (cache / "jit_g-4567-atime").write_bytes((1).to_bytes(8, "little"))
+    (cache / "jit_h-89ab-atime").write_bytes((2).to_bytes(8, "little"))  # its entry already evicted
+    script = textwrap.dedent("""
+        import warnings
+        warnings.simplefilter("error")
+        import jax, jax.numpy as jnp
+        from gal_jax import io_utils
+        io_utils.enable_compilation_cache()
+        jax.jit(lambda x: jnp.cos(x) * 5)(jnp.ones(9)).block_until_ready()
+    """)
+    env = {**os.environ, "GAL_JAX_CACHE": str(tmp_path), "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120,
+                            cwd=Path(__file__).parents[1])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Error writing persistent compilation cache" not in result.stderr, result.stderr[-2000:]
+    assert "Removed 2 half-written compilation cache entries" in result.stderr
+    names = {p.name for p in cache.iterdir()}
+    assert "jit_f-0123-cache" not in names and "jit_h-89ab-atime" not in names
+    assert {"jit_g-4567-cache", "jit_g-4567-atime"} <= names
+    new = {name[:-len("-cache")] for name in names if name.endswith("-cache")} - {"jit_g-4567"}
+    assert new and all(f"{key}-atime" in names for key in new), names
+
+
+def test_the_cache_repair_waits_for_jaxs_lock_and_leaves_a_locked_cache_alone(tmp_path):
+    import filelock
+
+    (tmp_path / "jit_f-0-cache").write_bytes(b"x")
+    with filelock.FileLock(tmp_path / ".lockfile"):
+        script = f"from pathlib import Path; from gal_jax import io_utils; " \
+                 f"print(io_utils.repair_compilation_cache(Path({str(tmp_path)!r}), lock_timeout_s=0.2))"
+        held = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                              cwd=Path(__file__).parents[1])
+    assert held.returncode == 0 and held.stdout.strip() == "[]", held.stderr[-2000:]
+    assert "locked by another process" in held.stderr
+    assert (tmp_path / "jit_f-0-cache").exists()
+    assert io_utils.repair_compilation_cache(tmp_path) == ["jit_f-0-cache"]
+    assert not (tmp_path / "jit_f-0-cache").exists()
+
+
 def test_a_workdir_saved_with_renamed_config_fields_resumes_and_real_changes_are_named():
     from configs import common, tiny_cpu
 
