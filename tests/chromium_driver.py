@@ -6,6 +6,9 @@ Chromium or chromedriver is missing (Debian: apt-get install chromium chromium-d
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -29,15 +32,33 @@ def start(download_dir: Path | None = None):
             pytest.skip(f"{binary} is missing (Debian: apt-get install chromium chromium-driver)")
     from selenium.webdriver.chrome.service import Service
 
+    # Chromium's profile and its singleton socket folders (/tmp/org.chromium.Chromium.*) go into a
+    # folder of our own, deleted on quit: left in /tmp, every test run added a few.
+    scratch = Path(tempfile.mkdtemp(prefix="gal-jax-chromium-"))
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for argument in ARGUMENTS:
+    for argument in ARGUMENTS + (f"--user-data-dir={scratch / 'profile'}",):
         options.add_argument(argument)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     if download_dir is not None:
         options.add_experimental_option("prefs", {"download.default_directory": str(download_dir),
                                                   "download.prompt_for_download": False})
-    return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    service = Service(str(CHROMEDRIVER), env={**os.environ, "TMPDIR": str(scratch)})
+    try:
+        driver = webdriver.Chrome(service=service, options=options)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    quit_browser = driver.quit
+
+    def quit_and_clean():
+        try:
+            quit_browser()
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    driver.quit = quit_and_clean
+    return driver
 
 
 def console_errors(driver) -> list[str]:
