@@ -258,6 +258,9 @@ def _describe(err: Exception) -> tuple[str, int]:
 
 def run():
     """Console-script entry point."""
+    from gal_jax import host_malloc
+
+    host_malloc.use_one_arena()  # before jax starts its threads
     if any(arg in ("-h", "-help", "--help") for arg in sys.argv[1:]):
         # absl's --help lists the flags of the __main__ module: the console-script wrapper has none.
         print(__doc__)

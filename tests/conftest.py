@@ -13,6 +13,10 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+from gal_jax import host_malloc  # noqa: E402
+
+host_malloc.use_one_arena()  # as the CLI does, before jax starts its threads
+
 # A worker's peak resident memory: 8 fake devices, the tiny models, a GAL run in a subprocess.
 WORKER_MEMORY_BYTES = 6 * 2**30
 MAX_WORKERS = 4

@@ -27,6 +27,9 @@ _NUM_PER_PROMPT = flags.DEFINE_integer("num_per_prompt", 4, "Evaluation pictures
 
 
 def main(argv):
+    from gal_jax import host_malloc
+
+    host_malloc.use_one_arena()  # before jax starts its threads
     from gal_jax import tiny_figures
 
     result = tiny_figures.run_comparison(_OUT.value, _CONFIG.value, _MODES.value, num_per_prompt=_NUM_PER_PROMPT.value)

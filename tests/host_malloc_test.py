@@ -1,0 +1,88 @@
+"""glibc's one-arena setting for XLA:CPU (gal_jax/host_malloc.py)."""
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from gal_jax import host_malloc
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.mark.parametrize("platforms, expected", [("cpu", True), ("cpu,cuda", True), ("cuda", False),
+                                                 ("tpu,cpu", False), (" cpu ", True)])
+def test_jax_platforms_decides_the_backend(platforms, expected):
+    assert host_malloc.runs_on_cpu({"JAX_PLATFORMS": platforms}) is expected
+
+
+def test_without_jax_platforms_an_installed_accelerator_plugin_means_not_cpu(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    assert host_malloc.runs_on_cpu({}) is all(real(name) is None for name in host_malloc.ACCELERATOR_PLUGINS)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "jax_cuda12_plugin" else None)
+    assert not host_malloc.runs_on_cpu({})
+
+
+@pytest.mark.parametrize("environ, platform, expected", [
+    ({"JAX_PLATFORMS": "cpu"}, "linux", True),
+    ({"JAX_PLATFORMS": "cpu", "GAL_JAX_MALLOC_ONE_ARENA": "0"}, "linux", False),  # the user's opt-out
+    ({"JAX_PLATFORMS": "cpu", "MALLOC_ARENA_MAX": "4"}, "linux", False),  # the user's own setting
+    ({"JAX_PLATFORMS": "cuda"}, "linux", False),  # data-loading threads would share one arena
+    ({"JAX_PLATFORMS": "cpu"}, "darwin", False),  # not glibc
+])
+def test_one_arena_only_where_it_helps(environ, platform, expected):
+    assert host_malloc.wanted(environ, platform) is expected
+
+
+ARENAS = textwrap.dedent("""
+    import ctypes, re, sys, tempfile
+    from gal_jax import host_malloc
+    print("applied", host_malloc.use_one_arena())
+    import jax, jax.numpy as jnp
+    x, w = jnp.ones((32, 64, 64, 16)), jnp.ones((3, 3, 16, 16))
+    conv = jax.jit(lambda x: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                          dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    for _ in range(3):
+        conv(x).block_until_ready()
+    libc = ctypes.CDLL("libc.so.6")
+    libc.fopen.restype = ctypes.c_void_p
+    path = tempfile.mktemp()
+    stream = ctypes.c_void_p(libc.fopen(path.encode(), b"w"))
+    libc.malloc_info(0, stream)
+    libc.fclose(stream)
+    print("arenas", len(re.findall('<heap nr=', open(path).read())))
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_info")
+def test_xla_cpu_threads_share_the_main_arena_and_the_opt_out_restores_glibcs_default():
+    def arenas(**env):
+        environ = {**os.environ, "JAX_PLATFORMS": "cpu", **env}
+        environ.pop("MALLOC_ARENA_MAX", None)
+        result = subprocess.run([sys.executable, "-c", ARENAS], capture_output=True, text=True, env=environ,
+                                cwd=ROOT, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        applied, count = re.search(r"applied (\w+)\narenas (\d+)", result.stdout).groups()
+        return applied, int(count)
+
+    assert arenas() == ("True", 1)
+    applied, count = arenas(GAL_JAX_MALLOC_ONE_ARENA="0")
+    assert applied == "False" and count > 1  # XLA's worker threads took arenas of their own
+
+
+def test_the_cli_and_the_test_processes_set_it_up_before_jax():
+    assert host_malloc.use_one_arena()  # conftest did, so this is the first call's answer
+    script = "import sys; from gal_jax import main; sys.argv = ['gal-jax', 'nonsense']; main.run()"
+    probe = ("import sys, runpy; from gal_jax import host_malloc; "
+             "orig = host_malloc.use_one_arena; "
+             "host_malloc.use_one_arena = lambda: print('jax imported first:', 'jax' in sys.modules) or orig(); "
+             + script)
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert "jax imported first: False" in result.stdout, (result.stdout, result.stderr[-2000:])
