@@ -77,7 +77,7 @@ def test_xla_cpu_threads_share_the_main_arena_and_the_opt_out_restores_glibcs_de
 
 
 def test_the_cli_and_the_test_processes_set_it_up_before_jax():
-    assert host_malloc.use_one_arena()  # conftest did, so this is the first call's answer
+    assert host_malloc.use_one_arena() is host_malloc.wanted()  # conftest called it first
     script = "import sys; from gal_jax import main; sys.argv = ['gal-jax', 'nonsense']; main.run()"
     probe = ("import sys, runpy; from gal_jax import host_malloc; "
              "orig = host_malloc.use_one_arena; "
