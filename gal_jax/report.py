@@ -24,12 +24,9 @@ import hashlib
 import io
 import math
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
-import matplotlib
 import numpy as np
-from matplotlib.figure import Figure
-from matplotlib.patches import Patch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from gal_jax import io_utils
@@ -40,6 +37,9 @@ from gal_jax.report_html import (
     rank_order, relative_url, render_html, url_inside,
 )
 from gal_jax.workdir import LORA_WEIGHTS, TOKEN_EMBEDDINGS, Workdir
+
+if TYPE_CHECKING:  # matplotlib takes about a second to import: only the report's plots need it
+    from matplotlib.figure import Figure
 
 THUMB = 128  # pixels per image in contact sheets
 NEUTRAL_RGB = (205, 205, 205)
@@ -120,6 +120,9 @@ def entropy_figure(round_index: int, directions: Sequence[Direction],
                    selected_prompts: set[str]) -> Figure:
     """Returns a horizontal bar chart of H per direction, top to bottom as given, the selected
     ones green (the report gives them by rank)."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
     entropies = np.nan_to_num([_number(d.entropy) for d in directions])
     figure = Figure(figsize=(8, 1.3 + 0.3 * len(directions)), layout="constrained")
     axes = figure.add_subplot()
@@ -153,6 +156,8 @@ def progress_figure(summaries: Sequence[dict], evaluations: Sequence[dict] | Non
     panels = [("openness O = λ · mean H", "openness"), ("references trained on", "references"),
               ("mean overfit rate of scored directions", "mean_overfit_rate")]
     count = len(panels) + bool(evaluations)
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(3.6 * count, 3.0), layout="constrained")
     axes = figure.subplots(1, count, squeeze=False)[0]
     for ax, (title, key) in zip(axes, panels):
@@ -183,6 +188,8 @@ def loss_figure(records: Sequence[RoundRecord]) -> Figure | None:
     curves = [(record.round, record.train_loss) for record in records if record.train_loss]
     if not curves:
         return None
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(5.2, 2.8), layout="constrained")
     axes = figure.add_subplot()
     for round_index, curve in curves:
@@ -227,6 +234,8 @@ def _draw_caption(draw: ImageDraw.ImageDraw, info: ImageScore, chosen: bool, cor
 @functools.lru_cache(maxsize=None)
 def _font(size: int, bold: bool = False) -> ImageFont.FreeTypeFont:
     # DejaVu ships with matplotlib, so sheets and plots share one font on every machine.
+    import matplotlib
+
     name = "DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf"
     return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / name), size)
 
@@ -409,10 +418,10 @@ def _load_image(workdir: Path, path: str, size: int) -> Image.Image:
 def _write_png(workdir: Path, path: Path, figure: Figure | Image.Image) -> str:
     """Returns path's URL relative to workdir, after writing the figure or image there as PNG."""
     buffer = io.BytesIO()
-    if isinstance(figure, Figure):
-        figure.savefig(buffer, format="png", dpi=110)
-    else:
+    if isinstance(figure, Image.Image):
         figure.save(buffer, format="PNG")
+    else:  # a matplotlib Figure
+        figure.savefig(buffer, format="png", dpi=110)
     io_utils.atomic_write_bytes(path, buffer.getvalue())
     return relative_url(path, workdir)
 
