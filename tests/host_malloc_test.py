@@ -78,11 +78,15 @@ def test_xla_cpu_threads_share_the_main_arena_and_the_opt_out_restores_glibcs_de
 
 def test_the_cli_and_the_test_processes_set_it_up_before_jax():
     assert host_malloc.use_one_arena() is host_malloc.wanted()  # conftest called it first
-    script = "import sys; from gal_jax import main; sys.argv = ['gal-jax', 'nonsense']; main.run()"
-    probe = ("import sys, runpy; from gal_jax import host_malloc; "
-             "orig = host_malloc.use_one_arena; "
-             "host_malloc.use_one_arena = lambda: print('jax imported first:', 'jax' in sys.modules) or orig(); "
-             + script)
+    probe = textwrap.dedent("""
+        import sys
+        from gal_jax import host_malloc, main
+        first = host_malloc.use_one_arena
+        host_malloc.use_one_arena = lambda: print("jax imported first:", "jax" in sys.modules) or first()
+        sys.argv = ["gal-jax", "nonsense"]
+        main.run()
+    """)
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120,
                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 2, result.stderr[-2000:]  # the usage error, after the set-up
     assert "jax imported first: False" in result.stdout, (result.stdout, result.stderr[-2000:])
