@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -210,6 +211,8 @@ def run_comparison(out: Path | str, config, modes: Sequence[str] = ("none", "ran
     for mode in modes:
         mode_config = config.copy_and_resolve_references()
         mode_config.gal.feedback = mode
+        if mode != modes[0]:
+            share_round_one(out / modes[0], out / mode, personalize.method_name(mode_config))
         driver.run(mode_config, out / mode)
         figures = evaluate_run(out / mode, num_per_prompt=num_per_prompt, progress=progress,
                                rounds=None if base is not None else [0] + _finished_rounds(
@@ -225,6 +228,25 @@ def run_comparison(out: Path | str, config, modes: Sequence[str] = ("none", "ran
     io_utils.write_json(out / "figures.json", result)
     (out / "figures.md").write_text(result["table"] + "\n")
     return result
+
+
+def share_round_one(first: Path, target: Path, method: str) -> bool:
+    """Puts the trained round 1 of the run at `first` into the new workdir `target`, before its run
+    starts; returns whether it did. Round 1 trains on the references alone, the same for every
+    feedback mode of one config, so a comparison trains it once (the driver loads a round's result
+    folder where it finds one, as on resume; every mode's round 1 is still evaluated, and shows the
+    same figures). A workdir that exists already is left as it is (a resumed comparison)."""
+    from gal_jax import io_utils
+
+    source, dest = Workdir(first).round(1), Workdir(target).round(1)
+    if target.exists() or not source.result(method).is_dir() or not source.train_loss.is_file():
+        return False
+    dest.dir.mkdir(parents=True)
+    io_utils.atomic_write_bytes(dest.train_loss, source.train_loss.read_bytes())
+    staging = io_utils.temporary_dir_beside(dest.result(method))
+    shutil.copytree(source.result(method), staging, dirs_exist_ok=True)
+    io_utils.replace_dir(staging, dest.result(method))  # its presence marks the round as trained
+    return True
 
 
 def _finished_rounds(root: Path, method: str) -> list[int]:

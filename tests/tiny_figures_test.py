@@ -125,10 +125,12 @@ def test_table_lists_each_mode_and_round():
 
 
 @pytest.mark.parametrize("method", ["textual_inversion", "lora"])
-def test_comparison_evaluates_the_rounds_of_every_method(method, tiny_world_assets, tmp_path):
+def test_comparison_evaluates_the_rounds_of_every_method(method, tiny_world_assets, tmp_path, monkeypatch):
     """The figures read each round's result as its method left it (a new token: the round's own
-    tokenizer; LoRA: merged deltas), not only DreamBooth's UNet folder."""
+    tokenizer; LoRA: merged deltas), not only DreamBooth's UNet folder; round 1, the same for every
+    feedback mode, is trained once."""
     from configs import tiny_world as tiny_world_config
+    from gal_jax import trainer
 
     config = tiny_world_config.get_config(method)
     config.model.tiny_dir = str(tiny_world_assets["root"])
@@ -136,10 +138,23 @@ def test_comparison_evaluates_the_rounds_of_every_method(method, tiny_world_asse
     config.sample.steps, config.sample.num_per_prompt = 2, 2
     config.gal.rounds, config.eval.steps = 2, 2
     config.train.batch_size = 8  # over the 8 fake test devices
-    result = tiny_figures.run_comparison(tmp_path, config, ["uncertainty"], num_per_prompt=1, progress=False)
+    trained = []
+    train_round = trainer.Trainer.train_round
+    monkeypatch.setattr(trainer.Trainer, "train_round",
+                        lambda self, *args, **kwargs: trained.append(kwargs.get("desc")) or train_round(self, *args, **kwargs))
+    result = tiny_figures.run_comparison(tmp_path, config, ["none", "uncertainty"], num_per_prompt=1, progress=False)
     rounds = [r["round"] for r in result["runs"]["uncertainty"]]
     assert rounds and rounds[0] == 1 and [r["round"] for r in result["base"]] == [0]
     assert result["table"].count("| uncertainty |") == len(rounds)
     # The personalized model is not the base one: its pictures, and so its scores, differ.
     first = result["runs"]["uncertainty"][0]
     assert (first["txt_aln"], first["img_aln"]) != (result["base"][0]["txt_aln"], result["base"][0]["img_aln"])
+    # Round 1 came from the `none` run: not trained again, the same files, the same figures.
+    assert trained == ["round 1 train"] + [f"round {r} train" for r in rounds[1:]]
+    result_dir = "personalization"
+    for shared in (tmp_path / "none" / "rounds" / "1" / result_dir).rglob("*"):
+        if shared.is_file():
+            copy = tmp_path / "uncertainty" / "rounds" / "1" / result_dir / shared.relative_to(
+                tmp_path / "none" / "rounds" / "1" / result_dir)
+            assert copy.read_bytes() == shared.read_bytes()
+    assert result["runs"]["none"][0] == first
