@@ -152,12 +152,12 @@ def entropy_figure(round_index: int, directions: Sequence[Direction],
 
 def progress_figure(summaries: Sequence[dict], evaluations: Sequence[dict] | None = None) -> Figure:
     """Returns line plots across rounds: openness, references, mean overfit rate, eval metrics."""
+    from matplotlib.figure import Figure
+
     rounds = [s["round"] for s in summaries]
     panels = [("openness O = λ · mean H", "openness"), ("references trained on", "references"),
               ("mean overfit rate of scored directions", "mean_overfit_rate")]
     count = len(panels) + bool(evaluations)
-    from matplotlib.figure import Figure
-
     figure = Figure(figsize=(3.6 * count, 3.0), layout="constrained")
     axes = figure.subplots(1, count, squeeze=False)[0]
     for ax, (title, key) in zip(axes, panels):

@@ -296,12 +296,9 @@ def test_pngs_written_on_threads_are_whole_and_a_failure_is_raised(tmp_path):
         io_utils.write_pngs(paths, images[:3])
 
 
-def test_a_fresh_process_caches_executables_beside_an_earlier_versions_cache(tmp_path):
-    """Earlier versions kept an unlimited cache in GAL_JAX_CACHE/xla, whose entries have no
-    access-time files: a size-limited cache in that folder fails every write."""
-    old = tmp_path / "xla"
-    old.mkdir()
-    (old / "jit_f-0123-cache").write_bytes(b"an entry of an earlier version")
+def _compile_with_the_cache_in_a_fresh_process(cache_root: Path) -> subprocess.CompletedProcess:
+    """Compiles one function in a new process whose persistent cache lives under `cache_root`
+    (GAL_JAX_CACHE), warnings raised as errors; returns the finished process."""
     script = textwrap.dedent("""
         import warnings
         warnings.simplefilter("error")
@@ -310,9 +307,18 @@ def test_a_fresh_process_caches_executables_beside_an_earlier_versions_cache(tmp
         io_utils.enable_compilation_cache()
         jax.jit(lambda x: jnp.sin(x) * 3)(jnp.ones(7)).block_until_ready()
     """)
-    env = {**os.environ, "GAL_JAX_CACHE": str(tmp_path), "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120,
-                            cwd=Path(__file__).parents[1])
+    env = {**os.environ, "GAL_JAX_CACHE": str(cache_root), "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120,
+                          cwd=Path(__file__).parents[1])
+
+
+def test_a_fresh_process_caches_executables_beside_an_earlier_versions_cache(tmp_path):
+    """Earlier versions kept an unlimited cache in GAL_JAX_CACHE/xla, whose entries have no
+    access-time files: a size-limited cache in that folder fails every write."""
+    old = tmp_path / "xla"
+    old.mkdir()
+    (old / "jit_f-0123-cache").write_bytes(b"an entry of an earlier version")
+    result = _compile_with_the_cache_in_a_fresh_process(tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     entries = sorted(p.name for p in (tmp_path / "xla-lru").iterdir())
     assert any(name.endswith("-cache") for name in entries) and any(name.endswith("-atime") for name in entries)
@@ -327,17 +333,7 @@ def test_a_kill_while_jax_writes_a_cache_entry_does_not_stop_later_processes_cac
     (cache / "jit_g-4567-cache").write_bytes(b"a kept entry")
     (cache / "jit_g-4567-atime").write_bytes((1).to_bytes(8, "little"))
     (cache / "jit_h-89ab-atime").write_bytes((2).to_bytes(8, "little"))  # its entry already evicted
-    script = textwrap.dedent("""
-        import warnings
-        warnings.simplefilter("error")
-        import jax, jax.numpy as jnp
-        from gal_jax import io_utils
-        io_utils.enable_compilation_cache()
-        jax.jit(lambda x: jnp.cos(x) * 5)(jnp.ones(9)).block_until_ready()
-    """)
-    env = {**os.environ, "GAL_JAX_CACHE": str(tmp_path), "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120,
-                            cwd=Path(__file__).parents[1])
+    result = _compile_with_the_cache_in_a_fresh_process(tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Error writing persistent compilation cache" not in result.stderr, result.stderr[-2000:]
     assert "Removed 2 half-written compilation cache entries" in result.stderr
