@@ -77,10 +77,18 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.gal.rounds={gal.rounds} and config.gal.k={gal.k} must be >= 1")
     if gal.openness_lambda < 0:
         raise ValueError(f"config.gal.openness_lambda={gal.openness_lambda} must be >= 0")
-    personalize.stages_from_config(config)  # the method, its stages and their trainable regexes
+    # The method, its stages' trainable regexes, and every stage's train settings.
+    trainer.check_stages(personalize.stages_from_config(config),
+                         adds_token=personalize.method_name(config) in personalize.NEW_TOKEN_METHODS)
     personalize.lora_from_config(config)
+    _check_sampling(config.sample, "sample")
     if config.sample.num_per_prompt < 1:
         raise ValueError(f"config.sample.num_per_prompt={config.sample.num_per_prompt} must be >= 1")
+    if config.sample.max_images_per_device < 0:
+        raise ValueError(f"config.sample.max_images_per_device={config.sample.max_images_per_device} "
+                         "must be >= 1, or 0 (auto)")
+    if config.gal.score_batch < 1:
+        raise ValueError(f"config.gal.score_batch={config.gal.score_batch} must be >= 1")
     for field, value in (("train.save_dtype", config.train.save_dtype), ("export.dtype", config.export.dtype)):
         if value not in export.DTYPES:
             raise ValueError(f"config.{field}={value!r}; expected one of {tuple(export.DTYPES)}")
@@ -176,11 +184,20 @@ def _check_query_and_eval_options(config) -> None:
     if identity_check(config) not in IDENTITY_CHECKS:
         raise ValueError(f"config.gal.identity_check={identity_check(config)!r}; expected one of {IDENTITY_CHECKS}")
     if config.eval.enabled:
-        if config.eval.sampler not in schedulers.SAMPLERS:
-            raise ValueError(f"config.eval.sampler={config.eval.sampler!r}; expected one of {schedulers.SAMPLERS}")
-        if config.eval.num_per_prompt < 1 or config.eval.steps < 1:
-            raise ValueError(f"config.eval.num_per_prompt={config.eval.num_per_prompt} and "
-                             f"config.eval.steps={config.eval.steps} must be >= 1")
+        _check_sampling(config.eval, "eval")
+        if config.eval.num_per_prompt < 1:
+            raise ValueError(f"config.eval.num_per_prompt={config.eval.num_per_prompt} must be >= 1")
+
+
+def _check_sampling(settings, section: str) -> None:
+    """Raises ValueError naming config.<section>'s sampler, steps or guidance when it cannot work."""
+    if settings.sampler not in schedulers.SAMPLERS:
+        raise ValueError(f"config.{section}.sampler={settings.sampler!r}; expected one of {schedulers.SAMPLERS}")
+    if isinstance(settings.steps, bool) or not isinstance(settings.steps, int) or settings.steps < 1:
+        raise ValueError(f"config.{section}.steps={settings.steps!r} must be a positive integer")
+    if settings.guidance_scale < 1.0:
+        raise ValueError(f"config.{section}.guidance_scale={settings.guidance_scale} must be >= 1 "
+                         "(1 means no classifier-free guidance)")
 
 
 def _eval_concepts(config, paths: inputs.RunPaths) -> tuple:

@@ -12,7 +12,7 @@ import hashlib
 import itertools
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -191,9 +191,9 @@ class Trainer:
             sd, method = personalize.prepare(config, sd)
         self.config, self.sd, self.mesh, self.method = config, sd, mesh, method
         new_token_id = method.new_tokens.ids[0] if method.new_tokens else -1
+        check_stages(method.stages, adds_token=method.new_tokens is not None)
         self.stages = []
         for index, stage in enumerate(method.stages):
-            _check_train_config(stage.train, _stage_field(method, stage))
             self.stages.append(_TrainingStage(
                 index, stage, train.make_optimizer(stage.train),
                 train.StepConfig.from_config(stage.train, lora_scale=method.lora_scale, new_token_id=new_token_id)))
@@ -518,7 +518,22 @@ def _combined_metrics(stages: list[dict[str, Any]], compile_seconds: float) -> d
 
 def _stage_field(method: personalize.Method, stage: personalize.Stage) -> str:
     """Returns where a stage's settings come from: config.train, or config.train.stages.<name>."""
-    return "train" if len(method.stages) == 1 else f"train.stages.{stage.name}"
+    return _field_of(method.stages, stage)
+
+
+def _field_of(stages: Sequence[personalize.Stage], stage: personalize.Stage) -> str:
+    return "train" if len(stages) == 1 else f"train.stages.{stage.name}"
+
+
+def check_stages(stages: Sequence[personalize.Stage], adds_token: bool) -> None:
+    """Raises ValueError naming the first training setting of `stages` that cannot work (counts,
+    optimizer, loss settings), from the config alone: the driver calls it before a workdir is
+    written. `adds_token`: the method learns a new token (its id is known once the tokenizer grows;
+    any id stands in for it here)."""
+    for stage in stages:
+        _check_train_config(stage.train, _field_of(stages, stage))
+        train.make_optimizer(stage.train)
+        train.StepConfig.from_config(stage.train, new_token_id=0 if adds_token else -1)
 
 
 def _shapes_key(tree: Any) -> tuple:

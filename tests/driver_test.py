@@ -465,3 +465,38 @@ def test_identity_check_is_checked_in_the_config_and_needs_several_subjects(tiny
     config.gal.identity_check = "clip"
     with pytest.raises(ValueError, match="identity_check='clip' checks the subjects of a multi-subject concept"):
         concept_lib.load_concept(config, tiny_assets["object_concept"], None)
+
+
+def _shipped_configs():
+    import importlib.util
+
+    for path in sorted(Path(__file__).parent.parent.glob("configs/*.py")):
+        spec = importlib.util.spec_from_file_location(f"shipped_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        if hasattr(module, "get_config"):
+            yield path.name, module.get_config()
+            for variant in getattr(module, "METHODS", ()):
+                yield f"{path.name}:{variant}", module.get_config(variant)
+
+
+def test_every_shipped_config_passes_the_config_check():
+    """check_config now runs the trainer's checks of every stage: none of ours may trip them."""
+    names = []
+    for name, config in _shipped_configs():
+        driver.check_config(config)
+        names.append(name)
+    assert "tiny_world.py:attndreambooth" in names and "sd15_object.py" in names, names
+
+
+def test_a_stage_setting_is_checked_before_the_run_and_named_by_its_stage():
+    from configs import tiny_world
+
+    config = tiny_world.get_config("attndreambooth")
+    config.train.stages.s2_attention.batch_size = 0
+    with pytest.raises(ValueError, match=r"train.stages.s2_attention.batch_size must be a positive integer, got 0"):
+        driver.check_config(config)
+    config = tiny_world.get_config("attndreambooth")
+    config.train.stages.s3_unet.warmup_steps = 10**6
+    with pytest.raises(ValueError, match=r"train.warmup_steps=1000000 must lie in \[0, train.steps=200\]"):
+        driver.check_config(config)

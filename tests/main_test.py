@@ -110,6 +110,13 @@ def assert_one_line_error(result, command: str, code: int, *fragments: str):
     (["--config.train.steps=abc"], ["--config.train.steps=abc: invalid literal for int()"]),
     (["--config.gal.feedback=oracle"], ["config.gal.feedback='oracle'; expected one of"]),
     (["--config.train.save_dtype=int8"], ["config.train.save_dtype='int8'; expected one of"]),
+    # Values only the trainer, sampler or scorer used to reject, after the workdir was written.
+    (["--config.train.steps=-5"], ["train.steps must be a positive integer, got -5"]),
+    (["--config.train.max_grad_norm=-1.0"], ["train.max_grad_norm=-1.0 must be >= 0"]),
+    (["--config.train.warmup_steps=100000"], ["train.warmup_steps=100000 must lie in [0, train.steps="]),
+    (["--config.sample.steps=0"], ["config.sample.steps=0 must be a positive integer"]),
+    (["--config.sample.guidance_scale=0.5"], ["config.sample.guidance_scale=0.5 must be >= 1"]),
+    (["--config.gal.score_batch=0"], ["config.gal.score_batch=0 must be >= 1"]),
     (["--config.mesh.tensor=2"],
      ["mesh: mesh.data=-1 x mesh.fsdp=1 x mesh.tensor=2 does not cover the 1 available devices"]),
     (["--config.mesh.tensor=0"], ["mesh.tensor=0: a mesh axis size is a positive integer or -1"]),
