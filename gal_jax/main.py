@@ -140,6 +140,8 @@ def _cmd_sample(args):
     from gal_jax import outputs
 
     prompts = Path(_require(_PROMPTS, "prompts", "sample"))
+    if _NUM_PER_PROMPT.value is not None and _NUM_PER_PROMPT.value < 1:
+        raise UsageError(f"--num_per_prompt={_NUM_PER_PROMPT.value} must be >= 1")
     if _WORKDIR.value is not None:
         if _CONFIG.value is not None:
             raise UsageError("`gal-jax sample` takes --workdir (a run's model) or --config (a base model), not both")
@@ -184,7 +186,11 @@ def _cmd_bench(args):
 
     if len(args) < 3 or args[2] not in BENCH_TARGETS:
         raise UsageError(f"`gal-jax bench` takes one of {', '.join(BENCH_TARGETS)}")
-    bench.run(args[2], _config("bench"))
+    config = _config("bench")
+    if config.bench.iters < 1 or config.bench.warmup < 0:
+        raise UsageError(f"config.bench.iters={config.bench.iters} must be >= 1 and "
+                         f"config.bench.warmup={config.bench.warmup} >= 0")
+    bench.run(args[2], config)
 
 
 HANDLERS = {

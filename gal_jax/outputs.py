@@ -123,7 +123,7 @@ def _sample(config, sd, params, prompts, num_per_prompt, out: Path, concept=None
     """Samples `num_per_prompt` images of each prompt to `out`; with a multi-subject `concept`,
     `{id}` slots of the prompts name its subjects and config.sample.init_gamma > 0 starts every
     image from MuDI's collage of them."""
-    num = int(num_per_prompt or config.sample.num_per_prompt)
+    num = int(config.sample.num_per_prompt if num_per_prompt is None else num_per_prompt)
     if num < 1:
         raise ValueError(f"--num_per_prompt={num} must be >= 1")
     init = None

@@ -127,6 +127,19 @@ def test_bad_flags_and_config_fields_are_usage_errors(tmp_path, args, fragments)
     assert not (tmp_path / "config.json").exists(), "a usage error wrote to the workdir"
 
 
+def test_bad_counts_of_sample_and_bench_are_usage_errors(tmp_path):
+    """--num_per_prompt=0 used to fall back to the config's count and write images; bench.iters=0
+    failed after the benchmark ran, as 'no median for empty data'."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a teapot in park\n")
+    sampled = gal_jax("sample", "--config=configs/tiny_cpu.py", f"--prompts={prompts}", "--num_per_prompt=0",
+                      f"--out={tmp_path / 'out'}")
+    assert_one_line_error(sampled, "sample", 2, "--num_per_prompt=0 must be >= 1")
+    assert not (tmp_path / "out").exists()
+    benched = gal_jax("bench", "train", "--config=configs/tiny_cpu.py", "--config.bench.iters=0")
+    assert_one_line_error(benched, "bench", 2, "config.bench.iters=0 must be >= 1")
+
+
 def test_a_config_file_that_is_missing_or_does_not_import_is_named(tmp_path):
     missing = gal_jax("run", f"--config={tmp_path / 'nope.py'}", f"--workdir={tmp_path}")
     assert_one_line_error(missing, "run", 2, f"--config={tmp_path / 'nope.py'}: no such file")
