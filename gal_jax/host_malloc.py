@@ -17,6 +17,13 @@ round against 54 s). One arena alone sped the first round's training up and then
 rounds down (fragmentation), hence the fixed threshold. Generation, whose scan keeps its buffers,
 is unchanged. The price: the process keeps up to about 1 GB of freed memory for reuse.
 
+The gain is for executables loaded from the persistent compile cache. One that XLA compiles in the
+same process runs at about glibc's default speed (0.148 s a step against 0.144, fresh cache per
+run, 3 interleaved pairs): the compile leaves many freed blocks of distinct sizes over 768 KB in the
+one arena, and glibc walks that size-sorted bin on every large allocation under the arena's lock
+(perf: `_int_malloc` 11.6% of the samples, most on that walk). malloc_trim after the compile did
+not help in the one run tried (it hands back pages; the blocks stay in the bin).
+
 `use_one_arena()` must run before jax (or anything else) starts threads; the CLI and the tests'
 conftest call it first thing. It acts only where it helps: glibc on Linux, JAX on its CPU backend
 (JAX_PLATFORMS names cpu first, or no accelerator plugin is installed; an accelerator's host side
