@@ -52,12 +52,14 @@ def finished_round(workdir: Workdir, round_index: int | None, method: str = "dre
     chosen = finished[-1] if round_index is None else round_index
     if chosen not in finished:
         raise WorkdirError(f"{workdir.root}: round {chosen} has not finished (finished: {finished})")
-    result = workdir.round(chosen).result(method)
+    paths = workdir.round(chosen)
+    result = paths.result(method)
     if not result.is_dir():
-        raise WorkdirError(
-            f"{result}: missing (workdirs of gal_jax 0.1 keep the UNet in the round's "
-            "orbax checkpoint: rerun `gal-jax run` on the workdir to write it)"
-        )
+        if paths.checkpoints.is_dir():  # gal_jax 0.1 kept a finished round's UNet in its checkpoint
+            raise WorkdirError(f"{result}: missing (workdirs of gal_jax 0.1 keep the UNet in the round's "
+                               "orbax checkpoint: rerun `gal-jax run` on the workdir to write it)")
+        raise WorkdirError(f"{result}: missing, and round {chosen} finished (its record exists): the workdir is "
+                           "damaged (restore the folder, or run again in a new --workdir)")
     return chosen
 
 

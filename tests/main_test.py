@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -239,6 +240,17 @@ def test_sample_from_a_run_uses_its_model_and_its_config(finished_run, tmp_path)
 ])
 def test_export_of_a_round_that_did_not_finish_is_named(finished_run, args, fragments):
     assert_one_line_error(gal_jax("export", f"--workdir={finished_run}", *args), "export", 1, *fragments)
+
+
+def test_export_of_a_finished_round_whose_model_folder_was_deleted_says_the_workdir_is_damaged(finished_run, tmp_path):
+    """It used to advise rerunning `gal-jax run`, which answers 'complete, nothing to do'."""
+    damaged = tmp_path / "run"
+    shutil.copytree(finished_run, damaged)
+    shutil.rmtree(damaged / "rounds" / "1" / "unet")
+    result = gal_jax("export", f"--workdir={damaged}", f"--out={tmp_path / 'x'}")
+    assert_one_line_error(result, "export", 1, f"{damaged / 'rounds' / '1' / 'unet'}: missing, and round 1 finished",
+                          "the workdir is damaged")
+    assert not (tmp_path / "x").exists()
 
 
 def test_export_from_a_folder_that_is_no_workdir_is_named(tmp_path):
