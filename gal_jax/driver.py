@@ -81,7 +81,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     trainer.check_stages(personalize.stages_from_config(config),
                          adds_token=personalize.method_name(config) in personalize.NEW_TOKEN_METHODS)
     personalize.lora_from_config(config)
-    _check_sampling(config.sample, "sample")
+    check_sampling(config.sample, "sample")
     if config.sample.num_per_prompt < 1:
         raise ValueError(f"config.sample.num_per_prompt={config.sample.num_per_prompt} must be >= 1")
     if config.sample.max_images_per_device < 0:
@@ -184,12 +184,12 @@ def _check_query_and_eval_options(config) -> None:
     if identity_check(config) not in IDENTITY_CHECKS:
         raise ValueError(f"config.gal.identity_check={identity_check(config)!r}; expected one of {IDENTITY_CHECKS}")
     if config.eval.enabled:
-        _check_sampling(config.eval, "eval")
+        check_sampling(config.eval, "eval")
         if config.eval.num_per_prompt < 1:
             raise ValueError(f"config.eval.num_per_prompt={config.eval.num_per_prompt} must be >= 1")
 
 
-def _check_sampling(settings, section: str) -> None:
+def check_sampling(settings, section: str) -> None:
     """Raises ValueError naming config.<section>'s sampler, steps or guidance when it cannot work."""
     if settings.sampler not in schedulers.SAMPLERS:
         raise ValueError(f"config.{section}.sampler={settings.sampler!r}; expected one of {schedulers.SAMPLERS}")

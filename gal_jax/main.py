@@ -147,7 +147,14 @@ def _cmd_sample(args):
             raise UsageError("`gal-jax sample` takes --workdir (a run's model) or --config (a base model), not both")
         out = outputs.sample_from_run(_WORKDIR.value, _ROUND.value, prompts, _NUM_PER_PROMPT.value, _OUT.value)
     else:
-        out = outputs.sample_base(_config("sample"), prompts, _require(_NUM_PER_PROMPT, "num_per_prompt", "sample"),
+        from gal_jax import driver
+
+        config = _config("sample")
+        try:
+            driver.check_sampling(config.sample, "sample")
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        out = outputs.sample_base(config, prompts, _require(_NUM_PER_PROMPT, "num_per_prompt", "sample"),
                                   _require(_OUT, "out", "sample"))
     print(f"Images and index.json: {out}")
 

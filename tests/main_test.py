@@ -137,6 +137,10 @@ def test_bad_counts_of_sample_and_bench_are_usage_errors(tmp_path):
                       f"--out={tmp_path / 'out'}")
     assert_one_line_error(sampled, "sample", 2, "--num_per_prompt=0 must be >= 1")
     assert not (tmp_path / "out").exists()
+    sampled = gal_jax("sample", "--config=configs/tiny_cpu.py", f"--prompts={prompts}", "--num_per_prompt=1",
+                      "--config.sample.guidance_scale=0.5", f"--out={tmp_path / 'out'}")
+    assert_one_line_error(sampled, "sample", 2, "config.sample.guidance_scale=0.5 must be >= 1")
+    assert not (tmp_path / "out").exists()
     benched = gal_jax("bench", "train", "--config=configs/tiny_cpu.py", "--config.bench.iters=0")
     assert_one_line_error(benched, "bench", 2, "config.bench.iters=0 must be >= 1")
 
