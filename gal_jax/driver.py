@@ -84,9 +84,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     check_sampling(config.sample, "sample")
     if config.sample.num_per_prompt < 1:
         raise ValueError(f"config.sample.num_per_prompt={config.sample.num_per_prompt} must be >= 1")
-    if config.sample.max_images_per_device < 0:
-        raise ValueError(f"config.sample.max_images_per_device={config.sample.max_images_per_device} "
-                         "must be >= 1, or 0 (auto)")
+    sample.check_chunk_bound(config.sample.max_images_per_device, "config.sample.")
     if config.gal.score_batch < 1:
         raise ValueError(f"config.gal.score_batch={config.gal.score_batch} must be >= 1")
     for field, value in (("train.save_dtype", config.train.save_dtype), ("export.dtype", config.export.dtype)):
@@ -195,9 +193,7 @@ def check_sampling(settings, section: str) -> None:
         raise ValueError(f"config.{section}.sampler={settings.sampler!r}; expected one of {schedulers.SAMPLERS}")
     if isinstance(settings.steps, bool) or not isinstance(settings.steps, int) or settings.steps < 1:
         raise ValueError(f"config.{section}.steps={settings.steps!r} must be a positive integer")
-    if settings.guidance_scale < 1.0:
-        raise ValueError(f"config.{section}.guidance_scale={settings.guidance_scale} must be >= 1 "
-                         "(1 means no classifier-free guidance)")
+    sample.check_guidance(settings.guidance_scale, f"config.{section}.")
 
 
 def _eval_concepts(config, paths: inputs.RunPaths) -> tuple:

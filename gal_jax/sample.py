@@ -140,6 +140,18 @@ def generate_images(sd, sampler, guidance_scale, unet_params, vae_params, contex
 # ---------------------------------------------------------------------------------------------
 
 
+def check_guidance(guidance_scale: float, where: str = "") -> None:
+    """Raises ValueError unless the guidance scale works; `where` prefixes its name (e.g. 'config.sample.')."""
+    if guidance_scale < 1.0:
+        raise ValueError(f"{where}guidance_scale={guidance_scale} must be >= 1 (1 means no classifier-free guidance)")
+
+
+def check_chunk_bound(max_images_per_device: int, where: str = "") -> None:
+    """Raises ValueError unless the chunk bound works (>= 1, or AUTO); `where` prefixes its name."""
+    if max_images_per_device < 0:
+        raise ValueError(f"{where}max_images_per_device={max_images_per_device} must be >= 1, or 0 (auto)")
+
+
 class Generator:
     """Generates grids of (prompt, seed) images on a mesh; compiled functions are built once per run.
 
@@ -151,12 +163,8 @@ class Generator:
 
     def __init__(self, sd: StableDiffusion, mesh: Mesh, *, sampler: str = "ddpm", steps: int = 50,
                  guidance_scale: float = 7.5, max_images_per_device: int = 8):
-        if guidance_scale < 1.0:
-            raise ValueError(
-                f"guidance_scale={guidance_scale} must be >= 1 (1 means no classifier-free guidance)"
-            )
-        if max_images_per_device < 0:
-            raise ValueError(f"max_images_per_device={max_images_per_device} must be >= 1, or 0 (auto)")
+        check_guidance(guidance_scale)
+        check_chunk_bound(max_images_per_device)
         self.sd = sd
         self.mesh = mesh
         self.sampler = schedulers.make_sampler(sampler, sd.scheduler_config, steps)

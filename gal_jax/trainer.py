@@ -191,9 +191,9 @@ class Trainer:
             sd, method = personalize.prepare(config, sd)
         self.config, self.sd, self.mesh, self.method = config, sd, mesh, method
         new_token_id = method.new_tokens.ids[0] if method.new_tokens else -1
-        check_stages(method.stages, adds_token=method.new_tokens is not None)
         self.stages = []
         for index, stage in enumerate(method.stages):
+            _check_train_config(stage.train, _stage_field(method.stages, stage))
             self.stages.append(_TrainingStage(
                 index, stage, train.make_optimizer(stage.train),
                 train.StepConfig.from_config(stage.train, lora_scale=method.lora_scale, new_token_id=new_token_id)))
@@ -292,7 +292,7 @@ class Trainer:
                 examples,
                 train_config.grad_accum_steps,
                 self.mesh,
-                source=f"({_stage_field(self.method, stage.stage)}.batch_size="
+                source=f"({_stage_field(self.method.stages, stage.stage)}.batch_size="
                 f"{train_config.batch_size}, {halves} per instance)",
             )
 
@@ -400,7 +400,7 @@ class Trainer:
         if total != stage.train.steps:
             raise checkpoint.CheckpointError(
                 f"{ckpt.directory}: checkpoint {restored.step} belongs to a run of {total} steps, "
-                f"this one has {_stage_field(self.method, stage.stage)}.steps={stage.train.steps}; "
+                f"this one has {_stage_field(self.method.stages, stage.stage)}.steps={stage.train.steps}; "
                 "use another checkpoint folder"
             )
         logging.info("Resuming training from %s at step %d.", ckpt.directory, restored.step)
@@ -516,22 +516,18 @@ def _combined_metrics(stages: list[dict[str, Any]], compile_seconds: float) -> d
     return combined
 
 
-def _stage_field(method: personalize.Method, stage: personalize.Stage) -> str:
+def _stage_field(stages: Sequence[personalize.Stage], stage: personalize.Stage) -> str:
     """Returns where a stage's settings come from: config.train, or config.train.stages.<name>."""
-    return _field_of(method.stages, stage)
-
-
-def _field_of(stages: Sequence[personalize.Stage], stage: personalize.Stage) -> str:
     return "train" if len(stages) == 1 else f"train.stages.{stage.name}"
 
 
 def check_stages(stages: Sequence[personalize.Stage], adds_token: bool) -> None:
     """Raises ValueError naming the first training setting of `stages` that cannot work (counts,
     optimizer, loss settings), from the config alone: the driver calls it before a workdir is
-    written. `adds_token`: the method learns a new token (its id is known once the tokenizer grows;
+    written (the Trainer meets the same errors as it builds each stage's optimizer and step). `adds_token`: the method learns a new token (its id is known once the tokenizer grows;
     any id stands in for it here)."""
     for stage in stages:
-        _check_train_config(stage.train, _field_of(stages, stage))
+        _check_train_config(stage.train, _stage_field(stages, stage))
         train.make_optimizer(stage.train)
         train.StepConfig.from_config(stage.train, new_token_id=0 if adds_token else -1)
 
