@@ -68,6 +68,16 @@ def get_config() -> ml_collections.ConfigDict:
     # gal_jax.sharding.DEFAULT_LOGICAL_RULES ("heads" and "mlp" over 'tensor' first, then every
     # axis over 'fsdp'; a mesh axis of size 1 shards nothing). Logical axes: gal_jax/nn/layers.py.
     config.mesh.rules = None
+    # CPU only: split the host's CPU into this many JAX devices (gal_jax/cpu_devices.py): XLA:CPU
+    # runs each convolution on one core, and devices run in parallel, so generation and scoring
+    # (batch split over the mesh) then use every core. 0 keeps XLA's one CPU device, -1 makes one
+    # per usable core. Ignored on accelerators and where XLA_FLAGS already sets
+    # --xla_force_host_platform_device_count. Each device holds a copy of replicated weights.
+    config.mesh.cpu_devices = 0
+    # Train on the first N devices only, as (data, fsdp, tensor) with mesh.fsdp and mesh.tensor as
+    # above (0: the whole mesh); generation and scoring keep the whole mesh. For a train batch too
+    # small to gain from splitting (the tiny world's 4 rows on CPU devices). One process only.
+    config.mesh.train_devices = 0
 
     # Training, from the base weights every round.
     config.train = ml_collections.ConfigDict()

@@ -756,6 +756,8 @@ def _run_one(target: str, config, mesh) -> dict:
     if target == "memory":
         return bench_memory(config, mesh)
     model, params = build_models(config, target)
+    if target == "train":  # on the devices a run trains on (config.mesh.train_devices)
+        mesh = sharding.train_mesh_from_config(config.mesh, mesh)
     return BENCHMARKS[target](config, model, params, mesh)
 
 

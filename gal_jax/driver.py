@@ -25,9 +25,8 @@ from jax.sharding import Mesh
 import numpy as np
 
 from gal_jax import (
-    acquisition, data, eval_results, evaluate, export, faults, inputs, io_utils, models, multi_subject, personalize,
-    report,
-    review, sample, schedulers, score, sharding, trainer,
+    acquisition, cpu_devices, data, eval_results, evaluate, export, faults, inputs, io_utils, models, multi_subject,
+    personalize, report, review, sample, schedulers, score, sharding, trainer,
 )
 from gal_jax.concept import Concept, identity_check, load_concept
 from gal_jax import workdir as workdir_lib
@@ -91,7 +90,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         if value not in export.DTYPES:
             raise ValueError(f"config.{field}={value!r}; expected one of {tuple(export.DTYPES)}")
     _check_query_and_eval_options(config)
-    sharding.mesh_from_config(config.mesh)  # sizes that do not cover the devices
+    cpu_devices.check_count(config.mesh.get("cpu_devices", 0))
+    mesh = sharding.mesh_from_config(config.mesh)  # sizes that do not cover the devices
+    sharding.train_mesh_from_config(config.mesh, mesh)
     sharding.logical_rules(config.mesh.rules)
 
 
@@ -165,7 +166,7 @@ def build_runtime(config, workdir: Workdir, paths: inputs.RunPaths, concept: Con
         sd=sd,
         sd_params=sd_params,
         method=method,
-        trainer=trainer.Trainer(config, sd, mesh, method),
+        trainer=trainer.Trainer(config, sd, sharding.train_mesh_from_config(config.mesh, mesh), method),
         generator=sample.Generator.from_config(config, sd, mesh),
         scorer=score.Scorer(clip, clip_params, mesh, batch_size=config.gal.score_batch),
         eval_concepts=eval_concepts,

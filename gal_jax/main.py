@@ -82,8 +82,16 @@ def _require(flag, name: str, command: str):
 
 
 def _config(command: str):
+    """Returns --config's config; on a CPU host, splits the CPU into config.mesh.cpu_devices JAX
+    devices first (gal_jax/cpu_devices.py: before the backend starts)."""
     if _CONFIG.value is None:
         raise UsageError(f"`gal-jax {command}` needs --config=configs/<experiment>.py")
+    from gal_jax import cpu_devices
+
+    try:
+        cpu_devices.split_host_cpu(_CONFIG.value.mesh.get("cpu_devices", 0))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     return _CONFIG.value
 
 

@@ -96,6 +96,32 @@ def mesh_from_config(mesh_config: Any) -> Mesh:
     return make_mesh(mesh_config.data, mesh_config.fsdp, mesh_config.get("tensor", 1))
 
 
+def train_mesh_from_config(mesh_config: Any, mesh: Mesh) -> Mesh:
+    """Returns the mesh training runs on: `mesh` itself, or with mesh.train_devices = N > 0 the
+    first N of its devices as (data, fsdp, tensor) with config.mesh's fsdp and tensor sizes.
+
+    Raises ValueError naming mesh.train_devices when N is not a count of `mesh`'s devices that
+    fsdp x tensor divides, or when the run spans several processes (each would train alone).
+    """
+    count = mesh_config.get("train_devices", 0)
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
+        raise ValueError(f"mesh.train_devices={count!r}: expected 0 (the whole mesh) or a number of devices")
+    if count in (0, mesh.devices.size):
+        return mesh
+    if count > mesh.devices.size:
+        size = mesh.devices.size
+        raise ValueError(f"mesh.train_devices={count}: the mesh has only {size} device{'s' if size > 1 else ''}")
+    if jax.process_count() > 1:
+        raise ValueError(f"mesh.train_devices={count}: training on part of the mesh needs a single process "
+                         f"(this run has {jax.process_count()}); use 0")
+    fsdp, tensor = mesh_config.fsdp, mesh_config.get("tensor", 1)
+    data = 1 if -1 in (fsdp, tensor) else -1  # one axis takes the devices left
+    fixed = abs(fsdp * tensor)
+    if count % fixed:
+        raise ValueError(f"mesh.train_devices={count} is not a multiple of mesh.fsdp x mesh.tensor = {fixed}")
+    return make_mesh(data, fsdp, tensor, devices=list(mesh.devices.flat)[:count])
+
+
 def num_batch_shards(mesh: Mesh) -> int:
     """Returns the number of shards a global batch is split into."""
     return mesh.shape["data"] * mesh.shape["fsdp"]

@@ -313,9 +313,16 @@ def config_changes(previous: dict, current: dict) -> list[str]:
 
     defaults = json.loads(common.get_config().to_json_best_effort(sort_keys=True))
     changes = _diff_keys(_renamed_fields(previous), current, defaults)
-    # Fields that cannot change what the run computes: benchmarks, and evaluation while it is off.
+    # Fields that cannot change what the run computes: benchmarks, evaluation while it is off, and
+    # how the host's devices are laid out (as mesh.data=-1 runs on however many devices there are).
     eval_off = not (previous.get("eval") or {}).get("enabled") and not (current.get("eval") or {}).get("enabled")
-    return [c for c in changes if not c.startswith("bench.") and not (eval_off and c.startswith("eval."))]
+    return [c for c in changes if not c.startswith(("bench.", *LAYOUT_FIELDS))
+            and not (eval_off and c.startswith("eval."))]
+
+
+# Config fields that say where the work runs and in what pieces, not what it computes (each
+# generated image's noise is its own, whatever chunk it is drawn in).
+LAYOUT_FIELDS = ("mesh.cpu_devices ", "mesh.train_devices ", "sample.max_images_per_device ")
 
 
 # Fields of config.train renamed since workdirs were first written: old name -> path under it.

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from configs import tiny_cpu
-from gal_jax import acquisition, driver, io_utils
+from gal_jax import acquisition, driver, io_utils, sample
+from gal_jax import trainer as trainer_lib
 
 
 def small_config(tiny_assets, **overrides):
@@ -226,6 +227,30 @@ def test_none_feedback_is_one_round_of_plain_dreambooth(tiny_assets, tmp_path):
     assert len(records) == 1
     assert records[0]["directions"] == [] and records[0]["selected"] == []
     assert not (tmp_path / "rounds" / "1" / "generated.json").exists()
+
+
+def test_training_on_part_of_the_mesh_trains_the_same_model_and_generates_on_all_of_it(tiny_assets, tmp_path,
+                                                                                        monkeypatch):
+    """config.mesh.train_devices: the trainer gets the first devices, generation and scoring the
+    whole mesh; the trained model is the one the whole mesh trains (up to the gradient's summation
+    order)."""
+    meshes = {}
+    for name, cls in (("trainer", trainer_lib.Trainer), ("generator", sample.Generator)):
+        init = cls.__init__
+
+        def spy(self, *args, _init=init, _name=name, **kwargs):
+            _init(self, *args, **kwargs)
+            meshes[_name] = self.mesh
+
+        monkeypatch.setattr(cls, "__init__", spy)
+    losses = {}
+    for devices in (2, 0):
+        config = small_config(tiny_assets, gal__feedback="none", mesh__train_devices=devices)
+        driver.run(config, tmp_path / str(devices))
+        losses[devices] = [point["loss"] for point in read_records(tmp_path / str(devices))[0]["train_loss"]]
+        assert meshes["generator"].devices.size == 8
+        assert meshes["trainer"].devices.size == (devices or 8)
+    assert losses[2] and losses[2] == pytest.approx(losses[0], rel=1e-4)
 
 
 def test_human_feedback_waits_for_selections_then_resumes(tiny_assets, tmp_path):

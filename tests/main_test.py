@@ -121,6 +121,8 @@ def assert_one_line_error(result, command: str, code: int, *fragments: str):
     (["--config.mesh.tensor=2"],
      ["mesh: mesh.data=-1 x mesh.fsdp=1 x mesh.tensor=2 does not cover the 1 available devices"]),
     (["--config.mesh.tensor=0"], ["mesh.tensor=0: a mesh axis size is a positive integer or -1"]),
+    (["--config.mesh.cpu_devices=-3"], ["config.mesh.cpu_devices=-3: expected 0 (one CPU device), -1"]),
+    (["--config.mesh.train_devices=2"], ["mesh.train_devices=2: the mesh has only 1 device"]),
 ])
 def test_bad_flags_and_config_fields_are_usage_errors(tmp_path, args, fragments):
     result = gal_jax("run", "--config=configs/tiny_cpu.py", f"--workdir={tmp_path}", *args)

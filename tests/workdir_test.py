@@ -376,3 +376,18 @@ def test_a_workdir_saved_with_renamed_config_fields_resumes_and_real_changes_are
     assert workdir_lib.config_changes(saved, current) == [
         "train.stages.s2_attention.loss_terms.attention_map.var (4.0 -> 5.0)"]
     assert common.get_config().train.loss_terms.attention_map.mean == 0.0
+
+
+def test_where_the_work_runs_is_no_config_change_but_what_it_computes_is():
+    from configs import tiny_world
+
+    current = json.loads(tiny_world.get_config().to_json_best_effort(sort_keys=True))
+    saved = json.loads(json.dumps(current))
+    # As a tiny-world workdir started before the CPU split: one device, the old chunk bound.
+    del saved["mesh"]["cpu_devices"], saved["mesh"]["train_devices"]
+    saved["sample"]["max_images_per_device"] = 48
+    assert workdir_lib.config_changes(saved, current) == []
+    saved["mesh"].update(cpu_devices=4, train_devices=2)
+    assert workdir_lib.config_changes(saved, current) == []
+    saved["mesh"]["fsdp"] = 2
+    assert workdir_lib.config_changes(saved, current) == ["mesh.fsdp (2 -> 1)"]
