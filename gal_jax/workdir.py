@@ -320,9 +320,11 @@ def config_changes(previous: dict, current: dict) -> list[str]:
             and not (eval_off and c.startswith("eval."))]
 
 
-# Config fields that say where the work runs and in what pieces, not what it computes (each
-# generated image's noise is its own, whatever chunk it is drawn in).
-LAYOUT_FIELDS = ("mesh.cpu_devices ", "mesh.train_devices ", "sample.max_images_per_device ")
+# Config fields that say where the work runs, in what pieces and how often it is saved, not what
+# it computes (each generated image's noise is its own, whatever chunk it is drawn in; a resumed
+# round trains to the same params from any checkpoint).
+LAYOUT_FIELDS = ("mesh.cpu_devices ", "mesh.train_devices ", "sample.max_images_per_device ",
+                 "train.checkpoint_every ")
 
 
 # Fields of config.train renamed since workdirs were first written: old name -> path under it.
