@@ -13,7 +13,9 @@ the paper's DDPM sampler, 25 steps at guidance 5 (the model's pictures fall apar
 tiny_cpu uses; DDIM's pictures of a prompt barely change with the seed, and GAL's entropy needs
 them to); evaluation with DDIM, 25 steps, 4 pictures per test prompt; 4 rounds of uncertainty with
 the paper's balance (lambda 0.005: the new references weigh under 0.001;
-`--config.gal.balance=false` gives them weight 1).
+`--config.gal.balance=false` gives them weight 1). On a CPU it runs on one JAX device per core
+(`mesh.cpu_devices=-1`: generation and scoring split over them) and trains on one of them
+(`mesh.train_devices=1`); README's paragraph on `mesh.cpu_devices` has the figures.
 
 Variants train another personalization method on the same world (README "The tiny world" has
 their figures): `configs/tiny_world.py:lora` (rank-16 deltas on every attention projection, lr
