@@ -5,7 +5,7 @@ XLA:CPU runs each convolution on one core (measured on 2 AMD EPYC cores, jax 0.1
 busy however large its batch. JAX devices run in parallel, and `--xla_force_host_platform_device_count=N`
 makes N CPU devices (as numpyro's `set_host_device_count` does): work that splits its batch over the
 mesh, such as generation (`gal_jax/sample.py`) and CLIP scoring, then runs on N cores at once. The
-tiny world's 48-image generation chunk: 3.8 images/s on one device, 5.8 on two (`gal-jax bench
+tiny world's generation: 3.8 images/s on one device, 5.7 on two (`gal-jax bench
 sample`, 2 cores). A small train batch does not gain (its per-op overhead does not shrink with the
 rows, and the gradients' all-reduce is added): `config.mesh.train_devices` trains on fewer devices.
 
