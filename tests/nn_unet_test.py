@@ -353,3 +353,26 @@ def test_config_reading_and_what_is_not_supported(tiny_unets, name):
     if name == "sdxl":
         with pytest.raises(ValueError, match="needs added_cond_kwargs text_embeds and time_ids"):
             shapes(added=None)
+
+
+def test_a_models_shapes_and_axes_are_traced_once_however_often_they_are_asked(monkeypatch):
+    """Loading asks for a model's abstract params and logical axes three or four times; each used
+    to trace the whole init. Equal modules share one trace, other configs or dtypes get their own."""
+    from gal_jax.nn import layers
+
+    monkeypatch.setattr(layers, "_BOXED_SHAPES", {})
+    traces = []
+    real = jax.eval_shape
+    monkeypatch.setattr(jax, "eval_shape", lambda f, *a, **k: traces.append(f) or real(f, *a, **k))
+    config = unet.UNetConfig.from_dict(CONFIGS["sd1"])
+    model = unet.UNet2DConditionModel(config)
+    first = unet.abstract_params(model)
+    specs = unet.logical_partition_specs(model)
+    again = unet.abstract_params(unet.UNet2DConditionModel(config))  # an equal module, built anew
+    assert len(traces) == 1
+    assert jax.tree.structure(first) == jax.tree.structure(again) and jax.tree.leaves(first) == jax.tree.leaves(again)
+    assert jax.tree.structure(specs, is_leaf=lambda x: isinstance(x, P)) == jax.tree.structure(first)
+    half = unet.abstract_params(unet.UNet2DConditionModel(config, param_dtype=jnp.float16))
+    assert len(traces) == 2 and {x.dtype for x in jax.tree.leaves(half)} == {jnp.dtype(jnp.float16)}
+    sd2 = unet.abstract_params(unet.UNet2DConditionModel(unet.UNetConfig.from_dict(CONFIGS["sd2"])))
+    assert len(traces) == 3 and jax.tree.structure(sd2) != jax.tree.structure(first)

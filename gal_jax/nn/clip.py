@@ -550,19 +550,14 @@ def init_params(model: ClipModule, key: jax.Array) -> Params:
     return jax.jit(lambda k: nn.unbox(_boxed_init(model, k)))(key)
 
 
-def _abstract_boxed(model: ClipModule) -> Params:
-    """Returns `model`'s params as ShapeDtypeStructs boxed with their logical axes (no transfers)."""
-    return jax.eval_shape(lambda: _boxed_init(model, jax.random.key(0)))
-
-
 def abstract_params(model: ClipModule) -> Params:
     """Returns the param tree of `model` as jax.ShapeDtypeStructs (nothing is computed)."""
-    return nn.unbox(_abstract_boxed(model))
+    return layers.abstract_params(functools.partial(_boxed_init, model))
 
 
 def logical_partition_specs(model: ClipModule) -> Params:
     """Returns the tree of logical PartitionSpecs ("vocab", "embed", ...) of `model`'s params."""
-    return nn.get_partition_spec(_abstract_boxed(model))
+    return layers.logical_partition_specs(functools.partial(_boxed_init, model))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -501,9 +501,37 @@ def init_params(boxed_init: BoxedInit, key: jax.Array):
 
 def abstract_params(boxed_init: BoxedInit):
     """Returns the param tree of `boxed_init`'s model as jax.ShapeDtypeStructs (nothing computed)."""
-    return nn.unbox(jax.eval_shape(lambda: boxed_init(jax.random.key(0))))
+    return nn.unbox(_boxed_shapes(boxed_init))
 
 
 def logical_partition_specs(boxed_init: BoxedInit):
     """Returns the tree of logical PartitionSpecs of `boxed_init`'s model's params."""
-    return nn.get_partition_spec(jax.eval_shape(lambda: boxed_init(jax.random.key(0))))
+    return nn.get_partition_spec(_boxed_shapes(boxed_init))
+
+
+# Boxed param shapes by (init function, model): loading a model asks for its shapes and logical
+# axes three or four times (shardings, reading, the trainer's axes), and each asked traced the
+# whole init again (about 1 s for the tiny UNet on 2 cores, far more for SD-sized ones).
+_BOXED_SHAPES: dict = {}
+_BOXED_SHAPES_KEPT = 32
+
+
+def _boxed_shapes(boxed_init: BoxedInit):
+    """Returns jax.eval_shape of `boxed_init`'s boxed params, from a cache when `boxed_init` is
+    functools.partial(function, module) of a module that hashes by value (flax modules with
+    hashable fields do); anything else is traced each time."""
+    key = None
+    if isinstance(boxed_init, functools.partial) and not boxed_init.keywords:
+        key = (boxed_init.func, boxed_init.args)
+        try:
+            hash(key)
+        except TypeError:  # a module field that is a list or dict
+            key = None
+    if key is not None and key in _BOXED_SHAPES:
+        return _BOXED_SHAPES[key]
+    shapes = jax.eval_shape(lambda: boxed_init(jax.random.key(0)))
+    if key is not None:
+        if len(_BOXED_SHAPES) >= _BOXED_SHAPES_KEPT:
+            _BOXED_SHAPES.pop(next(iter(_BOXED_SHAPES)))
+        _BOXED_SHAPES[key] = shapes
+    return shapes
