@@ -30,7 +30,9 @@ def main(argv):
     from gal_jax import host_malloc
 
     host_malloc.use_one_arena()  # before jax starts its threads
-    from gal_jax import tiny_figures
+    from gal_jax import cpu_devices, tiny_figures
+
+    cpu_devices.split_host_cpu(_CONFIG.value.mesh.get("cpu_devices", 0))  # as `gal-jax run` does
 
     result = tiny_figures.run_comparison(_OUT.value, _CONFIG.value, _MODES.value, num_per_prompt=_NUM_PER_PROMPT.value)
     print(result["table"])
