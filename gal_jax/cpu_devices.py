@@ -61,3 +61,8 @@ def split_host_cpu(count: int, environ=os.environ) -> int | None:
         return None
     environ["XLA_FLAGS"] = f"{environ.get('XLA_FLAGS', '')} {FLAG}={count}".strip()
     return count
+
+
+def split_as_configured(config) -> int | None:
+    """`split_host_cpu` with config.mesh.cpu_devices (0 in configs written before it existed)."""
+    return split_host_cpu(config.mesh.get("cpu_devices", 0))

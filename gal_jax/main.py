@@ -89,7 +89,7 @@ def _config(command: str):
     from gal_jax import cpu_devices
 
     try:
-        cpu_devices.split_host_cpu(_CONFIG.value.mesh.get("cpu_devices", 0))
+        cpu_devices.split_as_configured(_CONFIG.value)
     except ValueError as err:
         raise UsageError(str(err)) from None
     return _CONFIG.value

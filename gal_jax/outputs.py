@@ -80,7 +80,7 @@ def sample_from_run(workdir: Path | str, round_index: int | None, prompts_file: 
     `num_per_prompt` per prompt (default: the run's sample.num_per_prompt) with the run's sampler."""
     workdir = Workdir(workdir)
     config = run_config(workdir)
-    cpu_devices.split_host_cpu(config.mesh.get("cpu_devices", 0))  # as the run did, before the backend starts
+    cpu_devices.split_as_configured(config)  # as the run did, before the backend starts
     prompts = read_prompts(prompts_file)
     method = personalize.method_name(config)
     chosen = finished_round(workdir, round_index, method)

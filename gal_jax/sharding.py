@@ -103,13 +103,12 @@ def train_mesh_from_config(mesh_config: Any, mesh: Mesh) -> Mesh:
     Raises ValueError naming mesh.train_devices when N is not a count of `mesh`'s devices that
     fsdp x tensor divides, or when the run spans several processes (each would train alone).
     """
-    count = mesh_config.get("train_devices", 0)
+    count, size = mesh_config.get("train_devices", 0), mesh.devices.size
     if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
         raise ValueError(f"mesh.train_devices={count!r}: expected 0 (the whole mesh) or a number of devices")
-    if count in (0, mesh.devices.size):
+    if count in (0, size):
         return mesh
-    if count > mesh.devices.size:
-        size = mesh.devices.size
+    if count > size:
         raise ValueError(f"mesh.train_devices={count}: the mesh has only {size} device{'s' if size > 1 else ''}")
     if jax.process_count() > 1:
         raise ValueError(f"mesh.train_devices={count}: training on part of the mesh needs a single process "

@@ -524,8 +524,9 @@ def _stage_field(stages: Sequence[personalize.Stage], stage: personalize.Stage) 
 def check_stages(stages: Sequence[personalize.Stage], adds_token: bool) -> None:
     """Raises ValueError naming the first training setting of `stages` that cannot work (counts,
     optimizer, loss settings), from the config alone: the driver calls it before a workdir is
-    written (the Trainer meets the same errors as it builds each stage's optimizer and step). `adds_token`: the method learns a new token (its id is known once the tokenizer grows;
-    any id stands in for it here)."""
+    written (the Trainer meets the same errors as it builds each stage's optimizer and step).
+    `adds_token`: the method learns a new token (its id is known once the tokenizer grows; any id
+    stands in for it here)."""
     for stage in stages:
         _check_train_config(stage.train, _stage_field(stages, stage))
         train.make_optimizer(stage.train)

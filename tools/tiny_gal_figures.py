@@ -32,7 +32,7 @@ def main(argv):
     host_malloc.use_one_arena()  # before jax starts its threads
     from gal_jax import cpu_devices, tiny_figures
 
-    cpu_devices.split_host_cpu(_CONFIG.value.mesh.get("cpu_devices", 0))  # as `gal-jax run` does
+    cpu_devices.split_as_configured(_CONFIG.value)  # as `gal-jax run` does
 
     result = tiny_figures.run_comparison(_OUT.value, _CONFIG.value, _MODES.value, num_per_prompt=_NUM_PER_PROMPT.value)
     print(result["table"])
