@@ -28,6 +28,7 @@ import difflib
 import logging as std_logging
 import importlib.machinery
 import importlib.util
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -173,7 +174,7 @@ def _cmd_evaluate(args):
     captions = evaluate.read_prompt_file(Path(_CAPTIONS.value)) if _CAPTIONS.value else ()
     result = evaluate.evaluate_command(
         Path(_require(_WORKDIR, "workdir", "evaluate")),
-        _CONFIG.value,
+        _config("evaluate") if _CONFIG.value is not None else None,  # scores on the config's CPU split
         images=_IMAGES.value,
         prompts=_PROMPTS.value,
         references=_REFERENCES.value,
@@ -277,11 +278,29 @@ def _describe(err: Exception) -> tuple[str, int]:
             "rerun with --verbosity=1 for the traceback, and please report it)"), EXIT_ERROR
 
 
+# Commands that run PyTorch in-process (`bench`: the diffusers references of --compare-torch and
+# --authors) need transformers to know PyTorch; the others take only the CLIP tokenizer from it.
+COMMANDS_WITH_TORCH = ("bench",)
+
+
+def tokenizer_only_environ(argv, environ=os.environ) -> bool:
+    """Sets USE_TORCH=0 in `environ` for a command that takes only the tokenizer from transformers,
+    and returns whether it did: transformers then skips importing PyTorch (about 2 s on a 2-core
+    host, of its 3.5 s import). A USE_TORCH already set (the user's) is kept."""
+    if _command(argv) in COMMANDS_WITH_TORCH or "USE_TORCH" in environ or "transformers" in sys.modules:
+        return False
+    environ["USE_TORCH"] = "0"
+    return True
+
+
 def run():
     """Console-script entry point."""
     from gal_jax import host_malloc
 
     host_malloc.use_one_arena()  # before jax starts its threads
+    # In this process only (the entry point, not main(), which tests call in-process next to
+    # PyTorch references): no command here spawns Python processes that would inherit it.
+    tokenizer_only_environ(sys.argv)
     if any(arg in ("-h", "-help", "--help") for arg in sys.argv[1:]):
         # absl's --help lists the flags of the __main__ module: the console-script wrapper has none.
         print(__doc__)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
@@ -42,6 +43,9 @@ if TYPE_CHECKING:  # matplotlib takes about a second to import: only the report'
     from matplotlib.figure import Figure
 
 THUMB = 128  # pixels per image in contact sheets
+# A round's figures are redrawn when its record, its images or this version change.
+_ROUND_FIGURES_VERSION = 1
+_FIGURES_INDEX = "figures.json"
 NEUTRAL_RGB = (205, 205, 205)
 _UNSELECTED_BAR = "#8fa8c8"
 # Formats a browser shows as they are: such reference files are copied byte for byte.
@@ -389,20 +393,53 @@ def _copy_reference(workdir: Path, path: Path) -> Path:
 
 
 def _write_round_figures(workdir: Path, out: Path, record: RoundRecord) -> dict:
-    """Returns the links of one round's entropy chart and contact sheets, after writing them."""
+    """Returns the links of one round's entropy chart and contact sheets, after writing them, or
+    of those already written for this very record and images (`out/figures.json` holds what they
+    were drawn from): a report rewritten after every round redraws only the new round."""
     if not record.directions:
         return {}
     r, directions = record.round, record.directions
+    names = {("entropy", r): "entropy.png"} | {("sheet", r, d): f"direction_{d:02d}.png" for d in range(len(directions))}
+    links = {key: relative_url(out / name, workdir) for key, name in names.items()}
+    drawn_from = _round_figures_key(workdir, record)
+    if _figures_written(out, drawn_from, names.values()):
+        return links
     selected_images = {s.image for s in record.selected}
     selected_prompts = {s.prompt for s in record.selected}
     ranked = [directions[d] for d in rank_order(directions)]
-    links = {("entropy", r): _write_png(workdir, out / "entropy.png",
-                                        entropy_figure(r, ranked, selected_prompts))}
+    _write_png(workdir, out / names[("entropy", r)], entropy_figure(r, ranked, selected_prompts))
     for d, direction in enumerate(directions):
         thumbnails = [_load_image(workdir, image.path, THUMB) for image in direction.images]
         sheet = contact_sheet(direction, thumbnails, selected_images)
-        links[("sheet", r, d)] = _write_png(workdir, out / f"direction_{d:02d}.png", sheet)
+        _write_png(workdir, out / names[("sheet", r, d)], sheet)
+    io_utils.atomic_write_bytes(out / _FIGURES_INDEX, json.dumps({"key": drawn_from}).encode("utf-8"))
     return links
+
+
+def _round_figures_key(workdir: Path, record: RoundRecord) -> str:
+    """Returns a digest of what a round's figures are drawn from: the record, the drawing code's
+    version and each image file's size and modification time (a missing image is left to the
+    drawing, which names it)."""
+    digest = hashlib.sha256(json.dumps([_ROUND_FIGURES_VERSION, THUMB, record.to_json()], sort_keys=True).encode())
+    for direction in record.directions:
+        for image in direction.images:
+            try:
+                stat = io_utils.resolve(workdir, image.path).stat()
+            except OSError:
+                return ""
+            digest.update(f"{image.path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _figures_written(out: Path, drawn_from: str, names: Iterable[str]) -> bool:
+    """Returns whether `out` holds every named figure, drawn from `drawn_from`."""
+    if not drawn_from:
+        return False
+    try:
+        index = json.loads((out / _FIGURES_INDEX).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none yet, or damaged: draw again
+        return False
+    return isinstance(index, dict) and index.get("key") == drawn_from and all((out / n).is_file() for n in names)
 
 
 def _load_image(workdir: Path, path: str, size: int) -> Image.Image:
@@ -418,10 +455,11 @@ def _load_image(workdir: Path, path: str, size: int) -> Image.Image:
 def _write_png(workdir: Path, path: Path, figure: Figure | Image.Image) -> str:
     """Returns path's URL relative to workdir, after writing the figure or image there as PNG."""
     buffer = io.BytesIO()
+    # zlib level 1: 3.5x faster to write than PIL's default 6, files about 20% larger.
     if isinstance(figure, Image.Image):
-        figure.save(buffer, format="PNG")
+        figure.save(buffer, format="PNG", compress_level=1)
     else:  # a matplotlib Figure
-        figure.savefig(buffer, format="png", dpi=110)
+        figure.savefig(buffer, format="png", dpi=110, pil_kwargs={"compress_level": 1})
     io_utils.atomic_write_bytes(path, buffer.getvalue())
     return relative_url(path, workdir)
 

@@ -145,6 +145,11 @@ def test_bad_counts_of_sample_and_bench_are_usage_errors(tmp_path):
     assert not (tmp_path / "out").exists()
     benched = gal_jax("bench", "train", "--config=configs/tiny_cpu.py", "--config.bench.iters=0")
     assert_one_line_error(benched, "bench", 2, "config.bench.iters=0 must be >= 1")
+    # evaluate --config splits the CPU as the config says (as run and sample do), checking the value first.
+    evaluated = gal_jax("evaluate", "--config=configs/tiny_cpu.py", "--config.mesh.cpu_devices=-3",
+                        f"--workdir={tmp_path / 'eval'}", f"--images={tmp_path}", f"--references={tmp_path}")
+    assert_one_line_error(evaluated, "evaluate", 2, "config.mesh.cpu_devices=-3: expected 0 (one CPU device), -1")
+    assert not (tmp_path / "eval").exists()
 
 
 def test_a_config_file_that_is_missing_or_does_not_import_is_named(tmp_path):
@@ -286,3 +291,36 @@ def test_evaluating_a_folder_with_a_config_but_no_clip_path_uses_the_configs_cli
                      f"--references={tiny_assets['object_concept']}", f"--captions={captions}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "eval" / "eval" / "results.md").is_file()
+
+
+def test_commands_other_than_bench_load_the_tokenizer_without_importing_pytorch(monkeypatch):
+    from gal_jax import main, models
+
+    monkeypatch.delitem(sys.modules, "transformers", raising=False)  # as in a fresh CLI process
+    environ = {}
+    assert main.tokenizer_only_environ(["gal-jax", "run"], environ) and environ == {"USE_TORCH": "0"}
+    assert not main.tokenizer_only_environ(["gal-jax", "bench", "train"], {})  # --compare-torch runs diffusers
+    kept = {"USE_TORCH": "1"}
+    assert not main.tokenizer_only_environ(["gal-jax", "sample"], kept) and kept == {"USE_TORCH": "1"}
+    monkeypatch.undo()
+
+    # A fresh process as the CLI sets it up: no PyTorch imported, the same token ids.
+    folder = REPO / "gal_jax" / "assets" / "tiny_world" / "sd" / "tokenizer"
+    prompts = ["a sks teapot on the beach", "A Red CUP  in park!"]
+    code = (
+        "import json, sys\n"
+        "from pathlib import Path\n"
+        "from gal_jax import main, models\n"
+        "assert main.tokenizer_only_environ(['gal-jax', 'sample'])\n"
+        f"tokenizer = models._load_tokenizer(Path({str(folder)!r}))\n"
+        f"ids = tokenizer({prompts!r}, padding='max_length', max_length=16).input_ids\n"
+        "print(json.dumps({'torch': 'torch' in sys.modules, 'ids': ids}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "USE_TORCH"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    fresh = json.loads(result.stdout.strip().splitlines()[-1])
+    assert fresh["torch"] is False
+    expected = models._load_tokenizer(folder)(prompts, padding="max_length", max_length=16).input_ids
+    assert fresh["ids"] == expected

@@ -507,3 +507,43 @@ def test_a_choice_that_contradicts_the_rule_is_shown_as_such():
     record = _scored([0.5, 0.25, 0.1], picks={2: 1}, k=1)  # the rule would query prompt 0
     assert [row[2] for row in _table(record)] == [
         "not queried, though in the top k", "below the k-th", "queried, though ranked below the k-th"]
+
+
+def test_a_rewritten_report_redraws_only_the_rounds_whose_record_or_images_changed(run, monkeypatch):
+    workdir, records = run
+    drawn = []
+    contact_sheet = report.contact_sheet
+    monkeypatch.setattr(report, "contact_sheet", lambda direction, *a, **k: drawn.append(direction.prompt_id)
+                        or contact_sheet(direction, *a, **k))
+    report.write_report(workdir, typed(records[:1]))
+    assert drawn == [0, 1, 2]
+    drawn.clear()
+    page = report.write_report(workdir, typed(records[:2])).read_text()
+    assert drawn == [1, 2]  # round 2's sheets only: round 1's are as drawn
+    _assert_links_resolve_inside(workdir, page)
+    assert 'round_01/direction_02.png' in page
+
+    # A changed record (another pick), a changed image, a deleted sheet or a damaged index: redrawn.
+    changed = [dict(records[0], selected=[dict(records[0]["selected"][0], weight=0.5)]), records[1]]
+    drawn.clear()
+    report.write_report(workdir, typed(changed))
+    assert drawn == [0, 1, 2]
+    _png(workdir / records[1]["directions"][0]["images"][0]["path"], (9, 9, 9))
+    drawn.clear()
+    report.write_report(workdir, typed(changed))
+    assert drawn == [1, 2]
+    (workdir / "report" / "round_01" / "direction_01.png").unlink()
+    (workdir / "report" / "round_02" / "figures.json").write_text("{not json")
+    drawn.clear()
+    report.write_report(workdir, typed(changed))
+    assert drawn == [0, 1, 2, 1, 2]
+    assert (workdir / "report" / "round_01" / "direction_01.png").is_file()
+
+
+def test_a_cached_round_still_names_an_image_deleted_since(run):
+    workdir, records = run
+    report.write_report(workdir, typed(records[:1]))
+    missing = records[0]["directions"][0]["images"][0]["path"]
+    (workdir / missing).unlink()
+    with pytest.raises(FileNotFoundError, match=re.escape(missing)):
+        report.write_report(workdir, typed(records[:1]))
