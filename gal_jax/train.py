@@ -92,27 +92,28 @@ class StepConfig:
             loss_terms_lib.metric_name(name) for name, _ in self.loss_terms)
 
     @classmethod
-    def from_config(cls, train_config, *, lora_scale: float = 1.0, new_token_id: int = -1) -> StepConfig:
-        """Returns the step settings of `config.train` (or a stage's); `lora_scale` and
-        `new_token_id` come from the method (personalize.Method)."""
+    def from_config(cls, train_config, *, lora_scale: float = 1.0, new_token_id: int = -1,
+                    where: str = "train") -> StepConfig:
+        """Returns the step settings of `config.train` (or a stage's, named `where` in errors);
+        `lora_scale` and `new_token_id` come from the method (personalize.Method)."""
         if train_config.prior_loss_weight < 0:
             raise ValueError(
-                f"train.prior_loss_weight must be >= 0, got {train_config.prior_loss_weight}"
+                f"{where}.prior_loss_weight must be >= 0, got {train_config.prior_loss_weight}"
             )
         snr_gamma = float(train_config.get("snr_gamma", 0.0))
         if not snr_gamma >= 0:
-            raise ValueError(f"train.snr_gamma must be >= 0 (0: off; diffusers' scripts suggest 5), got {snr_gamma}")
+            raise ValueError(f"{where}.snr_gamma must be >= 0 (0: off; diffusers' scripts suggest 5), got {snr_gamma}")
         for legacy in ("attention_loss_mean", "attention_loss_var"):
             if legacy in train_config:
-                raise ValueError(f"train.{legacy} is now train.loss_terms.attention_map.{legacy.rpartition('_')[2]}")
+                raise ValueError(f"{where}.{legacy} is now {where}.loss_terms.attention_map.{legacy.rpartition('_')[2]}")
         return cls(
             prior_loss_weight=float(train_config.prior_loss_weight),
             grad_accum_steps=int(train_config.grad_accum_steps),
-            remat=nn_layers.remat_policy(train_config.remat, "train.remat"),
+            remat=nn_layers.remat_policy(train_config.remat, f"{where}.remat"),
             snr_gamma=snr_gamma,
             lora_scale=float(lora_scale),
             loss_terms=loss_terms_lib.active_terms(train_config.get("loss_terms"), new_token_id=new_token_id,
-                                                   where="train.loss_terms"),
+                                                   where=f"{where}.loss_terms"),
             new_token_id=int(new_token_id),
         )
 
@@ -122,15 +123,16 @@ class StepConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def learning_rate_schedule(train_config) -> optax.Schedule:
-    """Returns the learning rate per update: constant or cosine decay, after a linear warmup."""
+def learning_rate_schedule(train_config, where: str = "train") -> optax.Schedule:
+    """Returns the learning rate per update: constant or cosine decay, after a linear warmup.
+    Errors name the settings as `where`.<field> (config.train, or a stage's)."""
     lr, warmup, steps = train_config.learning_rate, train_config.warmup_steps, train_config.steps
     if train_config.lr_schedule not in LR_SCHEDULES:
         raise ValueError(
-            f"train.lr_schedule {train_config.lr_schedule!r} is not one of {LR_SCHEDULES}"
+            f"{where}.lr_schedule {train_config.lr_schedule!r} is not one of {LR_SCHEDULES}"
         )
     if not 0 <= warmup <= steps:
-        raise ValueError(f"train.warmup_steps={warmup} must lie in [0, train.steps={steps}]")
+        raise ValueError(f"{where}.warmup_steps={warmup} must lie in [0, {where}.steps={steps}]")
     if train_config.lr_schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, 1), end_value=0.0)
     if warmup == 0:
@@ -138,16 +140,17 @@ def learning_rate_schedule(train_config) -> optax.Schedule:
     return optax.warmup_constant_schedule(0.0, lr, warmup)
 
 
-def make_optimizer(train_config) -> optax.GradientTransformation:
+def make_optimizer(train_config, where: str = "train") -> optax.GradientTransformation:
     """Returns AdamW (decoupled weight decay) after global-norm clipping of the gradient
-    (train.max_grad_norm; 0 turns clipping off, as AttnDreamBooth's code effectively runs)."""
+    (train.max_grad_norm; 0 turns clipping off, as AttnDreamBooth's code effectively runs).
+    Errors name the settings as `where`.<field> (config.train, or a stage's)."""
     if train_config.max_grad_norm < 0:
-        raise ValueError(f"train.max_grad_norm={train_config.max_grad_norm} must be >= 0 (0: no clipping)")
+        raise ValueError(f"{where}.max_grad_norm={train_config.max_grad_norm} must be >= 0 (0: no clipping)")
     clip = optax.clip_by_global_norm(train_config.max_grad_norm) if train_config.max_grad_norm > 0 else optax.identity()
     return optax.chain(
         clip,
         optax.adamw(
-            learning_rate_schedule(train_config),
+            learning_rate_schedule(train_config, where),
             b1=train_config.adam_b1,
             b2=train_config.adam_b2,
             eps=train_config.adam_eps,

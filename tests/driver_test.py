@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -523,5 +524,14 @@ def test_a_stage_setting_is_checked_before_the_run_and_named_by_its_stage():
         driver.check_config(config)
     config = tiny_world.get_config("attndreambooth")
     config.train.stages.s3_unet.warmup_steps = 10**6
-    with pytest.raises(ValueError, match=r"train.warmup_steps=1000000 must lie in \[0, train.steps=200\]"):
+    with pytest.raises(ValueError, match=r"train.stages.s3_unet.warmup_steps=1000000 must lie in "
+                                         r"\[0, train.stages.s3_unet.steps=200\]"):
         driver.check_config(config)
+    # The optimizer's and the step's own checks name the stage too.
+    for field, value, message in (("max_grad_norm", -1.0, "train.stages.s1_inversion.max_grad_norm=-1.0 must be >= 0"),
+                                  ("prior_loss_weight", -1.0, "train.stages.s1_inversion.prior_loss_weight must be >= 0"),
+                                  ("remat", "sometimes", "train.stages.s1_inversion.remat")):
+        config = tiny_world.get_config("attndreambooth")
+        config.train.stages.s1_inversion[field] = value
+        with pytest.raises(ValueError, match=re.escape(message)):
+            driver.check_config(config)
