@@ -20,7 +20,7 @@ from absl import logging
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from gal_jax import checkpoint, data, faults, personalize, sharding, train
+from gal_jax import checkpoint, data, faults, input_pipeline, personalize, sharding, train
 from gal_jax.models import StableDiffusion, StableDiffusionParams
 from gal_jax.train import Batch, FrozenInputs, Params, TrainState
 
@@ -79,7 +79,7 @@ def build_latent_cache(
     the class images and earlier references of a GAL run are encoded in its first round only.
     """
     known = {} if known is None else known
-    one_pass = data.make_train_iterator(
+    one_pass = input_pipeline.make_train_iterator(
         train_set_dir, global_batch_size=1, seed=0, resolution=resolution, num_epochs=1
     )
     order: dict[bytes, None] = {}
@@ -202,7 +202,7 @@ class Trainer:
         # How params and AdamW moments are laid out on the mesh: the model tree's logical axes, the rules.
         self.model_axes, self.rules = personalize.logical_axes(sd), sharding.logical_rules(config.mesh.get("rules"))
         augment = config.data.random_crop or config.data.flip
-        self.segmix = data.SegMix.from_config(config)
+        self.segmix = input_pipeline.SegMix.from_config(config)
         # Seg-Mix composites are new images every time: they are encoded in the step.
         self.cache_latents = bool(config.train.cache_latents) and not augment and self.segmix is None
         self.compile_seconds = 0.0
@@ -374,7 +374,7 @@ class Trainer:
 
     def _data_iterator(self, train_set_dir: Path, train_config):
         data_config = self.config.data
-        return data.make_train_iterator(
+        return input_pipeline.make_train_iterator(
             train_set_dir,
             global_batch_size=train_config.batch_size * train_config.grad_accum_steps,
             seed=train_config.seed,

@@ -11,7 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from gal_jax import data, tiny_data
+from gal_jax import data, input_pipeline, tiny_data
 
 RESOLUTION = 16
 CLASS_PROMPT = "a photo of a teapot"
@@ -356,7 +356,7 @@ def prior_set(tmp_path_factory):
 
 def test_batches_interleave_each_instance_with_its_class_example(prior_set):
     out, refs = prior_set
-    iterator = data.make_train_iterator(out, global_batch_size=3, seed=0, resolution=RESOLUTION)
+    iterator = input_pipeline.make_train_iterator(out, global_batch_size=3, seed=0, resolution=RESOLUTION)
     batch = next(iterator)
     assert batch["pixel_values"].shape == (6, RESOLUTION, RESOLUTION, 3)
     assert batch["pixel_values"].dtype == np.float32 and batch["input_ids"].dtype == np.int32
@@ -375,13 +375,13 @@ def test_batches_interleave_each_instance_with_its_class_example(prior_set):
 def test_style_set_batches_are_instances_only(tmp_path):
     refs = references(tmp_path / "refs", [1.0, 0.01, 0.01])
     out = data.write_training_set(refs, [], None, tmp_path / "set", fake_tokenize, RESOLUTION)
-    batch = next(data.make_train_iterator(out, global_batch_size=2, seed=1, resolution=RESOLUTION))
+    batch = next(input_pipeline.make_train_iterator(out, global_batch_size=2, seed=1, resolution=RESOLUTION))
     assert batch["pixel_values"].shape == (2, RESOLUTION, RESOLUTION, 3)
     assert not batch["is_prior"].any()
 
 
 def process_references(out, refs, process_index, process_count, batches):
-    iterator = data.make_train_iterator(
+    iterator = input_pipeline.make_train_iterator(
         out, global_batch_size=2 * process_count, seed=3, resolution=RESOLUTION,
         process_index=process_index, process_count=process_count,
     )
@@ -414,7 +414,7 @@ def test_global_batches_do_not_depend_on_the_process_count(prior_set, process_co
     several trains on the same batches (so they reach the same selections)."""
 
     def batches(process_index, count):
-        iterator = data.make_train_iterator(
+        iterator = input_pipeline.make_train_iterator(
             prior_set[0], global_batch_size=6, seed=5, resolution=RESOLUTION, random_crop=True,
             flip=True, process_index=process_index, process_count=count,
         )
@@ -431,12 +431,12 @@ def test_one_process_reads_the_order_and_restores_the_states_of_earlier_versions
     the sampler grain checks on restore, are unchanged, so their checkpoints still resume."""
     records, metadata = data.open_training_set(prior_set[0])
     earlier = iter(grain.DataLoader(
-        data_source=data._TrainingSource(records, metadata["fingerprint"]),
+        data_source=input_pipeline._TrainingSource(records, metadata["fingerprint"]),
         sampler=grain.samplers.IndexSampler(
             num_records=len(records), shard_options=grain.sharding.ShardOptions(0, 1, True),
             shuffle=True, num_epochs=None, seed=7),
-        operations=[data._Preprocess(RESOLUTION, True, True), grain.transforms.Batch(2, drop_remainder=True),
-                    data._FlattenPairs()],
+        operations=[input_pipeline._Preprocess(RESOLUTION, True, True), grain.transforms.Batch(2, drop_remainder=True),
+                    input_pipeline._FlattenPairs()],
     ))
     current = augmented_iterator(prior_set[0])
     assert_batches_equal([next(earlier) for _ in range(4)], [next(current) for _ in range(4)])
@@ -447,18 +447,18 @@ def test_one_process_reads_the_order_and_restores_the_states_of_earlier_versions
 
 def test_global_batch_must_divide_among_processes(prior_set):
     with pytest.raises(ValueError, match="multiple of process_count 2"):
-        data.make_train_iterator(
+        input_pipeline.make_train_iterator(
             prior_set[0], global_batch_size=3, seed=0, resolution=RESOLUTION, process_count=2
         )
 
 
 def test_iterator_at_another_resolution_than_written_is_rejected(prior_set):
     with pytest.raises(ValueError, match="resolution 16, asked for 32"):
-        data.make_train_iterator(prior_set[0], global_batch_size=2, seed=0, resolution=32)
+        input_pipeline.make_train_iterator(prior_set[0], global_batch_size=2, seed=0, resolution=32)
 
 
 def test_finite_epochs_end_the_iterator(prior_set):
-    iterator = data.make_train_iterator(
+    iterator = input_pipeline.make_train_iterator(
         prior_set[0], global_batch_size=2, seed=0, resolution=RESOLUTION, num_epochs=2
     )
     assert len(list(iterator)) == 2 * 6 // 2
@@ -472,7 +472,7 @@ def assert_batches_equal(expected, actual):
 
 
 def augmented_iterator(out):
-    return data.make_train_iterator(
+    return input_pipeline.make_train_iterator(
         out, global_batch_size=2, seed=7, resolution=RESOLUTION, random_crop=True, flip=True
     )
 
@@ -510,7 +510,7 @@ def test_state_of_another_data_set_is_refused(prior_set, tmp_path):
 
 def test_shuffle_order_is_fixed_by_the_seed(prior_set):
     def order(seed):
-        iterator = data.make_train_iterator(
+        iterator = input_pipeline.make_train_iterator(
             prior_set[0], global_batch_size=6, seed=seed, resolution=RESOLUTION
         )
         return [next(iterator)["input_ids"][::2].tolist() for _ in range(2)]

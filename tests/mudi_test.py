@@ -11,7 +11,7 @@ import pytest
 
 from configs import tiny_cpu
 from gal_jax import concept as concept_lib
-from gal_jax import data, multi_subject, personalize, sample, sharding
+from gal_jax import data, input_pipeline, multi_subject, personalize, sample, sharding
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_the_identifier_phrases_are_replaced_by_their_classes():
 
 
 def _batches(train_set, *, segmix, seed=0, batch=7, count=1, start=None):
-    iterator = data.make_train_iterator(train_set, global_batch_size=batch, seed=seed, resolution=64,
+    iterator = input_pipeline.make_train_iterator(train_set, global_batch_size=batch, seed=seed, resolution=64,
                                         segmix=segmix, latent_size=8)
     if start is not None:
         iterator.set_state(start)
@@ -80,7 +80,7 @@ def _batches(train_set, *, segmix, seed=0, batch=7, count=1, start=None):
 
 def test_segmix_mixes_masked_instances_with_their_caption_and_mask(mudi_set, loaded):
     sd, _ = loaded
-    _, (batch,) = _batches(mudi_set, segmix=data.SegMix(1.0, soft_alpha=0.25))
+    _, (batch,) = _batches(mudi_set, segmix=input_pipeline.SegMix(1.0, soft_alpha=0.25))
     assert batch["loss_mask"].shape == (7, 8, 8)
     captions = {
         tuple(sd.tokenize([multi_subject.SEGMIX_CAPTION.format(a, b)])[0])
@@ -100,33 +100,33 @@ def test_segmix_mixes_masked_instances_with_their_caption_and_mask(mudi_set, loa
 
 def test_segmix_waits_for_its_start_step_and_resumes_exactly(mudi_set):
     # 7 records per step: steps 0 and 1 are plain, from step 2 on every masked image is mixed.
-    iterator, batches = _batches(mudi_set, segmix=data.SegMix(1.0, start_step=2, soft_alpha=0.0), count=3)
+    iterator, batches = _batches(mudi_set, segmix=input_pipeline.SegMix(1.0, start_step=2, soft_alpha=0.0), count=3)
     assert [int((b["loss_mask"] < 1).any(axis=(1, 2)).sum()) for b in batches] == [0, 0, 6]
-    stopped, _ = _batches(mudi_set, segmix=data.SegMix(1.0, start_step=2, soft_alpha=0.0), count=2)
-    _, (again,) = _batches(mudi_set, segmix=data.SegMix(1.0, start_step=2, soft_alpha=0.0), start=stopped.get_state())
+    stopped, _ = _batches(mudi_set, segmix=input_pipeline.SegMix(1.0, start_step=2, soft_alpha=0.0), count=2)
+    _, (again,) = _batches(mudi_set, segmix=input_pipeline.SegMix(1.0, start_step=2, soft_alpha=0.0), start=stopped.get_state())
     for key in batches[2]:
         np.testing.assert_array_equal(again[key], batches[2][key])
 
 
 def test_segmix_probability_holds_and_a_seed_repeats(mudi_set):
-    _, batches = _batches(mudi_set, segmix=data.SegMix(0.3, soft_alpha=0.0), count=60)
+    _, batches = _batches(mudi_set, segmix=input_pipeline.SegMix(0.3, soft_alpha=0.0), count=60)
     rate = np.mean([(b["loss_mask"][b["weight"] == 1.0] < 1).any(axis=(1, 2)).mean() for b in batches])
     assert rate == pytest.approx(0.3, abs=0.06)
-    _, repeat = _batches(mudi_set, segmix=data.SegMix(0.3, soft_alpha=0.0), count=3)
+    _, repeat = _batches(mudi_set, segmix=input_pipeline.SegMix(0.3, soft_alpha=0.0), count=3)
     for first, second in zip(batches, repeat):
         np.testing.assert_array_equal(first["pixel_values"], second["pixel_values"])
 
 
 def test_segmix_settings_are_checked(tiny_assets, loaded, tmp_path):
     with pytest.raises(ValueError, match=r"data.segmix.prob=1.5 must lie in \[0, 1\]"):
-        data.SegMix(1.5)
+        input_pipeline.SegMix(1.5)
     with pytest.raises(ValueError, match=r"soft_alpha=2.0"):
-        data.SegMix(0.3, soft_alpha=2.0)
+        input_pipeline.SegMix(0.3, soft_alpha=2.0)
     sd, _ = loaded
     plain = data.write_training_set(data.load_concept(tiny_assets["object_concept"]), [], None, tmp_path / "set",
                                     sd.tokenize, 64)
     with pytest.raises(ValueError, match="needs a multi-subject set"):
-        _batches(plain, segmix=data.SegMix(0.3))
+        _batches(plain, segmix=input_pipeline.SegMix(0.3))
 
 
 def test_an_all_ones_mask_is_the_plain_loss_in_the_trainer_with_segmix(tiny_assets, loaded, mudi_set):
@@ -308,7 +308,7 @@ def solid_prior(loaded, tmp_path_factory):
 
 
 def _solid_batch(train_set, segmix, seed=0):
-    iterator = data.make_train_iterator(train_set, global_batch_size=4, seed=seed, resolution=32, segmix=segmix,
+    iterator = input_pipeline.make_train_iterator(train_set, global_batch_size=4, seed=seed, resolution=32, segmix=segmix,
                                         latent_size=4)
     return next(iterator)
 
@@ -322,9 +322,9 @@ def test_a_mixed_class_example_lays_its_own_subject_left_at_one_height(solid_pri
                                                                                PRIOR_CLASSES[other])])[0]
                 for own, other in (("a", "b"), ("b", "a"))}
     for seed in range(4):
-        batch = _solid_batch(train_set, data.SegMix(1.0, soft_alpha=0.0), seed)
+        batch = _solid_batch(train_set, input_pipeline.SegMix(1.0, soft_alpha=0.0), seed)
         np.testing.assert_array_equal(batch["pixel_values"],
-                                      _solid_batch(train_set, data.SegMix(1.0, soft_alpha=0.0), seed)["pixel_values"])
+                                      _solid_batch(train_set, input_pipeline.SegMix(1.0, soft_alpha=0.0), seed)["pixel_values"])
         for row in np.nonzero(batch["is_prior"])[0]:
             own, other = next(pair for pair, ids in captions.items() if (ids == batch["input_ids"][row]).all())
             pixels = np.round((batch["pixel_values"][row] + 1) * 127.5).astype(np.uint8)
@@ -341,7 +341,7 @@ def test_a_mixed_class_example_lays_its_own_subject_left_at_one_height(solid_pri
 def test_a_class_example_is_kept_as_is_while_its_instance_is_not_mixed(solid_prior, loaded):
     sd, _ = loaded
     concept, train_set = solid_prior
-    batch = _solid_batch(train_set, data.SegMix(1.0, start_step=100))  # Seg-Mix on, not started
+    batch = _solid_batch(train_set, input_pipeline.SegMix(1.0, start_step=100))  # Seg-Mix on, not started
     np.testing.assert_array_equal(batch["loss_mask"], 1.0)
     own_captions = {tuple(ids) for ids in sd.tokenize([item.text for item in concept.prior.images])}
     assert all(tuple(ids) in own_captions for ids in batch["input_ids"][batch["is_prior"]])
@@ -365,7 +365,7 @@ def test_a_masked_prior_without_segmix_reads_as_a_plain_class_folder(prior_conce
     instance = ~with_prior["is_prior"]
     np.testing.assert_array_equal(with_prior["input_ids"][instance], without["input_ids"][instance])
     # Seg-Mix over a plain class folder mixes the instances only: the class loss stays all ones.
-    _, (mixed,) = _batches(plain, segmix=data.SegMix(1.0, soft_alpha=0.0))
+    _, (mixed,) = _batches(plain, segmix=input_pipeline.SegMix(1.0, soft_alpha=0.0))
     np.testing.assert_array_equal(mixed["loss_mask"][mixed["is_prior"]], 1.0)
     assert (mixed["loss_mask"][~mixed["is_prior"]] < 1).any()
 

@@ -2,7 +2,7 @@
 gather it and score it, and agree with each other; and run the whole GAL loop on one shared workdir,
 process 0 writing the files (tests/multihost_worker.py).
 
-One process of 8 devices gets the same results and the same selections: data.make_train_iterator
+One process of 8 devices gets the same results and the same selections: input_pipeline.make_train_iterator
 gives every process its rows of one global order, so the batches do not depend on the process
 count."""
 

@@ -16,7 +16,7 @@ from PIL import Image
 from configs import tiny_cpu
 from gal_jax.nn import weights as nn_weights
 from gal_jax.nn import layers as nn_layers
-from gal_jax import data, models, schedulers, sharding, train, trainer as trainer_lib
+from gal_jax import data, input_pipeline, models, schedulers, sharding, train, trainer as trainer_lib
 
 BATCH_SIZE = 4  # instance examples a step: 8 rows with their class images, one per fake device
 
@@ -168,7 +168,7 @@ def test_class_examples_take_their_instance_weight(tiny_assets, loaded, tmp_path
     train_set = data.write_training_set(
         references, class_images, "a teapot", tmp_path / "set", sd.tokenize, 64
     )
-    iterator = data.make_train_iterator(train_set, global_batch_size=4, seed=0, resolution=64)
+    iterator = input_pipeline.make_train_iterator(train_set, global_batch_size=4, seed=0, resolution=64)
     seen = set()
     for _ in range(5):
         batch = next(iterator)
@@ -300,7 +300,7 @@ def test_training_lowers_the_loss_on_the_tiny_concept(first_round):
 def test_training_lowers_the_loss_of_a_fixed_batch(loaded, trainer, train_set, first_round):
     sd, params = loaded
     frozen = dreambooth_frozen(params, sd, trainer.mesh)
-    batch = next(data.make_train_iterator(train_set, global_batch_size=8, seed=3, resolution=64))
+    batch = next(input_pipeline.make_train_iterator(train_set, global_batch_size=8, seed=3, resolution=64))
     batch = {**batch, **train.draw_step_randomness(jax.random.key(7), sd, batch, 1000)}
     loss = jax.jit(lambda p: train.dreambooth_loss({"unet": p}, batch, frozen, sd=sd, config=train.StepConfig())[0])
     # Host copies: both calls then see the same input layout and share one compile.
@@ -312,7 +312,7 @@ def test_min_snr_gamma_weights_each_example_loss_by_its_timestep(loaded, trainer
     timestep before the absolute weights: one example alone in the batch shows it exactly."""
     sd, params = loaded
     frozen = dreambooth_frozen(params, sd, trainer.mesh)
-    batch = next(data.make_train_iterator(train_set, global_batch_size=2, seed=1, resolution=64))
+    batch = next(input_pipeline.make_train_iterator(train_set, global_batch_size=2, seed=1, resolution=64))
     batch = {**batch, **train.draw_step_randomness(jax.random.key(3), sd, batch, 1000)}
     batch = {k: v[:1] for k, v in batch.items()}  # one instance example
     batch["timesteps"] = np.array([40])  # SNR(40) is far above 5: the weight is small
@@ -467,7 +467,7 @@ def test_cached_latents_give_the_loss_of_encoding_the_pixels(loaded, trainer, tr
     encode = jax.jit(lambda px: sd.encode_posterior(params.vae, px))
     cache = trainer_lib.build_latent_cache(train_set, lambda px: jax.device_get(encode(px)), resolution=64, chunk_size=8)
     assert len(cache.rows) == 4 + 20  # every distinct reference and class image, once
-    batch = next(data.make_train_iterator(train_set, global_batch_size=4, seed=0, resolution=64))
+    batch = next(input_pipeline.make_train_iterator(train_set, global_batch_size=4, seed=0, resolution=64))
     batch = {**batch, **train.draw_step_randomness(jax.random.key(0), sd, batch, 1000)}
     loss = jax.jit(lambda b: train.dreambooth_loss({"unet": params.unet}, b, frozen, sd=sd, config=train.StepConfig())[0])
     cached = cache.replace_pixels(batch)
