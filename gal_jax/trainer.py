@@ -134,6 +134,13 @@ class _MetricLog:
         )
         self._since = time.perf_counter()
 
+    def start(self) -> None:
+        """Starts the clocks of the bar's rate and of samples_per_s: call it once the step is
+        compiled, so that neither counts the compile (the bar otherwise shows the first step's
+        compile as its rate, an ETA of an hour for a 3-minute round)."""
+        self._bar.unpause()
+        self._since = time.perf_counter()
+
     def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
         self._pending.append((step, metrics))
         self._bar.update(1)
@@ -467,6 +474,7 @@ class Trainer:
         rng = self._rng
         first = next(batches)
         step_fn = self.compiled_step(state, first, frozen, stage.index)
+        log.start()
         began = time.perf_counter()
         # Every host<->device copy in the loop is explicit (big_vision): an implicit one is a bug.
         # The batch's copy, the metrics' pull and the checkpoint's copy are the explicit ones.

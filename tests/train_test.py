@@ -483,3 +483,26 @@ def test_bfloat16_compute_trains_float32_weights(tiny_assets, train_set):
     trained = trained.unet
     assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(trained)} == {jnp.dtype(jnp.float32)}
     assert np.isfinite(metrics["loss"]) and metrics["history"][-1]["loss"] < metrics["history"][0]["loss"]
+
+
+def test_the_metric_log_clocks_start_after_the_compile_not_at_the_bar():
+    """The train bar is made before the step compiles; start() (called once it has) keeps the
+    compile out of the bar's rate and out of the first window's samples_per_s."""
+    import time
+
+    metrics = {"loss": jnp.float32(0.5)}
+    for started in (False, True):
+        log = trainer_lib._MetricLog(total=10, start=0, examples_per_step=4, progress=True, desc="test")
+        with log:
+            time.sleep(0.3)  # the compile
+            if started:
+                log.start()
+            log.add(1, metrics)
+            log.add(2, metrics)
+            log.pull()
+            elapsed = log._bar.format_dict["elapsed"]
+        rate = log.history[-1]["samples_per_s"]
+        if started:
+            assert rate > 2 * 4 / 0.2 and elapsed < 0.2, (rate, elapsed)
+        else:
+            assert rate < 2 * 4 / 0.3 and elapsed >= 0.3, (rate, elapsed)
