@@ -200,12 +200,9 @@ class Trainer:
         new_token_id = method.new_tokens.ids[0] if method.new_tokens else -1
         self.stages = []
         for index, stage in enumerate(method.stages):
-            where = _stage_field(method.stages, stage)
-            _check_train_config(stage.train, where)
-            self.stages.append(_TrainingStage(
-                index, stage, train.make_optimizer(stage.train, where),
-                train.StepConfig.from_config(stage.train, lora_scale=method.lora_scale, new_token_id=new_token_id,
-                                             where=where)))
+            optimizer, step_config = _stage_settings(method.stages, stage, lora_scale=method.lora_scale,
+                                                     new_token_id=new_token_id)
+            self.stages.append(_TrainingStage(index, stage, optimizer, step_config))
         # How params and AdamW moments are laid out on the mesh: the model tree's logical axes, the rules.
         self.model_axes, self.rules = personalize.logical_axes(sd), sharding.logical_rules(config.mesh.get("rules"))
         augment = config.data.random_crop or config.data.flip
@@ -538,10 +535,17 @@ def check_stages(stages: Sequence[personalize.Stage], adds_token: bool) -> None:
     `adds_token`: the method learns a new token (its id is known once the tokenizer grows; any id
     stands in for it here)."""
     for stage in stages:
-        where = _stage_field(stages, stage)
-        _check_train_config(stage.train, where)
-        train.make_optimizer(stage.train, where)
-        train.StepConfig.from_config(stage.train, new_token_id=0 if adds_token else -1, where=where)
+        _stage_settings(stages, stage, new_token_id=0 if adds_token else -1)
+
+
+def _stage_settings(stages: Sequence[personalize.Stage], stage: personalize.Stage, *, lora_scale: float = 1.0,
+                    new_token_id: int = -1) -> tuple[Any, train.StepConfig]:
+    """Returns (optimizer, step settings) of one of `stages`, raising ValueError that names the
+    first of its settings that cannot work by where it comes from (train.*, or train.stages.<name>.*)."""
+    where = _stage_field(stages, stage)
+    _check_train_config(stage.train, where)
+    return (train.make_optimizer(stage.train, where),
+            train.StepConfig.from_config(stage.train, lora_scale=lora_scale, new_token_id=new_token_id, where=where))
 
 
 def _shapes_key(tree: Any) -> tuple:
