@@ -32,8 +32,6 @@ from gal_jax.tiny_train import (
 
 NUM_TRAIN = 10_000  # pretraining pictures of the shipped models
 REPORT_FILE = "tiny_train.json"
-FIGURE_IMAGES = 1_000  # held-out pictures for the zero-shot figure
-FIGURE_PER_CONTEXT = 8  # base-model pictures per anchor context
 
 # ---------------------------------------------------------------------------------------------
 # The UNet, by our own DreamBooth step
@@ -154,23 +152,32 @@ def train_tiny_world(out: Path | str, *, seed: int = 0, recipe: Recipe = DEFAULT
                      vae_from: Path | str | None = None) -> "BuildReport":
     """Trains the tiny default's models on `num_train` pictures of the tiny world from `seed`,
     writes out/clip and out/sd, measures figures 1 and 2 (`tiny_figures`) and returns the report
-    (also in out/tiny_train.json). With `recipe.clip_object_negatives` CLIP's hard negatives are
-    each caption's object swaps (`tiny_world.object_swaps`); `vae_from` as `build_trained_tiny`
-    takes it."""
+    (also in out/tiny_train.json). CLIP's hard negatives are `hard_negatives`' (the recipe's
+    object and colour swaps); `vae_from` as `build_trained_tiny` takes it."""
     from gal_jax import tiny_world
 
     images, captions = world_dataset(num_train, seed)
     report = build_trained_tiny(out, images, captions, seed=seed, recipe=recipe, progress=progress,
                                 plain_captions=[tiny_world.without_identifiers(c) for c in captions],
-                                negative_captions=([tiny_world.object_swaps(c) for c in captions]
-                                                   if recipe.clip_object_negatives else None),
+                                negative_captions=hard_negatives(captions, recipe),
                                 vae_from=vae_from)
     with io_utils.timed(report.seconds, "figures"):
         report.figures = measure_figures(Path(out).expanduser().absolute(), progress=progress,
-                                         held_out=FIGURE_IMAGES if recipe is DEFAULT_RECIPE else 32,
-                                         per_context=FIGURE_PER_CONTEXT if recipe is DEFAULT_RECIPE else 1)
+                                         held_out=recipe.figure_images, per_context=recipe.figure_per_context)
     io_utils.write_json(Path(out).expanduser().absolute() / REPORT_FILE, dataclasses.asdict(report))
     return report
+
+
+def hard_negatives(captions: Sequence[str], recipe: Recipe) -> list[tuple[str, ...]] | None:
+    """Returns each caption's hard-negative captions for CLIP as the recipe asks (its object swaps,
+    then its colour swaps), or None when it asks for none."""
+    from gal_jax import tiny_world
+
+    swaps = [swap for wanted, swap in ((recipe.clip_object_negatives, tiny_world.object_swaps),
+                                       (recipe.clip_colour_negatives, tiny_world.colour_swaps)) if wanted]
+    if not swaps:
+        return None
+    return [tuple(n for swap in swaps for n in swap(c)) for c in captions]
 
 
 def measure_figures(out: Path, *, held_out: int, per_context: int, progress: bool = True) -> dict[str, Any]:

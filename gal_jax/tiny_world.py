@@ -147,12 +147,23 @@ def object_swaps(text: str) -> tuple[str, ...]:
     the beach' -> 'a red teapot on the beach', ...), in `OBJECTS` order: the hard negatives that
     make CLIP's contrastive loss need the object kind (random batches almost never hold two
     pictures that differ in the object only, so without them CLIP learns contexts and colours)."""
+    return _word_swaps(text, OBJECTS, "object kinds")
+
+
+def colour_swaps(text: str) -> tuple[str, ...]:
+    """Returns the caption once with each other colour in its colour's place ('a red cup on the
+    beach' -> 'a blue cup on the beach', ...), in `COLOURS` order: hard negatives beside
+    `object_swaps`, so that learning the object kind does not cost the colour."""
+    return _word_swaps(text, COLOURS, "colours")
+
+
+def _word_swaps(text: str, vocabulary: tuple[str, ...], what: str) -> tuple[str, ...]:
     words = text.split()
-    at = [i for i, w in enumerate(words) if w in OBJECTS]
+    at = [i for i, w in enumerate(words) if w in vocabulary]
     if len(at) != 1:
-        raise ValueError(f"caption {text!r} names {len(at)} object kinds, expected exactly one of {', '.join(OBJECTS)}")
+        raise ValueError(f"caption {text!r} names {len(at)} {what}, expected exactly one of {', '.join(vocabulary)}")
     return tuple(" ".join(words[:at[0]] + [other] + words[at[0] + 1:])
-                 for other in OBJECTS if other != words[at[0]])
+                 for other in vocabulary if other != words[at[0]])
 
 
 def _check(value: str, allowed: tuple[str, ...], what: str) -> None:

@@ -103,9 +103,9 @@ def test_the_vae_of_another_build_is_taken_only_if_it_matches_the_recipe(smoke_b
         tiny_build._checked_vae_folder(tmp_path, tiny_train.SMOKE_RECIPE)
 
 
-def test_a_build_with_object_negatives_and_vae_from_keeps_that_vae_byte_for_byte(smoke_build, tmp_path):
+def test_a_build_with_swap_negatives_and_vae_from_keeps_that_vae_byte_for_byte(smoke_build, tmp_path):
     source, _ = smoke_build
-    recipe = dataclasses.replace(tiny_train.SMOKE_RECIPE, clip_object_negatives=True)
+    recipe = dataclasses.replace(tiny_train.SMOKE_RECIPE, clip_object_negatives=True, clip_colour_negatives=True)
     report = tiny_build.train_tiny_world(tmp_path / "models", seed=4, recipe=recipe, num_train=40,
                                          progress=False, vae_from=source / "sd")
     assert np.isfinite(report.clip_loss) and report.vae_from == str(source / "sd" / "vae")
@@ -113,6 +113,18 @@ def test_a_build_with_object_negatives_and_vae_from_keeps_that_vae_byte_for_byte
         assert (tmp_path / "models" / "sd" / "vae" / name).read_bytes() == (source / "sd" / "vae" / name).read_bytes()
     assert "vae" not in report.seconds and np.isnan(report.vae_loss)
     assert "VAE: not trained" in report.summary()
+
+
+def test_hard_negatives_are_the_recipes_object_then_colour_swaps():
+    from gal_jax import tiny_world
+
+    captions = ["a red cup on the beach", "a striped blue sks cat in library"]
+    assert tiny_build.hard_negatives(captions, tiny_train.DEFAULT_RECIPE) is None
+    objects = tiny_build.hard_negatives(captions, tiny_train.OBJECT_NEGATIVES_RECIPE)
+    assert objects == [tiny_world.object_swaps(c) for c in captions]
+    both = tiny_build.hard_negatives(captions, tiny_train.RECIPES["swap_negatives"])
+    assert both == [tiny_world.object_swaps(c) + tiny_world.colour_swaps(c) for c in captions]
+    assert {len(n) for n in both} == {len(tiny_world.OBJECTS) - 1 + len(tiny_world.COLOURS) - 1}
 
 
 def test_each_epoch_visits_every_example_once():

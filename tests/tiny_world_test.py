@@ -116,6 +116,15 @@ def test_object_swaps_change_the_object_word_only():
         tiny_world.object_swaps("a blue cat and a cup on the beach")
 
 
+def test_colour_swaps_change_the_colour_word_only():
+    swaps = tiny_world.colour_swaps("a striped blue sks cup in a kitchen")
+    assert swaps == tuple(f"a striped {c} sks cup in a kitchen" for c in tiny_world.COLOURS if c != "blue")
+    with pytest.raises(ValueError, match="names 0 colours"):
+        tiny_world.colour_swaps("a cup on the beach")
+    with pytest.raises(ValueError, match="names 2 colours"):
+        tiny_world.colour_swaps("a red cup and a blue cat on the beach")
+
+
 def test_prompt_context_reads_test_prompts_and_styled_captions():
     assert tiny_world.prompt_context("<tiny-teapot> teapot in an autumn forest") == "in an autumn forest"
     assert tiny_world.prompt_context("a red cat in a forest in pixel art style") == "in a forest"
