@@ -61,7 +61,8 @@ _TRAIN = flags.DEFINE_bool("train", False, "make-tiny: retrain the tiny CLIP, VA
 _SEED = flags.DEFINE_integer("seed", 0, "make-tiny --train: seed of the world and of the training.")
 _RECIPE = flags.DEFINE_enum("recipe", "default", ["default", "smoke", "object_negatives", "swap_negatives"],
                             "make-tiny --train: model sizes and schedules (smoke: a few steps of small models; "
-                            "object_negatives: CLIP with object-swap hard negatives, tried and not shipped).")
+                            "object_negatives, swap_negatives: CLIP with object-swap, or object- and colour-swap, hard "
+                            "negatives, tried and not shipped).")
 _VAE_FROM = flags.DEFINE_string("vae_from", None, "make-tiny --train: keep this SD folder's VAE instead of training one.")
 _NUM_TRAIN = flags.DEFINE_integer("num_train", None, "make-tiny --train: pretraining pictures (default 10000).")
 _DISTRIBUTED = flags.DEFINE_bool(

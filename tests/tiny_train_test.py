@@ -127,6 +127,12 @@ def test_hard_negatives_are_the_recipes_object_then_colour_swaps():
     assert {len(n) for n in both} == {len(tiny_world.OBJECTS) - 1 + len(tiny_world.COLOURS) - 1}
 
 
+def test_the_cli_offers_exactly_the_recipes():
+    from gal_jax import main
+
+    assert sorted(main._RECIPE._flagvalues[main._RECIPE.name].parser.enum_values) == sorted(tiny_train.RECIPES)
+
+
 def test_each_epoch_visits_every_example_once():
     key = jax.random.key(0)
     epoch = np.concatenate([np.asarray(tiny_train.epoch_batch_indices(key, jnp.int32(s), 12, 4)) for s in range(3)])
