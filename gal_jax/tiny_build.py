@@ -139,6 +139,11 @@ class BuildReport:
             parts = [f"{name} {zero_shot[name]['clip_accuracy']:.1%} (judge agrees {zero_shot[name]['judge_agrees_with_clip']:.1%})"
                      for name in ("context", "object", "colour")]
             lines.append(f"CLIP zero-shot on {zero_shot['images']} held-out pictures: " + ", ".join(parts))
+        round_trips = self.figures.get("judge_on_vae_round_trips")
+        if round_trips:
+            worst = min(round_trips["per_context"], key=round_trips["per_context"].get)
+            lines.append(f"judge on the VAE's round trips of {round_trips['images']} held-out pictures: "
+                         f"{round_trips['accuracy']:.1%}, lowest {round_trips['min']:.1%} ({worst!r})")
         following = self.figures.get("base_context_following")
         if following:
             worst = min(following["per_context"], key=following["per_context"].get)
@@ -190,6 +195,8 @@ def measure_figures(out: Path, *, held_out: int, per_context: int, progress: boo
     figures = {"clip_zero_shot": tiny_figures.clip_zero_shot(scorer, tiny_figures.held_out_scenes(held_out))}
     sd, sd_params = models.load_stable_diffusion(out / "sd")
     generator = sample.Generator(sd, mesh, sampler="ddim", steps=25, guidance_scale=5.0, max_images_per_device=64)
+    figures["judge_on_vae_round_trips"] = tiny_figures.judge_on_round_trips(
+        sd, sd_params, tiny_figures.held_out_scenes(held_out))
     figures["base_context_following"] = tiny_figures.base_context_following(generator, sd_params, per_context)
     return figures
 

@@ -77,6 +77,31 @@ def clip_zero_shot(scorer, scenes: Sequence[tiny_world.Scene]) -> dict[str, Any]
     return result
 
 
+def judge_on_round_trips(sd, sd_params, scenes: Sequence[tiny_world.Scene], batch_size: int = 100) -> dict[str, Any]:
+    """Returns the judge's context accuracy on the SD's VAE round trips of `scenes` (each picture
+    encoded, its posterior mean decoded): per context, the lowest, and overall.
+
+    Figure 2 judges generated pictures, which are at best what the VAE can draw; this checks the
+    judge against ground truth on such pictures (its accuracy on the world's own is figure 1's).
+    """
+    import jax
+
+    @jax.jit
+    def round_trip(pixels):
+        mean = sd.encode_posterior(sd_params.vae, pixels.astype(np.float32) / 127.5 - 1.0)[0]
+        return sample.to_uint8(sd.decode_latents(sd_params.vae, mean))
+
+    images = np.stack([s.image for s in scenes])
+    decoded = np.concatenate([np.asarray(round_trip(images[i:i + batch_size]))
+                              for i in range(0, len(images), batch_size)])
+    judged = [tiny_world_judge.judge_context(image) for image in decoded]
+    truth = [s.context for s in scenes]
+    per_context = {c: _share([j for j, t in zip(judged, truth) if t == c], [c] * truth.count(c))
+                   for c in tiny_world.CONTEXTS if c in truth}
+    return {"images": len(scenes), "per_context": per_context, "min": min(per_context.values()),
+            "accuracy": _share(judged, truth)}
+
+
 def _share(a: Sequence, b: Sequence) -> float:
     return float(np.mean([x == y for x, y in zip(a, b, strict=True)]))
 

@@ -31,6 +31,9 @@ def test_a_smoke_build_writes_models_our_loaders_and_pytorch_read(smoke_build):
     assert {"context", "object", "colour"} <= set(zero_shot) and zero_shot["images"] == 32
     assert 0.0 <= zero_shot["context"]["judge_accuracy"] <= 1.0
     assert len(written["figures"]["base_context_following"]["per_context"]) == 18
+    round_trips = written["figures"]["judge_on_vae_round_trips"]
+    assert round_trips["images"] == 32 and 0.0 <= round_trips["min"] <= round_trips["accuracy"] <= 1.0
+    assert "judge on the VAE's round trips of 32 held-out pictures" in report.summary()
     # Our loaders read both folders; the text tower is the CLIP's, bit for bit.
     sd, sd_params = models.load_stable_diffusion(out / "sd")
     clip, clip_params = models.load_clip(out / "clip")
