@@ -27,7 +27,7 @@ from gal_jax import data, export, io_utils, models, score, sharding, tiny_train_
 from gal_jax.tiny_train import (
     DEFAULT_RECIPE, LOG_EVERY, ClipData, Params, Recipe, caption_groups, init_clip, init_vae,
     latent_scaling_factor, retrieval_accuracy, split_held_out, train_clip, train_vae, trim_padding,
-    vae_psnr, world_dataset,
+    vae_psnr, with_fresh_vision_tower, world_dataset,
 )
 
 NUM_TRAIN = 10_000  # pretraining pictures of the shipped models
@@ -275,7 +275,7 @@ def build_trained_tiny(out: Path | str, images: np.ndarray, captions: Sequence[s
 
 def _build_clip(report, images, ids, groups, train_rows, held_rows, recipe, seed, progress, plain_ids=None,
                 negative_ids=None):
-    model, params = init_clip(recipe, seed)
+    model, params = init_clip(recipe, seed, recipe.joint_vision)
     ids, plain_ids, negative_ids = trim_padding(ids, plain_ids, negative_ids,
                                                 eos_token_id=int(recipe.text["eos_token_id"]))
 
@@ -285,6 +285,8 @@ def _build_clip(report, images, ids, groups, train_rows, held_rows, recipe, seed
     clip_data = ClipData(rows(images), rows(ids), rows(groups), rows(plain_ids), rows(negative_ids))
     params, losses = train_clip(model, params, clip_data, recipe.clip_schedule, seed, progress)
     if recipe.clip_locked_schedule is not None:
+        if recipe.joint_vision is not None:
+            model, params = with_fresh_vision_tower(recipe, params, seed + 50)
         params, more = train_clip(model, params, clip_data, recipe.clip_locked_schedule, seed + 100, progress,
                                   locked_text=True)
         losses = losses + more

@@ -78,6 +78,12 @@ class Recipe:
     clip_locked_schedule: Schedule | None
     vae_schedule: Schedule
     unet_schedule: Schedule
+    # LiT's order reversed (a locked text tower, a new image tower): the first CLIP stage trains
+    # this vision tower with the text tower, and the locked stage starts a fresh `vision` tower
+    # against the finished text tower. A small scaffold is enough to teach the text tower; the
+    # shipped vision tower can then be larger without slowing the joint stage. None: the one
+    # `vision` tower goes through both stages. Needs `clip_locked_schedule`.
+    joint_vision: dict | None = None
     # CLIP's image-to-text term also pits each caption against the same caption with another object
     # kind (`tiny_world.object_swaps`), as NegCLIP's hard negatives: random batches of this world
     # almost never hold two pictures that differ in the object only, so CLIP learns contexts and
@@ -101,6 +107,11 @@ class Recipe:
     # anchor context the context-following figure draws (`tiny_build.measure_figures`).
     figure_images: int = 1_000
     figure_per_context: int = 8
+
+    def __post_init__(self):
+        if self.joint_vision is not None and self.clip_locked_schedule is None:
+            raise ValueError("a recipe with joint_vision needs clip_locked_schedule: the locked stage "
+                             "is where its vision tower is trained")
 
     @property
     def max_length(self) -> int:
@@ -161,8 +172,15 @@ OBJECT_NEGATIVES_RECIPE = dataclasses.replace(
 # 95%, object 78%, colour 92%; the UNet on its text tower drew the prompt's context less often (mean
 # 83%, "in park" 25%). The object kind seems limited by the vision tower (README "The tiny world").
 SWAP_NEGATIVES_RECIPE = dataclasses.replace(OBJECT_NEGATIVES_RECIPE, clip_colour_negatives=True)
+# Session 25: the swap_negatives text tower, then a fresh vision tower twice as wide and one layer
+# deeper trained against it (`joint_vision`: the first stage keeps the small one).
+SWAP_LIT_RECIPE = dataclasses.replace(
+    SWAP_NEGATIVES_RECIPE, joint_vision=VISION,
+    vision=dict(VISION, hidden_size=128, intermediate_size=512, num_hidden_layers=4),
+    clip_locked_schedule=dataclasses.replace(SWAP_NEGATIVES_RECIPE.clip_locked_schedule, steps=2500),
+)
 RECIPES = {"default": DEFAULT_RECIPE, "smoke": SMOKE_RECIPE, "object_negatives": OBJECT_NEGATIVES_RECIPE,
-           "swap_negatives": SWAP_NEGATIVES_RECIPE}
+           "swap_negatives": SWAP_NEGATIVES_RECIPE, "swap_lit": SWAP_LIT_RECIPE}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,16 +252,24 @@ def trim_padding(*token_ids: np.ndarray | None, eos_token_id: int) -> tuple[np.n
     return tuple(None if ids is None else ids[..., :length] for ids in token_ids)
 
 
-def clip_config(recipe: Recipe) -> nn_clip.ClipConfig:
-    """Returns the CLIP config of the recipe."""
-    return nn_clip.ClipConfig.from_dict(dict(text_config=recipe.text, vision_config=recipe.vision,
+def clip_config(recipe: Recipe, vision: dict | None = None) -> nn_clip.ClipConfig:
+    """Returns the CLIP config of the recipe (with `vision` instead of its vision tower)."""
+    return nn_clip.ClipConfig.from_dict(dict(text_config=recipe.text, vision_config=vision or recipe.vision,
                                              projection_dim=recipe.projection_dim))
 
 
-def init_clip(recipe: Recipe, seed: int) -> tuple[nn_clip.ClipModel, Params]:
-    """Returns (our CLIP module, freshly initialised params)."""
-    model = nn_clip.ClipModel(clip_config(recipe))
+def init_clip(recipe: Recipe, seed: int, vision: dict | None = None) -> tuple[nn_clip.ClipModel, Params]:
+    """Returns (our CLIP module, freshly initialised params); `vision` as clip_config takes it."""
+    model = nn_clip.ClipModel(clip_config(recipe, vision))
     return model, nn_clip.init_params(model, jax.random.key(seed))
+
+
+def with_fresh_vision_tower(recipe: Recipe, params: Params, seed: int) -> tuple[nn_clip.ClipModel, Params]:
+    """Returns (the recipe's CLIP, params): `params`' text tower, text projection and logit
+    scale, and a freshly initialised vision tower and projection of `recipe.vision`."""
+    model, fresh = init_clip(recipe, seed)
+    kept = ("text_model", "text_projection", "logit_scale")
+    return model, {**fresh, **{name: params[name] for name in kept}}
 
 
 def text_features(model: nn_clip.ClipModel, params: Params, input_ids: jax.Array) -> jax.Array:

@@ -228,3 +228,44 @@ def test_the_identifier_term_pulls_a_caption_and_its_plain_form_together(tmp_pat
     pulled, _ = tiny_train.train_clip(model, params, with_term, recipe.clip_schedule, 0, False)
     free, _ = tiny_train.train_clip(model, params, without_term, recipe.clip_schedule, 0, False)
     assert distance(pulled) < 0.5 * distance(free)
+
+
+def test_joint_vision_trains_a_scaffold_then_a_fresh_vision_tower_against_the_locked_text_tower(monkeypatch, tmp_path):
+    """A recipe with joint_vision: the joint stage trains its small vision tower with the text
+    tower; the locked stage gets the recipe's `vision` tower, freshly initialised, and the joint
+    stage's text tower, text projection and logit scale."""
+    recipe = dataclasses.replace(
+        tiny_train.SMOKE_RECIPE, joint_vision=tiny_train.SMOKE_RECIPE.vision,
+        vision=dict(tiny_train.SMOKE_RECIPE.vision, hidden_size=48, num_hidden_layers=2))
+    stages = []
+    real_train_clip = tiny_build.train_clip
+
+    def recorded(model, params, *args, **kwargs):
+        trained, losses = real_train_clip(model, params, *args, **kwargs)
+        stages.append((model, params, trained, kwargs.get("locked_text", False)))
+        return trained, losses
+
+    monkeypatch.setattr(tiny_build, "train_clip", recorded)
+    images, captions = tiny_train.world_dataset(24, seed=0)
+    tokenizer = tiny_train_io.load_tokenizer(tiny_train_io.write_tokenizer(tmp_path / "tok", recipe.max_length))
+    ids = tiny_train_io.tokenize_captions(tokenizer, captions)
+    report = tiny_build.BuildReport(seed=0, num_train=16, num_held_out=8)
+    model, params = tiny_build._build_clip(report, images, ids, tiny_train.caption_groups(captions),
+                                           np.arange(16), np.arange(16, 24), recipe, 0, False)
+    (joint_model, _, joint, joint_locked), (locked_model, start, final, locked) = stages
+    assert (joint_locked, locked) == (False, True) and model is locked_model
+    assert joint_model.config.vision.hidden_size == 32 and model.config.vision.hidden_size == 48
+    assert len(jax.tree_util.tree_leaves(final["vision_model"])) > len(jax.tree_util.tree_leaves(joint["vision_model"]))
+    for part in ("text_model", "text_projection", "logit_scale"):
+        assert jax.tree_util.tree_all(jax.tree_util.tree_map(
+            lambda a, b: bool(jnp.array_equal(a, b)), start[part], joint[part])), part
+    fresh = tiny_train.init_clip(recipe, 50)[1]  # _build_clip seeds the fresh tower with seed + 50
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(
+        lambda a, b: bool(jnp.array_equal(a, b)), start["vision_model"], fresh["vision_model"]))
+    assert np.isfinite(report.clip_held_out_accuracy)
+
+
+def test_joint_vision_needs_a_locked_stage():
+    with pytest.raises(ValueError, match="joint_vision needs clip_locked_schedule"):
+        dataclasses.replace(tiny_train.SMOKE_RECIPE, joint_vision=tiny_train.SMOKE_RECIPE.vision,
+                            clip_locked_schedule=None)
