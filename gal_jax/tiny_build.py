@@ -192,11 +192,11 @@ def measure_figures(out: Path, *, held_out: int, per_context: int, progress: boo
     mesh = sharding.make_mesh()
     clip, clip_params = models.load_clip(out / "clip")
     scorer = score.Scorer(clip, clip_params, mesh)
-    figures = {"clip_zero_shot": tiny_figures.clip_zero_shot(scorer, tiny_figures.held_out_scenes(held_out))}
+    scenes = tiny_figures.held_out_scenes(held_out)
+    figures = {"clip_zero_shot": tiny_figures.clip_zero_shot(scorer, scenes)}
     sd, sd_params = models.load_stable_diffusion(out / "sd")
     generator = sample.Generator(sd, mesh, sampler="ddim", steps=25, guidance_scale=5.0, max_images_per_device=64)
-    figures["judge_on_vae_round_trips"] = tiny_figures.judge_on_round_trips(
-        sd, sd_params, tiny_figures.held_out_scenes(held_out))
+    figures["judge_on_vae_round_trips"] = tiny_figures.judge_on_round_trips(sd, sd_params, scenes)
     figures["base_context_following"] = tiny_figures.base_context_following(generator, sd_params, per_context)
     return figures
 
