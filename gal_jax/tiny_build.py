@@ -27,7 +27,7 @@ from gal_jax import data, export, io_utils, models, score, sharding, tiny_train_
 from gal_jax.tiny_train import (
     DEFAULT_RECIPE, LOG_EVERY, ClipData, Params, Recipe, caption_groups, init_clip, init_vae,
     latent_scaling_factor, retrieval_accuracy, split_held_out, train_clip, train_vae, trim_padding,
-    vae_psnr, with_fresh_vision_tower, world_dataset,
+    vae_psnr, with_fresh_vision_tower, world_dataset, world_twins,
 )
 
 NUM_TRAIN = 10_000  # pretraining pictures of the shipped models
@@ -158,14 +158,16 @@ def train_tiny_world(out: Path | str, *, seed: int = 0, recipe: Recipe = DEFAULT
     """Trains the tiny default's models on `num_train` pictures of the tiny world from `seed`,
     writes out/clip and out/sd, measures figures 1 and 2 (`tiny_figures`) and returns the report
     (also in out/tiny_train.json). CLIP's hard negatives are `hard_negatives`' (the recipe's
-    object and colour swaps); `vae_from` as `build_trained_tiny` takes it."""
+    object and colour swaps), its twins `world_twins`' (the recipe's `clip_twins`); `vae_from` as
+    `build_trained_tiny` takes it."""
     from gal_jax import tiny_world
 
     images, captions = world_dataset(num_train, seed)
+    twins = world_twins(num_train, seed, recipe.clip_twins) if recipe.clip_twins else None
     report = build_trained_tiny(out, images, captions, seed=seed, recipe=recipe, progress=progress,
                                 plain_captions=[tiny_world.without_identifiers(c) for c in captions],
                                 negative_captions=hard_negatives(captions, recipe),
-                                vae_from=vae_from)
+                                vae_from=vae_from, twins=twins)
     with io_utils.timed(report.seconds, "figures"):
         report.figures = measure_figures(Path(out).expanduser().absolute(), progress=progress,
                                          held_out=recipe.figure_images, per_context=recipe.figure_per_context)
@@ -205,7 +207,8 @@ def build_trained_tiny(out: Path | str, images: np.ndarray, captions: Sequence[s
                        recipe: Recipe = DEFAULT_RECIPE, progress: bool = True,
                        plain_captions: Sequence[str] | None = None,
                        negative_captions: Sequence[Sequence[str]] | None = None,
-                       vae_from: Path | str | None = None) -> BuildReport:
+                       vae_from: Path | str | None = None,
+                       twins: tuple[np.ndarray, Sequence[str]] | None = None) -> BuildReport:
     """Trains CLIP, VAE and UNet from `seed` on the captioned images; writes out/clip and out/sd.
 
     `plain_captions` (one per image: the caption without its identifier words, e.g. "sks") makes
@@ -214,6 +217,9 @@ def build_trained_tiny(out: Path | str, images: np.ndarray, captions: Sequence[s
     `negative_captions` (the same number K per image) are extra negatives of each image's
     image-to-text term (`tiny_train.contrastive_loss`): captions that differ from its own in what
     random batches would not teach (the object kind).
+    `twins` (images, captions), row for row with `images`: each picture's twin, differing in one
+    attribute (`tiny_world.training_twins`); CLIP's batches then pair every picture with its twin
+    (the UNet never sees them).
     `vae_from`: an SD folder whose VAE (`vae/`, with its scaling factor) is taken as it is instead
     of training one: the VAE depends on the pictures only, so a rebuild that changes CLIP or the
     UNet can keep it (the report's VAE figures are then NaN).
@@ -224,6 +230,10 @@ def build_trained_tiny(out: Path | str, images: np.ndarray, captions: Sequence[s
     written to out/REPORT_FILE).
     """
     images = _checked_images(images, captions, recipe)
+    if twins is not None:
+        twins = (_checked_images(twins[0], twins[1], recipe), list(twins[1]))
+        if len(twins[1]) != len(captions):
+            raise ValueError(f"{len(captions)} captions but {len(twins[1])} twins")
     for name, extra in (("plain captions", plain_captions), ("negative caption lists", negative_captions)):
         if extra is not None and len(extra) != len(captions):
             raise ValueError(f"{len(captions)} captions but {len(extra)} {name}")
@@ -249,10 +259,14 @@ def build_trained_tiny(out: Path | str, images: np.ndarray, captions: Sequence[s
         if negative_captions is not None:
             flat = tiny_train_io.tokenize_captions(tokenizer, [n for row in negative_captions for n in row])
             negative_ids = flat.reshape(len(captions), -1, flat.shape[-1])
-        groups = caption_groups(captions)
+        groups = caption_groups(list(captions) + ([] if twins is None else twins[1]))
+        twin_data = None
+        if twins is not None:
+            twin_data = (twins[0], tiny_train_io.tokenize_captions(tokenizer, twins[1]), groups[len(captions):])
+        groups = groups[: len(captions)]
         with io_utils.timed(report.seconds, "clip"):
             model, clip_params = _build_clip(report, images, ids, groups, train_rows, held_rows, recipe,
-                                             seed, progress, plain_ids, negative_ids)
+                                             seed, progress, plain_ids, negative_ids, twin_data)
             tiny_train_io.save_clip(staging / "clip", model, clip_params, recipe.dtype)
         vae_params = None
         if vae_source is None:
@@ -274,15 +288,17 @@ def build_trained_tiny(out: Path | str, images: np.ndarray, captions: Sequence[s
 
 
 def _build_clip(report, images, ids, groups, train_rows, held_rows, recipe, seed, progress, plain_ids=None,
-                negative_ids=None):
+                negative_ids=None, twins=None):
     model, params = init_clip(recipe, seed, recipe.joint_vision)
-    ids, plain_ids, negative_ids = trim_padding(ids, plain_ids, negative_ids,
-                                                eos_token_id=int(recipe.text["eos_token_id"]))
+    twin_images, twin_ids, twin_groups = (None, None, None) if twins is None else twins
+    ids, plain_ids, negative_ids, twin_ids = trim_padding(ids, plain_ids, negative_ids, twin_ids,
+                                                          eos_token_id=int(recipe.text["eos_token_id"]))
 
     def rows(x):
         return None if x is None else jnp.asarray(x[train_rows])
 
-    clip_data = ClipData(rows(images), rows(ids), rows(groups), rows(plain_ids), rows(negative_ids))
+    clip_data = ClipData(rows(images), rows(ids), rows(groups), rows(plain_ids), rows(negative_ids),
+                         rows(twin_images), rows(twin_ids), rows(twin_groups))
     params, losses = train_clip(model, params, clip_data, recipe.clip_schedule, seed, progress)
     if recipe.clip_locked_schedule is not None:
         if recipe.joint_vision is not None:

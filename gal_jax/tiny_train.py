@@ -92,6 +92,12 @@ class Recipe:
     # The same with each caption's colour swaps (`tiny_world.colour_swaps`) too: object swaps alone
     # taught the object kind at the colour's expense (95% -> 86%).
     clip_colour_negatives: bool = False
+    # CLIP batches of minimal pairs: half the batch drawn from the set, the other half their twins
+    # (`tiny_world.training_twins`: the same picture with one of these attributes changed, caption
+    # to match), so both directions of the loss hinge on that attribute. Caption negatives alone
+    # teach the text tower only as far as the vision tower already tells the objects apart; twins
+    # make the vision tower learn them too. Empty: plain random batches.
+    clip_twins: tuple[str, ...] = ()
     kl_weight: float = 1e-4
     edge_weight: float = 0.5
     held_out_fraction: float = 0.1
@@ -112,6 +118,9 @@ class Recipe:
         if self.joint_vision is not None and self.clip_locked_schedule is None:
             raise ValueError("a recipe with joint_vision needs clip_locked_schedule: the locked stage "
                              "is where its vision tower is trained")
+        if self.clip_twins and (self.clip_object_negatives or self.clip_colour_negatives):
+            raise ValueError("a recipe takes twins (clip_twins) or caption negatives (clip_object_negatives, "
+                             "clip_colour_negatives), not both: a twin's caption is already its pair's hard negative")
 
     @property
     def max_length(self) -> int:
@@ -181,8 +190,12 @@ SWAP_LIT_RECIPE = dataclasses.replace(
     vision=dict(VISION, hidden_size=128, intermediate_size=512, num_hidden_layers=4),
     clip_locked_schedule=dataclasses.replace(SWAP_NEGATIVES_RECIPE.clip_locked_schedule, steps=2500),
 )
+# Session 26: CLIP on minimal pairs (`clip_twins`: each picture beside its twin with another object
+# kind or colour) instead of caption negatives, with swap_lit's two vision towers and schedules.
+TWIN_LIT_RECIPE = dataclasses.replace(
+    SWAP_LIT_RECIPE, clip_object_negatives=False, clip_colour_negatives=False, clip_twins=("object", "colour"))
 RECIPES = {"default": DEFAULT_RECIPE, "smoke": SMOKE_RECIPE, "object_negatives": OBJECT_NEGATIVES_RECIPE,
-           "swap_negatives": SWAP_NEGATIVES_RECIPE, "swap_lit": SWAP_LIT_RECIPE}
+           "swap_negatives": SWAP_NEGATIVES_RECIPE, "swap_lit": SWAP_LIT_RECIPE, "twin_lit": TWIN_LIT_RECIPE}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,6 +208,15 @@ def world_dataset(count: int, seed: int) -> tuple[np.ndarray, list[str]]:
     from gal_jax import tiny_world
 
     scenes = tiny_world.training_set(count, seed)
+    return np.stack([s.image for s in scenes]), [s.caption for s in scenes]
+
+
+def world_twins(count: int, seed: int, attributes: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """Returns (uint8 images, captions) of the twins of `world_dataset(count, seed)`'s scenes, row
+    for row (`tiny_world.training_twins`)."""
+    from gal_jax import tiny_world
+
+    scenes = list(tiny_world.training_twins(count, seed, attributes))
     return np.stack([s.image for s in scenes]), [s.caption for s in scenes]
 
 
@@ -238,10 +260,16 @@ class ClipData:
     # (N, K, L) int32: per image K captions that differ from its own in one attribute only (the
     # object kind: `tiny_world.object_swaps`), extra negatives of its image-to-text term; None: none.
     negative_ids: jax.Array | None = None
+    # Each image's twin (`tiny_world.training_twins`), row for row: (N, H, W, 3) uint8, (N, L) int32
+    # and (N,) int32 groups numbered with `groups` (equal captions, equal group). None: no twins.
+    twin_images: jax.Array | None = None
+    twin_ids: jax.Array | None = None
+    twin_groups: jax.Array | None = None
 
 
 jax.tree_util.register_dataclass(
-    ClipData, data_fields=["images", "input_ids", "groups", "plain_ids", "negative_ids"], meta_fields=[])
+    ClipData, data_fields=["images", "input_ids", "groups", "plain_ids", "negative_ids", "twin_images", "twin_ids",
+                           "twin_groups"], meta_fields=[])
 
 
 def trim_padding(*token_ids: np.ndarray | None, eos_token_id: int) -> tuple[np.ndarray | None, ...]:
@@ -320,8 +348,13 @@ def clip_train_step(state: TrainState, clip_data: ClipData, key: jax.Array, *, m
     no gradient flows into the text tower (pair with `clip_optimizer(..., locked_text=True)`);
     with `clip_data.plain_ids` the loss adds `identifier_loss` (text tower trained only); with
     `clip_data.negative_ids` each image's captions compete with its hard negatives too."""
-    rows = epoch_batch_indices(key, state.step, clip_data.groups.shape[0], batch_size)
+    twins = clip_data.twin_images is not None
+    rows = epoch_batch_indices(key, state.step, clip_data.groups.shape[0], batch_size // 2 if twins else batch_size)
     images, ids, groups = clip_data.images[rows], clip_data.input_ids[rows], clip_data.groups[rows]
+    if twins:  # minimal pairs: each drawn image beside its twin
+        images = jnp.concatenate([images, clip_data.twin_images[rows]])
+        ids = jnp.concatenate([ids, clip_data.twin_ids[rows]])
+        groups = jnp.concatenate([groups, clip_data.twin_groups[rows]])
     with_identifiers = clip_data.plain_ids is not None and not locked_text
 
     def loss_fn(params):
@@ -334,8 +367,9 @@ def clip_train_step(state: TrainState, clip_data: ClipData, key: jax.Array, *, m
             negatives = text_features(model, params, negative_ids.reshape(-1, negative_ids.shape[-1]))
             negatives = negatives.reshape(*negative_ids.shape[:2], -1)
         loss = contrastive_loss(image, text, params["logit_scale"], groups, negatives)
-        if with_identifiers:
-            loss = loss + identifier_loss(text, text_features(model, params, clip_data.plain_ids[rows]))
+        if with_identifiers:  # the drawn captions' (a twin keeps its pair's identifier)
+            drawn = text[: rows.shape[0]]
+            loss = loss + identifier_loss(drawn, text_features(model, params, clip_data.plain_ids[rows]))
         return loss
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
@@ -364,7 +398,8 @@ def train_clip(model, params: Params, clip_data: ClipData, schedule: Schedule, s
     """Returns (trained params, loss per log window); `locked_text` keeps the text tower as it is."""
     optimizer = clip_optimizer(schedule, locked_text=locked_text)
     step = functools.partial(clip_train_step, model=model, optimizer=optimizer, locked_text=locked_text,
-                             batch_size=_batch_size(schedule, clip_data.groups.shape[0]))
+                             batch_size=_batch_size(schedule, clip_data.groups.shape[0],
+                                                       pairs=clip_data.twin_images is not None))
     name = "CLIP (text tower locked)" if locked_text else "CLIP"
     return _run_loop(step, params, optimizer, clip_data, schedule.steps, seed, name, progress)
 
@@ -487,9 +522,11 @@ def latent_scaling_factor(vae, params: Params, images: np.ndarray, seed: int, ba
 # ---------------------------------------------------------------------------------------------
 
 
-def _batch_size(schedule: Schedule, count: int) -> int:
+def _batch_size(schedule: Schedule, count: int, pairs: bool = False) -> int:
     if count < schedule.batch_size:
         raise ValueError(f"{count} training images are fewer than one batch of {schedule.batch_size}")
+    if pairs and schedule.batch_size % 2:
+        raise ValueError(f"batches of twins need an even batch size, got {schedule.batch_size}")
     return schedule.batch_size
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -189,10 +189,8 @@ def _balanced(rng: np.random.Generator, values: tuple, n: int) -> list:
     return [values[i] for i in rng.permutation(np.resize(np.arange(len(values)), n))]
 
 
-def training_scenes(n: int, seed: int = 0, *, resolution: int = RESOLUTION) -> Iterator[Scene]:
-    """Yields the pretraining set's n scenes: contexts, objects, colours, patterns balanced, one in
-    ten styled, one in ten captioned with an identifier (`IDENTIFIERS`); never the concept's look.
-    Scene i depends only on (seed, i, n)."""
+def _training_specs(n: int, seed: int) -> list[tuple[str, str, str, str, str | None, str | None]]:
+    """Returns the pretraining set's n (context, object, colour, pattern, style, identifier)."""
     schedule = np.random.default_rng([seed, n])
     styled = round(n * STYLED_FRACTION)
     styles = _balanced(schedule, tuple(STYLES), styled) + [None] * (n - styled)
@@ -202,13 +200,51 @@ def training_scenes(n: int, seed: int = 0, *, resolution: int = RESOLUTION) -> I
     identified = round(n * IDENTIFIED_FRACTION)
     identifiers = _balanced(schedule, IDENTIFIERS, identified) + [None] * (n - identified)
     identifiers = [identifiers[i] for i in schedule.permutation(n)]
-    for index, (context, obj, colour, pattern, style) in enumerate(zip(*columns)):
-        scene = sample_scene(np.random.default_rng([seed, index]), context=context, obj=obj, colour=colour,
-                             pattern=pattern, style=style, resolution=resolution)
-        if identifiers[index]:
-            scene = dataclasses.replace(
-                scene, caption=caption(obj, colour, pattern, context, style, identifiers[index]))
-        yield scene
+    return [(*spec, identifier) for spec, identifier in zip(zip(*columns), identifiers)]
+
+
+def _spec_scene(seed: int, index: int, context: str, obj: str, colour: str, pattern: str, style: str | None,
+                identifier: str | None, resolution: int) -> Scene:
+    scene = sample_scene(np.random.default_rng([seed, index]), context=context, obj=obj, colour=colour,
+                         pattern=pattern, style=style, resolution=resolution)
+    if identifier:
+        scene = dataclasses.replace(scene, caption=caption(obj, colour, pattern, context, style, identifier))
+    return scene
+
+
+def training_scenes(n: int, seed: int = 0, *, resolution: int = RESOLUTION) -> Iterator[Scene]:
+    """Yields the pretraining set's n scenes: contexts, objects, colours, patterns balanced, one in
+    ten styled, one in ten captioned with an identifier (`IDENTIFIERS`); never the concept's look.
+    Scene i depends only on (seed, i, n)."""
+    for index, spec in enumerate(_training_specs(n, seed)):
+        yield _spec_scene(seed, index, *spec, resolution=resolution)
+
+
+TWIN_ATTRIBUTES = ("object", "colour")
+
+
+def training_twins(n: int, seed: int = 0, attributes: Sequence[str] = TWIN_ATTRIBUTES, *,
+                   resolution: int = RESOLUTION) -> Iterator[Scene]:
+    """Yields, for each scene of `training_scenes(n, seed)`, its twin: the same picture (same
+    background, placement, pattern and style: the same random draws) with one of `attributes`
+    (drawn per scene) changed to another value, and its caption changed to match. A batch that
+    holds a scene and its twin makes CLIP's loss hinge on the one attribute they differ in, in
+    both directions (minimal pairs): random batches of this world almost never hold two pictures
+    that differ in the object only."""
+    if not attributes or any(a not in TWIN_ATTRIBUTES for a in attributes):
+        raise ValueError(f"twin attributes must be some of {', '.join(TWIN_ATTRIBUTES)}, got {list(attributes)}")
+    values = {"object": OBJECTS, "colour": COLOURS}
+    for index, (context, obj, colour, pattern, style, identifier) in enumerate(_training_specs(n, seed)):
+        rng = np.random.default_rng([seed, index, 1])
+        attribute = attributes[rng.integers(len(attributes))]
+        current = {"object": obj, "colour": colour}[attribute]
+        others = [v for v in values[attribute] if v != current]
+        changed = others[rng.integers(len(others))]
+        if attribute == "object":
+            obj = changed
+        else:
+            colour = changed
+        yield _spec_scene(seed, index, context, obj, colour, pattern, style, identifier, resolution)
 
 
 def training_set(n: int, seed: int = 0, *, resolution: int = RESOLUTION) -> list[Scene]:

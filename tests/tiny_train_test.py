@@ -269,3 +269,88 @@ def test_joint_vision_needs_a_locked_stage():
     with pytest.raises(ValueError, match="joint_vision needs clip_locked_schedule"):
         dataclasses.replace(tiny_train.SMOKE_RECIPE, joint_vision=tiny_train.SMOKE_RECIPE.vision,
                             clip_locked_schedule=None)
+
+
+def _twin_data(tmp_path, count: int, recipe=tiny_train.SMOKE_RECIPE):
+    """Returns (ClipData with twins, its captions, its twin captions) of a small world."""
+    images, captions = tiny_train.world_dataset(count, seed=0)
+    twin_images, twin_captions = tiny_train.world_twins(count, 0, ("object", "colour"))
+    tokenizer = tiny_train_io.load_tokenizer(tiny_train_io.write_tokenizer(tmp_path / "tok", recipe.max_length))
+    ids, twin_ids = (jnp.asarray(tiny_train_io.tokenize_captions(tokenizer, c)) for c in (captions, twin_captions))
+    groups = tiny_train.caption_groups(captions + twin_captions)
+    data = tiny_train.ClipData(jnp.asarray(images), ids, jnp.asarray(groups[:count]), twin_images=jnp.asarray(twin_images),
+                               twin_ids=twin_ids, twin_groups=jnp.asarray(groups[count:]))
+    return data, captions, twin_captions
+
+
+def test_with_twins_each_drawn_picture_meets_its_twin_in_the_batch(tmp_path):
+    """The step's loss is CLIP's loss over the drawn half of the batch and the twins of the same
+    rows, not over a batch of drawn pictures only."""
+    recipe = tiny_train.SMOKE_RECIPE
+    model, params = tiny_train.init_clip(recipe, seed=0)
+    data, _, _ = _twin_data(tmp_path, 16)
+    optimizer = tiny_train.clip_optimizer(recipe.clip_schedule)
+    state = tiny_train._new_state(params, optimizer)
+    key = jax.random.key(7)
+    _, metrics = tiny_train.clip_train_step(state, data, key, model=model, optimizer=optimizer, batch_size=8)
+    rows = tiny_train.epoch_batch_indices(key, jnp.int32(0), 16, 4)
+    image, text = tiny_train.clip_embeddings(model, params, jnp.concatenate([data.images[rows], data.twin_images[rows]]),
+                                             jnp.concatenate([data.input_ids[rows], data.twin_ids[rows]]))
+    groups = jnp.concatenate([data.groups[rows], data.twin_groups[rows]])
+    expected = tiny_train.contrastive_loss(image, text, params["logit_scale"], groups)
+    assert float(metrics["loss"]) == pytest.approx(float(expected), rel=1e-5)
+    with pytest.raises(ValueError, match="even batch size"):
+        tiny_train.train_clip(model, params, data, dataclasses.replace(recipe.clip_schedule, batch_size=7), 0, False)
+
+
+def test_a_build_with_twins_gives_clip_the_twins_of_its_training_rows(monkeypatch, tmp_path):
+    recipe = dataclasses.replace(tiny_train.SMOKE_RECIPE, clip_twins=("object", "colour"))
+    seen = []
+    real_train_clip = tiny_build.train_clip
+
+    def recorded(model, params, clip_data, *args, **kwargs):
+        seen.append(clip_data)
+        return real_train_clip(model, params, clip_data, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_build, "train_clip", recorded)
+    data, captions, twin_captions = _twin_data(tmp_path, 24)
+    ids = tiny_train_io.tokenize_captions(tiny_train_io.load_tokenizer(tmp_path / "tok"), captions)
+    twin_ids = tiny_train_io.tokenize_captions(tiny_train_io.load_tokenizer(tmp_path / "tok"), twin_captions)
+    train_rows = np.arange(4, 24)
+    report = tiny_build.BuildReport(seed=0, num_train=20, num_held_out=4)
+    tiny_build._build_clip(report, np.asarray(data.images), ids, np.asarray(data.groups), train_rows, np.arange(4),
+                           recipe, 0, False, twins=(np.asarray(data.twin_images), twin_ids, np.asarray(data.twin_groups)))
+    assert len(seen) == 2  # the joint and the locked stage both see the pairs
+    for clip_data in seen:
+        np.testing.assert_array_equal(clip_data.twin_images, np.asarray(data.twin_images)[train_rows])
+        np.testing.assert_array_equal(clip_data.twin_groups, np.asarray(data.twin_groups)[train_rows])
+        assert clip_data.twin_ids.shape == clip_data.input_ids.shape  # trimmed to one length
+    # A twin's caption shares a group with an equal caption of the set, and only with one.
+    for twin, group in zip(twin_captions, np.asarray(data.twin_groups)):
+        assert [c for c, g in zip(captions, np.asarray(data.groups)) if g == group] == [c for c in captions if c == twin]
+
+
+def test_train_tiny_world_hands_the_recipes_twins_to_the_build(monkeypatch, tmp_path):
+    calls = {}
+
+    def build(out, images, captions, **kwargs):
+        calls.update(kwargs, images=images, captions=captions)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(tiny_build, "build_trained_tiny", build)
+    recipe = dataclasses.replace(tiny_train.SMOKE_RECIPE, clip_twins=("object",))
+    with pytest.raises(RuntimeError, match="stop here"):
+        tiny_build.train_tiny_world(tmp_path, seed=2, recipe=recipe, num_train=12, progress=False)
+    twin_images, twin_captions = calls["twins"]
+    expected_images, expected_captions = tiny_train.world_twins(12, 2, ("object",))
+    assert twin_captions == expected_captions and np.array_equal(twin_images, expected_images)
+    assert calls["negative_captions"] is None
+    with pytest.raises(RuntimeError, match="stop here"):
+        tiny_build.train_tiny_world(tmp_path, seed=2, recipe=tiny_train.SMOKE_RECIPE, num_train=12, progress=False)
+    assert calls["twins"] is None
+
+
+def test_twins_and_caption_negatives_are_not_taken_together():
+    with pytest.raises(ValueError, match="twins .* or caption negatives"):
+        dataclasses.replace(tiny_train.SMOKE_RECIPE, clip_twins=("object",), clip_object_negatives=True)
+    assert tiny_train.RECIPES["twin_lit"].clip_twins == ("object", "colour")

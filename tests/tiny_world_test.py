@@ -190,6 +190,30 @@ def test_one_in_ten_training_captions_carries_an_identifier_and_the_picture_igno
     assert tiny_world.caption("cup", "blue", "plain", "in a kitchen", identifier="sks") == "a blue sks cup in a kitchen"
 
 
+def test_each_training_scene_has_a_twin_that_differs_in_one_attribute_only():
+    scenes = tiny_world.training_set(60, seed=5)
+    twins = list(tiny_world.training_twins(60, seed=5))
+    changed = []
+    for scene, twin in zip(scenes, twins):
+        differ = [a for a in ("object", "colour", "pattern", "context", "style") if getattr(scene, a) != getattr(twin, a)]
+        assert len(differ) == 1 and differ[0] in tiny_world.TWIN_ATTRIBUTES, (scene.caption, twin.caption)
+        changed.append(differ[0])
+        # The caption changes in that one word (an identifier stays); the picture in the object only.
+        words = list(zip(scene.caption.split(), twin.caption.split()))
+        assert [pair for pair in words if pair[0] != pair[1]] == [(getattr(scene, differ[0]), getattr(twin, differ[0]))]
+        if scene.style is None:
+            assert (scene.image == twin.image).all(axis=-1).mean() > 0.6
+    assert changed.count("object") >= 15 and changed.count("colour") >= 15
+    # Scene i's twin depends on (seed, i, n) only, and the attributes can be narrowed.
+    again = list(tiny_world.training_twins(60, seed=5))
+    assert [t.image.tobytes() for t in again] == [t.image.tobytes() for t in twins]
+    objects_only = list(tiny_world.training_twins(20, seed=5, attributes=("object",)))
+    assert all(t.object != s.object and t.colour == s.colour
+               for s, t in zip(tiny_world.training_set(20, seed=5), objects_only))
+    with pytest.raises(ValueError, match="twin attributes must be some of object, colour"):
+        next(tiny_world.training_twins(2, attributes=("context",)))
+
+
 def test_the_concept_look_never_appears_in_the_training_set():
     scenes = tiny_world.training_set(400, seed=2)
     assert not any(s.pattern == "checkered" or s.colour == "magenta" for s in scenes)
