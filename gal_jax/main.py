@@ -7,7 +7,7 @@ r"""The `gal-jax` command line.
                                                                        # images from a run's model
   gal-jax sample --config=... --prompts=FILE --num_per_prompt=N --out=DIR   # images from a base model
   gal-jax make-tiny [--out=DIR]                                        # build the tiny default models/data
-  gal-jax make-tiny --train --out=DIR [--seed=S] [--recipe=default|smoke|object_negatives|swap_negatives|swap_lit|twin_lit] [--num_train=N] [--vae_from=SD_DIR]
+  gal-jax make-tiny --train --out=DIR [--seed=S] [--recipe=default|smoke|object_negatives|swap_negatives|swap_lit|twin_lit|twin_swap_wide] [--num_train=N] [--vae_from=SD_DIR]
                                                                        # retrain the tiny world's models
   gal-jax evaluate --workdir=DIR                                       # TXT-ALN / IMG-ALN / OVF per round
   gal-jax evaluate --workdir=DIR --images=D --prompts=F --references=D --captions=F --clip_path=D
@@ -60,13 +60,14 @@ _FORCE = flags.DEFINE_bool("force", False, "make-tiny: rebuild even if present."
 _TRAIN = flags.DEFINE_bool("train", False, "make-tiny: retrain the tiny CLIP, VAE and UNet on the tiny world.")
 _SEED = flags.DEFINE_integer("seed", 0, "make-tiny --train: seed of the world and of the training.")
 _RECIPE = flags.DEFINE_enum("recipe", "default", ["default", "smoke", "object_negatives", "swap_negatives",
-                                                         "swap_lit", "twin_lit"],
+                                                         "swap_lit", "twin_lit", "twin_swap_wide"],
                             "make-tiny --train: model sizes and schedules (smoke: a few steps of small models; "
                             "object_negatives, swap_negatives: CLIP with object-swap, or object- and colour-swap, hard "
                             "negatives; swap_lit: swap_negatives, then a new, wider vision tower against its locked "
                             "text tower; twin_lit: swap_lit's towers trained on minimal pairs (each picture beside "
-                            "its twin with another object kind or colour) instead of caption negatives; none of the "
-                            "four shipped).")
+                            "its twin with another object kind or colour) instead of caption negatives; twin_swap_wide: "
+                            "twins and swap negatives, the wide vision tower in both stages; none of the five "
+                            "shipped).")
 _VAE_FROM = flags.DEFINE_string("vae_from", None, "make-tiny --train: keep this SD folder's VAE instead of training one.")
 _NUM_TRAIN = flags.DEFINE_integer("num_train", None, "make-tiny --train: pretraining pictures (default 10000).")
 _DISTRIBUTED = flags.DEFINE_bool(

@@ -163,7 +163,10 @@ def train_tiny_world(out: Path | str, *, seed: int = 0, recipe: Recipe = DEFAULT
     from gal_jax import tiny_world
 
     images, captions = world_dataset(num_train, seed)
-    twins = world_twins(num_train, seed, recipe.clip_twins) if recipe.clip_twins else None
+    twins = None
+    if recipe.clip_twins:
+        twin_images, twin_captions = world_twins(num_train, seed, recipe.clip_twins)
+        twins = (twin_images, twin_captions, hard_negatives(twin_captions, recipe))
     report = build_trained_tiny(out, images, captions, seed=seed, recipe=recipe, progress=progress,
                                 plain_captions=[tiny_world.without_identifiers(c) for c in captions],
                                 negative_captions=hard_negatives(captions, recipe),
@@ -208,7 +211,8 @@ def build_trained_tiny(out: Path | str, images: np.ndarray, captions: Sequence[s
                        plain_captions: Sequence[str] | None = None,
                        negative_captions: Sequence[Sequence[str]] | None = None,
                        vae_from: Path | str | None = None,
-                       twins: tuple[np.ndarray, Sequence[str]] | None = None) -> BuildReport:
+                       twins: tuple[np.ndarray, Sequence[str], Sequence[Sequence[str]] | None] | None = None,
+                       ) -> BuildReport:
     """Trains CLIP, VAE and UNet from `seed` on the captioned images; writes out/clip and out/sd.
 
     `plain_captions` (one per image: the caption without its identifier words, e.g. "sks") makes
@@ -217,9 +221,10 @@ def build_trained_tiny(out: Path | str, images: np.ndarray, captions: Sequence[s
     `negative_captions` (the same number K per image) are extra negatives of each image's
     image-to-text term (`tiny_train.contrastive_loss`): captions that differ from its own in what
     random batches would not teach (the object kind).
-    `twins` (images, captions), row for row with `images`: each picture's twin, differing in one
-    attribute (`tiny_world.training_twins`); CLIP's batches then pair every picture with its twin
-    (the UNet never sees them).
+    `twins` (images, captions, negative captions or None), row for row with `images`: each
+    picture's twin, differing in one attribute (`tiny_world.training_twins`), and with
+    `negative_captions` the twins' own; CLIP's batches then pair every picture with its twin (the
+    UNet never sees them).
     `vae_from`: an SD folder whose VAE (`vae/`, with its scaling factor) is taken as it is instead
     of training one: the VAE depends on the pictures only, so a rebuild that changes CLIP or the
     UNet can keep it (the report's VAE figures are then NaN).
@@ -231,9 +236,11 @@ def build_trained_tiny(out: Path | str, images: np.ndarray, captions: Sequence[s
     """
     images = _checked_images(images, captions, recipe)
     if twins is not None:
-        twins = (_checked_images(twins[0], twins[1], recipe), list(twins[1]))
+        twins = (_checked_images(twins[0], twins[1], recipe), list(twins[1]), twins[2])
         if len(twins[1]) != len(captions):
             raise ValueError(f"{len(captions)} captions but {len(twins[1])} twins")
+        if (negative_captions is None) != (twins[2] is None):
+            raise ValueError("negative captions must be given for both the pictures and their twins, or for neither")
     for name, extra in (("plain captions", plain_captions), ("negative caption lists", negative_captions)):
         if extra is not None and len(extra) != len(captions):
             raise ValueError(f"{len(captions)} captions but {len(extra)} {name}")
@@ -262,7 +269,12 @@ def build_trained_tiny(out: Path | str, images: np.ndarray, captions: Sequence[s
         groups = caption_groups(list(captions) + ([] if twins is None else twins[1]))
         twin_data = None
         if twins is not None:
-            twin_data = (twins[0], tiny_train_io.tokenize_captions(tokenizer, twins[1]), groups[len(captions):])
+            twin_negative_ids = None
+            if twins[2] is not None:
+                flat = tiny_train_io.tokenize_captions(tokenizer, [n for row in twins[2] for n in row])
+                twin_negative_ids = flat.reshape(len(captions), -1, flat.shape[-1])
+            twin_data = (twins[0], tiny_train_io.tokenize_captions(tokenizer, twins[1]), groups[len(captions):],
+                         twin_negative_ids)
         groups = groups[: len(captions)]
         with io_utils.timed(report.seconds, "clip"):
             model, clip_params = _build_clip(report, images, ids, groups, train_rows, held_rows, recipe,
@@ -290,15 +302,15 @@ def build_trained_tiny(out: Path | str, images: np.ndarray, captions: Sequence[s
 def _build_clip(report, images, ids, groups, train_rows, held_rows, recipe, seed, progress, plain_ids=None,
                 negative_ids=None, twins=None):
     model, params = init_clip(recipe, seed, recipe.joint_vision)
-    twin_images, twin_ids, twin_groups = (None, None, None) if twins is None else twins
-    ids, plain_ids, negative_ids, twin_ids = trim_padding(ids, plain_ids, negative_ids, twin_ids,
-                                                          eos_token_id=int(recipe.text["eos_token_id"]))
+    twin_images, twin_ids, twin_groups, twin_negative_ids = (None,) * 4 if twins is None else twins
+    ids, plain_ids, negative_ids, twin_ids, twin_negative_ids = trim_padding(
+        ids, plain_ids, negative_ids, twin_ids, twin_negative_ids, eos_token_id=int(recipe.text["eos_token_id"]))
 
     def rows(x):
         return None if x is None else jnp.asarray(x[train_rows])
 
     clip_data = ClipData(rows(images), rows(ids), rows(groups), rows(plain_ids), rows(negative_ids),
-                         rows(twin_images), rows(twin_ids), rows(twin_groups))
+                         rows(twin_images), rows(twin_ids), rows(twin_groups), rows(twin_negative_ids))
     params, losses = train_clip(model, params, clip_data, recipe.clip_schedule, seed, progress)
     if recipe.clip_locked_schedule is not None:
         if recipe.joint_vision is not None:

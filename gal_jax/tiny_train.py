@@ -120,9 +120,6 @@ class Recipe:
         if self.joint_vision is not None and self.clip_locked_schedule is None:
             raise ValueError("a recipe with joint_vision needs clip_locked_schedule: the locked stage "
                              "is where its vision tower is trained")
-        if self.clip_twins and (self.clip_object_negatives or self.clip_colour_negatives):
-            raise ValueError("a recipe takes twins (clip_twins) or caption negatives (clip_object_negatives, "
-                             "clip_colour_negatives), not both: a twin's caption is already its pair's hard negative")
 
     @property
     def max_length(self) -> int:
@@ -196,8 +193,13 @@ SWAP_LIT_RECIPE = dataclasses.replace(
 # kind or colour) instead of caption negatives, with swap_lit's two vision towers and schedules.
 TWIN_LIT_RECIPE = dataclasses.replace(
     SWAP_LIT_RECIPE, clip_object_negatives=False, clip_colour_negatives=False, clip_twins=("object", "colour"))
+# Session 26: twins and swap captions as negatives, and the wide vision tower in both stages (the
+# text tower only learns to tell apart what the joint stage's vision tower can see).
+TWIN_SWAP_WIDE_RECIPE = dataclasses.replace(
+    SWAP_LIT_RECIPE, joint_vision=None, clip_twins=("object", "colour"))
 RECIPES = {"default": DEFAULT_RECIPE, "smoke": SMOKE_RECIPE, "object_negatives": OBJECT_NEGATIVES_RECIPE,
-           "swap_negatives": SWAP_NEGATIVES_RECIPE, "swap_lit": SWAP_LIT_RECIPE, "twin_lit": TWIN_LIT_RECIPE}
+           "swap_negatives": SWAP_NEGATIVES_RECIPE, "swap_lit": SWAP_LIT_RECIPE, "twin_lit": TWIN_LIT_RECIPE,
+           "twin_swap_wide": TWIN_SWAP_WIDE_RECIPE}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,15 +265,21 @@ class ClipData:
     # object kind: `tiny_world.object_swaps`), extra negatives of its image-to-text term; None: none.
     negative_ids: jax.Array | None = None
     # Each image's twin (`tiny_world.training_twins`), row for row: (N, H, W, 3) uint8, (N, L) int32
-    # and (N,) int32 groups numbered with `groups` (equal captions, equal group). None: no twins.
+    # and (N,) int32 groups numbered with `groups` (equal captions, equal group), and with
+    # `negative_ids` the twins' own (N, K, L) hard negatives. None: no twins.
     twin_images: jax.Array | None = None
     twin_ids: jax.Array | None = None
     twin_groups: jax.Array | None = None
+    twin_negative_ids: jax.Array | None = None
+
+    def __post_init__(self):
+        if self.twin_images is not None and self.negative_ids is not None and self.twin_negative_ids is None:
+            raise ValueError("with caption negatives, the twins need theirs too (twin_negative_ids)")
 
 
 jax.tree_util.register_dataclass(
     ClipData, data_fields=["images", "input_ids", "groups", "plain_ids", "negative_ids", "twin_images", "twin_ids",
-                           "twin_groups"], meta_fields=[])
+                           "twin_groups", "twin_negative_ids"], meta_fields=[])
 
 
 def trim_padding(*token_ids: np.ndarray | None, eos_token_id: int) -> tuple[np.ndarray | None, ...]:
@@ -366,6 +374,8 @@ def clip_train_step(state: TrainState, clip_data: ClipData, key: jax.Array, *, m
         negatives = None
         if clip_data.negative_ids is not None:
             negative_ids = clip_data.negative_ids[rows]
+            if twins:
+                negative_ids = jnp.concatenate([negative_ids, clip_data.twin_negative_ids[rows]])
             negatives = text_features(model, params, negative_ids.reshape(-1, negative_ids.shape[-1]))
             negatives = negatives.reshape(*negative_ids.shape[:2], -1)
         loss = contrastive_loss(image, text, params["logit_scale"], groups, negatives)

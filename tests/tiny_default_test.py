@@ -121,7 +121,7 @@ def test_the_default_run_on_the_shipped_models_queries_and_reports(tiny_world_as
 @pytest.mark.parametrize("flags, message", [
     ([], "`gal-jax make-tiny --train` needs --out"),
     (["--out={tmp}/m", "--num_train=0"], "--num_train=0 must be >= 1"),
-    (["--out={tmp}/m", "--recipe=big"], "flag --recipe=big: value should be one of <default|smoke|object_negatives|swap_negatives|swap_lit|twin_lit>"),
+    (["--out={tmp}/m", "--recipe=big"], "flag --recipe=big: value should be one of <default|smoke|object_negatives|swap_negatives|swap_lit|twin_lit|twin_swap_wide>"),
     (["--out={tmp}/m", "--num_train=8", "--vae_from={tmp}/elsewhere"],
      "{tmp}/elsewhere/vae/config.json: not found; --vae_from must be a Stable Diffusion folder with vae/"),
 ])

@@ -319,7 +319,8 @@ def test_a_build_with_twins_gives_clip_the_twins_of_its_training_rows(monkeypatc
     train_rows = np.arange(4, 24)
     report = tiny_build.BuildReport(seed=0, num_train=20, num_held_out=4)
     tiny_build._build_clip(report, np.asarray(data.images), ids, np.asarray(data.groups), train_rows, np.arange(4),
-                           recipe, 0, False, twins=(np.asarray(data.twin_images), twin_ids, np.asarray(data.twin_groups)))
+                           recipe, 0, False,
+                           twins=(np.asarray(data.twin_images), twin_ids, np.asarray(data.twin_groups), None))
     assert len(seen) == 2  # the joint and the locked stage both see the pairs
     for clip_data in seen:
         np.testing.assert_array_equal(clip_data.twin_images, np.asarray(data.twin_images)[train_rows])
@@ -341,16 +342,63 @@ def test_train_tiny_world_hands_the_recipes_twins_to_the_build(monkeypatch, tmp_
     recipe = dataclasses.replace(tiny_train.SMOKE_RECIPE, clip_twins=("object",))
     with pytest.raises(RuntimeError, match="stop here"):
         tiny_build.train_tiny_world(tmp_path, seed=2, recipe=recipe, num_train=12, progress=False)
-    twin_images, twin_captions = calls["twins"]
+    twin_images, twin_captions, twin_negatives = calls["twins"]
     expected_images, expected_captions = tiny_train.world_twins(12, 2, ("object",))
     assert twin_captions == expected_captions and np.array_equal(twin_images, expected_images)
-    assert calls["negative_captions"] is None
+    assert calls["negative_captions"] is None and twin_negatives is None
+    swapping = dataclasses.replace(recipe, clip_object_negatives=True)
+    with pytest.raises(RuntimeError, match="stop here"):
+        tiny_build.train_tiny_world(tmp_path, seed=2, recipe=swapping, num_train=12, progress=False)
+    assert calls["twins"][2] == tiny_build.hard_negatives(expected_captions, swapping)
     with pytest.raises(RuntimeError, match="stop here"):
         tiny_build.train_tiny_world(tmp_path, seed=2, recipe=tiny_train.SMOKE_RECIPE, num_train=12, progress=False)
     assert calls["twins"] is None
 
 
-def test_twins_and_caption_negatives_are_not_taken_together():
-    with pytest.raises(ValueError, match="twins .* or caption negatives"):
-        dataclasses.replace(tiny_train.SMOKE_RECIPE, clip_twins=("object",), clip_object_negatives=True)
+def test_with_twins_and_caption_negatives_every_image_of_the_batch_meets_its_own(tmp_path):
+    recipe = tiny_train.SMOKE_RECIPE
+    model, params = tiny_train.init_clip(recipe, seed=0)
+    data, captions, twin_captions = _twin_data(tmp_path, 16)
+    tokenizer = tiny_train_io.load_tokenizer(tmp_path / "tok")
+    swaps = tiny_train.RECIPES["swap_negatives"]
+
+    def negative_ids(texts):
+        rows = tiny_build.hard_negatives(texts, swaps)
+        return jnp.asarray(tiny_train_io.tokenize_captions(tokenizer, [n for row in rows for n in row])).reshape(
+            len(texts), len(rows[0]), -1)
+
+    with pytest.raises(ValueError, match="the twins need theirs too"):
+        dataclasses.replace(data, negative_ids=negative_ids(captions))
+    data = dataclasses.replace(data, negative_ids=negative_ids(captions), twin_negative_ids=negative_ids(twin_captions))
+    optimizer = tiny_train.clip_optimizer(recipe.clip_schedule)
+    key = jax.random.key(3)
+    _, metrics = tiny_train.clip_train_step(tiny_train._new_state(params, optimizer), data, key, model=model,
+                                            optimizer=optimizer, batch_size=8)
+    rows = tiny_train.epoch_batch_indices(key, jnp.int32(0), 16, 4)
+    image, text = tiny_train.clip_embeddings(model, params, jnp.concatenate([data.images[rows], data.twin_images[rows]]),
+                                             jnp.concatenate([data.input_ids[rows], data.twin_ids[rows]]))
+    negatives = jnp.concatenate([data.negative_ids[rows], data.twin_negative_ids[rows]])
+    negative_text = tiny_train.text_features(model, params, negatives.reshape(-1, negatives.shape[-1]))
+    groups = jnp.concatenate([data.groups[rows], data.twin_groups[rows]])
+    expected = tiny_train.contrastive_loss(image, text, params["logit_scale"], groups,
+                                           negative_text.reshape(*negatives.shape[:2], -1))
+    assert float(metrics["loss"]) == pytest.approx(float(expected), rel=1e-5)
     assert tiny_train.RECIPES["twin_lit"].clip_twins == ("object", "colour")
+    wide = tiny_train.RECIPES["twin_swap_wide"]
+    assert wide.clip_twins and wide.clip_object_negatives and wide.clip_colour_negatives and wide.joint_vision is None
+
+
+def test_a_build_refuses_caption_negatives_for_the_pictures_but_not_their_twins(tmp_path):
+    images, captions = tiny_train.world_dataset(8, seed=0)
+    twin_images, twin_captions = tiny_train.world_twins(8, 0, ("object",))
+    with pytest.raises(ValueError, match="for both the pictures and their twins, or for neither"):
+        tiny_build.build_trained_tiny(tmp_path, images, captions, recipe=tiny_train.SMOKE_RECIPE, progress=False,
+                                      negative_captions=[tiny_world_swaps(c) for c in captions],
+                                      twins=(twin_images, twin_captions, None))
+    assert not (tmp_path / "clip").exists()
+
+
+def tiny_world_swaps(caption):
+    from gal_jax import tiny_world
+
+    return tiny_world.object_swaps(caption)
