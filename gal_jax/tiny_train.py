@@ -359,7 +359,7 @@ def clip_train_step(state: TrainState, clip_data: ClipData, key: jax.Array, *, m
     no gradient flows into the text tower (pair with `clip_optimizer(..., locked_text=True)`);
     with `clip_data.plain_ids` the loss adds `identifier_loss` (text tower trained only); with
     `clip_data.negative_ids` each image's captions compete with its hard negatives too; with
-    `clip_data.twin_images` half the batch is drawn and the other half is the drawn rows' twins.
+    `clip_data.twin_images` half the batch is drawn and the other half is the drawn rows' twins."""
     twins = clip_data.twin_images is not None
     rows = epoch_batch_indices(key, state.step, clip_data.groups.shape[0], batch_size // 2 if twins else batch_size)
     images, ids, groups = clip_data.images[rows], clip_data.input_ids[rows], clip_data.groups[rows]
