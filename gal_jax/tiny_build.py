@@ -262,19 +262,19 @@ def build_trained_tiny(out: Path | str, images: np.ndarray, captions: Sequence[s
             tiny_train_io.write_tokenizer(staging / "tokenizer", recipe.max_length))
         ids = tiny_train_io.tokenize_captions(tokenizer, captions)
         plain_ids = None if plain_captions is None else tiny_train_io.tokenize_captions(tokenizer, plain_captions)
-        negative_ids = None
-        if negative_captions is not None:
-            flat = tiny_train_io.tokenize_captions(tokenizer, [n for row in negative_captions for n in row])
-            negative_ids = flat.reshape(len(captions), -1, flat.shape[-1])
+
+        def tokenize_rows(rows):  # (N, K) captions -> (N, K, L) ids
+            if rows is None:
+                return None
+            flat = tiny_train_io.tokenize_captions(tokenizer, [n for row in rows for n in row])
+            return flat.reshape(len(rows), -1, flat.shape[-1])
+
+        negative_ids = tokenize_rows(negative_captions)
         groups = caption_groups(list(captions) + ([] if twins is None else twins[1]))
         twin_data = None
         if twins is not None:
-            twin_negative_ids = None
-            if twins[2] is not None:
-                flat = tiny_train_io.tokenize_captions(tokenizer, [n for row in twins[2] for n in row])
-                twin_negative_ids = flat.reshape(len(captions), -1, flat.shape[-1])
             twin_data = (twins[0], tiny_train_io.tokenize_captions(tokenizer, twins[1]), groups[len(captions):],
-                         twin_negative_ids)
+                         tokenize_rows(twins[2]))
         groups = groups[: len(captions)]
         with io_utils.timed(report.seconds, "clip"):
             model, clip_params = _build_clip(report, images, ids, groups, train_rows, held_rows, recipe,

@@ -212,8 +212,7 @@ def world_dataset(count: int, seed: int) -> tuple[np.ndarray, list[str]]:
     (balanced contexts, objects, colours and patterns; a tenth styled)."""
     from gal_jax import tiny_world
 
-    scenes = tiny_world.training_set(count, seed)
-    return np.stack([s.image for s in scenes]), [s.caption for s in scenes]
+    return _images_and_captions(tiny_world.training_scenes(count, seed))
 
 
 def world_twins(count: int, seed: int, attributes: Sequence[str]) -> tuple[np.ndarray, list[str]]:
@@ -221,7 +220,11 @@ def world_twins(count: int, seed: int, attributes: Sequence[str]) -> tuple[np.nd
     for row (`tiny_world.training_twins`)."""
     from gal_jax import tiny_world
 
-    scenes = list(tiny_world.training_twins(count, seed, attributes))
+    return _images_and_captions(tiny_world.training_twins(count, seed, attributes))
+
+
+def _images_and_captions(scenes) -> tuple[np.ndarray, list[str]]:
+    scenes = list(scenes)
     return np.stack([s.image for s in scenes]), [s.caption for s in scenes]
 
 

@@ -233,18 +233,14 @@ def training_twins(n: int, seed: int = 0, attributes: Sequence[str] = TWIN_ATTRI
     that differ in the object only."""
     if not attributes or any(a not in TWIN_ATTRIBUTES for a in attributes):
         raise ValueError(f"twin attributes must be some of {', '.join(TWIN_ATTRIBUTES)}, got {list(attributes)}")
-    values = {"object": OBJECTS, "colour": COLOURS}
+    vocabulary = {"object": OBJECTS, "colour": COLOURS}
     for index, (context, obj, colour, pattern, style, identifier) in enumerate(_training_specs(n, seed)):
         rng = np.random.default_rng([seed, index, 1])
         attribute = attributes[rng.integers(len(attributes))]
-        current = {"object": obj, "colour": colour}[attribute]
-        others = [v for v in values[attribute] if v != current]
-        changed = others[rng.integers(len(others))]
-        if attribute == "object":
-            obj = changed
-        else:
-            colour = changed
-        yield _spec_scene(seed, index, context, obj, colour, pattern, style, identifier, resolution)
+        look = {"object": obj, "colour": colour}
+        others = [v for v in vocabulary[attribute] if v != look[attribute]]
+        look[attribute] = others[rng.integers(len(others))]
+        yield _spec_scene(seed, index, context, look["object"], look["colour"], pattern, style, identifier, resolution)
 
 
 def training_set(n: int, seed: int = 0, *, resolution: int = RESOLUTION) -> list[Scene]:
