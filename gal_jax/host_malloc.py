@@ -17,6 +17,17 @@ round against 54 s). One arena alone sped the first round's training up and then
 rounds down (fragmentation), hence the fixed threshold. Generation, whose scan keeps its buffers,
 is unchanged. The price: the process keeps up to about 1 GB of freed memory for reuse.
 
+Blocks over 32 MB (glibc's largest mmap threshold) were still mapped afresh and unmapped on every
+request: the tiny world's train step asks for one of 65 MiB each step. While the heap's free top
+holds it (after the compile) it is served from there, but the first checkpoint's host copies leave
+the heap fragmented, and from then on every step mapped it anew: 300,000 page faults in 5 s of
+round 2's training, where round 1 before its checkpoint had none. `use_one_arena` therefore also
+turns glibc's mmap off (M_MMAP_MAX 0: every block comes from the heap, which grows with brk and
+keeps what is freed, within the trim threshold). Measured on the README's main command cut to two
+rounds (farm-bench, 3 interleaved pairs, 2 CPU cores): wall 0.91x (median; 0.80-0.91), round 2's
+training 37.7-41.3 s against 45.1-49.0 s, no page faults in either round's steady state. The
+price: memory freed in the middle of the heap stays with the process (peak 1254 MiB against 1107).
+
 The gain is for executables loaded from the persistent compile cache. One that XLA compiles in the
 same process runs at about glibc's default speed (0.148 s a step against 0.144, fresh cache per
 run, 3 interleaved pairs): the compile leaves many freed blocks of distinct sizes over 768 KB in the
@@ -40,8 +51,9 @@ import os
 import sys
 
 # mallopt's parameters (glibc's malloc.h) and the values set, in this order.
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -2, -3, -8
-SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_THRESHOLD, 32 * 2**20), (M_TRIM_THRESHOLD, 2**30), (M_TOP_PAD, 64 * 2**20))
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -2, -3, -4, -8
+SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_THRESHOLD, 32 * 2**20), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**30),
+            (M_TOP_PAD, 64 * 2**20))
 ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin", "libtpu")
 
 _applied: bool | None = None

@@ -90,3 +90,45 @@ def test_the_cli_and_the_test_processes_set_it_up_before_jax():
                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert result.returncode == 2, result.stderr[-2000:]  # the usage error, after the set-up
     assert "jax imported first: False" in result.stdout, (result.stdout, result.stderr[-2000:])
+
+
+# A block over glibc's largest mmap threshold (32 MB), asked for and freed again and again, as
+# XLA:CPU asks for the tiny world's train step's 65 MiB of temporaries every step.
+LARGE_BLOCKS = textwrap.dedent("""
+    import ctypes, resource
+    from gal_jax import host_malloc
+    print("applied", host_malloc.use_one_arena())
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+    libc.free.argtypes = (ctypes.c_void_p,)
+    size = 96 * 2**20
+
+    def use_and_free():
+        block = libc.malloc(size)
+        ctypes.memset(block, 1, size)
+        libc.free(block)
+
+    use_and_free()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(3):
+        use_and_free()
+    print("faults", resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_blocks_over_the_mmap_threshold_are_reused_not_mapped_afresh():
+    def faults(**env):
+        environ = {**os.environ, "JAX_PLATFORMS": "cpu", **env}
+        environ.pop("MALLOC_ARENA_MAX", None)
+        result = subprocess.run([sys.executable, "-c", LARGE_BLOCKS], capture_output=True, text=True, env=environ,
+                                cwd=ROOT, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        applied, count = re.search(r"applied (\w+)\nfaults (\d+)", result.stdout).groups()
+        return applied, int(count)
+
+    pages = 3 * 96 * 2**20 // os.sysconf("SC_PAGE_SIZE")
+    applied, reused = faults()
+    assert applied == "True" and reused < pages // 20  # the freed block came back from the heap
+    applied, mapped = faults(GAL_JAX_MALLOC_ONE_ARENA="0")
+    assert applied == "False" and mapped > pages // 2  # glibc's default maps each block anew
