@@ -16,7 +16,7 @@ import dataclasses
 import math
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -166,7 +166,7 @@ def train_tiny_world(out: Path | str, *, seed: int = 0, recipe: Recipe = DEFAULT
     twins = None
     if recipe.clip_twins:
         twin_images, twin_captions = world_twins(num_train, seed, recipe.clip_twins)
-        twins = (twin_images, twin_captions, hard_negatives(twin_captions, recipe))
+        twins = Twins(twin_images, twin_captions, hard_negatives(twin_captions, recipe))
     report = build_trained_tiny(out, images, captions, seed=seed, recipe=recipe, progress=progress,
                                 plain_captions=[tiny_world.without_identifiers(c) for c in captions],
                                 negative_captions=hard_negatives(captions, recipe),
@@ -206,12 +206,20 @@ def measure_figures(out: Path, *, held_out: int, per_context: int, progress: boo
     return figures
 
 
+class Twins(NamedTuple):
+    """Each training picture's twin (`tiny_world.training_twins`), row for row with the pictures:
+    its pixels, its caption, and its own negative captions (None when the pictures have none)."""
+    images: np.ndarray
+    captions: Sequence[str]
+    negative_captions: Sequence[Sequence[str]] | None = None
+
+
 def build_trained_tiny(out: Path | str, images: np.ndarray, captions: Sequence[str], *, seed: int = 0,
                        recipe: Recipe = DEFAULT_RECIPE, progress: bool = True,
                        plain_captions: Sequence[str] | None = None,
                        negative_captions: Sequence[Sequence[str]] | None = None,
                        vae_from: Path | str | None = None,
-                       twins: tuple[np.ndarray, Sequence[str], Sequence[Sequence[str]] | None] | None = None,
+                       twins: Twins | None = None,
                        ) -> BuildReport:
     """Trains CLIP, VAE and UNet from `seed` on the captioned images; writes out/clip and out/sd.
 
@@ -221,9 +229,9 @@ def build_trained_tiny(out: Path | str, images: np.ndarray, captions: Sequence[s
     `negative_captions` (the same number K per image) are extra negatives of each image's
     image-to-text term (`tiny_train.contrastive_loss`): captions that differ from its own in what
     random batches would not teach (the object kind).
-    `twins` (images, captions, negative captions or None), row for row with `images`: each
-    picture's twin, differing in one attribute (`tiny_world.training_twins`), and with
-    `negative_captions` the twins' own; CLIP's batches then pair every picture with its twin (the
+    `twins` (`Twins`; a plain (images, captions, negative captions) tuple works too), row for row
+    with `images`: each picture's twin, differing in one attribute (`tiny_world.training_twins`),
+    and with `negative_captions` the twins' own; CLIP's batches then pair every picture with its twin (the
     UNet never sees them).
     `vae_from`: an SD folder whose VAE (`vae/`, with its scaling factor) is taken as it is instead
     of training one: the VAE depends on the pictures only, so a rebuild that changes CLIP or the
@@ -236,10 +244,12 @@ def build_trained_tiny(out: Path | str, images: np.ndarray, captions: Sequence[s
     """
     images = _checked_images(images, captions, recipe)
     if twins is not None:
-        twins = (_checked_images(twins[0], twins[1], recipe), list(twins[1]), twins[2])
-        if len(twins[1]) != len(captions):
-            raise ValueError(f"{len(captions)} captions but {len(twins[1])} twins")
-        if (negative_captions is None) != (twins[2] is None):
+        twins = Twins(*twins)
+        twins = Twins(_checked_images(twins.images, twins.captions, recipe), list(twins.captions),
+                      twins.negative_captions)
+        if len(twins.captions) != len(captions):
+            raise ValueError(f"{len(captions)} captions but {len(twins.captions)} twins")
+        if (negative_captions is None) != (twins.negative_captions is None):
             raise ValueError("negative captions must be given for both the pictures and their twins, or for neither")
     for name, extra in (("plain captions", plain_captions), ("negative caption lists", negative_captions)):
         if extra is not None and len(extra) != len(captions):
@@ -270,11 +280,11 @@ def build_trained_tiny(out: Path | str, images: np.ndarray, captions: Sequence[s
             return flat.reshape(len(rows), -1, flat.shape[-1])
 
         negative_ids = tokenize_rows(negative_captions)
-        groups = caption_groups(list(captions) + ([] if twins is None else twins[1]))
+        groups = caption_groups(list(captions) + ([] if twins is None else twins.captions))
         twin_data = None
         if twins is not None:
-            twin_data = (twins[0], tiny_train_io.tokenize_captions(tokenizer, twins[1]), groups[len(captions):],
-                         tokenize_rows(twins[2]))
+            twin_data = (twins.images, tiny_train_io.tokenize_captions(tokenizer, twins.captions),
+                         groups[len(captions):], tokenize_rows(twins.negative_captions))
         groups = groups[: len(captions)]
         with io_utils.timed(report.seconds, "clip"):
             model, clip_params = _build_clip(report, images, ids, groups, train_rows, held_rows, recipe,

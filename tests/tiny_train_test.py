@@ -349,7 +349,7 @@ def test_train_tiny_world_hands_the_recipes_twins_to_the_build(monkeypatch, tmp_
     swapping = dataclasses.replace(recipe, clip_object_negatives=True)
     with pytest.raises(RuntimeError, match="stop here"):
         tiny_build.train_tiny_world(tmp_path, seed=2, recipe=swapping, num_train=12, progress=False)
-    assert calls["twins"][2] == tiny_build.hard_negatives(expected_captions, swapping)
+    assert calls["twins"].negative_captions == tiny_build.hard_negatives(expected_captions, swapping)
     with pytest.raises(RuntimeError, match="stop here"):
         tiny_build.train_tiny_world(tmp_path, seed=2, recipe=tiny_train.SMOKE_RECIPE, num_train=12, progress=False)
     assert calls["twins"] is None
@@ -394,7 +394,7 @@ def test_a_build_refuses_caption_negatives_for_the_pictures_but_not_their_twins(
     with pytest.raises(ValueError, match="for both the pictures and their twins, or for neither"):
         tiny_build.build_trained_tiny(tmp_path, images, captions, recipe=tiny_train.SMOKE_RECIPE, progress=False,
                                       negative_captions=[tiny_world_swaps(c) for c in captions],
-                                      twins=(twin_images, twin_captions, None))
+                                      twins=tiny_build.Twins(twin_images, twin_captions))
     assert not (tmp_path / "clip").exists()
 
 
