@@ -7,7 +7,7 @@ r"""The `gal-jax` command line.
                                                                        # images from a run's model
   gal-jax sample --config=... --prompts=FILE --num_per_prompt=N --out=DIR   # images from a base model
   gal-jax make-tiny [--out=DIR]                                        # build the tiny default models/data
-  gal-jax make-tiny --train --out=DIR [--seed=S] [--recipe=default|smoke|object_negatives|swap_negatives|swap_lit|twin_lit|twin_swap_wide] [--num_train=N] [--vae_from=SD_DIR]
+  gal-jax make-tiny --train --out=DIR [--seed=S] [--recipe=default|smoke|object_negatives|swap_negatives|swap_lit|twin_lit|twin_swap_wide] [--num_train=N] [--vae_from=SD_DIR] [--clip_from=CLIP_DIR]
                                                                        # retrain the tiny world's models
   gal-jax evaluate --workdir=DIR                                       # TXT-ALN / IMG-ALN / OVF per round
   gal-jax evaluate --workdir=DIR --images=D --prompts=F --references=D --captions=F --clip_path=D
@@ -69,6 +69,9 @@ _RECIPE = flags.DEFINE_enum("recipe", "default", ["default", "smoke", "object_ne
                             "twins and swap negatives, the wide vision tower in both stages; none of the five "
                             "shipped).")
 _VAE_FROM = flags.DEFINE_string("vae_from", None, "make-tiny --train: keep this SD folder's VAE instead of training one.")
+_CLIP_FROM = flags.DEFINE_string(
+    "clip_from", None, "make-tiny --train: keep this CLIP folder (a build's clip/) instead of training CLIP; its text "
+    "tower becomes SD's text encoder.")
 _NUM_TRAIN = flags.DEFINE_integer("num_train", None, "make-tiny --train: pretraining pictures (default 10000).")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Multi-host: call jax.distributed.initialize (auto-detects TPU pods and SLURM)."
@@ -140,7 +143,8 @@ def _cmd_make_tiny(args):
             raise UsageError(f"--num_train={num_train} must be >= 1")
         try:
             report = tiny_build.train_tiny_world(out, seed=_SEED.value, recipe=tiny_train.RECIPES[_RECIPE.value],
-                                                 num_train=num_train, vae_from=_VAE_FROM.value)
+                                                 num_train=num_train, vae_from=_VAE_FROM.value,
+                                                 clip_from=_CLIP_FROM.value)
         except ValueError as error:
             raise UsageError(str(error)) from error
         print(report.summary())

@@ -109,6 +109,7 @@ class BuildReport:
     vae_scaling_factor: float = math.nan
     unet_loss: float = math.nan
     vae_from: str | None = None  # the VAE was copied from this folder, not trained
+    clip_from: str | None = None  # CLIP (and so SD's text encoder) was copied from this folder
     # tiny_figures' figure 1 (CLIP zero-shot, judge agreement) and 2 (base model's contexts)
     figures: dict[str, Any] = dataclasses.field(default_factory=dict)
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -120,8 +121,9 @@ class BuildReport:
         seconds = ", ".join(f"{k} {v:.0f}s" for k, v in self.seconds.items())
         sizes = ", ".join(f"{k} {v:.1f} MB" for k, v in self.megabytes.items())
         return "\n".join([
-            f"CLIP: loss {self.clip_loss:.3f}, top-1 caption retrieval {self.clip_train_accuracy:.1%} "
-            f"train / {self.clip_held_out_accuracy:.1%} held-out",
+            (f"CLIP: not trained (taken from {self.clip_from})" if self.clip_from else
+             f"CLIP: loss {self.clip_loss:.3f}, top-1 caption retrieval {self.clip_train_accuracy:.1%} "
+             f"train / {self.clip_held_out_accuracy:.1%} held-out"),
             (f"VAE: not trained (taken from {self.vae_from})" if self.vae_from else
              f"VAE: loss {self.vae_loss:.4f}, PSNR {self.vae_train_psnr:.1f} dB train / "
              f"{self.vae_held_out_psnr:.1f} dB held-out, scaling_factor {self.vae_scaling_factor:.4f}"),
@@ -154,23 +156,28 @@ class BuildReport:
 
 def train_tiny_world(out: Path | str, *, seed: int = 0, recipe: Recipe = DEFAULT_RECIPE,
                      num_train: int = NUM_TRAIN, progress: bool = True,
-                     vae_from: Path | str | None = None) -> "BuildReport":
+                     vae_from: Path | str | None = None, clip_from: Path | str | None = None) -> "BuildReport":
     """Trains the tiny default's models on `num_train` pictures of the tiny world from `seed`,
     writes out/clip and out/sd, measures figures 1 and 2 (`tiny_figures`) and returns the report
     (also in out/tiny_train.json). CLIP's hard negatives are `hard_negatives`' (the recipe's
-    object and colour swaps), its twins `world_twins`' (the recipe's `clip_twins`); `vae_from` as
-    `build_trained_tiny` takes it."""
+    object and colour swaps), its twins `world_twins`' (the recipe's `clip_twins`); `vae_from` and
+    `clip_from` as `build_trained_tiny` takes them (with `clip_from` no twin is drawn)."""
     from gal_jax import tiny_world
 
+    # Bad folders are refused before the pictures are drawn (build_trained_tiny checks them again).
+    if vae_from is not None:
+        _checked_vae_folder(vae_from, recipe)
+    if clip_from is not None:
+        _checked_clip_folder(clip_from, recipe)
     images, captions = world_dataset(num_train, seed)
     twins = None
-    if recipe.clip_twins:
+    if recipe.clip_twins and clip_from is None:
         twin_images, twin_captions = world_twins(num_train, seed, recipe.clip_twins)
         twins = Twins(twin_images, twin_captions, hard_negatives(twin_captions, recipe))
     report = build_trained_tiny(out, images, captions, seed=seed, recipe=recipe, progress=progress,
                                 plain_captions=[tiny_world.without_identifiers(c) for c in captions],
                                 negative_captions=hard_negatives(captions, recipe),
-                                vae_from=vae_from, twins=twins)
+                                vae_from=vae_from, clip_from=clip_from, twins=twins)
     with io_utils.timed(report.seconds, "figures"):
         report.figures = measure_figures(Path(out).expanduser().absolute(), progress=progress,
                                          held_out=recipe.figure_images, per_context=recipe.figure_per_context)
@@ -219,6 +226,7 @@ def build_trained_tiny(out: Path | str, images: np.ndarray, captions: Sequence[s
                        plain_captions: Sequence[str] | None = None,
                        negative_captions: Sequence[Sequence[str]] | None = None,
                        vae_from: Path | str | None = None,
+                       clip_from: Path | str | None = None,
                        twins: Twins | None = None,
                        ) -> BuildReport:
     """Trains CLIP, VAE and UNet from `seed` on the captioned images; writes out/clip and out/sd.
@@ -236,6 +244,9 @@ def build_trained_tiny(out: Path | str, images: np.ndarray, captions: Sequence[s
     `vae_from`: an SD folder whose VAE (`vae/`, with its scaling factor) is taken as it is instead
     of training one: the VAE depends on the pictures only, so a rebuild that changes CLIP or the
     UNet can keep it (the report's VAE figures are then NaN).
+    `clip_from`: a CLIP folder (another build's clip/) taken as it is instead of training CLIP, its
+    text tower becoming SD's text encoder: a UNet trained on a CLIP built in stages or elsewhere
+    (the report's CLIP training figures are then NaN; captions' extras and twins go unused).
 
     A random `recipe.held_out_fraction` of the images is held out to measure CLIP and the VAE.
     Both folders are built beside their targets and renamed into place only when all three
@@ -258,9 +269,11 @@ def build_trained_tiny(out: Path | str, images: np.ndarray, captions: Sequence[s
         raise ValueError("every caption needs the same number of negative captions, got "
                          f"{sorted({len(n) for n in negative_captions})}")
     vae_source = None if vae_from is None else _checked_vae_folder(vae_from, recipe)
+    clip_source = None if clip_from is None else _checked_clip_folder(clip_from, recipe)
     out = Path(out).expanduser().absolute()
     report = BuildReport(seed=seed, num_train=0, num_held_out=0,
-                         vae_from=None if vae_source is None else str(vae_source))
+                         vae_from=None if vae_source is None else str(vae_source),
+                         clip_from=None if clip_source is None else str(clip_source))
     train_rows, held_rows = split_held_out(len(images), recipe.held_out_fraction, seed)
     report.num_train, report.num_held_out = len(train_rows), len(held_rows)
     # What a killed build left: its staging folder goes when the new one is made beside out/sd,
@@ -268,28 +281,12 @@ def build_trained_tiny(out: Path | str, images: np.ndarray, captions: Sequence[s
     io_utils.remove_dead_temporaries(out, "clip")
     staging = io_utils.temporary_dir_beside(out / "sd")
     try:
-        tokenizer = tiny_train_io.load_tokenizer(
-            tiny_train_io.write_tokenizer(staging / "tokenizer", recipe.max_length))
-        ids = tiny_train_io.tokenize_captions(tokenizer, captions)
-        plain_ids = None if plain_captions is None else tiny_train_io.tokenize_captions(tokenizer, plain_captions)
-
-        def tokenize_rows(rows):  # (N, K) captions -> (N, K, L) ids
-            if rows is None:
-                return None
-            flat = tiny_train_io.tokenize_captions(tokenizer, [n for row in rows for n in row])
-            return flat.reshape(len(rows), -1, flat.shape[-1])
-
-        negative_ids = tokenize_rows(negative_captions)
-        groups = caption_groups(list(captions) + ([] if twins is None else twins.captions))
-        twin_data = None
-        if twins is not None:
-            twin_data = (twins.images, tiny_train_io.tokenize_captions(tokenizer, twins.captions),
-                         groups[len(captions):], tokenize_rows(twins.negative_captions))
-        groups = groups[: len(captions)]
-        with io_utils.timed(report.seconds, "clip"):
-            model, clip_params = _build_clip(report, images, ids, groups, train_rows, held_rows, recipe,
-                                             seed, progress, plain_ids, negative_ids, twin_data)
-            tiny_train_io.save_clip(staging / "clip", model, clip_params, recipe.dtype)
+        if clip_source is None:
+            with io_utils.timed(report.seconds, "clip"):
+                _train_clip_into(staging, report, images, captions, train_rows, held_rows, recipe, seed, progress,
+                                 plain_captions, negative_captions, twins)
+        else:
+            shutil.copytree(clip_source, staging / "clip")
         vae_params = None
         if vae_source is None:
             with io_utils.timed(report.seconds, "vae"):
@@ -307,6 +304,31 @@ def build_trained_tiny(out: Path | str, images: np.ndarray, captions: Sequence[s
         shutil.rmtree(staging, ignore_errors=True)
     io_utils.write_json(out / REPORT_FILE, dataclasses.asdict(report))
     return report
+
+
+def _train_clip_into(staging: Path, report, images, captions, train_rows, held_rows, recipe, seed, progress,
+                     plain_captions, negative_captions, twins: Twins | None) -> None:
+    """Tokenizes the captions (and their extras), trains CLIP and writes it to staging/clip."""
+    tokenizer = tiny_train_io.load_tokenizer(tiny_train_io.write_tokenizer(staging / "tokenizer", recipe.max_length))
+    ids = tiny_train_io.tokenize_captions(tokenizer, captions)
+    plain_ids = None if plain_captions is None else tiny_train_io.tokenize_captions(tokenizer, plain_captions)
+
+    def tokenize_rows(rows):  # (N, K) captions -> (N, K, L) ids
+        if rows is None:
+            return None
+        flat = tiny_train_io.tokenize_captions(tokenizer, [n for row in rows for n in row])
+        return flat.reshape(len(rows), -1, flat.shape[-1])
+
+    negative_ids = tokenize_rows(negative_captions)
+    groups = caption_groups(list(captions) + ([] if twins is None else twins.captions))
+    twin_data = None
+    if twins is not None:
+        twin_data = (twins.images, tiny_train_io.tokenize_captions(tokenizer, twins.captions),
+                     groups[len(captions):], tokenize_rows(twins.negative_captions))
+    groups = groups[: len(captions)]
+    model, clip_params = _build_clip(report, images, ids, groups, train_rows, held_rows, recipe, seed, progress,
+                                     plain_ids, negative_ids, twin_data)
+    tiny_train_io.save_clip(staging / "clip", model, clip_params, recipe.dtype)
 
 
 def _build_clip(report, images, ids, groups, train_rows, held_rows, recipe, seed, progress, plain_ids=None,
@@ -374,6 +396,32 @@ def _checked_vae_folder(sd_folder: Path | str, recipe: Recipe) -> Path:
         raise ValueError(f"{config_file}: its VAE differs from the recipe's in {', '.join(different)}")
     if not any(folder.glob("*.safetensors")):
         raise ValueError(f"{folder}: no safetensors weights")
+    return folder
+
+
+def _checked_clip_folder(clip_folder: Path | str, recipe: Recipe) -> Path:
+    """Returns the folder if it holds a CLIPModel whose text tower is the recipe's (it becomes the
+    tiny SD's text encoder, which the recipe's UNet attends to) with its tokenizer at the recipe's
+    length, or raises ValueError."""
+    folder = Path(clip_folder).expanduser().absolute()
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{config_file}: not found; --clip_from must be a CLIP folder (a build's clip/)")
+    config = io_utils.read_json(config_file)
+    text = config.get("text_config") if isinstance(config, dict) else None
+    if not isinstance(text, dict) or config.get("model_type") != "clip":
+        raise ValueError(f"{config_file}: not a CLIPModel config (model_type 'clip' with a text_config)")
+    different = sorted(k for k, v in recipe.text.items() if _as_json(text.get(k)) != _as_json(v))
+    if different:
+        raise ValueError(f"{config_file}: its text tower differs from the recipe's in {', '.join(different)}")
+    if not any(folder.glob("*.safetensors")):
+        raise ValueError(f"{folder}: no safetensors weights")
+    tokenizer_file = folder / "tokenizer_config.json"
+    if not tokenizer_file.is_file():
+        raise ValueError(f"{tokenizer_file}: not found; the CLIP folder needs its tokenizer")
+    length = io_utils.read_json(tokenizer_file).get("model_max_length")
+    if length != recipe.max_length:
+        raise ValueError(f"{tokenizer_file}: the tokenizer pads to {length} tokens, the recipe's to {recipe.max_length}")
     return folder
 
 

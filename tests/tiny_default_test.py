@@ -124,6 +124,8 @@ def test_the_default_run_on_the_shipped_models_queries_and_reports(tiny_world_as
     (["--out={tmp}/m", "--recipe=big"], "flag --recipe=big: value should be one of <default|smoke|object_negatives|swap_negatives|swap_lit|twin_lit|twin_swap_wide>"),
     (["--out={tmp}/m", "--num_train=8", "--vae_from={tmp}/elsewhere"],
      "{tmp}/elsewhere/vae/config.json: not found; --vae_from must be a Stable Diffusion folder with vae/"),
+    (["--out={tmp}/m", "--clip_from={tmp}/elsewhere"],
+     "{tmp}/elsewhere/config.json: not found; --clip_from must be a CLIP folder (a build's clip/)"),
 ])
 def test_make_tiny_train_refuses_bad_flags_before_training(tmp_path, flags, message):
     args = [f.format(tmp=tmp_path) for f in flags]

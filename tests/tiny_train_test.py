@@ -3,6 +3,7 @@ shipped models), and the pieces it is made of."""
 
 import dataclasses
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -116,6 +117,43 @@ def test_a_build_with_swap_negatives_and_vae_from_keeps_that_vae_byte_for_byte(s
         assert (tmp_path / "models" / "sd" / "vae" / name).read_bytes() == (source / "sd" / "vae" / name).read_bytes()
     assert "vae" not in report.seconds and np.isnan(report.vae_loss)
     assert "VAE: not trained" in report.summary()
+
+
+def test_a_build_with_clip_from_keeps_that_clip_and_its_text_tower_byte_for_byte(smoke_build, tmp_path):
+    source, _ = smoke_build
+    recipe = dataclasses.replace(tiny_train.SMOKE_RECIPE, clip_twins=("object",))  # twins unused: nothing drawn
+    report = tiny_build.train_tiny_world(tmp_path / "models", seed=5, recipe=recipe, num_train=40, progress=False,
+                                         vae_from=source / "sd", clip_from=source / "clip")
+    out = tmp_path / "models"
+    assert report.clip_from == str(source / "clip") and np.isnan(report.clip_loss) and "clip" not in report.seconds
+    assert "CLIP: not trained" in report.summary() and np.isfinite(report.unet_loss)
+    for name in ("config.json", "model.safetensors", "tokenizer_config.json", "vocab.json"):
+        assert (out / "clip" / name).read_bytes() == (source / "clip" / name).read_bytes()
+    # SD's text encoder is that CLIP's text tower, as in the build that trained it.
+    for name in ("config.json", "model.safetensors"):
+        assert (out / "sd" / "text_encoder" / name).read_bytes() == (source / "sd" / "text_encoder" / name).read_bytes()
+    assert np.isfinite(report.figures["clip_zero_shot"]["context"]["clip_accuracy"])
+
+
+def test_the_clip_of_another_build_is_taken_only_if_its_text_tower_is_the_recipes(smoke_build, tmp_path):
+    source, _ = smoke_build
+    assert tiny_build._checked_clip_folder(source / "clip", tiny_train.SMOKE_RECIPE) == source / "clip"
+    with pytest.raises(ValueError, match="text tower differs from the recipe's in hidden_size, intermediate_size, "
+                                         "num_hidden_layers"):
+        tiny_build._checked_clip_folder(source / "clip", tiny_train.DEFAULT_RECIPE)
+    with pytest.raises(ValueError, match="config.json: not found; --clip_from must be a CLIP folder"):
+        tiny_build._checked_clip_folder(tmp_path, tiny_train.SMOKE_RECIPE)
+    with pytest.raises(ValueError, match="not a CLIPModel config"):
+        tiny_build._checked_clip_folder(source / "sd" / "text_encoder", tiny_train.SMOKE_RECIPE)
+    copy = tmp_path / "clip"
+    shutil.copytree(source / "clip", copy)
+    config = json.loads((copy / "tokenizer_config.json").read_text())
+    (copy / "tokenizer_config.json").write_text(json.dumps(dict(config, model_max_length=77)))
+    with pytest.raises(ValueError, match="pads to 77 tokens, the recipe's to 32"):
+        tiny_build._checked_clip_folder(copy, tiny_train.SMOKE_RECIPE)
+    (copy / "tokenizer_config.json").unlink()
+    with pytest.raises(ValueError, match="tokenizer_config.json: not found"):
+        tiny_build._checked_clip_folder(copy, tiny_train.SMOKE_RECIPE)
 
 
 def test_hard_negatives_are_the_recipes_object_then_colour_swaps():
