@@ -60,19 +60,22 @@ ARENAS = textwrap.dedent("""
 """)
 
 
+def _probe(script: str, figure: str, **env) -> tuple[str, int]:
+    """Runs `script` in a fresh CPU process (no MALLOC_ARENA_MAX, `env` added); returns what it
+    printed as "applied <bool>" and "<figure> <count>"."""
+    environ = {**os.environ, "JAX_PLATFORMS": "cpu", **env}
+    environ.pop("MALLOC_ARENA_MAX", None)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environ,
+                            cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    applied, count = re.search(rf"applied (\w+)\n{figure} (\d+)", result.stdout).groups()
+    return applied, int(count)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_info")
 def test_xla_cpu_threads_share_the_main_arena_and_the_opt_out_restores_glibcs_default():
-    def arenas(**env):
-        environ = {**os.environ, "JAX_PLATFORMS": "cpu", **env}
-        environ.pop("MALLOC_ARENA_MAX", None)
-        result = subprocess.run([sys.executable, "-c", ARENAS], capture_output=True, text=True, env=environ,
-                                cwd=ROOT, timeout=120)
-        assert result.returncode == 0, result.stderr[-2000:]
-        applied, count = re.search(r"applied (\w+)\narenas (\d+)", result.stdout).groups()
-        return applied, int(count)
-
-    assert arenas() == ("True", 1)
-    applied, count = arenas(GAL_JAX_MALLOC_ONE_ARENA="0")
+    assert _probe(ARENAS, "arenas") == ("True", 1)
+    applied, count = _probe(ARENAS, "arenas", GAL_JAX_MALLOC_ONE_ARENA="0")
     assert applied == "False" and count > 1  # XLA's worker threads took arenas of their own
 
 
@@ -118,17 +121,8 @@ LARGE_BLOCKS = textwrap.dedent("""
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_blocks_over_the_mmap_threshold_are_reused_not_mapped_afresh():
-    def faults(**env):
-        environ = {**os.environ, "JAX_PLATFORMS": "cpu", **env}
-        environ.pop("MALLOC_ARENA_MAX", None)
-        result = subprocess.run([sys.executable, "-c", LARGE_BLOCKS], capture_output=True, text=True, env=environ,
-                                cwd=ROOT, timeout=120)
-        assert result.returncode == 0, result.stderr[-2000:]
-        applied, count = re.search(r"applied (\w+)\nfaults (\d+)", result.stdout).groups()
-        return applied, int(count)
-
     pages = 3 * 96 * 2**20 // os.sysconf("SC_PAGE_SIZE")
-    applied, reused = faults()
+    applied, reused = _probe(LARGE_BLOCKS, "faults")
     assert applied == "True" and reused < pages // 20  # the freed block came back from the heap
-    applied, mapped = faults(GAL_JAX_MALLOC_ONE_ARENA="0")
+    applied, mapped = _probe(LARGE_BLOCKS, "faults", GAL_JAX_MALLOC_ONE_ARENA="0")
     assert applied == "False" and mapped > pages // 2  # glibc's default maps each block anew
