@@ -39,6 +39,16 @@ class Restored:
     metadata: dict
 
 
+def _save_replicas_whole_in_one_process() -> None:
+    """Has orbax write a replicated array from one replica, in one piece, when a single process
+    holds every replica: its replica-parallel saving splits each array between the replicas with
+    a jitted slice per array shape (66 compiles for the tiny UNet's state on 2 CPU devices, 35 s
+    on a cold compile cache), which only pays when the replicas live on several hosts."""
+    if jax.process_count() == 1:
+        handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+
+
 class Checkpointer:
     """Saves and restores a round's train state, data iterator state and metadata with orbax."""
 
@@ -48,6 +58,7 @@ class Checkpointer:
         if max_to_keep is not None and max_to_keep < 1:
             raise ValueError(f"max_to_keep must be >= 1 (or None to keep all), got {max_to_keep}")
         self.directory = Path(directory).expanduser().absolute()
+        _save_replicas_whole_in_one_process()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
         )

@@ -37,6 +37,22 @@ def test_sharded_state_round_trips_with_its_shardings(tmp_path):
     assert "fsdp" in restored.state.params["dense"]["kernel"].sharding.spec
 
 
+def test_saving_replicated_arrays_in_one_process_compiles_nothing(tmp_path):
+    # Orbax's replica-parallel saving slices each replicated array between its replicas, with a
+    # jitted slice per array shape; in one process every replica is local and that buys nothing.
+    from gal_jax import io_utils
+
+    mesh = sharding.make_mesh(8, 1)  # replicated over 8 devices
+    params, optimizer, state = small_state(mesh)
+    built = len(io_utils.executables_built())
+    with checkpoint.Checkpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(1, state, metadata={})
+    assert io_utils.executables_built()[built:] == []
+    with checkpoint.Checkpointer(tmp_path / "ckpt") as ckpt:
+        restored = ckpt.restore(train.abstract_train_state(params, optimizer, mesh, LOGICAL_AXES))
+    chex.assert_trees_all_equal(jax.device_get(restored.state), jax.device_get(state))
+
+
 def test_a_checkpoint_from_a_two_axis_mesh_restores_onto_three_axis_meshes(tmp_path):
     """Checkpoints written before the 'tensor' axis existed (a ('data', 'fsdp') mesh) restore onto
     a tensor=1 mesh with the same layout, and onto a tensor mesh resharded."""
