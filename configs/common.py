@@ -116,6 +116,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.with_prior = True
     config.train.prior_loss_weight = 1.0
     config.train.grad_accum_steps = 1
+    # How the batch shards' gradients are summed: "xla" (the SPMD partitioner's all-reduce per
+    # gradient leaf), "flat" (one all-reduce of the flattened gradients, in a shard_map; needs
+    # replicated weights and no loss_terms) or "auto" ("flat" on CPU where it can, else "xla").
+    config.train.grad_all_reduce = "auto"
     # Recompute blocks in the backward pass to save memory: "none", "block" (every resnet and
     # transformer block: diffusers' gradient checkpointing) or "dots_saveable" (keep the matmuls).
     config.train.remat = "none"

@@ -214,6 +214,17 @@ def activation_sharding(mesh: Mesh, rules: ActivationRules = DEFAULT_ACTIVATION_
         _ACTIVATION_SHARDING.reset(token)
 
 
+@contextlib.contextmanager
+def without_activation_sharding():
+    """Within it, `constrain` leaves arrays as they are: for code traced per shard (the body of a
+    shard_map), whose arrays are each device's block rather than global arrays."""
+    token = _ACTIVATION_SHARDING.set(None)
+    try:
+        yield
+    finally:
+        _ACTIVATION_SHARDING.reset(token)
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """Returns `x` with a sharding constraint from its logical axes under the active
     `activation_sharding` context; `x` itself outside one (or where no rule applies)."""

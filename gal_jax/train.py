@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from absl import logging
+from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh
 
 from gal_jax import loss_terms as loss_terms_lib
@@ -38,6 +39,12 @@ from gal_jax.nn import layers as nn_layers
 Params = Any
 Batch = dict[str, Any]
 LR_SCHEDULES = ("constant", "cosine")
+# How the step sums the batch shards' gradients (config.train.grad_all_reduce): "xla" leaves it to
+# the SPMD partitioner (one all-reduce per gradient leaf, which GPU and TPU compilers combine),
+# "flat" sums them in one all-reduce of the flattened gradients inside a shard_map, "auto" takes
+# "flat" on the CPU backend where the layout allows it (XLA:CPU runs each of its hundreds of
+# all-reduces alone) and "xla" elsewhere.
+GRAD_ALL_REDUCES = ("auto", "xla", "flat")
 
 
 @flax.struct.dataclass
@@ -72,6 +79,7 @@ class StepConfig:
     # the method's new token (-1: none), which terms such as AttnDreamBooth's watch.
     loss_terms: tuple[tuple[str, loss_terms_lib.Settings], ...] = ()
     new_token_id: int = -1
+    grad_all_reduce: str = "auto"  # one of GRAD_ALL_REDUCES
 
     @property
     def captures_attention(self) -> bool:
@@ -103,6 +111,9 @@ class StepConfig:
         snr_gamma = float(train_config.get("snr_gamma", 0.0))
         if not snr_gamma >= 0:
             raise ValueError(f"{where}.snr_gamma must be >= 0 (0: off; diffusers' scripts suggest 5), got {snr_gamma}")
+        grad_all_reduce = train_config.get("grad_all_reduce", "auto")
+        if grad_all_reduce not in GRAD_ALL_REDUCES:
+            raise ValueError(f"{where}.grad_all_reduce={grad_all_reduce!r}: expected one of {', '.join(GRAD_ALL_REDUCES)}")
         for legacy in ("attention_loss_mean", "attention_loss_var"):
             if legacy in train_config:
                 raise ValueError(f"{where}.{legacy} is now {where}.loss_terms.attention_map.{legacy.rpartition('_')[2]}")
@@ -115,6 +126,7 @@ class StepConfig:
             loss_terms=loss_terms_lib.active_terms(train_config.get("loss_terms"), new_token_id=new_token_id,
                                                    where=f"{where}.loss_terms"),
             new_token_id=int(new_token_id),
+            grad_all_reduce=grad_all_reduce,
         )
 
 
@@ -314,14 +326,15 @@ def _split_micro_batches(batch: Batch, num_micro: int) -> Batch:
     return jax.tree_util.tree_map(split, batch)
 
 
-def _loss_and_grads(params, batch, frozen, *, sd, config) -> tuple[Params, dict[str, jax.Array]]:
+def _loss_and_grads(params, batch, frozen, *, sd, config, counts=None) -> tuple[Params, dict[str, jax.Array]]:
     """Returns (gradient of the trained part, loss metrics) of the global batch, accumulated over
     micro-batches.
 
-    Every micro-batch divides by the example counts of the whole batch, so the sums over the
-    micro-batches are the loss and gradient of the batch taken at once.
+    Every micro-batch divides by the example counts of the whole batch (`counts`, by default those
+    of `batch`), so the sums over the micro-batches are the loss and gradient of the batch taken
+    at once.
     """
-    counts = example_counts(batch["is_prior"])
+    counts = example_counts(batch["is_prior"]) if counts is None else counts
 
     def loss_fn(p, b):
         loss, parts = dreambooth_loss(p, b, frozen, sd=sd, config=config, counts=counts)
@@ -343,6 +356,60 @@ def _loss_and_grads(params, batch, frozen, *, sd, config) -> tuple[Params, dict[
     return grads, metrics
 
 
+def _flat_all_reduced_loss_and_grads(params, batch, frozen, *, sd, config, mesh: Mesh) -> tuple[Params, dict]:
+    """Returns what `_loss_and_grads` does, each batch shard taking its own rows (divided by the
+    whole batch's example counts, so the shards' parts add up to the batch's) and the parts
+    summed in one all-reduce of the flattened gradients and metrics.
+
+    Needs replicated weights (`flat_all_reduce_obstacle`). The step's randomness is drawn for the
+    global batch before it is split, so the draws are the same as with "xla"; only the order of
+    the gradient's sums differs.
+    """
+    counts = example_counts(batch["is_prior"])
+
+    def per_shard(params, batch, frozen, counts):
+        with sharding.without_activation_sharding():  # the arrays here are each shard's block
+            grads, metrics = _loss_and_grads(params, batch, frozen, sd=sd, config=config, counts=counts)
+        flat, unravel = ravel_pytree(grads)
+        flat, metrics = jax.lax.psum((flat, metrics), sharding.DATA_AXES)
+        return unravel(flat), metrics
+
+    replicated = sharding.REPLICATED
+    return jax.shard_map(
+        per_shard, mesh=mesh, in_specs=(replicated, sharding.BATCH, replicated, replicated),
+        out_specs=(replicated, replicated), check_vma=False,
+    )(params, batch, frozen, counts)
+
+
+def flat_all_reduce_obstacle(config: StepConfig, mesh: Mesh, shardings: Any) -> str | None:
+    """Returns why the step cannot sum its gradients in one flattened all-reduce on `mesh` (with
+    weights and frozen inputs laid out as the tree of `shardings`), or None when it can."""
+    if mesh.shape["tensor"] > 1:
+        return f"splits the batch only: mesh.tensor={mesh.shape['tensor']} splits the weights too"
+    if not all(s.is_fully_replicated for s in jax.tree_util.tree_leaves(shardings)):
+        return (f"needs every weight replicated, and mesh.fsdp={mesh.shape['fsdp']} shards some of them "
+                "(use grad_all_reduce='xla' or mesh.fsdp=1)")
+    if config.loss_terms:
+        names = ", ".join(name for name, _ in config.loss_terms)
+        return (f"sums per-example losses only; train.loss_terms ({names}) are computed over the whole batch "
+                "(use grad_all_reduce='xla')")
+    return None
+
+
+def uses_flat_all_reduce(config: StepConfig, mesh: Mesh, shardings: Any) -> bool:
+    """Returns whether the step on `mesh` sums its gradients in one flattened all-reduce
+    (config.grad_all_reduce, GRAD_ALL_REDUCES); raises ValueError naming the setting when "flat"
+    was asked for and the layout does not allow it."""
+    if config.grad_all_reduce == "xla" or sharding.num_batch_shards(mesh) == 1:
+        return False
+    obstacle = flat_all_reduce_obstacle(config, mesh, shardings)
+    if config.grad_all_reduce == "flat":
+        if obstacle:
+            raise ValueError(f"train.grad_all_reduce='flat' {obstacle}")
+        return True
+    return obstacle is None and mesh.devices.flat[0].platform == "cpu"
+
+
 def train_step(
     state: TrainState,
     batch: Batch,
@@ -352,16 +419,23 @@ def train_step(
     sd: StableDiffusion,
     config: StepConfig,
     optimizer: optax.GradientTransformation,
+    flat_all_reduce_mesh: Mesh | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """Returns the state after one AdamW update on the global `batch`, and the step's metrics.
 
     The step's randomness is fold_in(rng, step): it depends on the step alone, never on the
-    device count, so a resumed run draws what the uninterrupted run would have drawn.
+    device count, so a resumed run draws what the uninterrupted run would have drawn. With
+    `flat_all_reduce_mesh` the batch shards' gradients are summed in one flattened all-reduce
+    over its batch axes (`uses_flat_all_reduce`).
     """
     key = jax.random.fold_in(rng, state.step)
     num_train_timesteps = frozen.noise_schedule.alphas_cumprod.shape[0]
     batch = {**batch, **draw_step_randomness(key, sd, batch, num_train_timesteps)}
-    grads, metrics = _loss_and_grads(state.params, batch, frozen, sd=sd, config=config)
+    if flat_all_reduce_mesh is None:
+        grads, metrics = _loss_and_grads(state.params, batch, frozen, sd=sd, config=config)
+    else:
+        grads, metrics = _flat_all_reduced_loss_and_grads(state.params, batch, frozen, sd=sd, config=config,
+                                                          mesh=flat_all_reduce_mesh)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.global_norm(grads)
@@ -540,8 +614,10 @@ def compile_train_step(
         replicated,
         shardings_of(abstract_frozen),
     )
+    flat = uses_flat_all_reduce(config, mesh, (state_shardings, shardings_of(abstract_frozen)))
     step = jax.jit(
-        functools.partial(train_step, sd=sd, config=config, optimizer=optimizer),
+        functools.partial(train_step, sd=sd, config=config, optimizer=optimizer,
+                          flat_all_reduce_mesh=mesh if flat else None),
         in_shardings=in_shardings,
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,

@@ -283,6 +283,80 @@ def test_train_step_on_mesh_equals_single_device(loaded, trainer, mesh_shape, mo
         assert to_q.sharding.spec == P("fsdp" if mesh_shape[1] > 1 else None, "tensor")
 
 
+def _all_reduces(compiled) -> list[str]:
+    """Returns the op_name of every all-reduce of the compiled step."""
+    lines = [line for line in compiled.as_text().splitlines() if re.search(r" all-reduce(?:-start)?\(", line)]
+    return [re.search(r'op_name="([^"]*)"', line).group(1) for line in lines]
+
+
+@pytest.mark.parametrize("grad_accum_steps", [1, 2])
+def test_flat_all_reduce_step_equals_single_device_in_one_all_reduce(loaded, trainer, grad_accum_steps):
+    # On 8 data shards each shard takes its rows (divided by the whole batch's counts) and the
+    # shards' gradients and metrics are summed in one all-reduce; with accumulation each shard
+    # splits its own rows into micro-batches.
+    sd, params = loaded
+    host_batch = synthetic_batch(sd, BATCH_SIZE)
+    expected, expected_metrics = _one_step(trainer, sd, params, host_batch)
+    shards = 8 // grad_accum_steps  # every micro-batch splits over the shards
+    flat = trainer_lib.Trainer(tiny_config(grad_all_reduce="flat", grad_accum_steps=grad_accum_steps), sd,
+                               sharding.make_mesh(shards, 1, 1, devices=jax.devices()[:shards]))
+    state, metrics = _one_step(flat, sd, params, host_batch)
+    chex.assert_trees_all_close(jax.device_get(state.params), jax.device_get(expected.params), atol=1e-5, rtol=0)
+    for name in ("loss", "instance_loss", "prior_loss", "grad_norm"):
+        np.testing.assert_allclose(metrics[name], expected_metrics[name], rtol=1e-5, err_msg=name)
+    for leaf in jax.tree_util.tree_leaves(state.params):
+        assert leaf.sharding.is_fully_replicated
+    # The gradients and metrics in one all-reduce; besides it only the example counts' sum.
+    (compiled,) = flat._compiled.values()
+    assert sorted(_all_reduces(compiled)) == ["jit(train_step)/reduce_sum", "jit(train_step)/shard_map/psum"]
+
+
+@pytest.mark.slow
+def test_xla_all_reduce_sums_each_gradient_leaf_apart(loaded):
+    # What "flat" saves XLA:CPU: the SPMD partitioner's all-reduce per gradient leaf.
+    sd, params = loaded
+    xla = trainer_lib.Trainer(tiny_config(grad_all_reduce="xla"), sd, sharding.make_mesh(8, 1, 1))
+    _one_step(xla, sd, params, synthetic_batch(sd, BATCH_SIZE))
+    (compiled,) = xla._compiled.values()
+    assert len(_all_reduces(compiled)) > 10
+
+
+def _layout(mesh, fsdp_sharded=False):
+    spec = P("fsdp") if fsdp_sharded else P()
+    return {"kernel": jax.sharding.NamedSharding(mesh, spec), "bias": sharding.replicated(mesh)}
+
+
+def test_auto_takes_the_flat_all_reduce_on_cpu_where_the_layout_allows():
+    step = train.StepConfig(grad_all_reduce="auto")
+    data_parallel, fsdp = sharding.make_mesh(8, 1, 1), sharding.make_mesh(4, 2, 1)
+    assert train.uses_flat_all_reduce(step, data_parallel, _layout(data_parallel))
+    assert not train.uses_flat_all_reduce(step, sharding.make_mesh(1, 1, devices=jax.devices()[:1]),
+                                          _layout(data_parallel))
+    assert not train.uses_flat_all_reduce(step, fsdp, _layout(fsdp, fsdp_sharded=True))
+    assert train.uses_flat_all_reduce(step, fsdp, _layout(fsdp))  # fsdp=2 left everything replicated
+    assert not train.uses_flat_all_reduce(step, sharding.make_mesh(4, 1, 2), _layout(data_parallel))
+    assert not train.uses_flat_all_reduce(train.StepConfig(grad_all_reduce="xla"), data_parallel,
+                                          _layout(data_parallel))
+    terms = (("dco", {"beta": 1.0}),)
+    assert not train.uses_flat_all_reduce(dataclasses.replace(step, loss_terms=terms), data_parallel,
+                                          _layout(data_parallel))
+
+
+@pytest.mark.parametrize(
+    "mesh_shape, fsdp_sharded, terms, message",
+    [
+        ((4, 2, 1), True, (), r"needs every weight replicated, and mesh.fsdp=2 shards some"),
+        ((4, 1, 2), False, (), r"mesh.tensor=2 splits the weights too"),
+        ((8, 1, 1), False, (("dco", {"beta": 1.0}),), r"train.loss_terms \(dco\) are computed over the whole batch"),
+    ],
+)
+def test_flat_all_reduce_where_the_layout_forbids_it_is_rejected(mesh_shape, fsdp_sharded, terms, message):
+    step = train.StepConfig(grad_all_reduce="flat", loss_terms=terms)
+    mesh = sharding.make_mesh(*mesh_shape)
+    with pytest.raises(ValueError, match=r"train.grad_all_reduce='flat' .*" + message):
+        train.uses_flat_all_reduce(step, mesh, _layout(mesh, fsdp_sharded))
+
+
 # ---------------------------------------------------------------------------------------------
 # Rounds
 
@@ -385,6 +459,7 @@ def test_batch_not_divisible_by_the_data_axes_is_rejected(loaded, train_set):
         ("warmup_steps", 50, r"train.warmup_steps=50 must lie in \[0, train.steps=12\]"),
         ("prior_loss_weight", -1.0, "train.prior_loss_weight must be >= 0"),
         ("snr_gamma", -5.0, "train.snr_gamma must be >= 0"),
+        ("grad_all_reduce", "ring", r"train.grad_all_reduce='ring': expected one of auto, xla, flat"),
     ],
 )
 def test_bad_train_config_is_rejected(loaded, field, value, message):
