@@ -615,6 +615,9 @@ def compile_train_step(
         shardings_of(abstract_frozen),
     )
     flat = uses_flat_all_reduce(config, mesh, (state_shardings, shardings_of(abstract_frozen)))
+    if flat:
+        logging.info("The train step sums its %d batch shards' gradients in one flattened all-reduce.",
+                     sharding.num_batch_shards(mesh))
     step = jax.jit(
         functools.partial(train_step, sd=sd, config=config, optimizer=optimizer,
                           flat_all_reduce_mesh=mesh if flat else None),
