@@ -322,9 +322,10 @@ def config_changes(previous: dict, current: dict) -> list[str]:
 
 # Config fields that say where the work runs, in what pieces and how often it is saved, not what
 # it computes (each generated image's noise is its own, whatever chunk it is drawn in; a resumed
-# round trains to the same params from any checkpoint).
+# round trains to the same params from any checkpoint; the gradients' all-reduce changes only the
+# order of a sum).
 LAYOUT_FIELDS = ("mesh.cpu_devices ", "mesh.train_devices ", "sample.max_images_per_device ",
-                 "train.checkpoint_every ")
+                 "train.checkpoint_every ", "train.grad_all_reduce ")
 
 
 # Fields of config.train renamed since workdirs were first written: old name -> path under it.

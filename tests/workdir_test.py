@@ -387,7 +387,9 @@ def test_where_the_work_runs_is_no_config_change_but_what_it_computes_is():
     del saved["mesh"]["cpu_devices"], saved["mesh"]["train_devices"]
     saved["sample"]["max_images_per_device"] = 48
     saved["train"]["checkpoint_every"] = 100
+    del saved["train"]["grad_all_reduce"]  # and before train.grad_all_reduce
     assert workdir_lib.config_changes(saved, current) == []
+    saved["train"]["grad_all_reduce"] = "xla"
     saved["mesh"].update(cpu_devices=4, train_devices=2)
     assert workdir_lib.config_changes(saved, current) == []
     saved["mesh"]["fsdp"] = 2
