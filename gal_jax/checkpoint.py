@@ -14,6 +14,7 @@ device-to-host copy.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ class Restored:
     metadata: dict
 
 
+@functools.cache  # a process-wide registration: once is enough
 def _save_replicas_whole_in_one_process() -> None:
     """Has orbax write a replicated array from one replica, in one piece, when a single process
     holds every replica: its replica-parallel saving splits each array between the replicas with

@@ -203,26 +203,25 @@ def activation_spec(logical_axes: Sequence[str | None], shape: tuple[int, ...], 
 
 
 @contextlib.contextmanager
+def _activation_sharding_set_to(value):
+    token = _ACTIVATION_SHARDING.set(value)
+    try:
+        yield
+    finally:
+        _ACTIVATION_SHARDING.reset(token)
+
+
 def activation_sharding(mesh: Mesh, rules: ActivationRules = DEFAULT_ACTIVATION_RULES):
     """Within it, functions traced pin the activations the models mark with `constrain` to the
     shardings `rules` give them on `mesh` (e.g. the train step keeps every block's output
     batch-sharded, whatever layout the FSDP-sharded weights would suggest to XLA)."""
-    token = _ACTIVATION_SHARDING.set((mesh, tuple(rules)))
-    try:
-        yield
-    finally:
-        _ACTIVATION_SHARDING.reset(token)
+    return _activation_sharding_set_to((mesh, tuple(rules)))
 
 
-@contextlib.contextmanager
 def without_activation_sharding():
     """Within it, `constrain` leaves arrays as they are: for code traced per shard (the body of a
     shard_map), whose arrays are each device's block rather than global arrays."""
-    token = _ACTIVATION_SHARDING.set(None)
-    try:
-        yield
-    finally:
-        _ACTIVATION_SHARDING.reset(token)
+    return _activation_sharding_set_to(None)
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:

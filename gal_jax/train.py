@@ -606,15 +606,10 @@ def compile_train_step(
     recompiling; `compiled.cost_analysis()` gives its FLOPs.
     """
     check_batch_layout(batch_spec["weight"].shape[0], config.grad_accum_steps, mesh)
-    state_shardings = shardings_of(abstract_state)
+    state_shardings, frozen_layout = shardings_of(abstract_state), shardings_of(abstract_frozen)
     replicated = sharding.replicated(mesh)
-    in_shardings = (
-        state_shardings,
-        sharding.batch_sharding(mesh),
-        replicated,
-        shardings_of(abstract_frozen),
-    )
-    flat = uses_flat_all_reduce(config, mesh, (state_shardings, shardings_of(abstract_frozen)))
+    in_shardings = (state_shardings, sharding.batch_sharding(mesh), replicated, frozen_layout)
+    flat = uses_flat_all_reduce(config, mesh, (state_shardings, frozen_layout))
     if flat:
         logging.info("The train step sums its %d batch shards' gradients in one flattened all-reduce.",
                      sharding.num_batch_shards(mesh))
