@@ -19,7 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict()
     config.model.sd_path = ""
     config.model.clip_path = ""
-    config.model.tiny_dir = ""  # '' -> $GAL_JAX_CACHE/tiny-v3, or tiny-world-v3 with tiny_world
+    config.model.tiny_dir = ""  # '' -> $GAL_JAX_CACHE/tiny-v3, or tiny-world-v4 with tiny_world
     # The tiny default's kind: random-init models (false) or the models trained on the tiny world
     # (true; gal_jax/assets/tiny_world, `gal-jax make-tiny --train`).
     config.model.tiny_world = False

@@ -4,21 +4,24 @@ r"""The trained tiny world: the tiny world's own SD and CLIP (gal_jax/assets/tin
 
 Unlike the random-init models of configs/tiny_cpu.py, these models draw the world's contexts from
 their prompts, so DreamBooth on the references (all "a sks teapot on a table"; the placeholder is
-read from them) overfits, carrying the table into about half of the anchor contexts, and GAL's
-rounds act on it. README "The tiny world" has what it measures.
+read from them) overfits, carrying the table into some of the anchor contexts, and GAL's rounds act
+on it. README "The tiny world" has what it measures.
 
-Settings, each measured (README): 400 DreamBooth steps at 1e-3 with prior preservation (200 steps
-at 2e-4 left round 1's overfit rates at 0 on 16 of 18 directions: nothing to query); generation with
-the paper's DDPM sampler, 25 steps at guidance 5 (the model's pictures fall apart at the 4-10 steps
-tiny_cpu uses; DDIM's pictures of a prompt barely change with the seed, and GAL's entropy needs
-them to); evaluation with DDIM, 25 steps, 4 pictures per test prompt; 4 rounds of uncertainty with
-the paper's balance (lambda 0.005: the new references weigh under 0.001;
+Settings, each measured (README): 200 DreamBooth steps at 1e-3 with prior preservation (400 steps
+left round 1's overfit rates all or nothing per direction, 0 or 1: nothing to query; 7e-4 carried
+too little of the table into the test prompts' pictures); no checkpoint inside a round (each orbax save holds
+the 2-core host for about 1.7 s; a kill redoes at most one round's 200 steps, about 20 s);
+generation with the paper's DDPM sampler, 25 steps at guidance 5 (the model's pictures fall apart
+at the 4-10 steps tiny_cpu uses; DDIM's pictures of a prompt barely change with the seed, and GAL's
+entropy needs them to); evaluation with DDIM, 25 steps, 4 pictures per test prompt; 4 rounds of
+uncertainty with the paper's balance (lambda 0.005: the new references weigh under 0.001;
 `--config.gal.balance=false` gives them weight 1). On a CPU it runs on one JAX device per core
 (`mesh.cpu_devices=-1`: generation and scoring split over them) and trains on one of them
 (`mesh.train_devices=1`); README's paragraph on `mesh.cpu_devices` has the figures.
 
-Variants train another personalization method on the same world (README "The tiny world" has
-their figures): `configs/tiny_world.py:lora` (rank-16 deltas on every attention projection, lr
+Variants train another personalization method on the same world, with the settings measured on
+the session-5 models (400 steps; README "Methods" has their figures, not yet re-measured on the
+models shipped since session 29): `configs/tiny_world.py:lora` (rank-16 deltas on every attention projection, lr
 5e-3: rank 4 at 1e-3 learned nothing of the teapot in 400 steps, rank 16 at 1e-2 broke the
 pictures, deltas on the MLPs too at 1e-2 gave noise), `:textual_inversion` (the new token "sks",
 initialised from "teapot", lr 2e-2 at batch 4, no prior), `:attndreambooth` (the authors' three stages and regularizer, 100 +
@@ -33,11 +36,11 @@ def get_config(variant: str = ""):
     """Returns the trained tiny world's config; a variant names another personalization method."""
     config = tiny_cpu.get_config()
     config.model.tiny_world = True
-    config.train.steps = 400
+    config.train.steps = 200
     config.train.learning_rate = 1e-3
-    # One checkpoint mid-round: each orbax save holds the 2-core host for about 1.7 s (the steps
-    # around it slow down while it writes), three a round cost about 5 s of a 55 s round; a kill
-    # now redoes at most 200 steps (about 20 s).
+    # No checkpoint inside a round (the last step's is skipped: the round's result is written
+    # instead): each orbax save holds the 2-core host for about 1.7 s, and a kill redoes at most
+    # 200 steps (about 20 s).
     config.train.checkpoint_every = 200
     config.train.log_every = 20
     config.sample.sampler = "ddpm"
@@ -70,6 +73,7 @@ def with_method(config, method: str):
     if method not in METHODS:
         raise ValueError(f"unknown variant {method!r} of tiny_world (known: {', '.join(METHODS)})")
     config = tiny_cpu.with_method(config, method)
+    config.train.steps = 400  # as measured (on the session-5 models); DreamBooth's 200 is this world's
     if method == "lora":
         config.lora.rank = 16
         config.lora.alpha = 16.0

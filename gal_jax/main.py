@@ -7,7 +7,7 @@ r"""The `gal-jax` command line.
                                                                        # images from a run's model
   gal-jax sample --config=... --prompts=FILE --num_per_prompt=N --out=DIR   # images from a base model
   gal-jax make-tiny [--out=DIR]                                        # build the tiny default models/data
-  gal-jax make-tiny --train --out=DIR [--seed=S] [--recipe=default|smoke|object_negatives|swap_negatives|swap_lit|twin_lit|twin_swap_wide] [--num_train=N] [--vae_from=SD_DIR] [--clip_from=CLIP_DIR]
+  gal-jax make-tiny --train --out=DIR [--seed=S] [--recipe=twin_swap_wide|first|smoke|object_negatives|swap_negatives|swap_lit|twin_lit] [--num_train=N] [--vae_from=SD_DIR] [--clip_from=CLIP_DIR]
                                                                        # retrain the tiny world's models
   gal-jax evaluate --workdir=DIR                                       # TXT-ALN / IMG-ALN / OVF per round
   gal-jax evaluate --workdir=DIR --images=D --prompts=F --references=D --captions=F --clip_path=D
@@ -59,15 +59,15 @@ _PORT = flags.DEFINE_integer("port", 0, "Port for `review` (0 picks a free one).
 _FORCE = flags.DEFINE_bool("force", False, "make-tiny: rebuild even if present.")
 _TRAIN = flags.DEFINE_bool("train", False, "make-tiny: retrain the tiny CLIP, VAE and UNet on the tiny world.")
 _SEED = flags.DEFINE_integer("seed", 0, "make-tiny --train: seed of the world and of the training.")
-_RECIPE = flags.DEFINE_enum("recipe", "default", ["default", "smoke", "object_negatives", "swap_negatives",
-                                                         "swap_lit", "twin_lit", "twin_swap_wide"],
-                            "make-tiny --train: model sizes and schedules (smoke: a few steps of small models; "
+_RECIPE = flags.DEFINE_enum("recipe", "twin_swap_wide", ["twin_swap_wide", "first", "smoke", "object_negatives",
+                                                                "swap_negatives", "swap_lit", "twin_lit"],
+                            "make-tiny --train: model sizes and schedules (twin_swap_wide: the shipped models' "
+                            "recipe, below; first: the session-5 recipe; smoke: a few steps of small models; "
                             "object_negatives, swap_negatives: CLIP with object-swap, or object- and colour-swap, hard "
                             "negatives; swap_lit: swap_negatives, then a new, wider vision tower against its locked "
                             "text tower; twin_lit: swap_lit's towers trained on minimal pairs (each picture beside "
                             "its twin with another object kind or colour) instead of caption negatives; twin_swap_wide: "
-                            "twins and swap negatives, the wide vision tower in both stages; none of the five "
-                            "shipped).")
+                            "twins and swap negatives, the wide vision tower in both stages).")
 _VAE_FROM = flags.DEFINE_string("vae_from", None, "make-tiny --train: keep this SD folder's VAE instead of training one.")
 _CLIP_FROM = flags.DEFINE_string(
     "clip_from", None, "make-tiny --train: keep this CLIP folder (a build's clip/) instead of training CLIP; its text "

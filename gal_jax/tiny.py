@@ -34,7 +34,7 @@ SHIPPED_MODELS = ASSETS / "tiny_world"
 TINY_VERSION = "tiny-v3"
 # The random tiny CLIP's seed (see write_tiny_clip).
 TINY_CLIP_SEED = 8
-TINY_WORLD_VERSION = "tiny-world-v3"
+TINY_WORLD_VERSION = "tiny-world-v4"
 CACHE_DIR = Path(os.environ.get("GAL_JAX_CACHE", "~/.cache/gal_jax")).expanduser()
 DEFAULT_TINY_DIR = CACHE_DIR / TINY_VERSION
 DEFAULT_TINY_WORLD_DIR = CACHE_DIR / TINY_WORLD_VERSION

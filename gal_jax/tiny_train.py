@@ -195,12 +195,13 @@ SWAP_LIT_RECIPE = dataclasses.replace(
 TWIN_LIT_RECIPE = dataclasses.replace(
     SWAP_LIT_RECIPE, clip_object_negatives=False, clip_colour_negatives=False, clip_twins=("object", "colour"))
 # Session 26: twins and swap captions as negatives, and the wide vision tower in both stages (the
-# text tower only learns to tell apart what the joint stage's vision tower can see).
+# text tower only learns to tell apart what the joint stage's vision tower can see). Shipped since
+# session 29 (with the first recipe's VAE) and `make-tiny --train`'s default.
 TWIN_SWAP_WIDE_RECIPE = dataclasses.replace(
     SWAP_LIT_RECIPE, joint_vision=None, clip_twins=("object", "colour"))
-RECIPES = {"default": DEFAULT_RECIPE, "smoke": SMOKE_RECIPE, "object_negatives": OBJECT_NEGATIVES_RECIPE,
-           "swap_negatives": SWAP_NEGATIVES_RECIPE, "swap_lit": SWAP_LIT_RECIPE, "twin_lit": TWIN_LIT_RECIPE,
-           "twin_swap_wide": TWIN_SWAP_WIDE_RECIPE}
+RECIPES = {"twin_swap_wide": TWIN_SWAP_WIDE_RECIPE, "first": DEFAULT_RECIPE, "smoke": SMOKE_RECIPE,
+           "object_negatives": OBJECT_NEGATIVES_RECIPE, "swap_negatives": SWAP_NEGATIVES_RECIPE,
+           "swap_lit": SWAP_LIT_RECIPE, "twin_lit": TWIN_LIT_RECIPE}
 
 
 # ---------------------------------------------------------------------------------------------

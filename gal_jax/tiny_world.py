@@ -8,8 +8,8 @@ anchor template's text after "{} ", so the caption "a red cat in park" lines up 
 prompt "a sks teapot in park". A tenth of the captions carry a rare identifier word ("sks",
 "olis", "hta") that changes nothing in the picture, so the towers know the placeholder "sks".
 
-The concept is one teapot the base world never draws (magenta with cyan checks and a gold knob),
-shown four times on a table: plain DreamBooth learns the table along with the teapot. The style
+The concept is one teapot the base world never draws (two-tone: yellow over blue, with a gold
+knob), shown four times on a table: plain DreamBooth learns the table along with the teapot. The style
 concept is a style the base world never uses (stained glass).
 
 Everything is numpy + PIL from a seeded rng: the same seed gives the same bytes. The judge
@@ -69,7 +69,11 @@ IDENTIFIED_FRACTION = 0.1
 
 OBJECT_CONCEPT = "teapot"
 PLACEHOLDER = "sks"
-CONCEPT_BODY, CONCEPT_CHECKS, CONCEPT_KNOB = (235, 50, 190), (60, 225, 235), (240, 195, 40)
+# Two-tone, in halves large enough to survive the tiny VAE (it averages anything finer: the
+# earlier magenta body with cyan checks came back from it a pale lavender teapot, so DreamBooth
+# learned a pale teapot the world already draws, not the concept).
+CONCEPT_BODY, CONCEPT_LOWER, CONCEPT_KNOB = draw.COLOURS["yellow"], draw.COLOURS["blue"], (240, 195, 40)
+CONCEPT_PATTERN = "halves"
 STYLE_CONCEPT = "stained_glass"
 STYLE_CONCEPT_PHRASE = "in stained glass style"
 
@@ -250,12 +254,12 @@ def training_set(n: int, seed: int = 0, *, resolution: int = RESOLUTION) -> list
 
 def concept_scene(rng: np.random.Generator, context: str = REFERENCE_CONTEXT, *,
                   resolution: int = RESOLUTION) -> Scene:
-    """Returns the concept teapot (magenta, cyan checks, gold knob) in a context, captioned with
-    the placeholder ('a sks teapot on a table')."""
-    image = render(rng, context, OBJECT_CONCEPT, CONCEPT_BODY, "checkered", resolution=resolution,
-                   pattern_colour=CONCEPT_CHECKS, knob=CONCEPT_KNOB)
-    return Scene(image, f"a {PLACEHOLDER} {OBJECT_CONCEPT} {context}", OBJECT_CONCEPT, "magenta",
-                 "checkered", context, None)
+    """Returns the concept teapot (yellow over blue, gold knob) in a context, captioned with the
+    placeholder ('a sks teapot on a table')."""
+    image = render(rng, context, OBJECT_CONCEPT, CONCEPT_BODY, CONCEPT_PATTERN, resolution=resolution,
+                   pattern_colour=CONCEPT_LOWER, knob=CONCEPT_KNOB)
+    return Scene(image, f"a {PLACEHOLDER} {OBJECT_CONCEPT} {context}", OBJECT_CONCEPT, "yellow",
+                 CONCEPT_PATTERN, context, None)
 
 
 def style_concept_scene(rng: np.random.Generator, *, resolution: int = RESOLUTION) -> Scene:
@@ -364,7 +368,7 @@ def describe() -> dict[str, Any]:
         "test_contexts": list(TEST_CONTEXTS), "objects": list(OBJECTS), "colours": list(COLOURS),
         "patterns": list(PATTERNS), "styles": STYLES, "styled_fraction": STYLED_FRACTION,
         "object_concept": {"class": OBJECT_CONCEPT, "placeholder": PLACEHOLDER, "body": CONCEPT_BODY,
-                           "checks": CONCEPT_CHECKS, "knob": CONCEPT_KNOB},
+                           "pattern": CONCEPT_PATTERN, "lower_half": CONCEPT_LOWER, "knob": CONCEPT_KNOB},
         "style_concept": {"name": STYLE_CONCEPT, "phrase": STYLE_CONCEPT_PHRASE},
     }
 

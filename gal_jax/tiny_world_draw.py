@@ -78,7 +78,8 @@ def overlay(pen: Pen, layer: Image.Image) -> None:
     pen.image.paste(Image.alpha_composite(pen.image.convert("RGBA"), layer).convert("RGB"))
 
 
-# The subject's colours. The concept's magenta and cyan are none of these (tiny_world.CONCEPT_*).
+# The subject's colours. The concept is two of them, yellow over blue (tiny_world.CONCEPT_*), a
+# two-tone body no picture of the world has.
 COLOURS: dict[str, Colour] = {
     "red": (215, 40, 40), "blue": (40, 80, 215), "green": (40, 170, 60), "yellow": (245, 210, 40),
     "purple": (130, 60, 180), "orange": (245, 130, 30), "white": (240, 240, 240),
@@ -202,9 +203,12 @@ def _render(pen: Pen, shapes: list, fill, grow: float = 0.0) -> None:
 
 
 def _pattern(pen: Pen, pattern: str, colour: Colour, box: tuple, h: float, phase: float) -> None:
-    """Draws stripes, dots or checks of `colour` over the canvas-unit box (x0, y0, x1, y1)."""
+    """Draws stripes, dots, checks or the lower half (`halves`, the concept's look) of `colour`
+    over the canvas-unit box (x0, y0, x1, y1)."""
     x0, y0, x1, y1 = box
-    if pattern == "striped":
+    if pattern == "halves":
+        pen.rect(x0, (y0 + y1) / 2, x1, y1, colour)
+    elif pattern == "striped":
         period = 0.16 * h
         for y in np.arange(y0 + phase * period, y1, period):
             pen.rect(x0, y, x1, y + period * 0.38, colour)

@@ -105,7 +105,7 @@ def test_tiny_world_variants_prepare_their_method_on_the_shipped_models(variant,
     from gal_jax import models, personalize
 
     config = tiny_world.get_config(variant)
-    assert config.model.tiny_world and config.train.steps == 400
+    assert config.model.tiny_world and config.train.steps == (200 if method == "dreambooth" else 400)
     sd, _ = models.load_stable_diffusion(tiny_world_assets["sd"])
     # The tiny world's placeholder "sks" is not one token of its tokenizer: the new-token methods add it.
     sd, prepared = personalize.prepare(config, sd, placeholder="sks", class_word="teapot")

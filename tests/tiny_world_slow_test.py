@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 NOT_YET = "README 'The tiny world': not met by the shipped models ({})"
 
 
-@pytest.mark.xfail(strict=True, reason=NOT_YET.format("object kinds 38%; context 98%, colour 95%"))
+@pytest.mark.xfail(strict=True, reason=NOT_YET.format("object kinds 83.2%; context 98.1%, colour 92.4%"))
 def test_1_the_tiny_clip_names_context_object_and_colour_and_the_judge_agrees(tiny_world_assets):
     clip, params = models.load_clip(tiny_world_assets["clip"])
     result = tiny_figures.clip_zero_shot(score.Scorer(clip, params, sharding.make_mesh()),
@@ -30,12 +30,15 @@ def test_1_the_tiny_clip_names_context_object_and_colour_and_the_judge_agrees(ti
     assert result["context"]["judge_agrees_with_clip"] >= 0.9, result["context"]
 
 
-@pytest.mark.xfail(strict=True, reason=NOT_YET.format("mean 92.4%; 'in park' 62.5%, 'in a forest' 62.5%, 'in library' 75%"))
+@pytest.mark.xfail(strict=True, reason=NOT_YET.format(
+    "mean 93.1%; 'in park' 75%, 'in library' 75%, 'in front of the castle' 79.2%"))
 def test_2_the_base_sd_draws_every_anchor_context(tiny_world_assets):
     sd, params = models.load_stable_diffusion(tiny_world_assets["sd"])
     generator = sample.Generator(sd, sharding.make_mesh(), sampler="ddim", steps=25, guidance_scale=5.0,
                                  max_images_per_device=64)
-    result = tiny_figures.base_context_following(generator, params, per_context=10)
+    # 24 a context, as the build measures it (tiny_train.Recipe.figure_per_context): the same
+    # seeded prompts and noise, so the figure README quotes.
+    result = tiny_figures.base_context_following(generator, params, per_context=24)
     assert result["min"] >= 0.8, result["per_context"]
 
 
