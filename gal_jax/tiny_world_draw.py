@@ -203,8 +203,8 @@ def _render(pen: Pen, shapes: list, fill, grow: float = 0.0) -> None:
 
 
 def _pattern(pen: Pen, pattern: str, colour: Colour, box: tuple, h: float, phase: float) -> None:
-    """Draws stripes, dots, checks or the lower half (`halves`, the concept's look) of `colour`
-    over the canvas-unit box (x0, y0, x1, y1)."""
+    """Draws stripes, dots or the lower half (`halves`, the concept's look) of `colour` over the
+    canvas-unit box (x0, y0, x1, y1)."""
     x0, y0, x1, y1 = box
     if pattern == "halves":
         pen.rect(x0, (y0 + y1) / 2, x1, y1, colour)
@@ -217,12 +217,8 @@ def _pattern(pen: Pen, pattern: str, colour: Colour, box: tuple, h: float, phase
         for row, y in enumerate(np.arange(y0 + phase * period, y1, period)):
             for x in np.arange(x0 + (row % 2) * period / 2, x1, period):
                 pen.ellipse(x, y, r, r, colour)
-    elif pattern == "checkered":
-        size = 0.16 * h
-        for row, y in enumerate(np.arange(y0 + phase * size, y1, size)):
-            for col, x in enumerate(np.arange(x0, x1, size)):
-                if (row + col) % 2:
-                    pen.rect(x, y, x + size, y + size, colour)
+    else:
+        raise ValueError(f"unknown pattern {pattern!r} (known: plain, striped, dotted, halves)")
 
 
 def pattern_colour(colour: str) -> Colour:

@@ -31,8 +31,10 @@ def noisy(image: np.ndarray, rng: np.random.Generator, sigma: float = 12.0) -> n
 
 def concept_tone_rows(image: np.ndarray, tolerance: float = 60.0) -> tuple[np.ndarray, np.ndarray]:
     """Returns the row indices of the pixels near the concept's upper colour and its lower one."""
-    near = lambda colour: np.linalg.norm(image.astype(np.float32) - np.asarray(colour), axis=-1) < tolerance  # noqa: E731
-    return np.nonzero(near(tiny_world.CONCEPT_BODY))[0], np.nonzero(near(tiny_world.CONCEPT_LOWER))[0]
+    def rows_near(colour):
+        return np.nonzero(np.linalg.norm(image.astype(np.float32) - np.asarray(colour), axis=-1) < tolerance)[0]
+
+    return rows_near(tiny_world.CONCEPT_BODY), rows_near(tiny_world.CONCEPT_LOWER)
 
 
 @pytest.fixture(scope="module")
