@@ -196,6 +196,52 @@ def evaluate_run(workdir: Path | str, *, num_per_prompt: int, seed: int = 8888,
     return figures
 
 
+def oracle_agreement(images: Sequence[np.ndarray], overfit: Sequence[bool]) -> dict[str, Any]:
+    """Returns how GAL's CLIP oracle compares with the judge on a round's pictures: the oracle
+    calls a picture overfit when it looks more like the references' plain prompt than like its
+    anchor prompt; the judge calls it so when it sees the references' context (the table).
+
+    Claim 1 checks the CLIP against the judge on the world's own pictures; this checks it where GAL
+    uses it, on the blurry pictures a personalized model draws.
+    """
+    if len(images) != len(overfit):
+        raise ValueError(f"{len(images)} images but {len(overfit)} overfit flags")
+    table = [tiny_world_judge.judge_context(image) == tiny_world.REFERENCE_CONTEXT for image in images]
+
+    def fraction(flags):  # nan for none
+        return float(np.mean(flags)) if len(flags) else float("nan")
+
+    return {"images": len(images), "oracle_overfit": fraction(overfit), "judge_reference_context": fraction(table),
+            "agree": _share(overfit, table), "oracle_finds": fraction([o for o, t in zip(overfit, table) if t])}
+
+
+def oracle_against_judge(workdir: Path | str) -> list[dict[str, Any]]:
+    """Returns `oracle_agreement` for every scored round of a tiny-world GAL run (its record's
+    pictures and overfit flags), with the round's index."""
+    from PIL import Image
+
+    workdir = Workdir(workdir)
+    rounds = []
+    for record in workdir.read_records():
+        scored = [image for direction in record.directions for image in direction.images]
+        if not scored:
+            continue
+        pictures = [np.asarray(Image.open(workdir.resolve(image.path)).convert("RGB")) for image in scored]
+        rounds.append({"round": record.round, **oracle_agreement(pictures, [image.overfit for image in scored])})
+    return rounds
+
+
+def oracle_table(oracle: dict[str, Sequence[dict[str, Any]]]) -> str:
+    """Returns a markdown table of `oracle_against_judge` per feedback mode and round."""
+    lines = ["| feedback | round | pictures | CLIP: overfit | judge: the references' context | agree | "
+             "CLIP finds of the judge's |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for mode, rounds in oracle.items():
+        for r in rounds:
+            lines.append(f"| {mode} | {r['round']} | {r['images']} | {r['oracle_overfit']:.3f} | "
+                         f"{r['judge_reference_context']:.3f} | {r['agree']:.3f} | {r['oracle_finds']:.3f} |")
+    return "\n".join(lines)
+
+
 def _tiny_concept(paths) -> evaluate.EvalConcept:
     concepts = evaluate.read_concepts_list(paths.concepts_json)
     if len(concepts) != 1:
@@ -245,13 +291,16 @@ def run_comparison(out: Path | str, config, modes: Sequence[str] = ("none", "ran
         if base is None:
             base, figures = figures[:1], figures[1:]
         runs[mode] = figures
+    oracle = {mode: oracle_against_judge(out / mode) for mode in modes}
     result = {"base": [f.as_dict() for f in base or []],
               "runs": {mode: [f.as_dict() for f in figures] for mode, figures in runs.items()},
+              "oracle": oracle,
               "num_per_prompt": num_per_prompt,
               "workdirs": {mode: str(out / mode) for mode in modes},
-              "table": table({"base model": base or [], **runs})}
+              "table": table({"base model": base or [], **runs}),
+              "oracle_table": oracle_table(oracle)}
     io_utils.write_json(out / "figures.json", result)
-    (out / "figures.md").write_text(result["table"] + "\n")
+    (out / "figures.md").write_text(result["table"] + "\n\n" + result["oracle_table"] + "\n")
     return result
 
 

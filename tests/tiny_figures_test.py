@@ -124,6 +124,24 @@ def test_table_lists_each_mode_and_round():
     assert len(lines) == 5 and lines[2].startswith("| none | 1 | 4 |") and "| 0.200 | 0.700 |" in lines[4]
 
 
+def test_oracle_agreement_compares_the_overfit_flags_with_the_judges_table():
+    rng = np.random.default_rng(3)
+    table = [tiny_world.sample_scene(rng, context=tiny_world.REFERENCE_CONTEXT).image for _ in range(3)]
+    beach = [tiny_world.sample_scene(rng, context="on the beach").image for _ in range(5)]
+    images = table + beach
+    right = tiny_figures.oracle_agreement(images, [True] * 3 + [False] * 5)
+    assert right == {"images": 8, "oracle_overfit": 3 / 8, "judge_reference_context": 3 / 8, "agree": 1.0,
+                     "oracle_finds": 1.0}
+    # An oracle that misses two of the tables and flags one beach.
+    blind = tiny_figures.oracle_agreement(images, [True, False, False, True] + [False] * 4)
+    assert blind["agree"] == 5 / 8 and blind["oracle_finds"] == 1 / 3 and blind["oracle_overfit"] == 2 / 8
+    assert np.isnan(tiny_figures.oracle_agreement(beach, [False] * 5)["oracle_finds"])
+    with pytest.raises(ValueError, match="8 images but 7 overfit flags"):
+        tiny_figures.oracle_agreement(images, [True] * 7)
+    text = tiny_figures.oracle_table({"uncertainty": [{"round": 1, **right}]})
+    assert text.splitlines()[2] == "| uncertainty | 1 | 8 | 0.375 | 0.375 | 1.000 | 1.000 |"
+
+
 @pytest.mark.parametrize("method", ["textual_inversion", "lora"])
 def test_comparison_evaluates_the_rounds_of_every_method(method, tiny_world_assets, tmp_path, monkeypatch):
     """The figures read each round's result as its method left it (a new token: the round's own
@@ -146,6 +164,12 @@ def test_comparison_evaluates_the_rounds_of_every_method(method, tiny_world_asse
     rounds = [r["round"] for r in result["runs"]["uncertainty"]]
     assert rounds and rounds[0] == 1 and [r["round"] for r in result["base"]] == [0]
     assert result["table"].count("| uncertainty |") == len(rounds)
+    # The CLIP oracle against the judge on every scored round's pictures (a last round that only
+    # trains has none; a run that stops early scored its last round).
+    oracle = result["oracle"]["uncertainty"]
+    assert oracle[0]["round"] == 1 and oracle[0]["images"] == 18 * config.sample.num_per_prompt
+    assert [r["round"] for r in oracle] in (rounds, rounds[:-1])
+    assert result["oracle_table"].count("| uncertainty |") == len(oracle)
     # The personalized model is not the base one: its pictures, and so its scores, differ.
     first = result["runs"]["uncertainty"][0]
     assert (first["txt_aln"], first["img_aln"]) != (result["base"][0]["txt_aln"], result["base"][0]["img_aln"])
