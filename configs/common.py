@@ -182,6 +182,10 @@ def get_config() -> ml_collections.ConfigDict:
     # are mixed (one vertical strip per subject, each most similar by CLIP to one subject's
     # references, and not every subject found); 'none' scores as for one subject.
     config.gal.identity_check = "none"
+    # What decides that a picture is overfit (GAL_SPEC step 3): 'clip' (the paper's) | on the tiny
+    # world only, 'tiny_world_judge': its rule-based judge's context probabilities in place of
+    # CLIP's cosines, an oracle with the world's ground truth (gal_jax/tiny_world_oracle.py).
+    config.gal.oracle = "clip"
 
     # Evaluation after each round (TXT-ALN / IMG-ALN / OVF) on a test prompt set.
     config.eval = ml_collections.ConfigDict()

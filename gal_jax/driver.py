@@ -26,7 +26,7 @@ import numpy as np
 
 from gal_jax import (
     acquisition, cpu_devices, data, eval_results, evaluate, export, faults, inputs, io_utils, models, multi_subject,
-    personalize, report, review, sample, schedulers, score, sharding, trainer,
+    personalize, report, review, sample, schedulers, score, sharding, tiny_world_oracle, trainer,
 )
 from gal_jax.concept import Concept, identity_check, load_concept
 from gal_jax import workdir as workdir_lib
@@ -55,9 +55,14 @@ class Runtime:
     method: personalize.Method
     trainer: Any
     generator: Any
-    scorer: Any
+    scorer: Any  # CLIP: the evaluation's, and the overfit oracle's unless config.gal.oracle says otherwise
     eval_concepts: tuple = ()  # evaluate.EvalConcept, when config.eval.enabled
     eval_generator: Any = None  # config.eval's sampler, steps and guidance, when config.eval.enabled
+    oracle: Any = None  # scores the rounds' pictures (GAL_SPEC step 3); None: the CLIP scorer
+
+    @property
+    def overfit_scorer(self):
+        return self.scorer if self.oracle is None else self.oracle
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,6 +174,7 @@ def build_runtime(config, workdir: Workdir, paths: inputs.RunPaths, concept: Con
         trainer=trainer.Trainer(config, sd, sharding.train_mesh_from_config(config.mesh, mesh), method),
         generator=sample.Generator.from_config(config, sd, mesh),
         scorer=score.Scorer(clip, clip_params, mesh, batch_size=config.gal.score_batch),
+        oracle=tiny_world_oracle.JudgeScorer() if tiny_world_oracle.configured(config) == "tiny_world_judge" else None,
         eval_concepts=eval_concepts,
         # The evaluation protocol (the authors' notebook: PNDM, 50 steps) differs from the loop's sampler.
         eval_generator=sample.Generator.from_config(config, sd, mesh, section="eval") if eval_concepts else None,
@@ -182,6 +188,14 @@ def _check_query_and_eval_options(config) -> None:
                          f"expected one of {acquisition.RANDOM_IMAGE_RULES}")
     if identity_check(config) not in IDENTITY_CHECKS:
         raise ValueError(f"config.gal.identity_check={identity_check(config)!r}; expected one of {IDENTITY_CHECKS}")
+    if tiny_world_oracle.configured(config) not in tiny_world_oracle.ORACLES:
+        raise ValueError(f"config.gal.oracle={tiny_world_oracle.configured(config)!r}; expected one of {tiny_world_oracle.ORACLES}")
+    if tiny_world_oracle.configured(config) == "tiny_world_judge" and not config.model.get("tiny_world", False):
+        raise ValueError("config.gal.oracle=tiny_world_judge judges pictures of the tiny world only: "
+                         "set config.model.tiny_world=true (configs/tiny_world.py)")
+    if tiny_world_oracle.configured(config) == "tiny_world_judge" and identity_check(config) != "none":
+        raise ValueError("config.gal.oracle=tiny_world_judge cannot check identities: "
+                         "set config.gal.identity_check=none")
     if config.eval.enabled:
         check_sampling(config.eval, "eval")
         if config.eval.num_per_prompt < 1:
@@ -615,7 +629,7 @@ def score_images(runtime, images, prompts, paths: RoundPaths) -> dict:
         _check_scores(sims, prompts, plain, num, paths.scores, len(subjects))
         return sims
     anchor_of_image = np.repeat(np.arange(len(prompts)), num)
-    sim_anchor, sim_plain = runtime.scorer.similarities(images, anchor_of_image, prompts, plain)
+    sim_anchor, sim_plain = runtime.overfit_scorer.similarities(images, anchor_of_image, prompts, plain)
     sims = {"prompts": list(prompts), "plain_prompts": plain,
             "sim_anchor": np.asarray(sim_anchor).tolist(), "sim_plain": np.asarray(sim_plain).tolist()}
     if subjects:

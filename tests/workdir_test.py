@@ -388,9 +388,12 @@ def test_where_the_work_runs_is_no_config_change_but_what_it_computes_is():
     saved["sample"]["max_images_per_device"] = 48
     saved["train"]["checkpoint_every"] = 100
     del saved["train"]["grad_all_reduce"]  # and before train.grad_all_reduce
+    del saved["gal"]["oracle"]  # and before gal.oracle (its default: CLIP, as it was)
     assert workdir_lib.config_changes(saved, current) == []
     saved["train"]["grad_all_reduce"] = "xla"
     saved["mesh"].update(cpu_devices=4, train_devices=2)
     assert workdir_lib.config_changes(saved, current) == []
     saved["mesh"]["fsdp"] = 2
     assert workdir_lib.config_changes(saved, current) == ["mesh.fsdp (2 -> 1)"]
+    saved["gal"]["oracle"] = "tiny_world_judge"  # what decides the queries
+    assert workdir_lib.config_changes(saved, current) == ["gal.oracle ('tiny_world_judge' -> 'clip')", "mesh.fsdp (2 -> 1)"]
