@@ -197,9 +197,10 @@ def evaluate_run(workdir: Path | str, *, num_per_prompt: int, seed: int = 8888,
 
 
 def oracle_agreement(images: Sequence[np.ndarray], overfit: Sequence[bool]) -> dict[str, Any]:
-    """Returns how GAL's CLIP oracle compares with the judge on a round's pictures: the oracle
-    calls a picture overfit when it looks more like the references' plain prompt than like its
-    anchor prompt; the judge calls it so when it sees the references' context (the table).
+    """Returns how GAL's overfit oracle (the CLIP, unless the run's gal.oracle says otherwise)
+    compares with the judge on a round's pictures: the oracle calls a picture overfit when it looks
+    more like the references' plain prompt than like its anchor prompt; the judge calls it so when
+    it sees the references' context (the table).
 
     Claim 1 checks the CLIP against the judge on the world's own pictures; this checks it where GAL
     uses it, on the blurry pictures a personalized model draws.
@@ -233,8 +234,8 @@ def oracle_against_judge(workdir: Path | str) -> list[dict[str, Any]]:
 
 def oracle_table(oracle: dict[str, Sequence[dict[str, Any]]]) -> str:
     """Returns a markdown table of `oracle_against_judge` per feedback mode and round."""
-    lines = ["| feedback | round | pictures | CLIP: overfit | judge: the references' context | agree | "
-             "CLIP finds of the judge's |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| feedback | round | pictures | oracle: overfit | judge: the references' context | agree | "
+             "oracle finds of the judge's |", "|---|---:|---:|---:|---:|---:|---:|"]
     for mode, rounds in oracle.items():
         for r in rounds:
             lines.append(f"| {mode} | {r['round']} | {r['images']} | {r['oracle_overfit']:.3f} | "
