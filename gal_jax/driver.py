@@ -188,12 +188,13 @@ def _check_query_and_eval_options(config) -> None:
                          f"expected one of {acquisition.RANDOM_IMAGE_RULES}")
     if identity_check(config) not in IDENTITY_CHECKS:
         raise ValueError(f"config.gal.identity_check={identity_check(config)!r}; expected one of {IDENTITY_CHECKS}")
-    if tiny_world_oracle.configured(config) not in tiny_world_oracle.ORACLES:
-        raise ValueError(f"config.gal.oracle={tiny_world_oracle.configured(config)!r}; expected one of {tiny_world_oracle.ORACLES}")
-    if tiny_world_oracle.configured(config) == "tiny_world_judge" and not config.model.get("tiny_world", False):
+    oracle = tiny_world_oracle.configured(config)
+    if oracle not in tiny_world_oracle.ORACLES:
+        raise ValueError(f"config.gal.oracle={oracle!r}; expected one of {tiny_world_oracle.ORACLES}")
+    if oracle == "tiny_world_judge" and not config.model.get("tiny_world", False):
         raise ValueError("config.gal.oracle=tiny_world_judge judges pictures of the tiny world only: "
                          "set config.model.tiny_world=true (configs/tiny_world.py)")
-    if tiny_world_oracle.configured(config) == "tiny_world_judge" and identity_check(config) != "none":
+    if oracle == "tiny_world_judge" and identity_check(config) != "none":
         raise ValueError("config.gal.oracle=tiny_world_judge cannot check identities: "
                          "set config.gal.identity_check=none")
     if config.eval.enabled:
