@@ -141,6 +141,10 @@ class BuildReport:
             parts = [f"{name} {zero_shot[name]['clip_accuracy']:.1%} (judge agrees {zero_shot[name]['judge_agrees_with_clip']:.1%})"
                      for name in ("context", "object", "colour")]
             lines.append(f"CLIP zero-shot on {zero_shot['images']} held-out pictures: " + ", ".join(parts))
+        blurred = self.figures.get("clip_zero_shot_on_vae_round_trips")
+        if blurred:
+            parts = [f"{name} {blurred[name]['clip_accuracy']:.1%}" for name in ("context", "object", "colour")]
+            lines.append("CLIP zero-shot on the VAE's round trips of them: " + ", ".join(parts))
         round_trips = self.figures.get("judge_on_vae_round_trips")
         if round_trips:
             worst = min(round_trips["per_context"], key=round_trips["per_context"].get)
@@ -209,6 +213,9 @@ def measure_figures(out: Path, *, held_out: int, per_context: int, progress: boo
     sd, sd_params = models.load_stable_diffusion(out / "sd")
     generator = sample.Generator(sd, mesh, sampler="ddim", steps=25, guidance_scale=5.0, max_images_per_device=64)
     figures["judge_on_vae_round_trips"] = tiny_figures.judge_on_round_trips(sd, sd_params, scenes)
+    # What GAL's oracle faces: the CLIP on pictures no sharper than the SD can draw.
+    figures["clip_zero_shot_on_vae_round_trips"] = tiny_figures.clip_zero_shot(
+        scorer, tiny_figures.vae_round_trips(sd, sd_params, scenes))
     figures["base_context_following"] = tiny_figures.base_context_following(generator, sd_params, per_context)
     return figures
 

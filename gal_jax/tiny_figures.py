@@ -77,13 +77,9 @@ def clip_zero_shot(scorer, scenes: Sequence[tiny_world.Scene]) -> dict[str, Any]
     return result
 
 
-def judge_on_round_trips(sd, sd_params, scenes: Sequence[tiny_world.Scene], batch_size: int = 100) -> dict[str, Any]:
-    """Returns the judge's context accuracy on the SD's VAE round trips of `scenes` (each picture
-    encoded, its posterior mean decoded): per context, the lowest, and overall.
-
-    Figure 2 judges generated pictures, which are at best what the VAE can draw; this checks the
-    judge against ground truth on such pictures (its accuracy on the world's own is figure 1's).
-    """
+def vae_round_trips(sd, sd_params, scenes: Sequence[tiny_world.Scene], batch_size: int = 100) -> list[tiny_world.Scene]:
+    """Returns the scenes with each picture replaced by its round trip through the SD's VAE
+    (encoded, its posterior mean decoded): at best what the SD can draw of them."""
     import jax
 
     @jax.jit
@@ -94,7 +90,17 @@ def judge_on_round_trips(sd, sd_params, scenes: Sequence[tiny_world.Scene], batc
     images = np.stack([s.image for s in scenes])
     decoded = np.concatenate([np.asarray(round_trip(images[i:i + batch_size]))
                               for i in range(0, len(images), batch_size)])
-    judged = [tiny_world_judge.judge_context(image) for image in decoded]
+    return [dataclasses.replace(s, image=image) for s, image in zip(scenes, decoded, strict=True)]
+
+
+def judge_on_round_trips(sd, sd_params, scenes: Sequence[tiny_world.Scene], batch_size: int = 100) -> dict[str, Any]:
+    """Returns the judge's context accuracy on the SD's VAE round trips of `scenes` (each picture
+    encoded, its posterior mean decoded): per context, the lowest, and overall.
+
+    Figure 2 judges generated pictures, which are at best what the VAE can draw; this checks the
+    judge against ground truth on such pictures (its accuracy on the world's own is figure 1's).
+    """
+    judged = [tiny_world_judge.judge_context(s.image) for s in vae_round_trips(sd, sd_params, scenes, batch_size)]
     truth = [s.context for s in scenes]
     per_context = {c: _share([j for j, t in zip(judged, truth) if t == c], [c] * truth.count(c))
                    for c in tiny_world.CONTEXTS if c in truth}

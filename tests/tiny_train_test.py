@@ -35,6 +35,9 @@ def test_a_smoke_build_writes_models_our_loaders_and_pytorch_read(smoke_build):
     round_trips = written["figures"]["judge_on_vae_round_trips"]
     assert round_trips["images"] == 32 and 0.0 <= round_trips["min"] <= round_trips["accuracy"] <= 1.0
     assert "judge on the VAE's round trips of 32 held-out pictures" in report.summary()
+    blurred = written["figures"]["clip_zero_shot_on_vae_round_trips"]
+    assert blurred["images"] == 32 and 0.0 <= blurred["context"]["clip_accuracy"] <= 1.0
+    assert "CLIP zero-shot on the VAE's round trips of them: context" in report.summary()
     # Our loaders read both folders; the text tower is the CLIP's, bit for bit.
     sd, sd_params = models.load_stable_diffusion(out / "sd")
     clip, clip_params = models.load_clip(out / "clip")
