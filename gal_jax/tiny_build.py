@@ -212,10 +212,10 @@ def measure_figures(out: Path, *, held_out: int, per_context: int, progress: boo
     figures = {"clip_zero_shot": tiny_figures.clip_zero_shot(scorer, scenes)}
     sd, sd_params = models.load_stable_diffusion(out / "sd")
     generator = sample.Generator(sd, mesh, sampler="ddim", steps=25, guidance_scale=5.0, max_images_per_device=64)
-    figures["judge_on_vae_round_trips"] = tiny_figures.judge_on_round_trips(sd, sd_params, scenes)
+    round_trips = tiny_figures.vae_round_trips(sd, sd_params, scenes)
+    figures["judge_on_vae_round_trips"] = tiny_figures.judge_context_accuracy(round_trips)
     # What GAL's oracle faces: the CLIP on pictures no sharper than the SD can draw.
-    figures["clip_zero_shot_on_vae_round_trips"] = tiny_figures.clip_zero_shot(
-        scorer, tiny_figures.vae_round_trips(sd, sd_params, scenes))
+    figures["clip_zero_shot_on_vae_round_trips"] = tiny_figures.clip_zero_shot(scorer, round_trips)
     figures["base_context_following"] = tiny_figures.base_context_following(generator, sd_params, per_context)
     return figures
 

@@ -100,7 +100,13 @@ def judge_on_round_trips(sd, sd_params, scenes: Sequence[tiny_world.Scene], batc
     Figure 2 judges generated pictures, which are at best what the VAE can draw; this checks the
     judge against ground truth on such pictures (its accuracy on the world's own is figure 1's).
     """
-    judged = [tiny_world_judge.judge_context(s.image) for s in vae_round_trips(sd, sd_params, scenes, batch_size)]
+    return judge_context_accuracy(vae_round_trips(sd, sd_params, scenes, batch_size))
+
+
+def judge_context_accuracy(scenes: Sequence[tiny_world.Scene]) -> dict[str, Any]:
+    """Returns the judge's context accuracy on the scenes' pictures against their true contexts:
+    per context, the lowest, and overall."""
+    judged = [tiny_world_judge.judge_context(s.image) for s in scenes]
     truth = [s.context for s in scenes]
     per_context = {c: _share([j for j, t in zip(judged, truth) if t == c], [c] * truth.count(c))
                    for c in tiny_world.CONTEXTS if c in truth}
@@ -139,9 +145,7 @@ def base_context_following(generator: sample.Generator, params, per_context: int
 
 def judged_context_accuracy(images: np.ndarray, prompts: Sequence[str]) -> float:
     """Returns the share of images the judge sees in the context their prompt names."""
-    wanted = [tiny_world.prompt_context(p) for p in prompts]
-    if None in wanted:
-        raise ValueError(f"prompt {prompts[wanted.index(None)]!r} names no context of the tiny world")
+    wanted = tiny_world.prompt_contexts(prompts)
     return _share([tiny_world_judge.judge_context(image) for image in images], wanted)
 
 

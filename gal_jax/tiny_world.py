@@ -184,6 +184,16 @@ def prompt_context(prompt: str) -> str | None:
     return max(found, key=len) if found else None
 
 
+def prompt_contexts(prompts: Sequence[str], what: str = "prompt") -> list[str]:
+    """Returns the world context each prompt names; raises ValueError naming one that names none."""
+    contexts = [prompt_context(p) for p in prompts]
+    for prompt, context in zip(prompts, contexts):
+        if context is None:
+            raise ValueError(f"the {what} {prompt!r} names no context of the tiny world "
+                             f"(known: {', '.join(CONTEXTS)})")
+    return contexts
+
+
 # ---------------------------------------------------------------------------------------------
 # Data sets.
 

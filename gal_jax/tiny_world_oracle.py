@@ -29,13 +29,11 @@ def configured(config) -> str:
 
 
 def prompt_contexts(prompts: Sequence[str], what: str) -> list[str]:
-    """Returns the world context each prompt names; raises ValueError naming one that names none."""
-    contexts = [tiny_world.prompt_context(p) for p in prompts]
-    for prompt, context in zip(prompts, contexts):
-        if context is None:
-            raise ValueError(f"gal.oracle=tiny_world_judge: the {what} {prompt!r} names no context of the "
-                             f"tiny world (known: {', '.join(tiny_world.CONTEXTS)})")
-    return contexts
+    """Returns tiny_world.prompt_contexts, its error saying which option needs them."""
+    try:
+        return tiny_world.prompt_contexts(prompts, what)
+    except ValueError as error:
+        raise ValueError(f"gal.oracle=tiny_world_judge: {error}") from None
 
 
 class JudgeScorer:
