@@ -164,45 +164,68 @@ class RoundFigures:
         return dataclasses.asdict(self)
 
 
+@dataclasses.dataclass(frozen=True)
+class TestPromptEvaluation:
+    """Evaluates models of the tiny concept on its test prompts, as figures 3-4 do: every model
+    generates from the same noise (round index 0, `seed`) with the config's eval sampler; TXT-ALN
+    and OVF score against the prompts without the placeholder, IMG-ALN against the references."""
+
+    config: Any
+    sd: Any  # the base model (outputs.load_base)
+    params: Any
+    mesh: Any
+    scorer: Any
+    concept: evaluate.EvalConcept
+    references: np.ndarray
+    num_per_prompt: int
+    seed: int
+    # One generator per model (one compile): a new token grows the tokenizer, so that round's
+    # prompts are read by its own.
+    _generators: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_config(cls, config, *, num_per_prompt: int, seed: int = 8888) -> TestPromptEvaluation:
+        """Loads the config's base SD and CLIP and the tiny concept's references."""
+        from gal_jax import inputs, models, score, sharding
+
+        paths = inputs.resolve(config, need=("sd", "clip"))
+        sd, params = outputs.load_base(config)
+        mesh = sharding.mesh_from_config(config.mesh)
+        clip, clip_params = models.load_clip(paths.clip)
+        concept = _tiny_concept(paths)
+        return cls(config, sd, params, mesh, score.Scorer(clip, clip_params, mesh), concept,
+                   evaluate.load_images(concept.reference_images, clip.image_size), num_per_prompt, seed)
+
+    def figures(self, sd, params, *, progress: bool = False, desc: str = "") -> dict[str, float]:
+        """Returns txt_aln, img_aln, ovf and judge_context of the model (sd, params); `sd` is the
+        base's unless a new token grew its tokenizer."""
+        if id(sd) not in self._generators:
+            self._generators[id(sd)] = (sd, sample.Generator.from_config(self.config, sd, self.mesh, section="eval"))
+        generator = self._generators[id(sd)][1]
+        prompts = self.concept.generation_prompts()
+        images = np.asarray(generator.generate(params, prompts, range(len(prompts)), evaluate.EVAL_ROUND_INDEX,
+                                               self.num_per_prompt, self.seed, progress=progress, desc=desc))
+        scoring = [p for p in self.concept.scoring_prompts() for _ in range(self.num_per_prompt)]
+        result = evaluate.evaluate_images(self.scorer, images, scoring, self.references, self.concept.captions)
+        return {"txt_aln": result["txt_aln"], "img_aln": result["img_aln"], "ovf": result["ovf"],
+                "judge_context": judged_context_accuracy(images, scoring)}
+
+
 def evaluate_run(workdir: Path | str, *, num_per_prompt: int, seed: int = 8888,
                  rounds: Sequence[int] | None = None, progress: bool = False) -> list[RoundFigures]:
-    """Returns figures 3-4 for the finished rounds of a GAL run on the tiny world (all, or `rounds`).
-
-    Every round generates from the same noise (round index 0, `seed`) with the run's eval sampler,
-    on the test prompts of the run's concept (tiny_world's, placeholder inserted); TXT-ALN and OVF
-    score against the prompts without it, IMG-ALN against the concept's references.
-    """
-    from gal_jax import inputs, models, score, sharding
-
+    """Returns figures 3-4 for the finished rounds of a GAL run on the tiny world (all, or `rounds`),
+    each round's model evaluated by `TestPromptEvaluation` with the run's config."""
     workdir = Workdir(workdir)
     config = outputs.run_config(workdir)
-    paths = inputs.resolve(config, need=("sd", "clip"))
-    concept = _tiny_concept(paths)
     method = personalize.method_name(config)
-    sd, params = outputs.load_base(config)
-    mesh = sharding.mesh_from_config(config.mesh)
-    base_generator = sample.Generator.from_config(config, sd, mesh, section="eval")
-    clip, clip_params = models.load_clip(paths.clip)
-    scorer = score.Scorer(clip, clip_params, mesh)
-    references = evaluate.load_images(concept.reference_images, clip.image_size)
+    evaluation = TestPromptEvaluation.from_config(config, num_per_prompt=num_per_prompt, seed=seed)
     figures = []
     for round_index in (rounds if rounds is not None else _finished_rounds(workdir.root, method)):
-        round_sd, round_params = (sd, params) if round_index == 0 else outputs.round_model(
-            config, sd, params, workdir.round(round_index).result(method))
-        # A new token grows the tokenizer: that round's prompts are read by its own.
-        generator = base_generator if round_sd is sd else sample.Generator.from_config(
-            config, round_sd, mesh, section="eval")
-        prompts = concept.generation_prompts()
-        images = np.asarray(generator.generate(round_params, prompts, range(len(prompts)),
-                                               evaluate.EVAL_ROUND_INDEX, num_per_prompt, seed,
-                                               progress=progress, desc=f"round {round_index}"))
-        scoring = [p for p in concept.scoring_prompts() for _ in range(num_per_prompt)]
-        result = evaluate.evaluate_images(scorer, images, scoring, references, concept.captions)
-        figures.append(RoundFigures(
-            round=round_index, txt_aln=result["txt_aln"], img_aln=result["img_aln"], ovf=result["ovf"],
-            judge_context=judged_context_accuracy(images, scoring),
-            num_references=_num_references(workdir, round_index),
-        ))
+        sd, params = (evaluation.sd, evaluation.params) if round_index == 0 else outputs.round_model(
+            config, evaluation.sd, evaluation.params, workdir.round(round_index).result(method))
+        figures.append(RoundFigures(round=round_index, **evaluation.figures(sd, params, progress=progress,
+                                                                          desc=f"round {round_index}"),
+                                    num_references=_num_references(workdir, round_index)))
     return figures
 
 
