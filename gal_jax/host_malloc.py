@@ -4,7 +4,7 @@ XLA:CPU allocates each step's temporaries (activations, workspaces: tens of MB f
 train step) on its worker threads and frees them when the step ends. By default glibc gives worker
 threads arenas of their own, hands emptied heap back to the kernel, and maps larger blocks afresh
 each time, so every step touched its temporaries' pages anew: 16,700 page faults a step on the tiny
-world's train step (2 CPU cores), a quarter of its time, most of it in the kernel. `use_one_arena`
+world's train step (2 CPU cores), a quarter of its time, most of it in the kernel. `set_up`'s one arena
 keeps freed memory in the process for the next step to reuse: one arena for every thread, blocks up
 to 32 MB served from it (a fixed threshold: glibc's sliding one is what made the single arena
 fragment and slow down over a run), emptied memory kept up to 1 GB, the heap grown 64 MB at a time.
@@ -21,25 +21,37 @@ Blocks over 32 MB (glibc's largest mmap threshold) were still mapped afresh and 
 request: the tiny world's train step asks for one of 65 MiB each step. While the heap's free top
 holds it (after the compile) it is served from there, but the first checkpoint's host copies leave
 the heap fragmented, and from then on every step mapped it anew: 300,000 page faults in 5 s of
-round 2's training, where round 1 before its checkpoint had none. `use_one_arena` therefore also
+round 2's training, where round 1 before its checkpoint had none. `set_up` therefore also
 turns glibc's mmap off (M_MMAP_MAX 0: every block comes from the heap, which grows with brk and
 keeps what is freed, within the trim threshold). Measured on the README's main command cut to two
 rounds (farm-bench, 3 interleaved pairs, 2 CPU cores): wall 0.91x (median; 0.80-0.91), round 2's
 training 37.7-41.3 s against 45.1-49.0 s, no page faults in either round's steady state. The
 price: memory freed in the middle of the heap stays with the process (peak 1254 MiB against 1107).
 
-The gain is for executables loaded from the persistent compile cache. One that XLA compiles in the
-same process runs at about glibc's default speed (0.148 s a step against 0.144, fresh cache per
-run, 3 interleaved pairs): the compile leaves many freed blocks of distinct sizes over 768 KB in the
-one arena, and glibc walks that size-sorted bin on every large allocation under the arena's lock
-(perf: `_int_malloc` 11.6% of the samples, most on that walk). malloc_trim after the compile did
-not help in the one run tried (it hands back pages; the blocks stay in the bin).
+That one arena is right for a process that loads its executables from the persistent compile
+cache, and wrong for one that compiles them: LLVM's compile leaves many freed blocks of distinct
+sizes over 768 KB in the arena, glibc walks that size-sorted bin on every large allocation and
+every sorting of a freed block, under the arena's one lock (perf, 2 cores: `_int_malloc` 23.6% of
+the steps' samples, futex waits on the arena lock about 10% more; malloc_trim after the compile
+hands pages back but leaves the blocks in the bin, and mmap turned on during the compile leaves the
+small blocks' debris). So a process that will compile (`compiles`, by default: the persistent cache
+holds no executable yet, as on a fresh machine, and always in the tests, which keep none) keeps
+glibc's arena per thread, where the compile's debris stays in the compiling thread's arena, with
+the rest of the settings (mmap off, emptied memory kept). Measured on 2 CPU cores (session 31):
 
-`use_one_arena()` must run before jax (or anything else) starts threads; the CLI and the tests'
-conftest call it first thing. It acts only where it helps: glibc on Linux, JAX on its CPU backend
+| process | train step (`bench train`, tiny world, median of 200) | README's main command |
+|---|---|---|
+| compiles, one arena | 0.134-0.140 s | 250 s |
+| compiles, an arena per thread | 0.082-0.098 s (compile 22-31 s, one arena's 35-39) | 165 s |
+| loads from the cache, one arena | 0.057-0.064 s | 124 s |
+| loads from the cache, an arena per thread | 0.083-0.088 s (worker threads' heaps mapped and unmapped each step) | 144 s |
+
+`set_up()` must run before jax (or anything else) starts threads; the CLI and the tests' conftest
+call it first thing. It acts only where it helps: glibc on Linux, JAX on its CPU backend
 (JAX_PLATFORMS names cpu first, or no accelerator plugin is installed; an accelerator's host side
 runs data-loading threads that one arena would serialise), MALLOC_ARENA_MAX not already set by
-the user, and GAL_JAX_MALLOC_ONE_ARENA not 0.
+the user, and GAL_JAX_MALLOC_ONE_ARENA not 0 (1 asks for one arena whether or not the process will
+compile).
 """
 
 from __future__ import annotations
@@ -52,11 +64,12 @@ import sys
 
 # mallopt's parameters (glibc's malloc.h) and the values set, in this order.
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -2, -3, -4, -8
-SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_THRESHOLD, 32 * 2**20), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**30),
-            (M_TOP_PAD, 64 * 2**20))
+KEEP_MEMORY = ((M_MMAP_THRESHOLD, 32 * 2**20), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**30), (M_TOP_PAD, 64 * 2**20))
+ONE_ARENA, ARENA_PER_THREAD = "one arena", "an arena per thread"
+LAYOUTS = {ONE_ARENA: ((M_ARENA_MAX, 1),) + KEEP_MEMORY, ARENA_PER_THREAD: KEEP_MEMORY}
 ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin", "libtpu")
 
-_applied: bool | None = None
+_applied: str | None = None  # the layout set up; "" where none was
 
 
 def runs_on_cpu(environ=os.environ) -> bool:
@@ -69,25 +82,50 @@ def runs_on_cpu(environ=os.environ) -> bool:
 
 
 def wanted(environ=os.environ, platform: str = sys.platform) -> bool:
-    """Returns whether one arena helps this process (see the module docstring)."""
+    """Returns whether setting glibc up helps this process (see the module docstring)."""
     return (platform.startswith("linux") and environ.get("GAL_JAX_MALLOC_ONE_ARENA", "1") != "0"
             and "MALLOC_ARENA_MAX" not in environ and runs_on_cpu(environ))
 
 
-def use_one_arena() -> bool:
-    """Sets glibc's allocator up as the module docstring says where `wanted()`; returns whether it
-    did. Later calls return the first call's answer."""
+def compilation_cache_has_executables(directory) -> bool:
+    """Returns whether JAX's persistent compilation cache at `directory` holds any executable."""
+    try:
+        return any(name.endswith("-cache") for name in os.listdir(directory))
+    except OSError:  # not made yet
+        return False
+
+
+def layout(compiles: bool, environ=os.environ) -> str | None:
+    """Returns the layout `set_up` applies (ONE_ARENA, ARENA_PER_THREAD), or None where glibc's
+    defaults stay (see `wanted`)."""
+    if not wanted(environ):
+        return None
+    if environ.get("GAL_JAX_MALLOC_ONE_ARENA") == "1" or not compiles:
+        return ONE_ARENA
+    return ARENA_PER_THREAD
+
+
+def set_up(compiles: bool | None = None) -> str | None:
+    """Sets glibc's allocator up as the module docstring says, for a process that will compile its
+    XLA executables (`compiles`; None: the persistent compilation cache holds none yet) or load
+    them; returns the layout applied, or None. Later calls return the first call's answer."""
     global _applied
     if _applied is not None:
-        return _applied
-    _applied = False
-    if not wanted():
-        return False
+        return _applied or None
+    _applied = ""
+    if compiles is None:
+        from gal_jax import CACHE_ROOT  # the package's __init__: nothing there starts a thread
+
+        compiles = not compilation_cache_has_executables(CACHE_ROOT / "xla-lru")
+    chosen = layout(compiles)
+    if chosen is None:
+        return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        return False
+        return None
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    _applied = all([mallopt(parameter, value) == 1 for parameter, value in SETTINGS])
-    return _applied
+    if all([mallopt(parameter, value) == 1 for parameter, value in LAYOUTS[chosen]]):
+        _applied = chosen
+    return _applied or None

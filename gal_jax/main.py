@@ -307,7 +307,7 @@ def run():
     """Console-script entry point."""
     from gal_jax import host_malloc
 
-    host_malloc.use_one_arena()  # before jax starts its threads
+    host_malloc.set_up()  # before jax starts its threads; one arena where the compile cache is warm
     # In this process only (the entry point, not main(), which tests call in-process next to
     # PyTorch references): no command here spawns Python processes that would inherit it.
     tokenizer_only_environ(sys.argv)

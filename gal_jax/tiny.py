@@ -24,7 +24,7 @@ import shutil
 from functools import lru_cache
 from pathlib import Path
 
-from gal_jax import io_utils, tiny_data
+from gal_jax import CACHE_ROOT, io_utils, tiny_data
 
 ASSETS = Path(__file__).parent / "assets"
 BPE_FILE = ASSETS / "bpe_simple_vocab_16e6.txt.gz"
@@ -35,9 +35,8 @@ TINY_VERSION = "tiny-v3"
 # The random tiny CLIP's seed (see write_tiny_clip).
 TINY_CLIP_SEED = 8
 TINY_WORLD_VERSION = "tiny-world-v4"
-CACHE_DIR = Path(os.environ.get("GAL_JAX_CACHE", "~/.cache/gal_jax")).expanduser()
-DEFAULT_TINY_DIR = CACHE_DIR / TINY_VERSION
-DEFAULT_TINY_WORLD_DIR = CACHE_DIR / TINY_WORLD_VERSION
+DEFAULT_TINY_DIR = CACHE_ROOT / TINY_VERSION
+DEFAULT_TINY_WORLD_DIR = CACHE_ROOT / TINY_WORLD_VERSION
 
 
 def default_dir(trained: bool) -> Path:

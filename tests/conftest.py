@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 
 from gal_jax import host_malloc  # noqa: E402
 
-host_malloc.use_one_arena()  # as the CLI does, before jax starts its threads
+host_malloc.set_up(compiles=True)  # before jax starts its threads; the tests keep no compile cache
 
 # A worker's peak resident memory: 8 fake devices, the tiny models, a GAL run in a subprocess.
 WORKER_MEMORY_BYTES = 6 * 2**30

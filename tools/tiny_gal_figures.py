@@ -29,7 +29,7 @@ _NUM_PER_PROMPT = flags.DEFINE_integer("num_per_prompt", 4, "Evaluation pictures
 def main(argv):
     from gal_jax import host_malloc
 
-    host_malloc.use_one_arena()  # before jax starts its threads
+    host_malloc.set_up()  # before jax starts its threads
     from gal_jax import cpu_devices, tiny_figures
 
     cpu_devices.split_as_configured(_CONFIG.value)  # as `gal-jax run` does

@@ -32,7 +32,7 @@ def main(argv):
     del argv
     from gal_jax import host_malloc
 
-    host_malloc.use_one_arena()  # before jax starts its threads
+    host_malloc.set_up()  # before jax starts its threads
     from gal_jax import cpu_devices, io_utils, tiny_retrain
 
     try:
