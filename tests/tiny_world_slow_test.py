@@ -6,7 +6,11 @@ The thresholds are the issue's, not tuned to the figures: a failure here means t
 no longer show what README says they show.
 """
 
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +18,7 @@ import pytest
 from gal_jax import models, sample, score, sharding, tiny_figures, tiny_world
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).parents[1]
 
 # Strict: when a retrained model meets a claim, the XPASS fails the run until README and this
 # mark are updated.
@@ -76,14 +81,15 @@ def test_4_gal_lowers_ovf_and_raises_text_alignment_over_its_rounds(comparison):
     assert last["ovf"] < comparison["runs"]["none"][0]["ovf"] and last["ovf"] < random_same[0]["ovf"], comparison["table"]
 
 
-# Not strict: a faster machine may meet it, a loaded one miss it by more.
-@pytest.mark.xfail(strict=False, reason=NOT_YET.format("180-203 s on 2 cores: four rounds of 200 steps"))
+# Met on session 31's 2-core host (165 s from an empty compile cache, 116 s on a rerun); a slower
+# or loaded host may miss it. The command itself, as launch/quickstart.sh runs it (the CLI sets
+# glibc's allocator up for the compile cache it finds), on the session's tiny world.
 def test_5_the_readme_command_runs_within_3_minutes(tiny_world_assets, tmp_path):
-    from configs import tiny_world as tiny_world_config
-    from gal_jax import driver
-
-    config = tiny_world_config.get_config()  # what launch/quickstart.sh runs
-    config.model.tiny_dir = str(tiny_world_assets["root"])
+    command = [sys.executable, "-m", "gal_jax.main", "run", "--config=configs/tiny_world.py",
+               f"--workdir={tmp_path / 'run'}", f"--config.model.tiny_dir={tiny_world_assets['root']}"]
+    environ = {name: value for name, value in os.environ.items() if name != "XLA_FLAGS"}  # not the 8 fake devices
     start = time.perf_counter()
-    driver.run(config, tmp_path / "run")
-    assert time.perf_counter() - start <= 180
+    result = subprocess.run(command, cwd=ROOT, env=environ, capture_output=True, text=True, timeout=900)
+    seconds = time.perf_counter() - start
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert seconds <= 180, f"{seconds:.0f} s"
