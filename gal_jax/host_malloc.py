@@ -62,6 +62,8 @@ import importlib.util
 import os
 import sys
 
+from gal_jax import COMPILATION_CACHE  # the package's __init__: nothing there starts a thread
+
 # mallopt's parameters (glibc's malloc.h) and the values set, in this order.
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -2, -3, -4, -8
 KEEP_MEMORY = ((M_MMAP_THRESHOLD, 32 * 2**20), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**30), (M_TOP_PAD, 64 * 2**20))
@@ -114,9 +116,7 @@ def set_up(compiles: bool | None = None) -> str | None:
         return _applied or None
     _applied = ""
     if compiles is None:
-        from gal_jax import CACHE_ROOT  # the package's __init__: nothing there starts a thread
-
-        compiles = not compilation_cache_has_executables(CACHE_ROOT / "xla-lru")
+        compiles = not compilation_cache_has_executables(COMPILATION_CACHE)
     chosen = layout(compiles)
     if chosen is None:
         return None

@@ -16,12 +16,9 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from gal_jax import CACHE_ROOT, faults
+from gal_jax import COMPILATION_CACHE, faults
 from gal_jax.images import read_rgb_array
 
-# "xla-lru", not the "xla" of earlier versions: a size-limited cache needs an access-time file beside
-# every entry, and jax fails to write into a folder whose older entries lack them.
-COMPILATION_CACHE = CACHE_ROOT / "xla-lru"
 
 
 TEMP_PREFIX = ".tmp-"
