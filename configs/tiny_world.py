@@ -20,8 +20,8 @@ uncertainty with the paper's balance (lambda 0.005: the new references weigh und
 (`mesh.train_devices=1`); README's paragraph on `mesh.cpu_devices` has the figures.
 
 Variants train another personalization method on the same world, with the settings measured on
-the session-5 models (400 steps; README "Methods" has their figures, not yet re-measured on the
-models shipped since session 29): `configs/tiny_world.py:lora` (rank-16 deltas on every attention projection, lr
+the session-5 models (400 steps; README "Methods" has their figures on the shipped models,
+session 31, where LoRA at this rate learns little of the teapot): `configs/tiny_world.py:lora` (rank-16 deltas on every attention projection, lr
 5e-3: rank 4 at 1e-3 learned nothing of the teapot in 400 steps, rank 16 at 1e-2 broke the
 pictures, deltas on the MLPs too at 1e-2 gave noise), `:textual_inversion` (the new token "sks",
 initialised from "teapot", lr 2e-2 at batch 4, no prior), `:attndreambooth` (the authors' three stages and regularizer, 100 +
