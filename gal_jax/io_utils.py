@@ -19,8 +19,6 @@ from PIL import Image
 from gal_jax import COMPILATION_CACHE, faults
 from gal_jax.images import read_rgb_array
 
-
-
 TEMP_PREFIX = ".tmp-"
 _TEMPORARY = re.compile(r"^\.tmp-.*$")
 # A temporary's name carries its maker: ".tmp-<target>.<host>-<pid>.<random>", so leftovers of a

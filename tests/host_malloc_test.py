@@ -67,7 +67,7 @@ def _probe(script: str, figure: str, compiles: bool = False, **env) -> tuple[str
     """Runs `script` in a fresh CPU process (no MALLOC_ARENA_MAX, `env` added) that sets glibc up
     for a process that `compiles` or not; returns what it printed as "applied <layout>" and
     "<figure> <count>"."""
-    environ = {**os.environ, "JAX_PLATFORMS": "cpu", **env}
+    environ = {**os.environ, "JAX_PLATFORMS": "cpu"}
     for name in ("MALLOC_ARENA_MAX", "GAL_JAX_MALLOC_ONE_ARENA"):
         environ.pop(name, None)
     environ.update(env)
